@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make run` (set-up + the main job) and `make test` (set-up + every test).
+# When ../shared exists beside the checkout, its CIFAR-10 and ResNet-50 weights are used.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+SHARED := $(abspath ../shared)
+
+ifneq ($(wildcard $(SHARED)/data/cifar-10-batches-py),)
+export CIFAR_TRANSFER_DATA ?= $(SHARED)/data
+endif
+ifneq ($(wildcard $(SHARED)/weights/resnet50_imagenet_v1_fp16.safetensors),)
+export CIFAR_TRANSFER_WEIGHTS ?= $(SHARED)/weights/resnet50_imagenet_v1_fp16.safetensors
+endif
+
+PRESET ?= seed
+
+.PHONY: setup run test lint clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+run: setup
+	$(BIN)/cifar-transfer run --preset $(PRESET) --out runs/$(PRESET)
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) runs

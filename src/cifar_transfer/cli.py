@@ -1,0 +1,113 @@
+"""`cifar-transfer`: a thin command line over the pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import traceback
+from pathlib import Path
+
+from . import atomic, pipeline
+from .data import DataError, load_cifar10, split
+from .model import WeightsError
+from .recipe import PRESETS, RecipeError, preset
+from .train import TrainingError
+
+# Errors that carry a complete message for the user: shown as one line, no traceback unless --debug.
+EXPECTED_ERRORS = (DataError, WeightsError, RecipeError, TrainingError, OSError, RuntimeError)
+
+EPILOG = """Data is looked for in --data-dir, then $CIFAR_TRANSFER_DATA, then ./data (the official
+cifar-10-batches-py/ folder, cifar-10-python.tar.gz, or train.npz + test.npz), and downloaded into ./data
+if none holds it. Weights: --weights, else $CIFAR_TRANSFER_WEIGHTS, else torchvision's (downloaded)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cifar-transfer", description=(
+        "Fine-tune an ImageNet ResNet-50 on CIFAR-10 in two phases and report where it fails."), epilog=EPILOG)
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="train, evaluate and write a report", epilog=EPILOG,
+                       description="Train a recipe (a preset plus --set overrides), evaluate it on the 10,000 "
+                                   "test images and write runs/<name>/ with metrics, figures and a report.")
+    r.add_argument("--preset", default="seed", choices=list(PRESETS),
+                   help="seed: the literal original recipe; strong: what reaches ~95%%; smoke: a one-minute check")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set finetune_epochs=5 (repeatable)")
+    r.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    _common(r, out=True)
+
+    e = sub.add_parser("eda", help="sample images and class counts", epilog=EPILOG,
+                       description="Write samples.png and class_counts.png for the default split.")
+    e.add_argument("--out", type=Path, default=Path("runs/eda"), help="folder for the figures (default runs/eda)")
+    e.add_argument("--data-dir", help="folder holding CIFAR-10")
+    e.add_argument("--no-download", action="store_true", help="never download CIFAR-10; fail if it is not found")
+    e.add_argument("--preset", default="seed", choices=list(PRESETS), help="whose split sizes and seed to use")
+
+    v = sub.add_parser("evaluate", help="re-evaluate a saved run on the test set or another dataset",
+                       description="Evaluate RUN_DIR/model.safetensors; results go to RUN_DIR/evaluations/<data>/.")
+    v.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    v.add_argument("--data", help="an .npz (images N x 32 x 32 x 3 uint8, labels) or a CIFAR-10 folder; "
+                                  "default: the CIFAR-10 test set")
+    v.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    v.add_argument("--no-download", action="store_true", help="never download CIFAR-10; fail if it is not found")
+    return p
+
+
+def _common(p: argparse.ArgumentParser, out: bool) -> None:
+    p.add_argument("--data-dir", help="folder holding CIFAR-10 (see below)")
+    p.add_argument("--weights", default=None, help="'imagenet' (torchvision, downloaded), a .safetensors or a "
+                                                   ".pth state_dict in torchvision's key names")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-download", action="store_true", help="never download CIFAR-10; fail if it is not found")
+    if out:
+        p.add_argument("--out", type=Path, help="run folder (default runs/<preset>-<time>)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = None
+    try:
+        if args.command == "run":
+            if args.resume:
+                out = args.resume
+                recipe = preset(args.preset)  # replaced by the checkpoint's recipe
+            else:
+                recipe = preset(args.preset).with_overrides(args.overrides)
+                out = args.out or pipeline.default_run_dir(recipe.name)
+            metrics = pipeline.run(recipe, out, data_dir=args.data_dir, weights=args.weights or
+                                   pipeline.default_weights(), device=args.device, resume=bool(args.resume),
+                                   progress=not args.no_progress, download=not args.no_download)
+            print(f"test accuracy {metrics['test']['accuracy']:.4f} ({metrics['timings']['total_s']:.0f} s); "
+                  f"report: {out / 'report.html'}")
+        elif args.command == "eda":
+            r = preset(args.preset)
+            train, test = load_cifar10(args.data_dir, allow_download=not args.no_download)
+            pipeline.check_writable(args.out)
+            pipeline.eda(split(train, test, r.train_size, r.val_size, r.seed), args.out, r.seed)
+            print(f"wrote {args.out / 'samples.png'} and {args.out / 'class_counts.png'}")
+        elif args.command == "evaluate":
+            metrics, where = pipeline.evaluate_saved(args.run_dir, args.data, args.device,
+                                                    download=not args.no_download)
+            print(f"accuracy {metrics['test']['accuracy']:.4f} on {metrics['test']['n']} images; "
+                  f"report: {where / 'report.html'}")
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        expected = isinstance(e, EXPECTED_ERRORS)
+        message = str(e) if expected else f"{type(e).__name__}: {e}"
+        print(f"error: {message}", file=sys.stderr)
+        if out is not None and Path(out).is_dir():
+            with contextlib.suppress(OSError):  # the error itself may be an unwritable folder
+                atomic.write_text(Path(out) / "error.txt", (message if expected else traceback.format_exc()) + "\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Evaluation: logits in large batches, then accuracy, loss, per-class scores, confusion and class leakage."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
+from torch import nn
+from tqdm import tqdm
+
+from .augment import to_input
+from .data import CLASSES
+
+# Look-alike classes the original report blames for its errors; leakage is measured both ways.
+LEAKAGE_PAIRS = (("cat", "dog"), ("automobile", "truck"), ("bird", "airplane"), ("deer", "horse"))
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@torch.inference_mode()
+def predict_logits(
+    forward: nn.Module, x: torch.Tensor, batch_size: int, precision: str = "fp32", desc: str | None = None,
+) -> torch.Tensor:
+    """Logits (float32, on x's device) for uint8 images or cached features `x`, in batches."""
+    out = []
+    for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=desc is None, unit="batch", leave=False):
+        xb = x[i:i + batch_size]
+        with autocast(x.device, precision):
+            out.append(forward(to_input(xb) if xb.dtype == torch.uint8 else xb).float())
+    return torch.cat(out)
+
+
+def summarise(logits: np.ndarray, labels: np.ndarray, top_k: int = 24) -> dict:
+    """Every test-set number the report shows, JSON-ready."""
+    logits_t = torch.from_numpy(logits).float()
+    labels_t = torch.from_numpy(labels).long()
+    losses = F.cross_entropy(logits_t, labels_t, reduction="none").numpy()
+    probs = logits_t.softmax(1).numpy()
+    pred = probs.argmax(1)
+    ks = list(range(len(CLASSES)))
+    precision, recall, f1, support = precision_recall_fscore_support(labels, pred, labels=ks, zero_division=0)
+    cm = confusion_matrix(labels, pred, labels=ks)
+    cm_norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    wrong = np.flatnonzero(pred != labels)
+    worst = wrong[np.argsort(-losses[wrong], kind="stable")][:top_k]
+    return {
+        "n": len(labels),
+        "accuracy": float((pred == labels).mean()),
+        "loss": float(losses.mean()),
+        "errors": len(wrong),
+        "per_class": {
+            c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                "support": int(support[i])}
+            for i, c in enumerate(CLASSES)
+        },
+        "macro_f1": float(f1.mean()),
+        "confusion": cm.tolist(),
+        "confusion_normalised": cm_norm.round(6).tolist(),
+        "leakage": leakage(cm),
+        "most_confused": most_confused(cm),
+        "misclassified": [
+            {"index": int(i), "true": CLASSES[labels[i]], "predicted": CLASSES[pred[i]],
+             "confidence": float(probs[i, pred[i]]), "true_probability": float(probs[i, labels[i]]),
+             "loss": float(losses[i])}
+            for i in worst
+        ],
+        "classification_report": classification_report(
+            labels, pred, labels=ks, target_names=list(CLASSES), digits=4, zero_division=0),
+    }
+
+
+def leakage(cm: np.ndarray) -> list[dict]:
+    """For each look-alike pair (a, b): the share of a predicted as b and of b predicted as a."""
+    rows = cm.sum(1)
+    out = []
+    for a, b in LEAKAGE_PAIRS:
+        i, j = CLASSES.index(a), CLASSES.index(b)
+        out.append({"a": a, "b": b, "a_as_b": float(cm[i, j] / max(rows[i], 1)), "a_as_b_count": int(cm[i, j]),
+                    "b_as_a": float(cm[j, i] / max(rows[j], 1)), "b_as_a_count": int(cm[j, i])})
+    return out
+
+
+def most_confused(cm: np.ndarray, k: int = 5) -> list[dict]:
+    """The k unordered class pairs with the most errors between them (both directions counted)."""
+    n = len(cm)
+    pairs = [(int(cm[i, j] + cm[j, i]), i, j) for i in range(n) for j in range(i + 1, n)]
+    pairs.sort(key=lambda t: (-t[0], t[1], t[2]))
+    return [{"a": CLASSES[i], "b": CLASSES[j], "errors": total, "a_as_b": int(cm[i, j]), "b_as_a": int(cm[j, i])}
+            for total, i, j in pairs[:k]]

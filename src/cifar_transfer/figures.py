@@ -1,0 +1,106 @@
+"""The report's figures (matplotlib, Agg backend), each saved atomically as a PNG."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+
+from . import atomic
+from .data import CLASSES, Dataset
+
+
+def save(fig: Figure, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return atomic.write_bytes(path, buf.getvalue())
+
+
+def sample_grid(ds: Dataset, path: Path, per_class: int = 10, seed: int = 0) -> Path:
+    """One labelled row of random images per class."""
+    rng = np.random.default_rng(seed)
+    fig, axes = plt.subplots(len(CLASSES), per_class, figsize=(per_class * 0.8, len(CLASSES) * 0.85))
+    for c, row in enumerate(axes):
+        rows = np.flatnonzero(ds.labels == c)
+        picks = rng.choice(rows, min(per_class, len(rows)), replace=False)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.spines[:].set_visible(False)
+        for ax, i in zip(row, picks):
+            ax.imshow(ds.images[i], interpolation="nearest")
+        row[0].set_ylabel(CLASSES[c], rotation=0, ha="right", va="center", fontsize=9)
+    fig.suptitle("Random training images, one row per class", fontsize=10)
+    return save(fig, path)
+
+
+def class_counts(counts: dict[str, list[int]], path: Path) -> Path:
+    """Images per class in each split, as grouped bars."""
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    width = 0.8 / len(counts)
+    x = np.arange(len(CLASSES))
+    for k, (split, values) in enumerate(counts.items()):
+        ax.bar(x + (k - (len(counts) - 1) / 2) * width, values, width, label=f"{split} ({sum(values):,})")
+    ax.set_xticks(x, CLASSES, rotation=30)
+    ax.set_ylabel("images")
+    ax.set_title("Images per class")
+    ax.legend()
+    return save(fig, path)
+
+
+def learning_curves(history: list[dict], path: Path) -> Path:
+    """Train and validation loss and accuracy per epoch, with the phase boundary marked."""
+    epochs = [h["epoch"] for h in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, label in ((loss_ax, "loss", "cross-entropy"), (acc_ax, "acc", "accuracy")):
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train")
+        ax.plot(epochs, [h[f"val_{key}"] for h in history], "s-", label="validation")
+        head = [h["epoch"] for h in history if h["phase"] == 1]
+        if head and len(head) < len(history):
+            ax.axvline(max(head) + 0.5, color="grey", linestyle="--", label="fine-tune starts")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Learning curves (phase 1: head only, phase 2: all layers)", fontsize=10)
+    return save(fig, path)
+
+
+def confusion(cm: list[list[int]], path: Path) -> Path:
+    """Counts and row-normalised confusion matrices side by side."""
+    counts = np.asarray(cm)
+    norm = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.4))
+    for ax, m, title, fmt in ((axes[0], counts, "counts", "d"), (axes[1], norm, "share of each true class", ".2f")):
+        ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        for i in range(len(CLASSES)):
+            for j in range(len(CLASSES)):
+                ax.text(j, i, format(m[i, j], fmt), ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+        ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(CLASSES)), CLASSES, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"Confusion matrix ({title})", fontsize=10)
+    return save(fig, path)
+
+
+def gallery(images: np.ndarray, rows: list[dict], path: Path, cols: int = 8) -> Path:
+    """The misclassified images with the highest loss: true class, prediction and its confidence."""
+    n = max(len(rows), 1)
+    r = (n + cols - 1) // cols
+    fig, axes = plt.subplots(r, cols, figsize=(cols * 1.5, r * 1.85), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, rows):
+        ax.imshow(images[row["index"]], interpolation="nearest")
+        ax.set_title(f"{row['true']}\n→ {row['predicted']} {row['confidence']:.0%}", fontsize=7)
+    fig.suptitle("Misclassified test images with the highest loss (true → predicted, confidence)", fontsize=10)
+    return save(fig, path)

@@ -1,0 +1,193 @@
+"""The network: torchvision's ResNet-50 with ImageNet weights, a small head, and the input preprocessing.
+
+The model takes float RGB images in [0, 1] at 32 x 32 (N x 3 x 32 x 32). Inside it they are normalised with
+the weights' own mean/std and, when the recipe's resolution is above 32, upsampled bilinearly — so the saved
+model, `predict`, the service and an ONNX export all share one definition of preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
+from torch import nn
+from torchvision.models import ResNet, ResNet50_Weights, resnet50
+
+from . import atomic
+from .data import CLASSES
+from .recipe import Recipe
+
+FEATURES = 2048
+IMAGENET = "imagenet"
+
+
+class WeightsError(Exception):
+    """A weights file that cannot be loaded as ResNet-50; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    state_dict: dict[str, torch.Tensor]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    stride_in_1x1: bool  # ResNet v1 layout: the stride-2 of a downsampling block is in its 1x1 conv
+    source: str
+
+
+class TransferNet(nn.Module):
+    """Normalise -> (upsample) -> ResNet-50 features -> head (2048 -> hidden... -> 10)."""
+
+    def __init__(self, recipe: Recipe, mean: tuple[float, ...], std: tuple[float, ...], stride_in_1x1: bool):
+        super().__init__()
+        self.resolution = recipe.resolution
+        self.stride_in_1x1 = stride_in_1x1
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        self.backbone = _resnet50(stride_in_1x1)
+        layers: list[nn.Module] = []
+        width = FEATURES
+        for hidden in recipe.head_hidden:
+            layers += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
+            if recipe.dropout:
+                layers.append(nn.Dropout(recipe.dropout))
+            width = hidden
+        layers.append(nn.Linear(width, len(CLASSES)))
+        self.head = nn.Sequential(*layers)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std
+        if x.shape[-1] != self.resolution:
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _resnet50(stride_in_1x1: bool) -> ResNet:
+    net = resnet50()
+    net.fc = nn.Identity()
+    if stride_in_1x1:
+        for layer in (net.layer2, net.layer3, net.layer4):
+            layer[0].conv1.stride, layer[0].conv2.stride = (2, 2), (1, 1)
+    return net
+
+
+def _floats(text: str, key: str, path: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise WeightsError(f"{path}: metadata {key}={text!r} is not three comma-separated numbers")
+    return values  # type: ignore[return-value]
+
+
+def load_pretrained(weights: str | Path, url: str | None = None) -> Pretrained:
+    """ImageNet weights from torchvision (`imagenet`, downloaded), a .safetensors file or a .pth state_dict."""
+    default = ResNet50_Weights.IMAGENET1K_V1
+    if str(weights) == IMAGENET:
+        try:
+            sd = torch.hub.load_state_dict_from_url(url or default.url, progress=True, check_hash=True,
+                                                    weights_only=True)
+        except Exception as e:  # network and hash failures come in many types
+            raise WeightsError(
+                f"could not download torchvision's ResNet-50 ImageNet weights from {url or default.url} "
+                f"({type(e).__name__}: {e}); pass --weights FILE (.safetensors or .pth) or set "
+                f"$CIFAR_TRANSFER_WEIGHTS") from None
+        t = default.transforms()
+        return Pretrained(_checked(sd, str(url or default.url)), tuple(t.mean), tuple(t.std), False, "torchvision")
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(path, "pt") as f:
+                meta = f.metadata() or {}
+            sd = load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+        if meta.get("arch", "resnet50") != "resnet50":
+            raise WeightsError(f"{path}: metadata arch={meta['arch']!r}, expected 'resnet50'")
+        t = default.transforms()
+        mean = _floats(meta["input_mean"], "input_mean", str(path)) if "input_mean" in meta else tuple(t.mean)
+        std = _floats(meta["input_std"], "input_std", str(path)) if "input_std" in meta else tuple(t.std)
+        return Pretrained(_checked(sd, str(path)), mean, std, meta.get("stride_in_1x1") == "true", str(path))
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses arbitrary pickles with UnpicklingError; corrupt files vary
+        raise WeightsError(f"{path}: not a plain state_dict loadable with weights_only=True ({e})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"{path}: expected a state_dict (a dict of tensors), found {type(sd).__name__}")
+    t = default.transforms()
+    return Pretrained(_checked(sd, str(path)), tuple(t.mean), tuple(t.std), False, str(path))
+
+
+def _checked(sd: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """Same keys and shapes as torchvision's resnet50 (fc is dropped), all values finite, as float32."""
+    expected = resnet50().state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        parts = [f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}" if missing else "",
+                 f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}" if unexpected else ""]
+        raise WeightsError(f"{where}: not ResNet-50 weights in torchvision's key names: "
+                           + "; ".join(p for p in parts if p))
+    out = {}
+    for k, v in sd.items():
+        if v.shape != expected[k].shape:
+            raise WeightsError(f"{where}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise WeightsError(f"{where}: {k} holds non-finite values")
+        if not k.startswith("fc."):
+            out[k] = v.float() if v.is_floating_point() else v
+    return out
+
+
+def build_model(recipe: Recipe, pretrained: Pretrained) -> TransferNet:
+    """A TransferNet with the pretrained base and a freshly initialised head (seeded by the caller)."""
+    model = TransferNet(recipe, pretrained.mean, pretrained.std, pretrained.stride_in_1x1)
+    model.backbone.load_state_dict(pretrained.state_dict, strict=True)
+    return model
+
+
+def save_model(model: TransferNet, recipe: Recipe, path: Path) -> Path:
+    """model.safetensors: every tensor, plus the recipe, classes and preprocessing needed to rebuild it."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {
+        "format": "cifar-transfer/1",
+        "recipe": recipe.dumps(),
+        "classes": json.dumps(CLASSES),
+        "stride_in_1x1": json.dumps(model.stride_in_1x1),
+        "input": "float32 RGB in [0, 1], N x 3 x 32 x 32; normalised (mean/std buffers) and resized inside",
+    }
+    return atomic.write_bytes(path, save(sd, metadata=meta))
+
+
+def load_model(path: Path) -> tuple[TransferNet, Recipe]:
+    """Rebuild a model saved by `save_model` (no pretrained weights needed)."""
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        sd = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{path}: not a readable model file ({e})") from None
+    if meta.get("format") != "cifar-transfer/1":
+        raise WeightsError(f"{path}: not a model saved by cifar-transfer (metadata format={meta.get('format')!r})")
+    recipe = Recipe.from_dict(json.loads(meta["recipe"]))
+    model = TransferNet(recipe, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), json.loads(meta["stride_in_1x1"]))
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise WeightsError(f"{path}: does not match the recipe's model ({e})") from None
+    return model.eval(), recipe
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in model.parameters())

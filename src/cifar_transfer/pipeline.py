@@ -1,0 +1,170 @@
+"""The whole job, step by step: data -> model -> train -> evaluate -> report. The CLI calls these."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import platform
+import shlex
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import sklearn
+import torch
+import torchvision
+
+from . import atomic, figures, report
+from .augment import to_device
+from .data import CLASSES, Dataset, Splits, load_cifar10, load_test_set, split
+from .evaluate import predict_logits, summarise
+from .model import build_model, load_model, load_pretrained, save_model
+from .recipe import Recipe
+from .train import fit, load_checkpoint
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any training if the run folder cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic.write_bytes(folder / ".write-test", b"ok")
+        (folder / ".write-test").unlink()
+    except OSError as e:
+        raise OSError(f"{folder}: output folder is not writable ({e.strerror or e})") from None
+
+
+def environment(device: torch.device) -> dict:
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    return {"device": str(device), "device_name": name,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "torchvision": torchvision.__version__, "numpy": np.__version__,
+                         "scikit-learn": sklearn.__version__}}
+
+
+def class_counts(ds: Dataset) -> list[int]:
+    return np.bincount(ds.labels, minlength=len(CLASSES)).tolist()
+
+
+def eda(splits: Splits, out: Path, seed: int = 0) -> None:
+    """The data figures: random samples of each class and the class counts of each split."""
+    figures.sample_grid(splits.train, out / "samples.png", seed=seed)
+    figures.class_counts({"train": class_counts(splits.train), "validation": class_counts(splits.val),
+                          "test": class_counts(splits.test)}, out / "class_counts.png")
+
+
+def write_history(history: list[dict], path: Path) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]) if history else ["epoch"])
+    writer.writeheader()
+    writer.writerows(history)
+    atomic.write_text(path, buf.getvalue())
+
+
+def test_results(model: torch.nn.Module, test: Dataset, recipe: Recipe, device: torch.device,
+                 out: Path, progress: bool = True) -> tuple[dict, float]:
+    """Evaluate on `test`; write classification_report.txt and the confusion and gallery figures."""
+    t0 = time.perf_counter()
+    x, _ = to_device(test.images, test.labels, device)
+    logits = predict_logits(model.eval(), x, recipe.eval_batch_size, recipe.precision,
+                            desc="test" if progress else None).cpu().numpy()
+    seconds = time.perf_counter() - t0
+    result = summarise(logits, test.labels)
+    atomic.write_text(out / "classification_report.txt", result["classification_report"])
+    figures.confusion(result["confusion"], out / "confusion_matrix.png")
+    figures.gallery(test.images, result["misclassified"], out / "misclassified.png")
+    return result, seconds
+
+
+def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str = "imagenet",
+        device: str = "auto", resume: bool = False, progress: bool = True, download: bool = True) -> dict:
+    """Train and evaluate one recipe; write everything into `out`; return metrics.json's content."""
+    t_start = time.perf_counter()
+    check_writable(out)
+    dev = pick_device(device)
+    resume_state = None
+    if resume:
+        if not (out / CHECKPOINT).is_file():
+            raise FileNotFoundError(f"{out / CHECKPOINT}: no checkpoint to resume from")
+        resume_state = load_checkpoint(out / CHECKPOINT)
+        recipe = Recipe.from_dict(resume_state["recipe"])
+    atomic.write_text(out / "recipe.json", recipe.dumps() + "\n")
+    (out / "error.txt").unlink(missing_ok=True)
+
+    train_full, test = load_cifar10(data_dir, allow_download=download)
+    splits = split(train_full, test, recipe.train_size, recipe.val_size, recipe.seed)
+    eda(splits, out, recipe.seed)
+
+    pretrained = load_pretrained(weights)
+    torch.manual_seed(recipe.seed)
+    model = build_model(recipe, pretrained).to(dev)
+    t_train = time.perf_counter()
+    history = fit(model, recipe, to_device(splits.train.images, splits.train.labels, dev),
+                  to_device(splits.val.images, splits.val.labels, dev),
+                  checkpoint=out / CHECKPOINT, resume=resume_state, progress=progress)
+    train_s = time.perf_counter() - t_train
+    write_history(history, out / "history.csv")
+    figures.learning_curves(history, out / "learning_curves.png")
+
+    result, eval_s = test_results(model, test, recipe, dev, out, progress)
+    save_model(model, recipe, out / "model.safetensors")
+    metrics = {
+        "run": {"name": out.name, "command": shlex.join(["cifar-transfer", *sys.argv[1:]]),
+                "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                "data_source": train_full.source, "weights": pretrained.source, "resumed": resume,
+                **environment(dev)},
+        "timings": {"phase1_s": sum(h["seconds"] for h in history if h["phase"] == 1),
+                    "phase2_s": sum(h["seconds"] for h in history if h["phase"] == 2),
+                    "train_s": train_s, "eval_s": eval_s, "total_s": time.perf_counter() - t_start},
+        "data": {"counts": {"train": class_counts(splits.train), "validation": class_counts(splits.val),
+                            "test": class_counts(test)}},
+        "final_epoch": history[-1] if history else {},
+        "test": result,
+    }
+    atomic.write_json(out / "metrics.json", metrics)
+    report.write(out, report.run_markdown(metrics, history, recipe.to_dict()), f"cifar-transfer: {out.name}")
+    (out / CHECKPOINT).unlink()  # the run is complete: model.safetensors holds what is worth keeping
+    return metrics
+
+
+def evaluate_saved(run_dir: Path, data: str | None = None, device: str = "auto",
+                   download: bool = True) -> tuple[dict, Path]:
+    """Re-evaluate a saved model on its test set or on another dataset with the same classes."""
+    model, recipe = load_model(run_dir / "model.safetensors")
+    test = load_test_set(data) if data else load_cifar10(None, allow_download=download)[1]
+    name = Path(data).stem if data else "cifar10-test"
+    out = run_dir / "evaluations" / name
+    check_writable(out)
+    dev = pick_device(device)
+    result, seconds = test_results(model.to(dev), test, recipe, dev, out)
+    metrics = {"run": {"model": str(run_dir / "model.safetensors"), "data_source": test.source,
+                       "command": shlex.join(["cifar-transfer", *sys.argv[1:]]), **environment(dev)},
+               "timings": {"eval_s": seconds}, "test": result}
+    atomic.write_json(out / "metrics.json", metrics)
+    md = (f"# Evaluation of `{run_dir}` on `{test.source}`\n\n"
+          f"Accuracy **{report.pct(result['accuracy'])}** on {result['n']:,} images, mean cross-entropy "
+          f"{result['loss']:.4f}.\n\n" + report.results_markdown(
+              result, {"confusion": "confusion_matrix.png", "gallery": "misclassified.png"}) + "\n")
+    report.write(out, md, f"cifar-transfer evaluation: {name}")
+    return metrics, out
+
+
+def default_run_dir(preset: str) -> Path:
+    return Path("runs") / f"{preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def default_weights() -> str:
+    return os.environ.get("CIFAR_TRANSFER_WEIGHTS", "imagenet")

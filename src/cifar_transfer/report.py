@@ -1,0 +1,135 @@
+"""report.md and a self-contained report.html, every number read from this run's metrics and history."""
+
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+
+import markdown
+
+from . import atomic
+from .data import CLASSES
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def _table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def findings(metrics: dict, history: list[dict]) -> list[str]:
+    """Plain-language observations, each computed from the numbers."""
+    test = metrics["test"]
+    out = [f"Test accuracy is **{pct(test['accuracy'])}** on {test['n']:,} test images "
+           f"({test['errors']:,} errors), mean cross-entropy {test['loss']:.4f}."]
+    if history:
+        last = history[-1]
+        gap = last["train_acc"] - last["val_acc"]
+        verdict = "the model memorises its training subset" if gap > 0.15 else (
+            "a moderate generalisation gap" if gap > 0.05 else "little overfitting")
+        out.append(f"After the last epoch, training accuracy is {pct(last['train_acc'])} and validation accuracy "
+                   f"{pct(last['val_acc'])}: a gap of {100 * gap:.1f} points, {verdict}.")
+        best = max(history, key=lambda h: h["val_acc"])
+        if best["epoch"] != last["epoch"]:
+            out.append(f"Validation accuracy peaked at {pct(best['val_acc'])} in epoch {best['epoch']} "
+                       f"(phase {best['phase']}), above the last epoch's.")
+    per = test["per_class"]
+    worst = min(CLASSES, key=lambda c: per[c]["f1"])
+    best_c = max(CLASSES, key=lambda c: per[c]["f1"])
+    out.append(f"Hardest class: **{worst}** (F1 {per[worst]['f1']:.3f}); easiest: **{best_c}** "
+               f"(F1 {per[best_c]['f1']:.3f}).")
+    top = test["most_confused"][0]
+    out.append(f"The most confused pair is {top['a']}↔{top['b']} with {top['errors']} errors "
+               f"({top['a_as_b']} {top['a']} taken for {top['b']}, {top['b_as_a']} the other way): "
+               f"{100 * top['errors'] / max(test['errors'], 1):.1f}% of all errors.")
+    return out
+
+
+def results_markdown(test: dict, figures: dict[str, str]) -> str:
+    """The test-set sections: per-class scores, confusion, leakage, misclassified images."""
+    per = test["per_class"]
+    rows = [[c, f"{per[c]['precision']:.4f}", f"{per[c]['recall']:.4f}", f"{per[c]['f1']:.4f}", per[c]["support"]]
+            for c in CLASSES]
+    leak = [[f"{r['a']} ↔ {r['b']}", f"{pct(r['a_as_b'])} ({r['a_as_b_count']})",
+             f"{pct(r['b_as_a'])} ({r['b_as_a_count']})"] for r in test["leakage"]]
+    confused = [[f"{r['a']} ↔ {r['b']}", r["errors"], r["a_as_b"], r["b_as_a"]] for r in test["most_confused"]]
+    wrong = [[r["index"], r["true"], r["predicted"], f"{r['confidence']:.3f}", f"{r['loss']:.3f}"]
+             for r in test["misclassified"][:12]]
+    return "\n\n".join([
+        "## Per-class precision, recall and F1",
+        _table(["class", "precision", "recall", "F1", "support"], rows),
+        f"Macro-averaged F1: {test['macro_f1']:.4f}.",
+        "## Confusion matrix",
+        f"![Confusion matrix]({figures['confusion']})",
+        "## Class leakage between look-alike classes",
+        "Share of each class predicted as the other (count in brackets), in both directions.",
+        _table(["pair (a ↔ b)", "a predicted as b", "b predicted as a"], leak),
+        "Most-confused pairs overall (errors in both directions):",
+        _table(["pair (a ↔ b)", "errors", "a as b", "b as a"], confused),
+        "## Misclassified images with the highest loss",
+        f"![Misclassified]({figures['gallery']})",
+        _table(["test index", "true", "predicted", "confidence", "loss"], wrong),
+    ])
+
+
+def run_markdown(metrics: dict, history: list[dict], recipe: dict) -> str:
+    run, t, data = metrics["run"], metrics["timings"], metrics["data"]
+    hist = [[h["epoch"], h["phase"], f"{h['lr']:.2g}", f"{h['train_loss']:.4f}", f"{h['train_acc']:.4f}",
+             f"{h['val_loss']:.4f}", f"{h['val_acc']:.4f}", f"{h['seconds']:.1f}"] for h in history]
+    counts = [[split, f"{sum(c):,}", min(c), max(c)] for split, c in data["counts"].items()]
+    return "\n\n".join([
+        f"# cifar-transfer report: {run['name']}",
+        f"Preset **{recipe['name']}** · {run['device_name']} · {t['total_s']:.0f} s in all "
+        f"(training {t['train_s']:.0f} s, test evaluation {t['eval_s']:.1f} s) · {run['finished']}",
+        "## What this run found",
+        "\n".join(f"- {f}" for f in findings(metrics, history)),
+        "## Data",
+        f"CIFAR-10 from `{run['data_source']}`. Training images are a class-balanced subsample (seed "
+        f"{recipe['seed']}); validation images come from the training images *not* in it; the test set is used "
+        "only for the final evaluation.",
+        _table(["split", "images", "fewest per class", "most per class"], counts),
+        "![Images per class](class_counts.png)",
+        "![Sample images](samples.png)",
+        "## Recipe",
+        f"Weights: `{run['weights']}`. Labels are class indices with cross-entropy, the same mathematics as "
+        "one-hot categorical cross-entropy.",
+        _table(["field", "value"], [[k, f"`{v}`"] for k, v in recipe.items()]),
+        "## Training",
+        "![Learning curves](learning_curves.png)",
+        "Training loss includes label smoothing when the recipe sets it; validation loss is plain cross-entropy.",
+        _table(["epoch", "phase", "lr", "train loss", "train acc", "val loss", "val acc", "seconds"], hist),
+        f"# Test set: {pct(metrics['test']['accuracy'])} accuracy",
+        results_markdown(metrics["test"], {"confusion": "confusion_matrix.png", "gallery": "misclassified.png"}),
+        "## Reproduce",
+        f"```\n{run['command']}\n```\n\ntorch {run['versions']['torch']}, torchvision "
+        f"{run['versions']['torchvision']}, Python {run['versions']['python']}.",
+    ]) + "\n"
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;
+line-height:1.45}table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;
+text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}
+code{background:#f5f5f5;padding:0 .2em}pre{background:#f5f5f5;padding:.6em;overflow-x:auto}"""
+
+
+def to_html(md: str, folder: Path, title: str) -> str:
+    """Render markdown and inline every local image as a data URI, so the page stands alone."""
+    body = markdown.markdown(md, extensions=["tables", "fenced_code"])
+
+    def inline(m: re.Match) -> str:
+        data = base64.b64encode((folder / m.group(1)).read_bytes()).decode()
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="([^":]+\.png)"', inline, body)
+    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>"
+            f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n")
+
+
+def write(folder: Path, md: str, title: str) -> None:
+    atomic.write_text(folder / "report.md", md)
+    atomic.write_text(folder / "report.html", to_html(md, folder, title))

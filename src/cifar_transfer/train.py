@@ -1,0 +1,189 @@
+"""Two-phase training: phase 1 trains the head on a frozen base, phase 2 fine-tunes everything.
+
+One explicit loop (after torchvision's reference train.py). Data is resident on the device; losses and
+accuracies are accumulated in device tensors and read back only when the progress bar is refreshed. When
+phase 1 has no augmentation the frozen base sees the same images every epoch, so its features are computed
+once and the head trains on them: the same mathematics (BatchNorm in inference mode), a fraction of the cost.
+A checkpoint is written atomically after every epoch; `resume` continues from one with identical results.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from . import atomic
+from .augment import random_crop_flip, to_input
+from .evaluate import autocast, predict_logits
+from .model import TransferNet
+from .recipe import Recipe
+
+LOG_EVERY = 25  # steps between progress-bar refreshes (each one is a host synchronisation)
+
+
+class TrainingError(Exception):
+    """Training cannot go on (a non-finite loss, a checkpoint that does not fit the run)."""
+
+
+def set_phase(model: TransferNet, phase: int, recipe: Recipe) -> list[nn.Parameter]:
+    """Freeze or unfreeze the base, put BatchNorm in the recipe's mode, and return the trainable parameters."""
+    model.train()
+    for p in model.backbone.parameters():
+        p.requires_grad_(phase == 2)
+    if phase == 1 or recipe.finetune_bn == "frozen":
+        for m in model.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_optimizer(params: list[nn.Parameter], phase: int, recipe: Recipe) -> torch.optim.Optimizer:
+    """Adam or SGD; weight decay on weights only, not on norms and biases."""
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": recipe.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    kind = recipe.head_optimizer if phase == 1 else recipe.finetune_optimizer
+    lr = recipe.head_lr if phase == 1 else recipe.finetune_lr
+    if kind == "adam":
+        return torch.optim.Adam(groups, lr=lr, eps=1e-7)  # Keras's default epsilon, as in the seed
+    return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
+
+
+def make_schedule(opt: torch.optim.Optimizer, phase: int, recipe: Recipe, steps_per_epoch: int):
+    """Per-step learning-rate factor: constant in phase 1; in phase 2 linear warm-up, then constant or cosine."""
+    total = recipe.finetune_epochs * steps_per_epoch
+    warmup = round(recipe.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if phase == 1:
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        if recipe.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _run_epoch(
+    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, opt, sched,
+    gen: torch.Generator, recipe: Recipe, desc: str, progress: bool,
+) -> tuple[float, float]:
+    """One pass over (x, y) in shuffled batches; returns mean loss and accuracy."""
+    n, bs = len(y), recipe.batch_size
+    steps = math.ceil(n / bs)
+    perm = torch.randperm(n, generator=gen, device=gen.device).to(y.device)
+    loss_sums = torch.zeros(steps, device=y.device)
+    correct = torch.zeros(steps, device=y.device)
+    bar = tqdm(range(steps), desc=desc, unit="batch", disable=not progress, leave=False)
+    for i in bar:
+        idx = perm[i * bs:(i + 1) * bs]
+        xb, yb = x[idx], y[idx]
+        if xb.dtype == torch.uint8:
+            xb = to_input(random_crop_flip(xb, gen) if recipe.augment else xb)
+        with autocast(y.device, recipe.precision):
+            out = forward(xb).float()
+        loss = F.cross_entropy(out, yb, label_smoothing=recipe.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_sums[i] = loss.detach() * len(yb)
+        correct[i] = (out.argmax(1) == yb).sum()
+        if (i + 1) % LOG_EVERY == 0 or i + 1 == steps:
+            bad = (~torch.isfinite(loss_sums[:i + 1])).nonzero()
+            if len(bad):
+                raise TrainingError(f"{desc}, step {int(bad[0]) + 1}: non-finite loss")
+            seen = min(n, (i + 1) * bs)
+            bar.set_postfix(loss=f"{loss_sums[:i + 1].sum().item() / seen:.4f}",
+                            acc=f"{correct[:i + 1].sum().item() / seen:.4f}")
+    return loss_sums.sum().item() / n, correct.sum().item() / n
+
+
+def _validate(forward, x: torch.Tensor, y: torch.Tensor, recipe: Recipe) -> tuple[float, float]:
+    if len(y) == 0:
+        return math.nan, math.nan
+    logits = predict_logits(forward, x, recipe.eval_batch_size, recipe.precision)
+    return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+
+
+def fit(
+    model: TransferNet, recipe: Recipe, train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor], *, checkpoint: Path | None = None, resume: dict | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Train `model` in place through both phases; return the per-epoch history.
+
+    `train` and `val` are uint8 image and label tensors on the training device. `resume` is a checkpoint
+    dict written by a previous call with the same recipe.
+    """
+    device = train[0].device
+    gen = torch.Generator(device=device).manual_seed(recipe.seed)
+    history: list[dict] = []
+    start = (1, 0)  # (phase, epochs already done in it)
+    if resume is not None:
+        if resume["recipe"] != recipe.to_dict():
+            raise TrainingError("checkpoint was written by a different recipe")
+        model.load_state_dict(resume["model"])
+        gen.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        history = list(resume["history"])
+        start = (resume["phase"], resume["epoch"])
+    for phase, epochs in ((1, recipe.head_epochs), (2, recipe.finetune_epochs)):
+        first = start[1] if phase == start[0] else 0
+        if phase < start[0] or first >= epochs:
+            continue
+        t_phase = time.perf_counter()  # the first epoch's time includes any feature caching
+        params = set_phase(model, phase, recipe)
+        cached = phase == 1 and not recipe.augment
+        if cached:  # the frozen base's features, once; the head then trains on them
+            xs = (predict_logits(model.features, train[0], recipe.eval_batch_size, recipe.precision,
+                                 desc="phase 1: caching base features" if progress else None),
+                  predict_logits(model.features, val[0], recipe.eval_batch_size, recipe.precision))
+        else:
+            xs = (train[0], val[0])
+        forward = model.head if cached else model
+        steps = math.ceil(len(train[1]) / recipe.batch_size)
+        opt = make_optimizer(params, phase, recipe)
+        sched = make_schedule(opt, phase, recipe, steps)
+        if resume is not None and phase == start[0] and first > 0:
+            opt.load_state_dict(resume["optimizer"])
+            sched.load_state_dict(resume["scheduler"])
+        for epoch in range(first, epochs):
+            t0 = t_phase if epoch == first else time.perf_counter()
+            lr = opt.param_groups[0]["lr"]
+            desc = f"phase {phase} epoch {epoch + 1}/{epochs}"
+            set_phase(model, phase, recipe)
+            train_loss, train_acc = _run_epoch(forward, xs[0], train[1], opt, sched, gen, recipe, desc, progress)
+            model.eval()
+            val_loss, val_acc = _validate(forward, xs[1], val[1], recipe)
+            row = {"phase": phase, "epoch": len(history) + 1, "phase_epoch": epoch + 1, "lr": lr,
+                   "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
+                   "seconds": time.perf_counter() - t0}
+            history.append(row)
+            if progress:
+                tqdm.write(f"{desc}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
+                           f"val loss {val_loss:.4f} acc {val_acc:.4f} | {row['seconds']:.1f}s")
+            if checkpoint is not None:
+                state = {"recipe": recipe.to_dict(), "phase": phase, "epoch": epoch + 1, "history": history,
+                         "model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                         "torch_rng": torch.get_rng_state()}
+                atomic.write_with(checkpoint, lambda f, s=state: torch.save(s, f))
+    model.eval()
+    return history
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by `fit`, loaded with weights_only=True."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file fails in many ways
+        raise TrainingError(f"{path}: not a readable checkpoint ({e})") from None

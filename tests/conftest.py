@@ -1,0 +1,66 @@
+"""Shared fixtures: the real CIFAR-10 and ResNet-50 weights from ../shared, and a loopback HTTP server."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CIFAR_TRANSFER_SHARED", ROOT.parent / "shared"))
+CIFAR_DIR = SHARED / "data" / "cifar-10-batches-py"
+WEIGHTS = SHARED / "weights" / "resnet50_imagenet_v1_fp16.safetensors"
+HUMAN = SHARED / "data" / "cifar-10h"
+
+
+@pytest.fixture(scope="session")
+def cifar_dir() -> Path:
+    if not CIFAR_DIR.is_dir():
+        pytest.skip(f"real CIFAR-10 not found at {CIFAR_DIR}")
+    return CIFAR_DIR
+
+
+@pytest.fixture(scope="session")
+def weights_path() -> Path:
+    if not WEIGHTS.is_file():
+        pytest.skip(f"ResNet-50 weights not found at {WEIGHTS}")
+    return WEIGHTS
+
+
+@pytest.fixture(scope="session")
+def cifar(cifar_dir: Path):
+    from cifar_transfer.data import read_folder
+
+    return read_folder(cifar_dir)
+
+
+@pytest.fixture(scope="session")
+def pretrained(weights_path: Path):
+    from cifar_transfer.model import load_pretrained
+
+    return load_pretrained(weights_path)
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_root(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A real HTTP server on 127.0.0.1 serving a temporary folder: (folder, base URL)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,125 @@
+"""End to end: the `smoke` preset on the real data and weights, through the installed command."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cifar_transfer.data import CLASSES
+from cifar_transfer.model import load_model
+from cifar_transfer.recipe import Recipe, preset
+from cifar_transfer.report import pct
+
+OUTPUTS = {"recipe.json", "history.csv", "metrics.json", "classification_report.txt", "samples.png",
+           "class_counts.png", "learning_curves.png", "confusion_matrix.png", "misclassified.png",
+           "model.safetensors", "report.md", "report.html"}
+
+
+def cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cifar_transfer.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(cifar_dir, weights_path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    done = cli("run", "--preset", "smoke", "--data-dir", str(cifar_dir.parent), "--weights", str(weights_path),
+               "--out", str(out), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "test accuracy" in done.stdout
+    return out
+
+
+def test_a_run_writes_every_output_and_nothing_half_done(smoke_run):
+    names = {p.name for p in smoke_run.iterdir()}
+    assert names == OUTPUTS  # no checkpoint, temporary file or error.txt left behind
+    assert Recipe.from_dict(json.loads((smoke_run / "recipe.json").read_text())) == preset("smoke")
+    history = (smoke_run / "history.csv").read_text().splitlines()
+    assert history[0].startswith("phase,epoch") and len(history) == 3
+
+
+def test_metrics_cover_the_whole_test_set(smoke_run):
+    m = json.loads((smoke_run / "metrics.json").read_text())
+    t = m["test"]
+    assert t["n"] == 10_000 and np.array(t["confusion"]).sum() == 10_000
+    assert t["accuracy"] == pytest.approx(np.trace(np.array(t["confusion"])) / 10_000)
+    assert 0.2 < t["accuracy"] < 1  # far above chance after one epoch on the real weights
+    assert m["data"]["counts"]["train"] == [50] * 10 and m["data"]["counts"]["validation"] == [50] * 10
+    assert m["run"]["versions"]["torch"] == torch.__version__
+    assert {r["a"] for r in t["leakage"]} == {"cat", "automobile", "bird", "deer"}
+
+
+def test_reports_show_the_numbers_in_metrics(smoke_run):
+    m = json.loads((smoke_run / "metrics.json").read_text())
+    t = m["test"]
+    md = (smoke_run / "report.md").read_text()
+    html = (smoke_run / "report.html").read_text()
+    expected = [pct(t["accuracy"]), f"{t['loss']:.4f}", f"{t['macro_f1']:.4f}",
+                *(f"{t['per_class'][c]['f1']:.4f}" for c in CLASSES),
+                *(pct(r["a_as_b"]) for r in t["leakage"]), *(pct(r["b_as_a"]) for r in t["leakage"]),
+                f"{m['final_epoch']['val_acc']:.4f}", t["misclassified"][0]["predicted"]]
+    for text in expected:
+        assert text in md, text
+        assert text in html, text
+    assert "<img" in html and 'src="data:image/png;base64,' in html and ".png\"" not in html  # self-contained
+    for section in ("What this run found", "Per-class precision", "Confusion matrix", "Class leakage",
+                    "Misclassified", "Learning curves", "Reproduce"):
+        assert section in md
+
+
+def test_evaluate_reproduces_the_test_accuracy(smoke_run, cifar_dir):
+    done = cli("evaluate", str(smoke_run), "--device", "cpu", env={"CIFAR_TRANSFER_DATA": str(cifar_dir.parent)})
+    assert done.returncode == 0, done.stderr
+    again = json.loads((smoke_run / "evaluations" / "cifar10-test" / "metrics.json").read_text())
+    first = json.loads((smoke_run / "metrics.json").read_text())
+    assert again["test"]["confusion"] == first["test"]["confusion"]
+
+
+def test_evaluate_on_an_npz(smoke_run, cifar, tmp_path):
+    _, test = cifar
+    idx = np.arange(0, 10_000, 20)
+    np.savez(tmp_path / "subset.npz", images=test.images[idx], labels=test.labels[idx])
+    done = cli("evaluate", str(smoke_run), "--data", str(tmp_path / "subset.npz"))
+    assert done.returncode == 0, done.stderr
+    result = json.loads((smoke_run / "evaluations" / "subset" / "metrics.json").read_text())["test"]
+    model, _ = load_model(smoke_run / "model.safetensors")
+    with torch.no_grad():
+        pred = model(torch.from_numpy(test.images[idx]).permute(0, 3, 1, 2).float() / 255).argmax(1).numpy()
+    assert result["n"] == len(idx)
+    assert result["accuracy"] == pytest.approx((pred == test.labels[idx]).mean())
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["eda"], ["evaluate"]])
+def test_help_is_useful_on_its_own(command):
+    done = cli(*command, "--help")
+    assert done.returncode == 0
+    assert "usage: cifar-transfer" in done.stdout
+    if command == ["run"]:
+        for option in ("--preset", "--set", "--data-dir", "--weights", "--out", "--resume", "CIFAR_TRANSFER_DATA"):
+            assert option in done.stdout
+
+
+def test_eda_writes_its_figures(cifar_dir, tmp_path):
+    done = cli("eda", "--data-dir", str(cifar_dir), "--out", str(tmp_path / "eda"), "--preset", "smoke")
+    assert done.returncode == 0, done.stderr
+    assert {p.name for p in (tmp_path / "eda").iterdir()} == {"samples.png", "class_counts.png"}
+
+
+def test_missing_data_is_one_clear_line(tmp_path):
+    done = cli("run", "--preset", "smoke", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"),
+               "--no-download", env={"CIFAR_TRANSFER_DATA": str(tmp_path / "elsewhere")}, cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: CIFAR-10 not found in") and "elsewhere" in done.stderr
+    assert (tmp_path / "r" / "error.txt").read_text().startswith("CIFAR-10 not found")
+
+
+def test_a_bad_override_is_one_clear_line(tmp_path):
+    done = cli("run", "--set", "finetune_epochs=many", "--out", str(tmp_path / "r"))
+    assert done.returncode == 1
+    assert done.stderr.strip() == "error: --set finetune_epochs='many': not a valid int"

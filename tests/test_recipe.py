@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from cifar_transfer.recipe import PRESETS, Recipe, RecipeError, preset
+
+
+def test_seed_preset_is_the_literal_recipe():
+    r = preset("seed")
+    assert (r.resolution, r.augment, r.batch_size) == (32, False, 32)
+    assert (r.head_optimizer, r.head_lr, r.head_epochs) == ("adam", 1e-3, 10)
+    assert (r.finetune_optimizer, r.finetune_lr, r.finetune_epochs, r.finetune_bn) == ("adam", 1e-5, 10, "frozen")
+    assert r.head_hidden == (128, 64)
+
+
+def test_every_preset_builds_and_round_trips_through_json():
+    for name in PRESETS:
+        r = preset(name)
+        assert r.name == name
+        assert Recipe.from_dict(json.loads(r.dumps())) == r
+
+
+def test_overrides_are_parsed_by_field_type():
+    r = preset("seed").with_overrides(
+        ["finetune_epochs=3", "head_lr=0.01", "augment=true", "head_hidden=256,32", "precision=bf16"])
+    assert r.finetune_epochs == 3 and isinstance(r.finetune_epochs, int)
+    assert r.head_lr == 0.01
+    assert r.augment is True
+    assert r.head_hidden == (256, 32)
+    assert r.precision == "bf16"
+
+
+@pytest.mark.parametrize(("assignment", "fragment"), [
+    ("nope=1", "key=value"),
+    ("finetune_epochs", "key=value"),
+    ("finetune_epochs=three", "not a valid int"),
+    ("augment=maybe", "not a valid bool"),
+    ("precision=fp8", "precision='fp8'"),
+    ("train_size=15", "multiples of 10"),
+    ("train_size=49000", "50,000"),
+    ("resolution=16", "resolution=16"),
+    ("head_lr=0", "head_lr=0.0"),
+    ("dropout=1.5", "dropout=1.5"),
+])
+def test_bad_overrides_name_the_field(assignment, fragment):
+    with pytest.raises(RecipeError, match=fragment):
+        preset("seed").with_overrides([assignment])
+
+
+def test_unknown_preset_and_fields():
+    with pytest.raises(RecipeError, match="unknown preset"):
+        preset("fast")
+    with pytest.raises(RecipeError, match="unknown recipe fields: bogus"):
+        Recipe.from_dict({"bogus": 1})

@@ -1,0 +1,123 @@
+import itertools
+
+import pytest
+import torch
+
+from cifar_transfer import atomic, train
+from cifar_transfer.augment import to_device
+from cifar_transfer.model import build_model
+from cifar_transfer.recipe import preset
+from cifar_transfer.train import TrainingError, fit
+
+TINY = ["train_size=40", "val_size=20", "batch_size=8", "head_epochs=2", "finetune_epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(cifar):
+    train_set, _ = cifar
+    return (to_device(train_set.images[:40], train_set.labels[:40], torch.device("cpu")),
+            to_device(train_set.images[40:60], train_set.labels[40:60], torch.device("cpu")))
+
+
+def fresh(recipe, pretrained):
+    torch.manual_seed(recipe.seed)
+    return build_model(recipe, pretrained)
+
+
+def backbone_state(model):
+    return {k: v.clone() for k, v in model.backbone.state_dict().items()}
+
+
+def test_same_seed_same_history_and_weights(pretrained, tiny_data):
+    r = preset("seed").with_overrides([*TINY, "augment=true", "dropout=0.3"])
+    a, b = fresh(r, pretrained), fresh(r, pretrained)
+    ha = fit(a, r, *tiny_data, progress=False)
+    hb = fit(b, r, *tiny_data, progress=False)
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in ha]
+    assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in hb]
+    assert [h["phase"] for h in ha] == [1, 1, 2, 2] and [h["epoch"] for h in ha] == [1, 2, 3, 4]
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_phase_one_leaves_the_base_alone_and_frozen_bn_keeps_its_statistics(pretrained, tiny_data):
+    r = preset("seed").with_overrides([*TINY, "finetune_epochs=0"])
+    model = fresh(r, pretrained)
+    before, head_before = backbone_state(model), [p.clone() for p in model.head.parameters()]
+    fit(model, r, *tiny_data, progress=False)
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert any(not torch.equal(p, q) for p, q in zip(model.head.parameters(), head_before))
+
+    frozen = preset("seed").with_overrides([*TINY, "head_epochs=0", "finetune_lr=1e-3"])
+    model = fresh(frozen, pretrained)
+    fit(model, frozen, *tiny_data, progress=False)
+    after = model.backbone.state_dict()
+    assert torch.equal(after["bn1.running_mean"], before["bn1.running_mean"])
+    assert not torch.equal(after["conv1.weight"], before["conv1.weight"])
+
+    trained = frozen.with_overrides(["finetune_bn=train"])
+    model = fresh(trained, pretrained)
+    fit(model, trained, *tiny_data, progress=False)
+    assert not torch.equal(model.backbone.state_dict()["bn1.running_mean"], before["bn1.running_mean"])
+
+
+def test_cosine_schedule_warms_up_and_decays(pretrained):
+    r = preset("strong").with_overrides(["finetune_epochs=4", "warmup_epochs=1"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    sched = train.make_schedule(opt, 2, r, steps_per_epoch=10)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.001) and lrs[9] == pytest.approx(0.01)
+    assert lrs[10] == pytest.approx(0.01) and lrs[-1] < 0.0005
+    assert all(x >= y for x, y in itertools.pairwise(lrs[10:]))
+
+
+def test_weight_decay_skips_norms_and_biases(pretrained):
+    r = preset("strong")
+    model = fresh(r, pretrained)
+    opt = train.make_optimizer(train.set_phase(model, 2, r), 2, r)
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == r.weight_decay and plain["weight_decay"] == 0
+    assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim <= 1 for p in plain["params"])
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"]
+
+
+def test_non_finite_loss_names_phase_epoch_and_step(pretrained, tiny_data):
+    r = preset("seed").with_overrides([*TINY, "head_lr=1e30"])
+    with pytest.raises(TrainingError, match=r"phase 1 epoch \d/2, step \d+: non-finite loss"):
+        fit(fresh(r, pretrained), r, *tiny_data, progress=False)
+
+
+def test_resume_from_any_epoch_ends_identically(pretrained, tiny_data, tmp_path, monkeypatch):
+    r = preset("seed").with_overrides([*TINY, "augment=true", "dropout=0.3"])
+    saved = []
+    write_with = atomic.write_with
+
+    def keep_each(path, write):
+        saved.append(tmp_path / f"ckpt{len(saved)}.pt")
+        write_with(saved[-1], write)
+        return write_with(path, write)
+
+    monkeypatch.setattr(atomic, "write_with", keep_each)
+    full = fresh(r, pretrained)
+    history = fit(full, r, *tiny_data, checkpoint=tmp_path / "checkpoint.pt", progress=False)
+    assert len(saved) == 4 and (tmp_path / "checkpoint.pt").is_file()
+    for k in (0, 2):  # interrupted in phase 1 (after epoch 1) and in phase 2 (after epoch 3)
+        state = train.load_checkpoint(saved[k])
+        resumed = fresh(r, pretrained)
+        h = fit(resumed, r, *tiny_data, resume=state, progress=False)
+        assert [x["val_loss"] for x in h] == [x["val_loss"] for x in history]
+        for (name, va), vb in zip(full.state_dict().items(), resumed.state_dict().values()):
+            assert torch.equal(va, vb), (k, name)
+
+
+def test_resume_with_another_recipe_is_refused(pretrained, tiny_data, tmp_path):
+    r = preset("seed").with_overrides([*TINY, "finetune_epochs=0", "head_epochs=1"])
+    fit(fresh(r, pretrained), r, *tiny_data, checkpoint=tmp_path / "c.pt", progress=False)
+    other = r.with_overrides(["head_lr=0.5"])
+    with pytest.raises(TrainingError, match="different recipe"):
+        fit(fresh(other, pretrained), other, *tiny_data, resume=train.load_checkpoint(tmp_path / "c.pt"))
