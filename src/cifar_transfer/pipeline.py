@@ -114,9 +114,9 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
     t_train = time.perf_counter()
     history = fit(model, recipe, to_device(splits.train.images, splits.train.labels, dev),
                   to_device(splits.val.images, splits.val.labels, dev),
-                  checkpoint=out / CHECKPOINT, resume=resume_state, progress=progress)
+                  checkpoint=out / CHECKPOINT, resume=resume_state, progress=progress,
+                  on_epoch=lambda h: write_history(h, out / "history.csv"))
     train_s = time.perf_counter() - t_train
-    write_history(history, out / "history.csv")
     figures.learning_curves(history, out / "learning_curves.png")
 
     result, eval_s = test_results(model, test, recipe, dev, out, progress)

@@ -117,15 +117,17 @@ def _validate(forward, x: torch.Tensor, y: torch.Tensor, recipe: Recipe) -> tupl
 def fit(
     model: TransferNet, recipe: Recipe, train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor], *, checkpoint: Path | None = None, resume: dict | None = None,
-    progress: bool = True,
+    progress: bool = True, on_epoch: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Train `model` in place through both phases; return the per-epoch history.
 
     `train` and `val` are uint8 image and label tensors on the training device. `resume` is a checkpoint
-    dict written by a previous call with the same recipe.
+    dict written by a previous call with the same recipe. `on_epoch(history)` is called after each epoch's
+    checkpoint is written.
     """
     device = train[0].device
-    gen = torch.Generator(device=device).manual_seed(recipe.seed)
+    gen = torch.Generator(device=device).manual_seed(recipe.seed)  # shuffles and augmentation
+    torch.manual_seed(recipe.seed)  # dropout
     history: list[dict] = []
     start = (1, 0)  # (phase, epochs already done in it)
     if resume is not None:
@@ -177,6 +179,8 @@ def fit(
                          "scheduler": sched.state_dict(), "generator": gen.get_state(),
                          "torch_rng": torch.get_rng_state()}
                 atomic.write_with(checkpoint, lambda f, s=state: torch.save(s, f))
+            if on_epoch is not None:
+                on_epoch(history)
     model.eval()
     return history
 
