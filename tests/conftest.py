@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +46,36 @@ def pretrained(weights_path: Path):
     from cifar_transfer.model import load_pretrained
 
     return load_pretrained(weights_path)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(cifar_dir: Path, weights_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real run of the `smoke` preset through the command line, shared by the tests that read it."""
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    done = subprocess.run(
+        [sys.executable, "-m", "cifar_transfer.cli", "run", "--preset", "smoke", "--data-dir", str(cifar_dir.parent),
+         "--weights", str(weights_path), "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "test accuracy" in done.stdout
+    return out
+
+
+@pytest.fixture
+def cifar_copy(cifar_dir: Path, tmp_path: Path):
+    """Make a CIFAR-10 folder whose file `name` holds `content` (the other files link to the real ones)."""
+
+    def make(name: str, content: bytes | None) -> Path:
+        dest = tmp_path / "copy" / "cifar-10-batches-py"
+        dest.mkdir(parents=True)
+        for f in cifar_dir.iterdir():
+            (dest / f.name).symlink_to(f)
+        (dest / name).unlink()
+        if content is not None:
+            (dest / name).write_bytes(content)
+        return dest
+
+    return make
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):

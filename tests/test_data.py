@@ -87,16 +87,6 @@ def test_lookup_order_prefers_data_dir_then_environment(cifar_dir, tmp_path, mon
     assert len(load_cifar10(cifar_dir.parent, allow_download=False)[1]) == 10_000
 
 
-def copy_with(cifar_dir: Path, dest: Path, name: str, content: bytes) -> Path:
-    """A CIFAR folder whose file `name` is replaced by `content` (the others are symlinks)."""
-    dest.mkdir()
-    for f in cifar_dir.iterdir():
-        (dest / f.name).symlink_to(f)
-    (dest / name).unlink()
-    (dest / name).write_bytes(content)
-    return dest
-
-
 def batch(data: object, labels: object) -> bytes:
     return pickle.dumps({b"batch_label": b"x", b"data": data, b"labels": labels}, protocol=2)
 
@@ -111,18 +101,17 @@ def batch(data: object, labels: object) -> bytes:
     ("data_batch_1", pickle.dumps({b"labels": [1]}, protocol=2), "missing key 'data'"),
     ("data_batch_1", pickle.dumps(Path("/etc/passwd")), "refusing to load pathlib"),
 ])
-def test_bad_batch_files_are_named(cifar_dir, tmp_path, name, content, fragment):
+def test_bad_batch_files_are_named(cifar_dir, cifar_copy, name, content, fragment):
     if content is None:  # truncated: the first half of the real file
         content = (cifar_dir / name).read_bytes()[: (cifar_dir / name).stat().st_size // 2]
-    folder = copy_with(cifar_dir, tmp_path / "cifar-10-batches-py", name, content)
+    folder = cifar_copy(name, content)
     with pytest.raises(DataError, match=fragment) as e:
         read_folder(folder)
     assert name in str(e.value)
 
 
-def test_missing_batch_file_is_named(cifar_dir, tmp_path):
-    folder = copy_with(cifar_dir, tmp_path / "c", "data_batch_2", b"")
-    (folder / "data_batch_2").unlink()
+def test_missing_batch_file_is_named(cifar_copy):
+    folder = cifar_copy("data_batch_2", None)
     with pytest.raises(DataError, match="data_batch_2: missing"):
         read_folder(folder)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,13 +121,22 @@ def load_pretrained(weights: str | Path, url: str | None = None) -> Pretrained:
         std = _floats(meta["input_std"], "input_std", str(path)) if "input_std" in meta else tuple(t.std)
         return Pretrained(_checked(sd, str(path)), mean, std, meta.get("stride_in_1x1") == "true", str(path))
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about old pickle protocols before refusing them
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses arbitrary pickles with UnpicklingError; corrupt files vary
-        raise WeightsError(f"{path}: not a plain state_dict loadable with weights_only=True ({e})") from None
+        raise WeightsError(f"{path}: not a plain state_dict loadable with weights_only=True "
+                           f"({_first_line(e)})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{path}: expected a state_dict (a dict of tensors), found {type(sd).__name__}")
     t = default.transforms()
     return Pretrained(_checked(sd, str(path)), tuple(t.mean), tuple(t.std), False, str(path))
+
+
+def _first_line(e: Exception) -> str:
+    """The informative line of torch.load's long weights_only error."""
+    text = str(e).split("WeightsUnpickler error:", 1)[-1]
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
 
 
 def _checked(sd: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:

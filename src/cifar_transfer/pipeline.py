@@ -98,17 +98,20 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
     resume_state = None
     if resume:
         if not (out / CHECKPOINT).is_file():
-            raise FileNotFoundError(f"{out / CHECKPOINT}: no checkpoint to resume from")
+            done = " (the run is complete: see metrics.json)" if (out / "metrics.json").is_file() else ""
+            raise FileNotFoundError(f"{out / CHECKPOINT}: no checkpoint to resume from{done}")
         resume_state = load_checkpoint(out / CHECKPOINT)
         recipe = Recipe.from_dict(resume_state["recipe"])
+        for stale in out.glob(".*.tmp"):  # files an interrupted atomic write left behind
+            stale.unlink()
     atomic.write_text(out / "recipe.json", recipe.dumps() + "\n")
     (out / "error.txt").unlink(missing_ok=True)
 
+    pretrained = load_pretrained(weights)  # before the data: a bad weights file fails in a second
     train_full, test = load_cifar10(data_dir, allow_download=download)
     splits = split(train_full, test, recipe.train_size, recipe.val_size, recipe.seed)
     eda(splits, out, recipe.seed)
 
-    pretrained = load_pretrained(weights)
     torch.manual_seed(recipe.seed)
     model = build_model(recipe, pretrained).to(dev)
     t_train = time.perf_counter()

@@ -100,7 +100,8 @@ def _run_epoch(
         if (i + 1) % LOG_EVERY == 0 or i + 1 == steps:
             bad = (~torch.isfinite(loss_sums[:i + 1])).nonzero()
             if len(bad):
-                raise TrainingError(f"{desc}, step {int(bad[0]) + 1}: non-finite loss")
+                raise TrainingError(f"{desc}, step {int(bad[0]) + 1}: non-finite loss; the last good checkpoint "
+                                    "(if any) is kept: lower the learning rate, or resume with --resume")
             seen = min(n, (i + 1) * bs)
             bar.set_postfix(loss=f"{loss_sums[:i + 1].sum().item() / seen:.4f}",
                             acc=f"{correct[:i + 1].sum().item() / seen:.4f}")
