@@ -22,6 +22,7 @@ from .augment import to_device
 from .data import CLASSES, Dataset, Splits, load_cifar10, load_test_set, split
 from .evaluate import predict_logits, summarise
 from .model import build_model, load_model, load_pretrained, save_model
+from .model import to_device as model_to_device
 from .recipe import Recipe
 from .train import fit, load_checkpoint
 
@@ -113,7 +114,7 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
     eda(splits, out, recipe.seed)
 
     torch.manual_seed(recipe.seed)
-    model = build_model(recipe, pretrained).to(dev)
+    model = model_to_device(build_model(recipe, pretrained), recipe, dev)
     t_train = time.perf_counter()
     history = fit(model, recipe, to_device(splits.train.images, splits.train.labels, dev),
                   to_device(splits.val.images, splits.val.labels, dev),
@@ -152,7 +153,7 @@ def evaluate_saved(run_dir: Path, data: str | None = None, device: str = "auto",
     out = run_dir / "evaluations" / name
     check_writable(out)
     dev = pick_device(device)
-    result, seconds = test_results(model.to(dev), test, recipe, dev, out)
+    result, seconds = test_results(model_to_device(model, recipe, dev), test, recipe, dev, out)
     metrics = {"run": {"model": str(run_dir / "model.safetensors"), "data_source": test.source,
                        "command": shlex.join(["cifar-transfer", *sys.argv[1:]]), **environment(dev)},
                "timings": {"eval_s": seconds}, "test": result}
