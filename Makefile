@@ -14,7 +14,7 @@ endif
 
 PRESET ?= seed
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint bench bench-smoke clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -29,6 +29,13 @@ run: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+# Throughput, end-to-end presets and a plain reference loop side by side; prints a table, writes JSON.
+bench: setup
+	$(BIN)/python bench/bench.py
+
+bench-smoke: setup
+	$(BIN)/python bench/bench.py --smoke
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cifar_transfer.data import CLASSES
-from cifar_transfer.model import load_model
+from cifar_transfer.model import load_model, to_device
 from cifar_transfer.recipe import Recipe, preset
 from cifar_transfer.report import pct
 
@@ -77,7 +77,8 @@ def test_evaluate_on_an_npz(smoke_run, cifar, tmp_path):
     done = cli("evaluate", str(smoke_run), "--data", str(tmp_path / "subset.npz"))
     assert done.returncode == 0, done.stderr
     result = json.loads((smoke_run / "evaluations" / "subset" / "metrics.json").read_text())["test"]
-    model, _ = load_model(smoke_run / "model.safetensors")
+    model, recipe = load_model(smoke_run / "model.safetensors")
+    model = to_device(model, recipe, torch.device("cpu"))  # the same memory layout as `evaluate` uses
     with torch.no_grad():
         pred = model(torch.from_numpy(test.images[idx]).permute(0, 3, 1, 2).float() / 255).argmax(1).numpy()
     assert result["n"] == len(idx)

@@ -11,6 +11,7 @@ from cifar_transfer.model import (
     load_model,
     load_pretrained,
     save_model,
+    to_device,
 )
 from cifar_transfer.recipe import preset
 
@@ -40,12 +41,14 @@ def test_head_shape_and_resolution(pretrained):
 
 
 def test_save_and_load_gives_the_same_function(pretrained, tmp_path):
-    r = preset("smoke")
+    r = preset("smoke").with_overrides(["memory_format=channels_last"])
     torch.manual_seed(0)
-    model = build_model(r, pretrained).eval()
+    model = to_device(build_model(r, pretrained), r, torch.device("cpu")).eval()
+    assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     save_model(model, r, tmp_path / "model.safetensors")
     loaded, recipe = load_model(tmp_path / "model.safetensors")
     assert recipe == r
+    loaded = to_device(loaded, recipe, torch.device("cpu"))
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))

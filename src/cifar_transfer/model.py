@@ -102,23 +102,17 @@ def load_pretrained(weights: str | Path, url: str | None = None) -> Pretrained:
                 f"could not download torchvision's ResNet-50 ImageNet weights from {url or default.url} "
                 f"({type(e).__name__}: {e}); pass --weights FILE (.safetensors or .pth) or set "
                 f"$CIFAR_TRANSFER_WEIGHTS") from None
-        t = default.transforms()
-        return Pretrained(_checked(sd, str(url or default.url)), tuple(t.mean), tuple(t.std), False, "torchvision")
+        return Pretrained(_checked(sd, str(url or default.url)), *_torchvision_norm(), False, "torchvision")
     path = Path(weights)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(path, "pt") as f:
-                meta = f.metadata() or {}
-            sd = load_file(path)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+        sd, meta = _read_safetensors(path, "safetensors file")
         if meta.get("arch", "resnet50") != "resnet50":
             raise WeightsError(f"{path}: metadata arch={meta['arch']!r}, expected 'resnet50'")
-        t = default.transforms()
-        mean = _floats(meta["input_mean"], "input_mean", str(path)) if "input_mean" in meta else tuple(t.mean)
-        std = _floats(meta["input_std"], "input_std", str(path)) if "input_std" in meta else tuple(t.std)
+        mean, std = _torchvision_norm()
+        mean = _floats(meta["input_mean"], "input_mean", str(path)) if "input_mean" in meta else mean
+        std = _floats(meta["input_std"], "input_std", str(path)) if "input_std" in meta else std
         return Pretrained(_checked(sd, str(path)), mean, std, meta.get("stride_in_1x1") == "true", str(path))
     try:
         with warnings.catch_warnings():
@@ -129,8 +123,22 @@ def load_pretrained(weights: str | Path, url: str | None = None) -> Pretrained:
                            f"({_first_line(e)})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{path}: expected a state_dict (a dict of tensors), found {type(sd).__name__}")
-    t = default.transforms()
-    return Pretrained(_checked(sd, str(path)), tuple(t.mean), tuple(t.std), False, str(path))
+    return Pretrained(_checked(sd, str(path)), *_torchvision_norm(), False, str(path))
+
+
+def _torchvision_norm() -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std torchvision's ImageNet weights expect: the default for files without metadata."""
+    t = ResNet50_Weights.IMAGENET1K_V1.transforms()
+    return tuple(t.mean), tuple(t.std)
+
+
+def _read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        return load_file(path), meta
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{path}: not a readable {what} ({e})") from None
 
 
 def _first_line(e: Exception) -> str:
@@ -168,9 +176,10 @@ def build_model(recipe: Recipe, pretrained: Pretrained) -> TransferNet:
 
 
 def to_device(model: TransferNet, recipe: Recipe, device: torch.device) -> TransferNet:
-    """Move to `device` in the recipe's memory layout (channels_last is faster on GPUs and on oneDNN CPUs)."""
+    """Move to `device` in the recipe's memory layout (channels_last on CUDA unless the recipe says otherwise)."""
     model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if recipe.channels_last else model
+    nhwc = recipe.memory_format == "channels_last" or (recipe.memory_format == "auto" and device.type == "cuda")
+    return model.to(memory_format=torch.channels_last) if nhwc else model
 
 
 def save_model(model: TransferNet, recipe: Recipe, path: Path) -> Path:
@@ -188,12 +197,7 @@ def save_model(model: TransferNet, recipe: Recipe, path: Path) -> Path:
 
 def load_model(path: Path) -> tuple[TransferNet, Recipe]:
     """Rebuild a model saved by `save_model` (no pretrained weights needed)."""
-    try:
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-        sd = load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"{path}: not a readable model file ({e})") from None
+    sd, meta = _read_safetensors(path, "model file")
     if meta.get("format") != "cifar-transfer/1":
         raise WeightsError(f"{path}: not a model saved by cifar-transfer (metadata format={meta.get('format')!r})")
     recipe = Recipe.from_dict(json.loads(meta["recipe"]))
