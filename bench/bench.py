@@ -112,11 +112,11 @@ def table(results: dict) -> str:
     for r in results["throughput"]:
         lines.append(f"{r['resolution']:>4} {r['batch']:>5} {r['precision']:>5} {r['train_img_s']:>12,.0f} "
                      f"{r['infer_img_s']:>12,.0f}")
-    lines += ["", f"{'recipe':<58} {'ours s':>8} {'acc':>7} {'plain s':>8} {'acc':>7} {'speed-up':>8} {'GPU MiB':>8}"]
+    lines += ["", f"{'recipe':<90} {'ours s':>8} {'acc':>7} {'plain s':>8} {'acc':>7} {'speed-up':>8} {'GPU MiB':>8}"]
     for r in results["end_to_end"]:
         label = " ".join([r["preset"], *r["overrides"]])
         mem = r["ours"]["peak_gpu_mib"]
-        lines.append(f"{label[:58]:<58} {r['ours']['seconds']:>8.1f} {r['ours']['test_accuracy']:>7.2%} "
+        lines.append(f"{label:<90} {r['ours']['seconds']:>8.1f} {r['ours']['test_accuracy']:>7.2%} "
                      f"{r['reference']['seconds']:>8.1f} {r['reference']['test_accuracy']:>7.2%} "
                      f"{r['speedup']:>7.2f}x {'-' if mem is None else f'{mem:,.0f}':>8}")
     return "\n".join(lines)
