@@ -8,7 +8,6 @@ model, `predict`, the service and an ONNX export all share one definition of pre
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +207,3 @@ def load_model(path: Path) -> tuple[TransferNet, Recipe]:
         raise WeightsError(f"{path}: does not match the recipe's model ({e})") from None
     return model.eval(), recipe
 
-
-def param_count(model: nn.Module) -> int:
-    return sum(math.prod(p.shape) for p in model.parameters())
