@@ -14,7 +14,7 @@ endif
 
 PRESET ?= seed
 
-.PHONY: setup run test lint bench bench-smoke clean
+.PHONY: setup chromium run test lint bench bench-smoke clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -26,7 +26,11 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(BIN)/cifar-transfer run --preset $(PRESET) --out runs/$(PRESET)
 
-test: setup
+# The upload page is tested in Debian's Chromium, driven by Playwright (which never downloads a browser here).
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: setup chromium
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 

@@ -23,9 +23,9 @@ from cifar_transfer import atomic
 from cifar_transfer.augment import to_device
 from cifar_transfer.data import load_cifar10, split
 from cifar_transfer.evaluate import autocast, predict_logits
-from cifar_transfer.model import build_model, load_pretrained
+from cifar_transfer.model import build_model, load_pretrained, pick_device
 from cifar_transfer.model import to_device as model_to_device
-from cifar_transfer.pipeline import environment, pick_device
+from cifar_transfer.pipeline import environment
 from cifar_transfer.recipe import preset
 from cifar_transfer.train import fit, make_optimizer, set_phase
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 import traceback
 from pathlib import Path
@@ -11,11 +12,12 @@ from pathlib import Path
 from . import atomic, pipeline
 from .data import DataError, load_cifar10, split
 from .model import WeightsError
+from .predict import ImageError, predict_files
 from .recipe import PRESETS, RecipeError, preset
 from .train import TrainingError
 
 # Errors that carry a complete message for the user: shown as one line, no traceback unless --debug.
-EXPECTED_ERRORS = (DataError, WeightsError, RecipeError, TrainingError, OSError, RuntimeError)
+EXPECTED_ERRORS = (DataError, WeightsError, RecipeError, TrainingError, ImageError, OSError, RuntimeError)
 
 EPILOG = """Data is looked for in --data-dir, then $CIFAR_TRANSFER_DATA, then ./data (the official
 cifar-10-batches-py/ folder, cifar-10-python.tar.gz, or train.npz + test.npz), and downloaded into ./data
@@ -52,6 +54,31 @@ def build_parser() -> argparse.ArgumentParser:
                                   "default: the CIFAR-10 test set")
     v.add_argument("--device", default="auto", help="auto, cpu or cuda")
     v.add_argument("--no-download", action="store_true", help="never download CIFAR-10; fail if it is not found")
+
+    pr = sub.add_parser("predict", help="classify image files with a trained model",
+                        description="Classify images (PNG, JPEG, WebP, BMP, ...; any size, alpha or greyscale). "
+                                    "Each is centre-cropped to a square and downscaled (Lanczos) to 32x32 RGB, "
+                                    "as CIFAR-10 images were made.")
+    pr.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    pr.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
+    pr.add_argument("--top", type=int, default=3, help="how many classes to show (default 3)")
+    pr.add_argument("--json", action="store_true", help="print JSON for machines")
+
+    s = sub.add_parser("serve", help="serve a trained model over HTTP, with an upload page",
+                       description="POST /predict, POST /predict/batch, GET /health, GET /docs and an upload "
+                                   "page at /.")
+    s.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--max-bytes", type=int, default=10_000_000, help="largest accepted image (default 10 MB)")
+    s.add_argument("--max-images", type=int, default=32, help="most images in one /predict/batch request")
+    s.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+    x = sub.add_parser("export", help="export a trained model to ONNX",
+                       description="Export RUN_DIR/model.safetensors to ONNX; the file is written only if ONNX "
+                                   "Runtime reproduces PyTorch's logits within 1e-4.")
+    x.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    x.add_argument("--onnx", type=Path, required=True, metavar="OUT.onnx", help="where to write the model")
     return p
 
 
@@ -93,6 +120,21 @@ def main(argv: list[str] | None = None) -> int:
                                                     download=not args.no_download)
             print(f"accuracy {metrics['test']['accuracy']:.4f} on {metrics['test']['n']} images; "
                   f"report: {where / 'report.html'}")
+        elif args.command == "predict":
+            results = predict_files(args.run_dir, args.images, args.top)
+            if args.json:
+                print(json.dumps(results, indent=2))
+            for r in [] if args.json else results:
+                print(f"{r['image']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]))
+        elif args.command == "serve":
+            from .serve import serve
+
+            serve(args.run_dir, args.host, args.port, args.max_bytes, args.max_images, args.device)
+        elif args.command == "export":
+            from .export import export_onnx
+
+            diff = export_onnx(args.run_dir, args.onnx)
+            print(f"wrote {args.onnx}; largest difference from PyTorch {diff:.1e}")
         return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

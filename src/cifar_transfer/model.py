@@ -174,6 +174,14 @@ def build_model(recipe: Recipe, pretrained: Pretrained) -> TransferNet:
     return model
 
 
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
 def to_device(model: TransferNet, recipe: Recipe, device: torch.device) -> TransferNet:
     """Move to `device` in the recipe's memory layout (channels_last on CUDA unless the recipe says otherwise)."""
     model = model.to(device)

@@ -21,20 +21,12 @@ from . import atomic, figures, report
 from .augment import to_device
 from .data import CLASSES, Dataset, Splits, load_cifar10, load_test_set, split
 from .evaluate import predict_logits, summarise
-from .model import build_model, load_model, load_pretrained, save_model
+from .model import build_model, load_model, load_pretrained, pick_device, save_model
 from .model import to_device as model_to_device
 from .recipe import Recipe
 from .train import fit, load_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is available")
-    return torch.device(name)
 
 
 def check_writable(folder: Path) -> None:

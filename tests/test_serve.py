@@ -1,0 +1,156 @@
+"""The service started for real on 127.0.0.1 and called over HTTP; the upload page in headless Chromium."""
+
+import io
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifar_transfer.data import CLASSES
+from cifar_transfer.predict import MAX_PIXELS, Predictor
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server(smoke_run):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cifar_transfer.cli", "serve", str(smoke_run), "--port",
+                             str(port), "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    else:
+        pytest.fail("server did not start")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def predictor(smoke_run):
+    return Predictor(smoke_run, "cpu")
+
+
+def test_health_and_docs(server, predictor):
+    health = httpx.get(f"{server}/health").json()
+    assert health == {"status": "ok", "model": predictor.model_id, "device": "cpu"}
+    spec = httpx.get(f"{server}/openapi.json").json()
+    assert {"/predict", "/predict/batch", "/health"} <= set(spec["paths"])
+    assert httpx.get(f"{server}/docs").status_code == 200
+
+
+def test_predict_one_image_matches_the_model(server, predictor, cifar):
+    image = cifar[1].images[7]
+    r = httpx.post(f"{server}/predict", files={"file": ("x.png", png(image), "image/png")}, params={"top": 5})
+    assert r.status_code == 200
+    body = r.json()
+    want = predictor.probabilities(image[None])[0]
+    assert body["model"] == predictor.model_id
+    assert [t["class"] for t in body["top"]] == [CLASSES[i] for i in np.argsort(-want)[:5]]
+    assert np.allclose([body["probabilities"][c] for c in CLASSES], want, atol=1e-5)
+
+
+def test_predict_batch_keeps_the_order(server, predictor, cifar):
+    images = cifar[1].images[10:14]
+    files = [("files", (f"{i}.png", png(im), "image/png")) for i, im in enumerate(images)]
+    body = httpx.post(f"{server}/predict/batch", files=files).json()
+    want = predictor.probabilities(images)
+    assert [r["filename"] for r in body["results"]] == ["0.png", "1.png", "2.png", "3.png"]
+    assert [r["top"][0]["class"] for r in body["results"]] == [CLASSES[i] for i in want.argmax(1)]
+
+
+def bomb() -> bytes:
+    side = int(MAX_PIXELS**0.5) + 100
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("path", "files", "status", "fragment"), [
+    ("/predict", {"file": ("a.txt", b"just text", "text/plain")}, 400, "not an image"),
+    ("/predict", {"file": ("t.png", png(np.full((64, 64, 3), 9, np.uint8))[:60], "image/png")}, 400, "truncated"),
+    ("/predict", {"file": ("z.png", b"", "image/png")}, 400, "empty (0 bytes)"),
+    ("/predict", {"file": ("big.bin", b"\0" * (10_000_000 + 1), "image/png")}, 413, "larger than the limit"),
+    ("/predict", {"file": ("bomb.png", bomb(), "image/png")}, 400, "over the limit"),
+    ("/predict", {"image": ("x.png", png(np.zeros((32, 32, 3), np.uint8)), "image/png")}, 422, "file"),
+    ("/predict/batch", [("files", (f"{i}.png", png(np.zeros((32, 32, 3), np.uint8)), "image/png"))
+                        for i in range(33)], 413, "at most 32"),
+])
+def test_bad_input_gets_a_json_4xx_and_the_service_stays_up(server, path, files, status, fragment):
+    r = httpx.post(f"{server}{path}", files=files, timeout=60)
+    assert r.status_code == status, r.text
+    assert fragment in r.json()["detail"]
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_bounded_load_has_no_failures(server, cifar):
+    """500 requests, 8 at a time; prints p50/p99 latency."""
+    bodies = [png(im) for im in cifar[1].images[:50]]
+
+    def call(i: int) -> tuple[int, float]:
+        t0 = time.perf_counter()
+        r = httpx.post(f"{server}/predict", files={"file": ("x.png", bodies[i % 50], "image/png")}, timeout=60)
+        return r.status_code, time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(call, range(500)))
+    wall = time.perf_counter() - t0
+    latencies = sorted(s for _, s in results)
+    p50, p99 = statistics.median(latencies), latencies[int(0.99 * len(latencies)) - 1]
+    print(f"\nload: 500 requests, 8 concurrent, {wall:.1f} s, {500 / wall:.0f} req/s, "
+          f"p50 {1000 * p50:.0f} ms, p99 {1000 * p99:.0f} ms")
+    assert [s for s, _ in results].count(200) == 500
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (make test installs it)")
+def test_upload_page_in_headless_chromium(server, predictor, cifar, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    image = cifar[1].images[21]
+    path = tmp_path / "test-image.png"
+    path.write_bytes(png(image))
+    expected = CLASSES[int(predictor.probabilities(image[None])[0].argmax())]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 900, "height": 760})
+        page.goto(server)
+        assert "What is in this picture?" in page.content()
+        page.set_input_files("#file", str(path))
+        page.wait_for_selector("#out:not([hidden])", timeout=30_000)
+        assert page.inner_text("#top-class") == expected
+        assert page.locator("#bars .row").count() == 10
+        assert page.get_attribute("#bars .row.best", "data-class") == expected
+        page.screenshot(path=str(tmp_path / "page.png"))
+        shots = Path(__file__).parent.parent / "runs" / "screenshots"
+        shots.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(shots / "upload-page.png"))
+        browser.close()
