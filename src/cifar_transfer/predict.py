@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .augment import to_device as images_to_device
@@ -77,9 +78,9 @@ class Predictor:
     def __init__(self, run_dir: Path, device: str = "auto"):
         path = Path(run_dir) / "model.safetensors"
         self.model, self.recipe = load_model(path)
+        self.model_id = f"{Path(run_dir).resolve().name}-{_digest(self.model.state_dict())}"
         self.device = pick_device(device)
         self.model = to_device(self.model, self.recipe, self.device)
-        self.model_id = f"{Path(run_dir).resolve().name}-{_digest(path)}"
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """N x 32 x 32 x 3 uint8 -> N x 10 class probabilities."""
@@ -91,11 +92,12 @@ class Predictor:
         return [Prediction({c: float(p) for c, p in zip(CLASSES, row)}) for row in self.probabilities(images)]
 
 
-def _digest(path: Path) -> str:
+def _digest(state: dict[str, torch.Tensor]) -> str:
+    """A hash of the weights themselves (safetensors' header order varies between saves of the same model)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].contiguous().numpy().tobytes())
     return h.hexdigest()[:12]
 
 
