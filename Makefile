@@ -12,6 +12,10 @@ ifneq ($(wildcard $(SHARED)/weights/resnet50_imagenet_v1_fp16.safetensors),)
 export CIFAR_TRANSFER_WEIGHTS ?= $(SHARED)/weights/resnet50_imagenet_v1_fp16.safetensors
 endif
 
+ifneq ($(wildcard $(SHARED)/data/cifar-10h/cifar10h-probs.npy),)
+export CIFAR_TRANSFER_HUMAN_LABELS ?= $(SHARED)/data/cifar-10h
+endif
+
 PRESET ?= seed
 
 .PHONY: setup chromium run test lint bench bench-smoke clean

@@ -54,7 +54,7 @@ def smoke_run(cifar_dir: Path, weights_path: Path, tmp_path_factory: pytest.Temp
     out = tmp_path_factory.mktemp("runs") / "smoke"
     done = subprocess.run(
         [sys.executable, "-m", "cifar_transfer.cli", "run", "--preset", "smoke", "--data-dir", str(cifar_dir.parent),
-         "--weights", str(weights_path), "--out", str(out), "--no-progress"],
+         "--weights", str(weights_path), "--out", str(out), "--no-progress", "--human-labels", str(HUMAN)],
         capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "test accuracy" in done.stdout

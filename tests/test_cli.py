@@ -17,7 +17,8 @@ from cifar_transfer.report import pct
 
 OUTPUTS = {"recipe.json", "history.csv", "metrics.json", "classification_report.txt", "samples.png",
            "class_counts.png", "learning_curves.png", "confusion_matrix.png", "misclassified.png",
-           "model.safetensors", "report.md", "report.html"}
+           "model.safetensors", "report.md", "report.html", "reliability.png", "human_vs_model.png",
+           "clear_errors.png", "gradcam.png", "robustness.png"}
 
 
 def cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -39,6 +40,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe field, e.g. --set finetune_epochs=5 (repeatable)")
     r.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
     _common(r, out=True)
+    _human(r)
+
+    a = sub.add_parser("analyze", help="error analysis of a saved run",
+                       description="Calibration (ECE, temperature scaling on the validation set), flip TTA, human "
+                                   "ambiguity (CIFAR-10H), Grad-CAM centre vs border, and accuracy under common "
+                                   "corruptions; written to RUN_DIR/analysis/.")
+    a.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    a.add_argument("--data-dir", help="folder holding CIFAR-10")
+    a.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    a.add_argument("--no-download", action="store_true", help="never download CIFAR-10; fail if it is not found")
+    _human(a)
+
+    rp = sub.add_parser("repeat", help="run a recipe with several seeds: mean and std of accuracy and leakage",
+                        description="Runs the recipe with seeds 0..N-1 (each its own training subsample and head "
+                                    "initialisation) into OUT/seed-K/ and writes OUT/repeat.json and a report.")
+    rp.add_argument("--preset", default="smoke", choices=list(PRESETS), help="default smoke")
+    rp.add_argument("--seeds", type=int, default=3, help="how many runs (default 3)")
+    rp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _common(rp, out=True)
 
     e = sub.add_parser("eda", help="sample images and class counts", epilog=EPILOG,
                        description="Write samples.png and class_counts.png for the default split.")
@@ -93,6 +113,12 @@ def _common(p: argparse.ArgumentParser, out: bool) -> None:
         p.add_argument("--out", type=Path, help="run folder (default runs/<preset>-<time>)")
 
 
+def _human(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--human-labels", type=Path, default=os.environ.get("CIFAR_TRANSFER_HUMAN_LABELS"),
+                   metavar="DIR", help="CIFAR-10H folder (cifar10h-probs.npy) for the human-ambiguity analysis; "
+                                       "default $CIFAR_TRANSFER_HUMAN_LABELS; without it the section is skipped")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = None
@@ -106,8 +132,22 @@ def main(argv: list[str] | None = None) -> int:
                 out = args.out or pipeline.default_run_dir(recipe.name)
             metrics = pipeline.run(recipe, out, data_dir=args.data_dir, weights=args.weights or
                                    pipeline.default_weights(), device=args.device, resume=bool(args.resume),
-                                   progress=not args.no_progress, download=not args.no_download)
+                                   progress=not args.no_progress, download=not args.no_download,
+                                   human_labels=args.human_labels)
             print(f"test accuracy {metrics['test']['accuracy']:.4f} ({metrics['timings']['total_s']:.0f} s); "
+                  f"report: {out / 'report.html'}")
+        elif args.command == "analyze":
+            _, where = pipeline.analyze_saved(args.run_dir, args.data_dir, args.human_labels, args.device,
+                                              download=not args.no_download)
+            print(f"report: {where / 'report.html'}")
+        elif args.command == "repeat":
+            recipe = preset(args.preset).with_overrides(args.overrides)
+            out = args.out or pipeline.default_run_dir(f"{recipe.name}-repeat")
+            result = pipeline.repeat(recipe, args.seeds, out, data_dir=args.data_dir,
+                                     weights=args.weights or pipeline.default_weights(), device=args.device,
+                                     progress=not args.no_progress, download=not args.no_download)
+            acc = result["summary"]["test accuracy"]
+            print(f"test accuracy {acc['mean']:.4f} ± {acc['std']:.4f} over {args.seeds} seeds; "
                   f"report: {out / 'report.html'}")
         elif args.command == "eda":
             r = preset(args.preset)

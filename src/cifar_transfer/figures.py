@@ -92,8 +92,11 @@ def confusion(cm: list[list[int]], path: Path) -> Path:
     return save(fig, path)
 
 
-def gallery(images: np.ndarray, rows: list[dict], path: Path, cols: int = 8) -> Path:
-    """The misclassified images with the highest loss: true class, prediction and its confidence."""
+GALLERY_TITLE = "Misclassified test images with the highest loss (true → predicted, confidence)"
+
+
+def gallery(images: np.ndarray, rows: list[dict], path: Path, cols: int = 8, title: str = GALLERY_TITLE) -> Path:
+    """Images with their true class and prediction (and its confidence, when the rows have one)."""
     n = max(len(rows), 1)
     r = (n + cols - 1) // cols
     fig, axes = plt.subplots(r, cols, figsize=(cols * 1.5, r * 1.85), squeeze=False)
@@ -101,6 +104,71 @@ def gallery(images: np.ndarray, rows: list[dict], path: Path, cols: int = 8) -> 
         ax.axis("off")
     for ax, row in zip(axes.flat, rows):
         ax.imshow(images[row["index"]], interpolation="nearest")
-        ax.set_title(f"{row['true']}\n→ {row['predicted']} {row['confidence']:.0%}", fontsize=7)
-    fig.suptitle("Misclassified test images with the highest loss (true → predicted, confidence)", fontsize=10)
+        note = f" {row['confidence']:.0%}" if "confidence" in row else ""
+        ax.set_title(f"{row['true']}\n→ {row['predicted']}{note}", fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return save(fig, path)
+
+
+def reliability(before: dict, after: dict, temperature: float, path: Path) -> Path:
+    """Reliability diagram: accuracy against confidence per bin, before and after temperature scaling."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, bins, title in ((axes[0], before, "as trained"), (axes[1], after, f"temperature {temperature:.2f}")):
+        edges = np.asarray(bins["edges"])
+        centres, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
+        used = np.asarray(bins["count"]) > 0
+        ax.bar(centres[used], np.asarray(bins["accuracy"])[used], width=width, edgecolor="black", label="accuracy")
+        ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{title}: ECE {bins['ece']:.3f}", fontsize=10)
+        ax.legend(loc="upper left")
+    return save(fig, path)
+
+
+def human_vs_model(human: list[list[float]], model: list[list[float]], path: Path) -> Path:
+    """Row-normalised confusion of CIFAR-10H's people beside the model's."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.4))
+    for ax, m, title in ((axes[0], np.asarray(human), "people (CIFAR-10H)"), (axes[1], np.asarray(model), "model")):
+        ax.imshow(np.sqrt(m), cmap="Purples", vmin=0, vmax=1)
+        for i in range(len(CLASSES)):
+            for j in range(len(CLASSES)):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if m[i, j] > 0.4 else "black")
+        ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(CLASSES)), CLASSES, fontsize=8)
+        ax.set_xlabel("labelled as")
+        ax.set_ylabel("true")
+        ax.set_title(f"Confusion of {title}", fontsize=10)
+    return save(fig, path)
+
+
+def robustness(result: dict, path: Path) -> Path:
+    """Accuracy against corruption severity, one line per corruption."""
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for name, accs in result["accuracy"].items():
+        ax.plot(result["severities"], accs, "o-", label=name.replace("_", " "))
+    ax.axhline(result["clean"], color="black", linestyle="--", label="clean")
+    ax.set_xlabel("severity")
+    ax.set_ylabel("accuracy")
+    ax.set_xticks(result["severities"])
+    ax.set_title(f"Accuracy under common corruptions ({result['images']:,} test images)", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return save(fig, path)
+
+
+def spread(summary: dict[str, dict], path: Path) -> Path:
+    """Per-seed values of each measure, with mean ± std."""
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(names) + 1.5))
+    for y, name in enumerate(names):
+        s = summary[name]
+        ax.plot(s["values"], [y] * len(s["values"]), "o", alpha=0.6, color="tab:blue")
+        ax.errorbar(s["mean"], y, xerr=s["std"], fmt="|", color="black", capsize=4, markersize=14)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("rate (test set)")
+    ax.grid(alpha=0.3, axis="x")
+    ax.set_title("Spread across seeds: each dot one run; bar = mean ± std", fontsize=10)
     return save(fig, path)

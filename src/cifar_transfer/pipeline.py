@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import platform
@@ -18,6 +19,7 @@ import torch
 import torchvision
 
 from . import atomic, figures, report
+from .analyze import analyze
 from .augment import to_device
 from .data import CLASSES, Dataset, Splits, load_cifar10, load_test_set, split
 from .evaluate import predict_logits, summarise
@@ -68,8 +70,10 @@ def write_history(history: list[dict], path: Path) -> None:
 
 
 def test_results(model: torch.nn.Module, test: Dataset, recipe: Recipe, device: torch.device,
-                 out: Path, progress: bool = True) -> tuple[dict, float]:
-    """Evaluate on `test`; write classification_report.txt and the confusion and gallery figures."""
+                 out: Path, progress: bool = True) -> tuple[dict, float, np.ndarray]:
+    """Evaluate on `test`; write classification_report.txt and the confusion and gallery figures.
+
+    Returns the summary, the seconds the forward passes took, and the logits."""
     t0 = time.perf_counter()
     x, _ = to_device(test.images, test.labels, device)
     logits = predict_logits(model.eval(), x, recipe.eval_batch_size, recipe.precision,
@@ -79,11 +83,12 @@ def test_results(model: torch.nn.Module, test: Dataset, recipe: Recipe, device: 
     atomic.write_text(out / "classification_report.txt", result["classification_report"])
     figures.confusion(result["confusion"], out / "confusion_matrix.png")
     figures.gallery(test.images, result["misclassified"], out / "misclassified.png")
-    return result, seconds
+    return result, seconds, logits
 
 
 def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str = "imagenet",
-        device: str = "auto", resume: bool = False, progress: bool = True, download: bool = True) -> dict:
+        device: str = "auto", resume: bool = False, progress: bool = True, download: bool = True,
+        human_labels: Path | None = None) -> dict:
     """Train and evaluate one recipe; write everything into `out`; return metrics.json's content."""
     t_start = time.perf_counter()
     check_writable(out)
@@ -115,7 +120,7 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
     train_s = time.perf_counter() - t_train
     figures.learning_curves(history, out / "learning_curves.png")
 
-    result, eval_s = test_results(model, test, recipe, dev, out, progress)
+    result, eval_s, logits = test_results(model, test, recipe, dev, out, progress)
     save_model(model, recipe, out / "model.safetensors")
     metrics = {
         "run": {"name": out.name, "command": shlex.join(["cifar-transfer", *sys.argv[1:]]),
@@ -130,6 +135,11 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
         "final_epoch": history[-1] if history else {},
         "test": result,
     }
+    if recipe.analysis:
+        t0 = time.perf_counter()
+        metrics["analysis"] = analyze(model, recipe, splits.val, test, out, human_labels, logits)
+        metrics["timings"]["analysis_s"] = time.perf_counter() - t0
+        metrics["timings"]["total_s"] = time.perf_counter() - t_start
     atomic.write_json(out / "metrics.json", metrics)
     report.write(out, report.run_markdown(metrics, history, recipe.to_dict()), f"cifar-transfer: {out.name}")
     (out / CHECKPOINT).unlink()  # the run is complete: model.safetensors holds what is worth keeping
@@ -145,7 +155,7 @@ def evaluate_saved(run_dir: Path, data: str | None = None, device: str = "auto",
     out = run_dir / "evaluations" / name
     check_writable(out)
     dev = pick_device(device)
-    result, seconds = test_results(model_to_device(model, recipe, dev), test, recipe, dev, out)
+    result, seconds, _ = test_results(model_to_device(model, recipe, dev), test, recipe, dev, out)
     metrics = {"run": {"model": str(run_dir / "model.safetensors"), "data_source": test.source,
                        "command": shlex.join(["cifar-transfer", *sys.argv[1:]]), **environment(dev)},
                "timings": {"eval_s": seconds}, "test": result}
@@ -156,6 +166,45 @@ def evaluate_saved(run_dir: Path, data: str | None = None, device: str = "auto",
               result, {"confusion": "confusion_matrix.png", "gallery": "misclassified.png"}) + "\n")
     report.write(out, md, f"cifar-transfer evaluation: {name}")
     return metrics, out
+
+
+def analyze_saved(run_dir: Path, data_dir: str | None = None, human_labels: Path | None = None,
+                  device: str = "auto", download: bool = True) -> tuple[dict, Path]:
+    """The error analysis of a saved run, on its own validation split and the CIFAR-10 test set."""
+    model, recipe = load_model(run_dir / "model.safetensors")
+    train, test = load_cifar10(data_dir, allow_download=download)
+    splits = split(train, test, recipe.train_size, recipe.val_size, recipe.seed)
+    out = run_dir / "analysis"
+    check_writable(out)
+    result = analyze(model_to_device(model, recipe, pick_device(device)), recipe, splits.val, test, out,
+                     human_labels)
+    atomic.write_json(out / "analysis.json", result)
+    report.write(out, f"Analysis of `{run_dir}`\n\n" + report.analysis_markdown(result) + "\n",
+                 f"cifar-transfer analysis: {run_dir.name}")
+    return result, out
+
+
+def repeat(recipe: Recipe, seeds: int, out: Path, **run_args: object) -> dict:
+    """Run the recipe with seeds 0..seeds-1 (subsample and initialisation); mean and std of the results."""
+    check_writable(out)
+    runs = [run(dataclasses.replace(recipe, seed=k, analysis=False), out / f"seed-{k}", **run_args)["test"]
+            for k in range(seeds)]
+    values = {"test accuracy": [r["accuracy"] for r in runs]}
+    for pair in runs[0]["leakage"]:
+        for a, b, key in ((pair["a"], pair["b"], "a_as_b"), (pair["b"], pair["a"], "b_as_a")):
+            values[f"{a} → {b}"] = [next(p[key] for p in r["leakage"] if p["a"] == pair["a"]) for r in runs]
+    summary = {name: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                      "values": v} for name, v in values.items()}
+    result = {"recipe": recipe.to_dict(), "seeds": list(range(seeds)), "summary": summary}
+    atomic.write_json(out / "repeat.json", result)
+    figures.spread(summary, out / "repeat.png")
+    rows = [[name, report.pct(s["mean"]), f"{100 * s['std']:.2f} points", ", ".join(report.pct(x) for x in s["values"])]
+            for name, s in summary.items()]
+    md = (f"# {recipe.name}: {seeds} runs with seeds 0–{seeds - 1}\n\nEach run draws its own training subsample "
+          "and head initialisation; mean ± standard deviation across runs.\n\n"
+          + report.table(["measure", "mean", "std", "per seed"], rows) + "\n\n![Spread across seeds](repeat.png)\n")
+    report.write(out, md, f"cifar-transfer repeat: {recipe.name}")
+    return result
 
 
 def default_run_dir(preset: str) -> Path:

@@ -50,6 +50,10 @@ class Recipe:
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_epochs: float = 0.0
     eval_batch_size: int = 500
+    # error analysis after training (calibration, flip TTA, CIFAR-10H, Grad-CAM, corruptions)
+    analysis: bool = True
+    gradcam_images: int = 200  # errors and as many correct predictions, for the centre-vs-border test
+    corruption_images: int = 1000  # class-balanced test images per corruption and severity
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(Recipe)
@@ -147,7 +151,8 @@ PRESETS: dict[str, dict] = {
         "eval_batch_size": 256,
     },
     # A tiny run through every step, about a minute on 2 CPU cores.
-    "smoke": {"train_size": 500, "val_size": 500, "head_epochs": 1, "finetune_epochs": 1},
+    "smoke": {"train_size": 500, "val_size": 500, "head_epochs": 1, "finetune_epochs": 1, "gradcam_images": 32,
+              "corruption_images": 50},
 }
 
 

@@ -16,7 +16,7 @@ def pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def _table(header: list[str], rows: list[list[object]]) -> str:
+def table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
@@ -62,18 +62,18 @@ def results_markdown(test: dict, figures: dict[str, str]) -> str:
              for r in test["misclassified"][:12]]
     return "\n\n".join([
         "## Per-class precision, recall and F1",
-        _table(["class", "precision", "recall", "F1", "support"], rows),
+        table(["class", "precision", "recall", "F1", "support"], rows),
         f"Macro-averaged F1: {test['macro_f1']:.4f}.",
         "## Confusion matrix",
         f"![Confusion matrix]({figures['confusion']})",
         "## Class leakage between look-alike classes",
         "Share of each class predicted as the other (count in brackets), in both directions.",
-        _table(["pair (a ↔ b)", "a predicted as b", "b predicted as a"], leak),
+        table(["pair (a ↔ b)", "a predicted as b", "b predicted as a"], leak),
         "Most-confused pairs overall (errors in both directions):",
-        _table(["pair (a ↔ b)", "errors", "a as b", "b as a"], confused),
+        table(["pair (a ↔ b)", "errors", "a as b", "b as a"], confused),
         "## Misclassified images with the highest loss",
         f"![Misclassified]({figures['gallery']})",
-        _table(["test index", "true", "predicted", "confidence", "loss"], wrong),
+        table(["test index", "true", "predicted", "confidence", "loss"], wrong),
     ])
 
 
@@ -92,19 +92,20 @@ def run_markdown(metrics: dict, history: list[dict], recipe: dict) -> str:
         f"CIFAR-10 from `{run['data_source']}`. Training images are a class-balanced subsample (seed "
         f"{recipe['seed']}); validation images come from the training images *not* in it; the test set is used "
         "only for the final evaluation.",
-        _table(["split", "images", "fewest per class", "most per class"], counts),
+        table(["split", "images", "fewest per class", "most per class"], counts),
         "![Images per class](class_counts.png)",
         "![Sample images](samples.png)",
         "## Recipe",
         f"Weights: `{run['weights']}`. Labels are class indices with cross-entropy, the same mathematics as "
         "one-hot categorical cross-entropy.",
-        _table(["field", "value"], [[k, f"`{v}`"] for k, v in recipe.items()]),
+        table(["field", "value"], [[k, f"`{v}`"] for k, v in recipe.items()]),
         "## Training",
         "![Learning curves](learning_curves.png)",
         "Training loss includes label smoothing when the recipe sets it; validation loss is plain cross-entropy.",
-        _table(["epoch", "phase", "lr", "train loss", "train acc", "val loss", "val acc", "seconds"], hist),
+        table(["epoch", "phase", "lr", "train loss", "train acc", "val loss", "val acc", "seconds"], hist),
         f"# Test set: {pct(metrics['test']['accuracy'])} accuracy",
         results_markdown(metrics["test"], {"confusion": "confusion_matrix.png", "gallery": "misclassified.png"}),
+        analysis_markdown(metrics["analysis"]) if "analysis" in metrics else "",
         "## Reproduce",
         f"```\n{run['command']}\n```\n\ntorch {run['versions']['torch']}, torchvision "
         f"{run['versions']['torchvision']}, Python {run['versions']['python']}.",
@@ -133,3 +134,58 @@ def to_html(md: str, folder: Path, title: str) -> str:
 def write(folder: Path, md: str, title: str) -> None:
     atomic.write_text(folder / "report.md", md)
     atomic.write_text(folder / "report.html", to_html(md, folder, title))
+
+
+def analysis_markdown(a: dict) -> str:
+    """The error-analysis sections: calibration, flip TTA, human ambiguity, Grad-CAM, corruptions."""
+    cal, tta, human, att, rob = a["calibration"], a["tta"], a["human"], a["attribution"], a["robustness"]
+    parts = [
+        "# Error analysis",
+        "## Calibration",
+        f"Expected calibration error (15 equal-width bins) on the test set: **{cal['ece_before']:.4f}** as "
+        f"trained, **{cal['ece_after']:.4f}** after temperature scaling with T = {cal['temperature']:.3f} "
+        f"(fitted on the validation set, never the test set). Mean cross-entropy {cal['nll_before']:.4f} → "
+        f"{cal['nll_after']:.4f}. T > 1 means the model was over-confident.",
+        "![Reliability diagram](reliability.png)",
+        "## Test-time augmentation",
+        f"Averaging each prediction with that of the horizontally flipped image: accuracy "
+        f"{pct(tta['accuracy'])} → {pct(tta['accuracy_flip_tta'])} ({100 * tta['change']:+.2f} points).",
+        "## Human ambiguity (CIFAR-10H)",
+    ]
+    if "skipped" in human:
+        parts.append(f"Skipped: {human['skipped']}.")
+    else:
+        rows = [[f"{r['true']} → {r['predicted']}", r["errors"], r["on_ambiguous"], r["on_clear"],
+                 pct(r["share_ambiguous"]), pct(r["ambiguous_rate_in_class"])] for r in human["leakage"]]
+        parts += [
+            f"An image is *ambiguous* when fewer than {human['ambiguous_below']:.0%} of about 51 people chose its "
+            f"true class: {human['ambiguous_images']:,} test images are. Of the model's {human['errors']:,} errors, "
+            f"{human['errors_on_ambiguous']:,} ({pct(human['errors_on_ambiguous'] / max(human['errors'], 1))}) "
+            f"fall on ambiguous images, and {human['errors_on_clear']:,} on images at least "
+            f"{human['clear_from']:.0%} of people labelled correctly.",
+            "Leakage split by human ambiguity: if the look-alike confusions came from genuinely ambiguous "
+            "images, the share on ambiguous images would far exceed the class's base rate.",
+            table(["true → predicted", "model errors", "on ambiguous", "on the rest", "share ambiguous",
+                    "ambiguous rate in the class"], rows),
+            "![Human and model confusion](human_vs_model.png)",
+            "![Errors on human-clear images](clear_errors.png)",
+        ]
+    e, c = att["centre_share_errors"], att["centre_share_correct"]
+    parts += ["## Where the model looks (Grad-CAM)",
+              f"Grad-CAM for the predicted class at `{att['layer']}`, the deepest stage with at least 4 × 4 "
+              f"positions at this resolution."]
+    if e is not None and c is not None:
+        verdict = ("errors put less attribution on the centre than correct predictions — consistent with the "
+                   "original report's 'background-dominant samples' explanation" if e < c - 0.02 else
+                   "errors do not look at the background more than correct predictions do — no support for the "
+                   "original report's 'background-dominant samples' explanation")
+        parts.append(f"Share of attribution in the central quarter of the image, over {att['images_per_group']} "
+                     f"images per group: errors **{e:.3f}**, correct predictions **{c:.3f}** (a uniform map gives "
+                     f"0.25): {verdict}.")
+    parts += ["![Grad-CAM on the worst errors](gradcam.png)", "## Robustness to common corruptions",
+              f"Accuracy on {rob['images']:,} class-balanced test images (clean: {pct(rob['clean'])}; mean over all "
+              f"corruptions and severities: {pct(rob['mean_corrupted'])}).",
+              table(["corruption", *(f"severity {s}" for s in rob["severities"])],
+                     [[k.replace("_", " "), *(pct(v) for v in accs)] for k, accs in rob["accuracy"].items()]),
+              "![Accuracy under corruptions](robustness.png)"]
+    return "\n\n".join(parts)

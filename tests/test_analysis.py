@@ -1,0 +1,142 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cifar_transfer import attribution
+from cifar_transfer.calibration import fit_temperature, reliability, softmax
+from cifar_transfer.data import CLASSES
+from cifar_transfer.human import human_analysis
+from cifar_transfer.model import build_model
+from cifar_transfer.recipe import preset
+from cifar_transfer.robustness import CORRUPTIONS, corrupt_all, corruption_accuracy
+
+
+def probs_with_confidence(conf: float, n: int, correct: int) -> tuple[np.ndarray, np.ndarray]:
+    """n predictions of class 0 with confidence `conf`; the first `correct` of them are right."""
+    probs = np.full((n, 10), (1 - conf) / 9)
+    probs[:, 0] = conf
+    labels = np.where(np.arange(n) < correct, 0, 1)
+    return probs, labels
+
+
+def test_ece_is_zero_when_confidence_matches_accuracy():
+    a = probs_with_confidence(0.8, 1000, 800)
+    b = probs_with_confidence(0.3, 500, 150)
+    result = reliability(np.concatenate([a[0], b[0]]), np.concatenate([a[1], b[1]]))
+    assert result["ece"] == pytest.approx(0, abs=1e-12)
+    assert sum(result["count"]) == 1500 and len(result["count"]) == 15
+
+
+def test_ece_of_an_overconfident_model():
+    probs, labels = probs_with_confidence(1.0, 100, 50)
+    assert reliability(probs, labels)["ece"] == pytest.approx(0.5)
+
+
+def test_temperature_undoes_overconfidence():
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 1.5, (20_000, 10))
+    labels = np.array([rng.choice(10, p=p) for p in softmax(z)])  # labels drawn from softmax(z): calibrated
+    assert fit_temperature(3 * z, labels) == pytest.approx(3, rel=0.05)
+    assert fit_temperature(z, labels) == pytest.approx(1, rel=0.05)
+
+
+def test_human_split_on_a_hand_made_case():
+    cat, dog = CLASSES.index("cat"), CLASSES.index("dog")
+    human = np.zeros((4, 10))
+    human[0, [cat, dog]] = (0.5, 0.5)  # ambiguous cat
+    human[1, cat] = 1.0  # clear cat
+    human[2, cat] = 1.0  # clear cat
+    human[3, dog] = 1.0  # clear dog
+    labels = np.array([cat, cat, cat, dog])
+    pred = np.array([dog, dog, cat, dog])  # two cats taken for dogs: one ambiguous, one clear
+    result = human_analysis(human, labels, pred, losses=np.array([1.0, 2.0, 0.1, 0.1]))
+    row = next(r for r in result["leakage"] if r["true"] == "cat" and r["predicted"] == "dog")
+    assert (row["errors"], row["on_ambiguous"], row["on_clear"]) == (2, 1, 1)
+    assert row["share_ambiguous"] == 0.5 and row["ambiguous_rate_in_class"] == pytest.approx(1 / 3)
+    assert np.array(result["human_confusion"])[cat, dog] == pytest.approx(0.5 / 3, abs=1e-6)
+    assert [e["index"] for e in result["clear_errors"]] == [1]
+    assert (result["errors"], result["errors_on_ambiguous"], result["errors_on_clear"]) == (2, 1, 1)
+
+
+def test_centre_share_known_answers():
+    uniform = np.ones((1, 32, 32))
+    centre = np.zeros((1, 32, 32))
+    centre[0, 8:24, 8:24] = 1
+    border = 1 - centre
+    assert attribution.centre_share(np.concatenate([uniform, centre, border])) == pytest.approx([0.25, 1, 0])
+
+
+def test_grad_cam_layer_follows_resolution(pretrained, cifar):
+    model = build_model(preset("seed"), pretrained).eval()
+    assert attribution.target_layer(model)[0] == "layer2"  # 4 x 4 at 32 px; layer4 is 1 x 1
+    assert attribution.target_layer(build_model(preset("strong"), pretrained).eval())[0] == "layer4"
+    maps = attribution.grad_cam(model, cifar[1].images[:3], np.array([0, 1, 2]))
+    assert maps.shape == (3, 32, 32) and maps.min() >= 0 and maps.max() <= 1 + 1e-6
+    assert attribution.overlays(cifar[1].images[:3], maps).shape == (3, 32, 32, 3)
+
+
+def test_corruptions_change_images_reproducibly(cifar):
+    images, labels = cifar[1].images[:20], cifar[1].labels[:20]
+    a = corrupt_all(images, "gaussian_noise", 3, seed=1)
+    assert np.array_equal(a, corrupt_all(images, "gaussian_noise", 3, seed=1))
+    assert a.shape == images.shape and a.dtype == np.uint8 and not np.array_equal(a, images)
+    clean = {im.tobytes(): y for im, y in zip(images, labels)}
+
+    def knows_only_clean(batch: np.ndarray) -> np.ndarray:  # right exactly when the image is untouched
+        return np.array([clean.get(im.tobytes(), (y + 1) % 10) for im, y in zip(batch, labels)])
+
+    result = corruption_accuracy(knows_only_clean, images, labels, names=("gaussian_noise", "pixelate"))
+    assert result["clean"] == 1.0
+    assert all(acc < 1 for accs in result["accuracy"].values() for acc in accs)
+    assert set(result["accuracy"]) == {"gaussian_noise", "pixelate"} and len(result["severities"]) == 5
+    assert set(CORRUPTIONS) >= {"gaussian_noise", "pixelate"}
+
+
+SECTIONS = ("# Error analysis", "## Calibration", "## Test-time augmentation", "## Human ambiguity (CIFAR-10H)",
+            "## Where the model looks (Grad-CAM)", "## Robustness to common corruptions")
+
+
+def test_the_smoke_report_contains_every_analysis(smoke_run):
+    md = (smoke_run / "report.md").read_text()
+    analysis = json.loads((smoke_run / "metrics.json").read_text())["analysis"]
+    for section in SECTIONS:
+        assert section in md, section
+    assert "skipped" not in analysis["human"]  # CIFAR-10H was given
+    assert f"{analysis['calibration']['ece_before']:.4f}" in md
+    assert f"{analysis['attribution']['centre_share_errors']:.3f}" in md
+    for name in ("reliability.png", "human_vs_model.png", "clear_errors.png", "gradcam.png", "robustness.png"):
+        assert (smoke_run / name).is_file() and f"({name})" in md
+
+
+def test_analyze_command_without_human_labels(smoke_run, cifar_dir):
+    done = subprocess.run([sys.executable, "-m", "cifar_transfer.cli", "analyze", str(smoke_run), "--data-dir",
+                           str(cifar_dir.parent), "--human-labels", str(smoke_run / "nowhere")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((smoke_run / "analysis" / "analysis.json").read_text())
+    first = json.loads((smoke_run / "metrics.json").read_text())["analysis"]
+    assert "cifar10h-probs.npy: no such file" in result["human"]["skipped"]
+    assert result["calibration"]["ece_before"] == pytest.approx(first["calibration"]["ece_before"], abs=1e-6)
+    assert result["tta"] == pytest.approx(first["tta"], abs=1e-6)
+    md = (smoke_run / "analysis" / "report.md").read_text()
+    assert "Skipped: " in md and all(s in md for s in SECTIONS)
+
+
+def test_repeat_reports_mean_and_spread(cifar_dir, weights_path, tmp_path):
+    out = tmp_path / "rep"
+    done = subprocess.run([sys.executable, "-m", "cifar_transfer.cli", "repeat", "--preset", "smoke", "--seeds",
+                           "2", "--set", "train_size=100", "--set", "val_size=100", "--data-dir",
+                           str(cifar_dir.parent), "--weights", str(weights_path), "--out", str(out),
+                           "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((out / "repeat.json").read_text())
+    acc = result["summary"]["test accuracy"]
+    runs = [json.loads((out / f"seed-{k}" / "metrics.json").read_text())["test"]["accuracy"] for k in (0, 1)]
+    assert acc["values"] == runs and acc["mean"] == pytest.approx(np.mean(runs))
+    assert acc["std"] == pytest.approx(np.std(runs, ddof=1))
+    assert "cat → dog" in result["summary"] and (out / "repeat.png").is_file()
+    assert runs[0] != runs[1]  # different subsamples and initialisations
+
