@@ -25,7 +25,7 @@ from .data import CLASSES, Dataset, Splits, load_cifar10, load_test_set, split
 from .evaluate import predict_logits, summarise
 from .model import build_model, load_model, load_pretrained, pick_device, save_model
 from .model import to_device as model_to_device
-from .recipe import Recipe
+from .recipe import PRESETS, Recipe, preset
 from .train import fit, load_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
@@ -200,8 +200,12 @@ def repeat(recipe: Recipe, seeds: int, out: Path, **run_args: object) -> dict:
     figures.spread(summary, out / "repeat.png")
     rows = [[name, report.pct(s["mean"]), f"{100 * s['std']:.2f} points", ", ".join(report.pct(x) for x in s["values"])]
             for name, s in summary.items()]
-    md = (f"# {recipe.name}: {seeds} runs with seeds 0–{seeds - 1}\n\nEach run draws its own training subsample "
-          "and head initialisation; mean ± standard deviation across runs.\n\n"
+    base = preset(recipe.name).to_dict() if recipe.name in PRESETS else {}
+    changed = ", ".join(f"`{k}={v}`" for k, v in recipe.to_dict().items() if k != "seed" and base.get(k) != v)
+    md = (f"# {recipe.name}: {seeds} runs with seeds 0–{seeds - 1}\n\n"
+          + (f"Preset `{recipe.name}` with {changed}. " if changed else f"Preset `{recipe.name}`. ")
+          + "Each run draws its own training subsample and head initialisation; mean ± standard deviation "
+          "across runs.\n\n"
           + report.table(["measure", "mean", "std", "per seed"], rows) + "\n\n![Spread across seeds](repeat.png)\n")
     report.write(out, md, f"cifar-transfer repeat: {recipe.name}")
     return result
