@@ -79,17 +79,23 @@ def confusion(cm: list[list[int]], path: Path) -> Path:
     norm = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.4))
     for ax, m, title, fmt in ((axes[0], counts, "counts", "d"), (axes[1], norm, "share of each true class", ".2f")):
-        ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-        for i in range(len(CLASSES)):
-            for j in range(len(CLASSES)):
-                ax.text(j, i, format(m[i, j], fmt), ha="center", va="center", fontsize=7,
-                        color="white" if norm[i, j] > 0.5 else "black")
-        ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(CLASSES)), CLASSES, fontsize=8)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_title(f"Confusion matrix ({title})", fontsize=10)
+        class_matrix(ax, norm, m, fmt, "Blues", "predicted", f"Confusion matrix ({title})")
     return save(fig, path)
+
+
+def class_matrix(ax: plt.Axes, shade: np.ndarray, values: np.ndarray, fmt: str, cmap: str, xlabel: str,
+                 title: str) -> None:
+    """A 10 x 10 class heat map, coloured by `shade` (in [0, 1]) and annotated with `values`."""
+    ax.imshow(shade, cmap=cmap, vmin=0, vmax=1)
+    for i in range(len(CLASSES)):
+        for j in range(len(CLASSES)):
+            ax.text(j, i, format(values[i, j], fmt), ha="center", va="center", fontsize=7,
+                    color="white" if shade[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(CLASSES)), CLASSES, fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=10)
 
 
 GALLERY_TITLE = "Misclassified test images with the highest loss (true → predicted, confidence)"
@@ -130,16 +136,8 @@ def human_vs_model(human: list[list[float]], model: list[list[float]], path: Pat
     """Row-normalised confusion of CIFAR-10H's people beside the model's."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.4))
     for ax, m, title in ((axes[0], np.asarray(human), "people (CIFAR-10H)"), (axes[1], np.asarray(model), "model")):
-        ax.imshow(np.sqrt(m), cmap="Purples", vmin=0, vmax=1)
-        for i in range(len(CLASSES)):
-            for j in range(len(CLASSES)):
-                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if m[i, j] > 0.4 else "black")
-        ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(CLASSES)), CLASSES, fontsize=8)
-        ax.set_xlabel("labelled as")
-        ax.set_ylabel("true")
-        ax.set_title(f"Confusion of {title}", fontsize=10)
+        # shaded by the square root so that small rates stay visible
+        class_matrix(ax, np.sqrt(m), m, ".2f", "Purples", "labelled as", f"Confusion of {title}")
     return save(fig, path)
 
 
