@@ -75,6 +75,9 @@ def test_grad_cam_layer_follows_resolution(pretrained, cifar):
     assert attribution.target_layer(build_model(preset("strong"), pretrained).eval())[0] == "layer4"
     maps = attribution.grad_cam(model, cifar[1].images[:3], np.array([0, 1, 2]))
     assert maps.shape == (3, 32, 32) and maps.min() >= 0 and maps.max() <= 1 + 1e-6
+    for p in model.backbone.parameters():  # a run with no fine-tuning leaves the base frozen
+        p.requires_grad_(False)
+    assert np.allclose(attribution.grad_cam(model, cifar[1].images[:3], np.array([0, 1, 2])), maps, atol=1e-5)
     assert attribution.overlays(cifar[1].images[:3], maps).shape == (3, 32, 32, 3)
 
 

@@ -41,6 +41,7 @@ def grad_cam(model: TransferNet, images: np.ndarray, classes: np.ndarray, batch_
     with GradCAM(model=model.eval(), target_layers=[layer]) as cam:
         for i in range(0, len(images), batch_size):
             x = to_input(torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).contiguous().to(device))
+            x.requires_grad_(True)  # so activations carry gradients even when the base is frozen (phase 1 only)
             maps.append(cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c))
                                                      for c in classes[i:i + batch_size]]))
     return np.concatenate(maps) if maps else np.zeros((0, 32, 32))
