@@ -10,21 +10,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import confusion_matrix
 
 from . import attribution, figures, robustness
-from .augment import to_device
 from .calibration import calibrate
 from .data import CLASSES, DataError, Dataset, balanced_indices
-from .evaluate import predict_logits
+from .evaluate import logits_for
 from .human import human_analysis, load_human
 from .model import TransferNet
 from .recipe import Recipe
-
-
-def logits_of(model: TransferNet, images: np.ndarray, recipe: Recipe, flip: bool = False) -> np.ndarray:
-    x, _ = to_device(images, np.zeros(len(images), np.int64), model.mean.device)
-    return predict_logits(model.eval(), x.flip(-1) if flip else x, recipe.eval_batch_size,
-                          recipe.precision).cpu().numpy()
 
 
 def analyze(model: TransferNet, recipe: Recipe, val: Dataset, test: Dataset, out: Path,
@@ -34,16 +28,16 @@ def analyze(model: TransferNet, recipe: Recipe, val: Dataset, test: Dataset, out
     `test_logits`, when the caller has them already, saves one pass over the test set.
     """
     if test_logits is None:
-        test_logits = logits_of(model, test.images, recipe)
+        test_logits = logits_for(model, test.images, recipe)
     losses = F.cross_entropy(torch.from_numpy(test_logits), torch.from_numpy(test.labels), reduction="none").numpy()
     pred = test_logits.argmax(1)
     result: dict = {}
 
-    result["calibration"] = calibrate(logits_of(model, val.images, recipe), val.labels, test_logits, test.labels)
+    result["calibration"] = calibrate(logits_for(model, val.images, recipe), val.labels, test_logits, test.labels)
     cal = result["calibration"]
     figures.reliability(cal["bins_before"], cal["bins_after"], cal["temperature"], out / "reliability.png")
 
-    flipped = logits_of(model, test.images, recipe, flip=True)
+    flipped = logits_for(model, test.images, recipe, flip=True)
     tta_pred = (torch.from_numpy(test_logits).softmax(1) + torch.from_numpy(flipped).softmax(1)).argmax(1).numpy()
     plain, tta = float((pred == test.labels).mean()), float((tta_pred == test.labels).mean())
     result["tta"] = {"accuracy": plain, "accuracy_flip_tta": tta, "change": tta - plain}
@@ -56,7 +50,7 @@ def analyze(model: TransferNet, recipe: Recipe, val: Dataset, test: Dataset, out
     index = np.sort(balanced_indices(test.labels, min(per_class, int(np.bincount(test.labels).min())), rng,
                                      test.source))
     result["robustness"] = robustness.corruption_accuracy(
-        lambda images: logits_of(model, images, recipe).argmax(1), test.images[index], test.labels[index],
+        lambda images: logits_for(model, images, recipe).argmax(1), test.images[index], test.labels[index],
         seed=recipe.seed)
     figures.robustness(result["robustness"], out / "robustness.png")
     return result
@@ -70,10 +64,8 @@ def _human(human_dir: Path | None, test: Dataset, pred: np.ndarray, losses: np.n
     except DataError as e:
         return {"skipped": str(e)}
     result = human_analysis(human, test.labels, pred, losses)
-    cm = np.zeros((len(CLASSES), len(CLASSES)))
-    np.add.at(cm, (test.labels, pred), 1)
-    figures.human_vs_model(result["human_confusion"], (cm / cm.sum(1, keepdims=True)).tolist(),
-                           out / "human_vs_model.png")
+    model_cm = confusion_matrix(test.labels, pred, labels=range(len(CLASSES)), normalize="true")
+    figures.human_vs_model(result["human_confusion"], model_cm.tolist(), out / "human_vs_model.png")
     figures.gallery(test.images, result["clear_errors"], out / "clear_errors.png",
                     title="Model errors on images people found clear (≥ 99% chose the true class)")
     return result

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from .augment import to_input
 from .data import CLASSES
+from .recipe import Recipe
 
 # Look-alike classes the original report blames for its errors; leakage is measured both ways.
 LEAKAGE_PAIRS = (("cat", "dog"), ("automobile", "truck"), ("bird", "airplane"), ("deer", "horse"))
@@ -31,6 +32,15 @@ def predict_logits(
         with autocast(x.device, precision):
             out.append(forward(to_input(xb) if xb.dtype == torch.uint8 else xb).float())
     return torch.cat(out)
+
+
+def logits_for(model: nn.Module, images: np.ndarray, recipe: Recipe, flip: bool = False,
+               desc: str | None = None) -> np.ndarray:
+    """Logits (float32 numpy) for N x 32 x 32 x 3 uint8 images, on the model's device; `flip` mirrors them."""
+    device = next(model.parameters()).device
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(device)
+    return predict_logits(model.eval(), x.flip(-1) if flip else x, recipe.eval_batch_size, recipe.precision,
+                          desc).cpu().numpy()
 
 
 def summarise(logits: np.ndarray, labels: np.ndarray, top_k: int = 24) -> dict:

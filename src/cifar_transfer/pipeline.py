@@ -22,7 +22,7 @@ from . import atomic, figures, report
 from .analyze import analyze
 from .augment import to_device
 from .data import CLASSES, Dataset, Splits, load_cifar10, load_test_set, split
-from .evaluate import predict_logits, summarise
+from .evaluate import logits_for, summarise
 from .model import build_model, load_model, load_pretrained, pick_device, save_model
 from .model import to_device as model_to_device
 from .recipe import PRESETS, Recipe, preset
@@ -69,15 +69,13 @@ def write_history(history: list[dict], path: Path) -> None:
     atomic.write_text(path, buf.getvalue())
 
 
-def test_results(model: torch.nn.Module, test: Dataset, recipe: Recipe, device: torch.device,
-                 out: Path, progress: bool = True) -> tuple[dict, float, np.ndarray]:
+def test_results(model: torch.nn.Module, test: Dataset, recipe: Recipe, out: Path,
+                 progress: bool = True) -> tuple[dict, float, np.ndarray]:
     """Evaluate on `test`; write classification_report.txt and the confusion and gallery figures.
 
     Returns the summary, the seconds the forward passes took, and the logits."""
     t0 = time.perf_counter()
-    x, _ = to_device(test.images, test.labels, device)
-    logits = predict_logits(model.eval(), x, recipe.eval_batch_size, recipe.precision,
-                            desc="test" if progress else None).cpu().numpy()
+    logits = logits_for(model, test.images, recipe, desc="test" if progress else None)
     seconds = time.perf_counter() - t0
     result = summarise(logits, test.labels)
     atomic.write_text(out / "classification_report.txt", result["classification_report"])
@@ -120,7 +118,7 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
     train_s = time.perf_counter() - t_train
     figures.learning_curves(history, out / "learning_curves.png")
 
-    result, eval_s, logits = test_results(model, test, recipe, dev, out, progress)
+    result, eval_s, logits = test_results(model, test, recipe, out, progress)
     save_model(model, recipe, out / "model.safetensors")
     metrics = {
         "run": {"name": out.name, "command": shlex.join(["cifar-transfer", *sys.argv[1:]]),
@@ -155,7 +153,7 @@ def evaluate_saved(run_dir: Path, data: str | None = None, device: str = "auto",
     out = run_dir / "evaluations" / name
     check_writable(out)
     dev = pick_device(device)
-    result, seconds, _ = test_results(model_to_device(model, recipe, dev), test, recipe, dev, out)
+    result, seconds, _ = test_results(model_to_device(model, recipe, dev), test, recipe, out)
     metrics = {"run": {"model": str(run_dir / "model.safetensors"), "data_source": test.source,
                        "command": shlex.join(["cifar-transfer", *sys.argv[1:]]), **environment(dev)},
                "timings": {"eval_s": seconds}, "test": result}
@@ -190,24 +188,18 @@ def repeat(recipe: Recipe, seeds: int, out: Path, **run_args: object) -> dict:
     runs = [run(dataclasses.replace(recipe, seed=k, analysis=False), out / f"seed-{k}", **run_args)["test"]
             for k in range(seeds)]
     values = {"test accuracy": [r["accuracy"] for r in runs]}
-    for pair in runs[0]["leakage"]:
-        for a, b, key in ((pair["a"], pair["b"], "a_as_b"), (pair["b"], pair["a"], "b_as_a")):
-            values[f"{a} → {b}"] = [next(p[key] for p in r["leakage"] if p["a"] == pair["a"]) for r in runs]
+    for i, pair in enumerate(runs[0]["leakage"]):  # every run lists the same pairs in the same order
+        values[f"{pair['a']} → {pair['b']}"] = [r["leakage"][i]["a_as_b"] for r in runs]
+        values[f"{pair['b']} → {pair['a']}"] = [r["leakage"][i]["b_as_a"] for r in runs]
     summary = {name: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
                       "values": v} for name, v in values.items()}
     result = {"recipe": recipe.to_dict(), "seeds": list(range(seeds)), "summary": summary}
     atomic.write_json(out / "repeat.json", result)
     figures.spread(summary, out / "repeat.png")
-    rows = [[name, report.pct(s["mean"]), f"{100 * s['std']:.2f} points", ", ".join(report.pct(x) for x in s["values"])]
-            for name, s in summary.items()]
     base = preset(recipe.name).to_dict() if recipe.name in PRESETS else {}
-    changed = ", ".join(f"`{k}={v}`" for k, v in recipe.to_dict().items() if k != "seed" and base.get(k) != v)
-    md = (f"# {recipe.name}: {seeds} runs with seeds 0–{seeds - 1}\n\n"
-          + (f"Preset `{recipe.name}` with {changed}. " if changed else f"Preset `{recipe.name}`. ")
-          + "Each run draws its own training subsample and head initialisation; mean ± standard deviation "
-          "across runs.\n\n"
-          + report.table(["measure", "mean", "std", "per seed"], rows) + "\n\n![Spread across seeds](repeat.png)\n")
-    report.write(out, md, f"cifar-transfer repeat: {recipe.name}")
+    changed = {k: v for k, v in recipe.to_dict().items() if k != "seed" and base.get(k) != v}
+    report.write(out, report.repeat_markdown(recipe.name, seeds, changed, summary),
+                 f"cifar-transfer repeat: {recipe.name}")
     return result
 
 

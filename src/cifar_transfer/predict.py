@@ -17,9 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .augment import to_device as images_to_device
 from .data import CLASSES
-from .evaluate import predict_logits
+from .evaluate import logits_for
 from .model import load_model, pick_device, to_device
 
 SIZE = 32
@@ -84,9 +83,7 @@ class Predictor:
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """N x 32 x 32 x 3 uint8 -> N x 10 class probabilities."""
-        x, _ = images_to_device(images, np.zeros(len(images), np.int64), self.device)
-        logits = predict_logits(self.model, x, self.recipe.eval_batch_size, self.recipe.precision)
-        return logits.softmax(1).cpu().numpy()
+        return torch.from_numpy(logits_for(self.model, images, self.recipe)).softmax(1).numpy()
 
     def predict(self, images: np.ndarray) -> list[Prediction]:
         return [Prediction({c: float(p) for c, p in zip(CLASSES, row)}) for row in self.probabilities(images)]

@@ -189,3 +189,15 @@ def analysis_markdown(a: dict) -> str:
                      [[k.replace("_", " "), *(pct(v) for v in accs)] for k, accs in rob["accuracy"].items()]),
               "![Accuracy under corruptions](robustness.png)"]
     return "\n\n".join(parts)
+
+
+def repeat_markdown(name: str, seeds: int, changed: dict, summary: dict[str, dict]) -> str:
+    """The report of `repeat`: mean, std and per-seed values of each measure."""
+    rows = [[measure, pct(s["mean"]), f"{100 * s['std']:.2f} points", ", ".join(pct(x) for x in s["values"])]
+            for measure, s in summary.items()]
+    fields = ", ".join(f"`{k}={v}`" for k, v in changed.items())
+    return (f"# {name}: {seeds} runs with seeds 0–{seeds - 1}\n\n"
+            + (f"Preset `{name}` with {fields}. " if fields else f"Preset `{name}`. ")
+            + "Each run draws its own training subsample and head initialisation; mean ± standard deviation "
+            "across runs.\n\n" + table(["measure", "mean", "std", "per seed"], rows)
+            + "\n\n![Spread across seeds](repeat.png)\n")
