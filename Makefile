@@ -16,7 +16,7 @@ ifneq ($(wildcard $(SHARED)/data/cifar-10h/cifar10h-probs.npy),)
 export CIFAR_TRANSFER_HUMAN_LABELS ?= $(SHARED)/data/cifar-10h
 endif
 
-PRESET ?= seed
+PRESET ?= auto
 
 .PHONY: setup chromium run test lint bench bench-smoke clean
 setup: $(VENV)/.installed

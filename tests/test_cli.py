@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from cifar_transfer.data import CLASSES
+from cifar_transfer import pipeline, report
+from cifar_transfer.data import CLASSES, Dataset
 from cifar_transfer.model import load_model, to_device
 from cifar_transfer.recipe import Recipe, preset
 from cifar_transfer.report import pct
@@ -106,3 +108,44 @@ def test_a_bad_override_is_one_clear_line(tmp_path):
     done = cli("run", "--set", "finetune_epochs=many", "--out", str(tmp_path / "r"))
     assert done.returncode == 1
     assert done.stderr.strip() == "error: --set finetune_epochs='many': not a valid int"
+
+
+def test_the_report_opens_with_the_claim_and_names_the_shipped_epoch(smoke_run):
+    m = json.loads((smoke_run / "metrics.json").read_text())
+    first = (smoke_run / "report.md").read_text().split("\n\n")[1]
+    assert pct(m["test"]["accuracy"]) in first and pct(report.CLAIM) in first
+    assert pct(report.LITERAL["accuracy"]) in first and report.LITERAL["command"] in first
+    # smoke keeps the last epoch; the history marks it as the one shipped
+    assert m["shipped"]["keep"] == "last" and m["shipped"]["epoch"] == m["final_epoch"]["epoch"]
+    assert (smoke_run / "history.csv").read_text().splitlines()[-1].endswith(",True")
+    assert f"epoch {m['shipped']['epoch']} (phase 2" in (smoke_run / "report.md").read_text()
+    assert m["run"]["cpu"]["model"] and m["run"]["cpu"]["model"] in m["run"]["device_name"]
+
+
+def test_auto_picks_the_preset_that_reaches_the_claim_on_this_machine():
+    name, why = pipeline.resolve_preset("auto", "cpu")
+    assert (name, why) == ("lean", "--preset auto on a machine without CUDA")
+    assert pipeline.resolve_preset("seed", "cpu") == ("seed", None)
+    done = cli("run", "--help")
+    assert "auto (default)" in done.stdout
+
+
+def test_the_shipped_model_does_not_depend_on_test_labels(cifar, weights_path, tmp_path, monkeypatch):
+    """Training and best_val selection never read test labels: shuffling them changes only the test score."""
+    train_set, test = cifar
+    r = preset("lean").with_overrides(["resolution=32", "train_size=60", "val_size=40", "batch_size=16",
+                                       "head_epochs=2", "finetune_epochs=2", "finetune_from=layer4",
+                                       "analysis=false", "eval_batch_size=100", "precision=fp32"])
+    sub = test.take(np.arange(200))
+    shuffled = Dataset(sub.images, np.random.default_rng(1).permutation(sub.labels), sub.source)
+    results = []
+    for t in (sub, shuffled):
+        monkeypatch.setattr(pipeline, "load_cifar10", lambda *a, t=t, **k: (train_set, t))
+        out = tmp_path / f"run{len(results)}"
+        m = pipeline.run(r, out, weights=str(weights_path), progress=False)
+        results.append((m, load_file(out / "model.safetensors")))
+    (a, wa), (b, wb) = results
+    assert a["shipped"] == b["shipped"] and a["shipped"]["keep"] == "best_val"
+    assert a["final_epoch"]["val_acc"] == b["final_epoch"]["val_acc"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a["test"]["confusion"] != b["test"]["confusion"]

@@ -7,7 +7,7 @@ from cifar_transfer.recipe import PRESETS, Recipe, RecipeError, preset
 
 def test_seed_preset_is_the_literal_recipe():
     r = preset("seed")
-    assert (r.resolution, r.augment, r.batch_size) == (32, False, 32)
+    assert (r.resolution, r.augment, r.batch_size, r.finetune_from) == (32, "none", 32, "stem")
     assert (r.head_optimizer, r.head_lr, r.head_epochs) == ("adam", 1e-3, 10)
     assert (r.finetune_optimizer, r.finetune_lr, r.finetune_epochs, r.finetune_bn) == ("adam", 1e-5, 10, "frozen")
     assert r.head_hidden == (128, 64)
@@ -25,7 +25,7 @@ def test_overrides_are_parsed_by_field_type():
         ["finetune_epochs=3", "head_lr=0.01", "augment=true", "head_hidden=256,32", "precision=bf16"])
     assert r.finetune_epochs == 3 and isinstance(r.finetune_epochs, int)
     assert r.head_lr == 0.01
-    assert r.augment is True
+    assert r.augment == "crop+flip"  # the bool it once was still reads
     assert r.head_hidden == (256, 32)
     assert r.precision == "bf16"
 
@@ -34,7 +34,9 @@ def test_overrides_are_parsed_by_field_type():
     ("nope=1", "key=value"),
     ("finetune_epochs", "key=value"),
     ("finetune_epochs=three", "not a valid int"),
-    ("augment=maybe", "not a valid bool"),
+    ("augment=maybe", "augment=.maybe."),
+    ("finetune_from=layer5", "finetune_from=.layer5."),
+    ("finetune_from=layer3.6", "finetune_from=.layer3.6."),
     ("precision=fp8", "precision='fp8'"),
     ("train_size=15", "multiples of 10"),
     ("train_size=49000", "50,000"),
@@ -52,3 +54,17 @@ def test_unknown_preset_and_fields():
         preset("fast")
     with pytest.raises(RecipeError, match="unknown recipe fields: bogus"):
         Recipe.from_dict({"bogus": 1})
+
+
+def test_cached_stages_and_best_val_need_what_they_rely_on():
+    with pytest.raises(RecipeError, match="random crops cannot be drawn"):
+        preset("lean").with_overrides(["augment=crop+flip"])
+    with pytest.raises(RecipeError, match="keep='best_val' needs a validation split"):
+        preset("lean").with_overrides(["val_size=0"])
+    assert preset("lean").with_overrides(["finetune_from=layer4"]).finetune_from == "layer4"
+
+
+def test_recipes_saved_with_a_bool_augment_still_load():
+    saved = preset("strong").to_dict() | {"augment": True}
+    assert Recipe.from_dict(saved).augment == "crop+flip"
+    assert Recipe.from_dict(preset("seed").to_dict() | {"augment": False}).augment == "none"

@@ -5,7 +5,7 @@ import torch
 
 from cifar_transfer import atomic, train
 from cifar_transfer.augment import to_device
-from cifar_transfer.model import build_model
+from cifar_transfer.model import Part, build_model
 from cifar_transfer.recipe import preset
 from cifar_transfer.train import TrainingError, fit
 
@@ -121,3 +121,69 @@ def test_resume_with_another_recipe_is_refused(pretrained, tiny_data, tmp_path):
     other = r.with_overrides(["head_lr=0.5"])
     with pytest.raises(TrainingError, match="different recipe"):
         fit(fresh(other, pretrained), other, *tiny_data, resume=train.load_checkpoint(tmp_path / "c.pt"))
+
+
+def test_cached_activations_give_the_full_forward_passes_outputs(pretrained, tiny_data):
+    r = preset("seed").with_overrides(["resolution=64", "augment=flip", "finetune_from=layer3"])
+    model = fresh(r, pretrained).eval()
+    images = tiny_data[0][0][:12]
+    with torch.no_grad():
+        full = model(train.to_input(images))
+        mirrored = model(train.to_input(images.flip(-1)))
+    plain, mirror = train.cache_activations(model, images, "stem", "layer3", r, views=2)
+    assert plain.shape == (12, 512, 8, 8)  # layer2's output at 64 px
+    for cached, expected in ((plain, full), (mirror, mirrored)):
+        with torch.no_grad():
+            assert torch.allclose(Part(model, "layer3")(cached), expected, atol=1e-5)
+    # phase 1's features, computed from the cached activations, are the base's features
+    (feats,) = train.cache_activations(model, (plain,), "layer3", "head", r)
+    with torch.no_grad():
+        assert torch.allclose(feats, model.features(train.to_input(images)), atol=1e-5)
+
+
+def test_only_the_chosen_stages_learn(pretrained, tiny_data):
+    r = preset("seed").with_overrides([*TINY, "head_epochs=1", "finetune_from=layer4", "finetune_bn=train",
+                                       "augment=flip", "finetune_lr=1e-3"])
+    model = fresh(r, pretrained)
+    names = {n for n, p in model.named_parameters() if p in set(train.set_phase(model, 2, r))}
+    assert names and all(n.startswith(("backbone.layer4.", "head.")) for n in names)
+    assert any(n.startswith("backbone.layer4.") for n in names)
+    before = backbone_state(model)
+    fit(model, r, *tiny_data, progress=False)
+    for k, v in model.backbone.state_dict().items():
+        changed = not torch.equal(v, before[k])
+        if k.startswith("layer4.") and not k.endswith("num_batches_tracked"):
+            assert changed, k  # weights and (finetune_bn=train) BatchNorm statistics
+        elif not k.startswith("layer4."):
+            assert not changed, k  # frozen stages: weights and running statistics untouched
+
+
+def test_best_val_ships_the_best_validation_epoch(pretrained, tiny_data, tmp_path, monkeypatch):
+    r = preset("seed").with_overrides([*TINY, "keep=best_val", "finetune_lr=1e-3"])
+    scripted = iter([0.2, 0.6, 0.4, 0.5])  # epoch 2 (the last of phase 1) is the best
+    validate = train._validate
+    monkeypatch.setattr(train, "_validate", lambda *a: (validate(*a)[0], next(scripted)))
+    saved = []
+    write_with = atomic.write_with
+
+    def keep_each(path, write):
+        saved.append(tmp_path / f"ckpt{len(saved)}.pt")
+        return write_with(saved[-1], write)
+
+    monkeypatch.setattr(atomic, "write_with", keep_each)
+    model = fresh(r, pretrained)
+    history = fit(model, r, *tiny_data, checkpoint=tmp_path / "checkpoint.pt", progress=False)
+    assert [h["shipped"] for h in history] == [False, True, False, False]
+    at_epoch_2 = train.load_checkpoint(saved[1])["model"]
+    last = train.load_checkpoint(saved[3])["model"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, at_epoch_2[k]), k
+    assert any(not torch.equal(v, last[k]) for k, v in model.state_dict().items())
+
+    # resumed after epoch 3, the run still remembers epoch 2 as the best and ships it
+    scripted = iter([0.5])
+    resumed = fresh(r, pretrained)
+    h = fit(resumed, r, *tiny_data, resume=train.load_checkpoint(saved[2]), progress=False)
+    assert [x["shipped"] for x in h] == [False, True, False, False]
+    for k, v in resumed.state_dict().items():
+        assert torch.equal(v, at_epoch_2[k]), k

@@ -37,23 +37,30 @@ def analyze(model: TransferNet, recipe: Recipe, val: Dataset, test: Dataset, out
     cal = result["calibration"]
     figures.reliability(cal["bins_before"], cal["bins_after"], cal["temperature"], out / "reliability.png")
 
-    flipped = logits_for(model, test.images, recipe, flip=True)
-    tta_pred = (torch.from_numpy(test_logits).softmax(1) + torch.from_numpy(flipped).softmax(1)).argmax(1).numpy()
-    plain, tta = float((pred == test.labels).mean()), float((tta_pred == test.labels).mean())
-    result["tta"] = {"accuracy": plain, "accuracy_flip_tta": tta, "change": tta - plain}
+    tta = _balanced(test.labels, recipe.tta_images, recipe.seed, test.source)
+    flipped = logits_for(model, test.images[tta], recipe, flip=True)
+    tta_pred = (torch.from_numpy(test_logits[tta]).softmax(1) + torch.from_numpy(flipped).softmax(1)).argmax(1)
+    plain, both = float((pred[tta] == test.labels[tta]).mean()), float((tta_pred.numpy() == test.labels[tta]).mean())
+    result["tta"] = {"images": len(tta), "sampled": len(tta) < len(test), "accuracy": plain,
+                     "accuracy_flip_tta": both, "change": both - plain}
 
     result["human"] = _human(human_dir, test, pred, losses, out)
     result["attribution"] = _attribution(model, recipe, test, pred, losses, out)
 
-    rng = np.random.default_rng(recipe.seed)
-    per_class = max(recipe.corruption_images // len(CLASSES), 1)
-    index = np.sort(balanced_indices(test.labels, min(per_class, int(np.bincount(test.labels).min())), rng,
-                                     test.source))
+    index = _balanced(test.labels, recipe.corruption_images, recipe.seed, test.source)
     result["robustness"] = robustness.corruption_accuracy(
         lambda images: logits_for(model, images, recipe).argmax(1), test.images[index], test.labels[index],
         seed=recipe.seed)
     figures.robustness(result["robustness"], out / "robustness.png")
     return result
+
+
+def _balanced(labels: np.ndarray, n: int, seed: int, name: str) -> np.ndarray:
+    """Sorted indices of about `n` class-balanced images (all of them when `n` covers the set)."""
+    if n >= len(labels):
+        return np.arange(len(labels))
+    per_class = min(max(n // len(CLASSES), 1), int(np.bincount(labels).min()))
+    return np.sort(balanced_indices(labels, per_class, np.random.default_rng(seed), name))
 
 
 def _human(human_dir: Path | None, test: Dataset, pred: np.ndarray, losses: np.ndarray, out: Path) -> dict:

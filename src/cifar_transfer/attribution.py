@@ -22,15 +22,15 @@ CENTRE = slice(8, 24)  # the central 16 x 16 of a 32 x 32 image: a quarter of it
 def target_layer(model: TransferNet) -> tuple[str, torch.nn.Module]:
     """The deepest of layer1..layer4 whose output is at least MIN_SIDE x MIN_SIDE for this model's input."""
     sides: dict[str, int] = {}
-    hooks = [getattr(model.backbone, name).register_forward_hook(
-        lambda m, i, o, name=name: sides.__setitem__(name, o.shape[-1])) for name in ("layer1", "layer2", "layer3",
-                                                                                     "layer4")]
+    last = {name: getattr(model.backbone, name)[-1] for name in ("layer1", "layer2", "layer3", "layer4")}
+    hooks = [block.register_forward_hook(lambda m, i, o, name=name: sides.__setitem__(name, o.shape[-1]))
+             for name, block in last.items()]  # a stage's output is its last block's
     with torch.no_grad():
         model(torch.zeros(1, 3, 32, 32, device=model.mean.device))
     for h in hooks:
         h.remove()
     name = [n for n, side in sides.items() if side >= MIN_SIDE][-1]
-    return name, getattr(model.backbone, name)
+    return name, last[name]
 
 
 def grad_cam(model: TransferNet, images: np.ndarray, classes: np.ndarray, batch_size: int = 64) -> np.ndarray:

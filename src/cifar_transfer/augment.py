@@ -24,11 +24,13 @@ def to_input(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255)
 
 
-def random_crop_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random 32x32 crop from the image reflect-padded by 4 pixels, and a horizontal flip with p = 0.5."""
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = PAD) -> torch.Tensor:
+    """Random 32x32 crop from the image reflect-padded by `pad` pixels, and a horizontal flip with p = 0.5.
+
+    pad=0: flips only."""
     n, _, h, w = x.shape
-    padded = F.pad(x.float(), (PAD, PAD, PAD, PAD), mode="reflect").to(x.dtype)
-    dy, dx = (torch.randint(0, 2 * PAD + 1, (2, n), generator=generator, device=generator.device)
+    padded = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect").to(x.dtype)
+    dy, dx = (torch.randint(0, 2 * pad + 1, (2, n), generator=generator, device=generator.device)
               .to(x.device))
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # n x h x 1
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # n x 1 x w

@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="train, evaluate and write a report", epilog=EPILOG,
                        description="Train a recipe (a preset plus --set overrides), evaluate it on the 10,000 "
                                    "test images and write runs/<name>/ with metrics, figures and a report.")
-    r.add_argument("--preset", default="seed", choices=list(PRESETS),
-                   help="seed: the literal original recipe; strong: what reaches ~95%%; smoke: a one-minute check")
+    r.add_argument("--preset", default="auto", choices=[*PRESETS, "auto"],
+                   help="auto (default): strong with CUDA, lean without; seed: the literal original recipe; "
+                        "strong: 224 px, for a GPU; lean: the original claim on a CPU; smoke: a one-minute check")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set finetune_epochs=5 (repeatable)")
     r.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("repeat", help="run a recipe with several seeds: mean and std of accuracy and leakage",
                         description="Runs the recipe with seeds 0..N-1 (each its own training subsample and head "
                                     "initialisation) into OUT/seed-K/ and writes OUT/repeat.json and a report.")
-    rp.add_argument("--preset", default="smoke", choices=list(PRESETS), help="default smoke")
+    rp.add_argument("--preset", default="smoke", choices=[*PRESETS, "auto"], help="default smoke")
     rp.add_argument("--seeds", type=int, default=3, help="how many runs (default 3)")
     rp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     _common(rp, out=True)
@@ -124,16 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     out = None
     try:
         if args.command == "run":
-            if args.resume:
-                out = args.resume
-                recipe = preset(args.preset)  # replaced by the checkpoint's recipe
-            else:
-                recipe = preset(args.preset).with_overrides(args.overrides)
-                out = args.out or pipeline.default_run_dir(recipe.name)
+            name, chosen_by = pipeline.resolve_preset(args.preset, args.device)
+            recipe = preset(name).with_overrides(args.overrides)  # --resume: the checkpoint's recipe replaces it
+            out = args.resume or args.out or pipeline.default_run_dir(recipe.name)
             metrics = pipeline.run(recipe, out, data_dir=args.data_dir, weights=args.weights or
                                    pipeline.default_weights(), device=args.device, resume=bool(args.resume),
                                    progress=not args.no_progress, download=not args.no_download,
-                                   human_labels=args.human_labels)
+                                   human_labels=args.human_labels, chosen_by=None if args.resume else chosen_by)
             print(f"test accuracy {metrics['test']['accuracy']:.4f} ({metrics['timings']['total_s']:.0f} s); "
                   f"report: {out / 'report.html'}")
         elif args.command == "analyze":
@@ -141,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                                               download=not args.no_download)
             print(f"report: {where / 'report.html'}")
         elif args.command == "repeat":
-            recipe = preset(args.preset).with_overrides(args.overrides)
+            recipe = preset(pipeline.resolve_preset(args.preset, args.device)[0]).with_overrides(args.overrides)
             out = args.out or pipeline.default_run_dir(f"{recipe.name}-repeat")
             result = pipeline.repeat(recipe, args.seeds, out, data_dir=args.data_dir,
                                      weights=args.weights or pipeline.default_weights(), device=args.device,

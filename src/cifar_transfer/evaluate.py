@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,14 +25,18 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
 
 @torch.inference_mode()
 def predict_logits(
-    forward: nn.Module, x: torch.Tensor, batch_size: int, precision: str = "fp32", desc: str | None = None,
+    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int, precision: str = "fp32",
+    desc: str | None = None, keep_dtype: bool = False,
 ) -> torch.Tensor:
-    """Logits (float32, on x's device) for uint8 images or cached features `x`, in batches."""
+    """Logits (float32, on x's device) for uint8 images or cached activations `x`, in batches.
+
+    `keep_dtype` returns the outputs in the precision they were computed in (to cache activations in bf16)."""
     out = []
     for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=desc is None, unit="batch", leave=False):
         xb = x[i:i + batch_size]
         with autocast(x.device, precision):
-            out.append(forward(to_input(xb) if xb.dtype == torch.uint8 else xb).float())
+            y = forward(to_input(xb) if xb.dtype == torch.uint8 else xb)
+        out.append(y if keep_dtype else y.float())
     return torch.cat(out)
 
 

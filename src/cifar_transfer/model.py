@@ -21,7 +21,7 @@ from torchvision.models import ResNet, ResNet50_Weights, resnet50
 
 from . import atomic
 from .data import CLASSES
-from .recipe import Recipe
+from .recipe import STEPS, Recipe, step_name
 
 FEATURES = 2048
 IMAGENET = "imagenet"
@@ -60,14 +60,48 @@ class TransferNet(nn.Module):
         layers.append(nn.Linear(width, len(CLASSES)))
         self.head = nn.Sequential(*layers)
 
+    def step(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One of STEPS ("stem", "layer3.2", "pool", "head"); "stem" takes images in [0, 1] and normalises and
+        upsamples them first."""
+        b = self.backbone
+        if name == "stem":
+            x = (x - self.mean) / self.std
+            if x.shape[-1] != self.resolution:
+                x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+            return b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        if name == "pool":
+            return torch.flatten(b.avgpool(x), 1)
+        return self.head(x) if name == "head" else self.block(name)(x)
+
+    def block(self, name: str) -> nn.Module:
+        """The residual block of a "layerN.k" step."""
+        stage, k = name.split(".")
+        return getattr(self.backbone, stage)[int(k)]
+
+    def run(self, x: torch.Tensor, start: str = "stem", stop: str | None = None) -> torch.Tensor:
+        """The steps from `start` up to, not including, `stop` (None: through the head, to the logits); a stage
+        name stands for its first block."""
+        first = STEPS.index(step_name(start))
+        for name in STEPS[first:STEPS.index(step_name(stop)) if stop else None]:
+            x = self.step(name, x)
+        return x
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.mean) / self.std
-        if x.shape[-1] != self.resolution:
-            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
-        return self.backbone(x)
+        return self.run(x, stop="head")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.run(x)
+
+
+class Part(nn.Module):
+    """The steps of a TransferNet from `start` up to `stop`, as a module (for torch.compile and evaluation)."""
+
+    def __init__(self, model: TransferNet, start: str = "stem", stop: str | None = None):
+        super().__init__()
+        self.model, self.start, self.stop = model, start, stop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.run(x, self.start, self.stop)
 
 
 def _resnet50(stride_in_1x1: bool) -> ResNet:

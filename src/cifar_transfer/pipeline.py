@@ -25,7 +25,7 @@ from .data import CLASSES, Dataset, Splits, load_cifar10, load_test_set, split
 from .evaluate import logits_for, summarise
 from .model import build_model, load_model, load_pretrained, pick_device, save_model
 from .model import to_device as model_to_device
-from .recipe import PRESETS, Recipe, preset
+from .recipe import AUTO, PRESETS, Recipe, preset
 from .train import fit, load_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
@@ -41,10 +41,22 @@ def check_writable(folder: Path) -> None:
         raise OSError(f"{folder}: output folder is not writable ({e.strerror or e})") from None
 
 
+def cpu_model() -> dict:
+    """The CPU's model name, cores and bf16 matrix units: CPU figures differ 2x between machines of one kind."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    bf16 = "AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags else "none"
+    return {"model": fields.get("model name", platform.processor() or platform.machine()),
+            "cores": os.cpu_count(), "threads": torch.get_num_threads(), "bf16_units": bf16}
+
+
 def environment(device: torch.device) -> dict:
-    cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
-    return {"device": str(device), "device_name": name,
+    cpu = cpu_model()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"CPU: {cpu['model']} ({cpu['threads']} threads, bf16 units: {cpu['bf16_units']})")
+    return {"device": str(device), "device_name": name, "cpu": cpu,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "torchvision": torchvision.__version__, "numpy": np.__version__,
                          "scikit-learn": sklearn.__version__}}
@@ -84,10 +96,32 @@ def test_results(model: torch.nn.Module, test: Dataset, recipe: Recipe, out: Pat
     return result, seconds, logits
 
 
+def resolve_preset(name: str, device: str = "auto") -> tuple[str, str | None]:
+    """`auto` -> the preset that reaches the original claim on this device; returns it and why it was chosen."""
+    if name != "auto":
+        return name, None
+    kind = pick_device(device).type
+    chosen = AUTO.get(kind, AUTO["cpu"])
+    return chosen, f"--preset auto on {'a CUDA device' if kind == 'cuda' else 'a machine without CUDA'}"
+
+
+def shipped(history: list[dict], recipe: Recipe) -> dict:
+    """Which epoch's weights the run ships, and why."""
+    row = next((h for h in history if h.get("shipped")), history[-1] if history else {})
+    if not row:
+        return {}
+    why = ("the best validation accuracy (keep=best_val; ties go to the earlier epoch)" if recipe.keep == "best_val"
+           else "the last epoch (keep=last)")
+    return {"epoch": row["epoch"], "phase": row["phase"], "val_acc": row["val_acc"], "keep": recipe.keep,
+            "why": why}
+
+
 def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str = "imagenet",
         device: str = "auto", resume: bool = False, progress: bool = True, download: bool = True,
-        human_labels: Path | None = None) -> dict:
-    """Train and evaluate one recipe; write everything into `out`; return metrics.json's content."""
+        human_labels: Path | None = None, chosen_by: str | None = None) -> dict:
+    """Train and evaluate one recipe; write everything into `out`; return metrics.json's content.
+
+    `chosen_by` says why this recipe was run (e.g. `--preset auto`); the report repeats it."""
     t_start = time.perf_counter()
     check_writable(out)
     dev = pick_device(device)
@@ -116,6 +150,7 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
                   checkpoint=out / CHECKPOINT, resume=resume_state, progress=progress,
                   on_epoch=lambda h: write_history(h, out / "history.csv"))
     train_s = time.perf_counter() - t_train
+    write_history(history, out / "history.csv")  # now with the `shipped` column
     figures.learning_curves(history, out / "learning_curves.png")
 
     result, eval_s, logits = test_results(model, test, recipe, out, progress)
@@ -124,13 +159,14 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
         "run": {"name": out.name, "command": shlex.join(["cifar-transfer", *sys.argv[1:]]),
                 "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
                 "data_source": train_full.source, "weights": pretrained.source, "resumed": resume,
-                **environment(dev)},
+                "preset": recipe.name, "chosen_by": chosen_by, **environment(dev)},
         "timings": {"phase1_s": sum(h["seconds"] for h in history if h["phase"] == 1),
                     "phase2_s": sum(h["seconds"] for h in history if h["phase"] == 2),
                     "train_s": train_s, "eval_s": eval_s, "total_s": time.perf_counter() - t_start},
         "data": {"counts": {"train": class_counts(splits.train), "validation": class_counts(splits.val),
                             "test": class_counts(test)}},
         "final_epoch": history[-1] if history else {},
+        "shipped": shipped(history, recipe),
         "test": result,
     }
     if recipe.analysis:

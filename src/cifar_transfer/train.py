@@ -1,9 +1,14 @@
-"""Two-phase training: phase 1 trains the head on a frozen base, phase 2 fine-tunes everything.
+"""Two-phase training: phase 1 trains the head on a frozen base, phase 2 fine-tunes the base from a chosen stage.
 
 One explicit loop (after torchvision's reference train.py). Data is resident on the device; losses and
-accuracies are accumulated in device tensors and read back only when the progress bar is refreshed. When
-phase 1 has no augmentation the frozen base sees the same images every epoch, so its features are computed
-once and the head trains on them: the same mathematics (BatchNorm in inference mode), a fraction of the cost.
+accuracies are accumulated in device tensors and read back only when the progress bar is refreshed.
+
+Frozen steps see the same input every epoch, so their activations are computed once and the trainable steps
+train on them: the same mathematics (frozen BatchNorm is in inference mode), a fraction of the cost. Phase 1
+trains the head on cached base features; phase 2 with `finetune_from` past the stem trains on cached
+activations of the stages before it. Flip augmentation survives caching: each image is cached with its mirror
+and every step draws one of the two per image. Random crops cannot be cached; they run the full forward pass.
+
 A checkpoint is written atomically after every epoch; `resume` continues from one with identical results.
 """
 
@@ -20,10 +25,12 @@ from torch import nn
 from tqdm import tqdm
 
 from . import atomic
-from .augment import random_crop_flip, to_input
+from .augment import PAD, random_crop_flip, to_input
 from .evaluate import autocast, predict_logits
-from .model import TransferNet
-from .recipe import Recipe
+from .model import Part, TransferNet
+from .recipe import STEPS, Recipe, step_name
+
+Views = tuple[torch.Tensor, ...]  # cached activations of each image (and of its mirror, with flip augmentation)
 
 LOG_EVERY = 25  # steps between progress-bar refreshes (each one is a host synchronisation)
 
@@ -32,15 +39,28 @@ class TrainingError(Exception):
     """Training cannot go on (a non-finite loss, a checkpoint that does not fit the run)."""
 
 
+def trainable_stages(model: TransferNet, phase: int, recipe: Recipe) -> list[nn.Module]:
+    """The backbone modules that train in this phase: none in phase 1, `finetune_from` onwards in phase 2."""
+    if phase == 1:
+        return []
+    b = model.backbone
+    names = STEPS[STEPS.index(step_name(recipe.finetune_from)):STEPS.index("pool")]
+    return [m for name in names
+            for m in ([b.conv1, b.bn1] if name == "stem" else [model.block(name)])]
+
+
 def set_phase(model: TransferNet, phase: int, recipe: Recipe) -> list[nn.Parameter]:
-    """Freeze or unfreeze the base, put BatchNorm in the recipe's mode, and return the trainable parameters."""
+    """Freeze the base except the phase's trainable stages, put BatchNorm in the recipe's mode (frozen stages
+    always in inference mode), and return the trainable parameters."""
     model.train()
-    for p in model.backbone.parameters():
-        p.requires_grad_(phase == 2)
-    if phase == 1 or recipe.finetune_bn == "frozen":
-        for m in model.backbone.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+    model.backbone.requires_grad_(False)
+    trainable = trainable_stages(model, phase, recipe)
+    for m in trainable:
+        m.requires_grad_(True)
+    learning_bn = {id(m) for t in trainable for m in t.modules()} if recipe.finetune_bn == "train" else set()
+    for m in model.backbone.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in learning_bn:
+            m.eval()
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -73,8 +93,21 @@ def make_schedule(opt: torch.optim.Optimizer, phase: int, recipe: Recipe, steps_
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def _batch(x: torch.Tensor | Views, idx: torch.Tensor, gen: torch.Generator, recipe: Recipe) -> torch.Tensor:
+    """The inputs of one step: uint8 images augmented now, or one cached view per image drawn at random."""
+    if isinstance(x, tuple):
+        if len(x) == 1:
+            return x[0][idx]
+        mirror = torch.rand(len(idx), generator=gen, device=gen.device).to(idx.device) < 0.5
+        return torch.where(mirror.view(-1, *[1] * (x[0].ndim - 1)), x[1][idx], x[0][idx])
+    xb = x[idx]
+    if recipe.augment != "none":
+        xb = random_crop_flip(xb, gen, pad=PAD if recipe.augment == "crop+flip" else 0)
+    return to_input(xb)
+
+
 def _run_epoch(
-    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, opt, sched,
+    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor | Views, y: torch.Tensor, opt, sched,
     gen: torch.Generator, recipe: Recipe, desc: str, progress: bool,
 ) -> tuple[float, float]:
     """One pass over (x, y) in shuffled batches; returns mean loss and accuracy."""
@@ -86,9 +119,7 @@ def _run_epoch(
     bar = tqdm(range(steps), desc=desc, unit="batch", disable=not progress, leave=False)
     for i in bar:
         idx = perm[i * bs:(i + 1) * bs]
-        xb, yb = x[idx], y[idx]
-        if xb.dtype == torch.uint8:
-            xb = to_input(random_crop_flip(xb, gen) if recipe.augment else xb)
+        xb, yb = _batch(x, idx, gen, recipe), y[idx]
         with autocast(y.device, recipe.precision):
             out = forward(xb).float()
         loss = F.cross_entropy(out, yb, label_smoothing=recipe.label_smoothing)
@@ -109,11 +140,25 @@ def _run_epoch(
     return loss_sums.sum().item() / n, correct.sum().item() / n
 
 
-def _validate(forward, x: torch.Tensor, y: torch.Tensor, recipe: Recipe) -> tuple[float, float]:
+def _validate(forward, x: torch.Tensor | Views, y: torch.Tensor, recipe: Recipe) -> tuple[float, float]:
     if len(y) == 0:
         return math.nan, math.nan
-    logits = predict_logits(forward, x, recipe.eval_batch_size, recipe.precision)
+    logits = predict_logits(forward, x[0] if isinstance(x, tuple) else x, recipe.eval_batch_size, recipe.precision)
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+
+
+def cache_activations(model: TransferNet, x: torch.Tensor | Views, start: str, stop: str, recipe: Recipe,
+                      views: int = 1, desc: str | None = None) -> Views:
+    """What the frozen steps from `start` up to `stop` make of `x`, computed once.
+
+    `x` is uint8 images (with views=2 their mirror images are cached too) or the views a previous call made.
+    Activations keep the precision they are computed in (bf16 under bf16 autocast: half the memory).
+    """
+    if isinstance(x, torch.Tensor):
+        x = (x, x.flip(-1))[:views]
+    part = Part(model, start, stop)
+    return tuple(predict_logits(part, v, recipe.eval_batch_size, recipe.precision, desc, keep_dtype=True)
+                 if len(v) else v for v in x)
 
 
 def fit(
@@ -125,12 +170,14 @@ def fit(
 
     `train` and `val` are uint8 image and label tensors on the training device. `resume` is a checkpoint
     dict written by a previous call with the same recipe. `on_epoch(history)` is called after each epoch's
-    checkpoint is written.
+    checkpoint is written. With `keep=best_val` the model ends with the weights of the epoch with the best
+    validation accuracy; each history row's `shipped` says whether its epoch's weights are the ones kept.
     """
     device = train[0].device
     gen = torch.Generator(device=device).manual_seed(recipe.seed)  # shuffles and augmentation
     torch.manual_seed(recipe.seed)  # dropout
     history: list[dict] = []
+    best: dict | None = None  # keep=best_val: the best epoch so far, its validation accuracy and weights
     start = (1, 0)  # (phase, epochs already done in it)
     if resume is not None:
         if resume["recipe"] != recipe.to_dict():
@@ -139,21 +186,29 @@ def fit(
         gen.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
         history = list(resume["history"])
+        best = resume.get("best")
         start = (resume["phase"], resume["epoch"])
+    views = 2 if recipe.augment == "flip" else 1
+    frozen: tuple[Views, Views] | None = None  # activations entering `finetune_from`, for train and val
     for phase, epochs in ((1, recipe.head_epochs), (2, recipe.finetune_epochs)):
         first = start[1] if phase == start[0] else 0
         if phase < start[0] or first >= epochs:
             continue
-        t_phase = time.perf_counter()  # the first epoch's time includes any feature caching
+        t_phase = time.perf_counter()  # the first epoch's time includes any caching
         params = set_phase(model, phase, recipe)
-        cached = phase == 1 and not recipe.augment
-        if cached:  # the frozen base's features, once; the head then trains on them
-            xs = (predict_logits(model.features, train[0], recipe.eval_batch_size, recipe.precision,
-                                 desc="phase 1: caching base features" if progress else None),
-                  predict_logits(model.features, val[0], recipe.eval_batch_size, recipe.precision))
-        else:
-            xs = (train[0], val[0])
-        forward = model.head if cached else model
+        if recipe.finetune_from != "stem" and frozen is None:
+            desc = f"caching activations entering {recipe.finetune_from}" if progress else None
+            frozen = (cache_activations(model, train[0], "stem", recipe.finetune_from, recipe, views, desc),
+                      cache_activations(model, val[0], "stem", recipe.finetune_from, recipe))
+        xs, at = (frozen, recipe.finetune_from) if frozen else ((train[0], val[0]), "stem")
+        begin = "head" if phase == 1 else recipe.finetune_from
+        if phase == 1 and recipe.augment == "crop+flip":  # fresh crops every step: the full forward pass
+            begin = "stem"
+        elif begin != at:  # phase 1: the head trains on base features computed once
+            desc = "phase 1: caching base features" if progress else None
+            xs = (cache_activations(model, xs[0], at, begin, recipe, views, desc),
+                  cache_activations(model, xs[1], at, begin, recipe))
+        forward: Callable[[torch.Tensor], torch.Tensor] = Part(model, begin)
         if recipe.compile != "off":  # "reduce-overhead" captures CUDA graphs: no per-kernel launch cost
             forward = torch.compile(forward, mode=None if recipe.compile == "default" else recipe.compile)
         steps = math.ceil(len(train[1]) / recipe.batch_size)
@@ -174,6 +229,9 @@ def fit(
                    "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
                    "seconds": time.perf_counter() - t0}
             history.append(row)
+            if recipe.keep == "best_val" and (best is None or val_acc > best["val_acc"]):
+                best = {"epoch": row["epoch"], "val_acc": val_acc,
+                        "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
             if progress:
                 tqdm.write(f"{desc}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
                            f"val loss {val_loss:.4f} acc {val_acc:.4f} | {row['seconds']:.1f}s")
@@ -181,10 +239,15 @@ def fit(
                 state = {"recipe": recipe.to_dict(), "phase": phase, "epoch": epoch + 1, "history": history,
                          "model": model.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                         "torch_rng": torch.get_rng_state()}
+                         "torch_rng": torch.get_rng_state(), "best": best}
                 atomic.write_with(checkpoint, lambda f, s=state: torch.save(s, f))
             if on_epoch is not None:
                 on_epoch(history)
+    if best is not None and history and best["epoch"] != history[-1]["epoch"]:
+        model.load_state_dict(best["model"])
+    shipped = best["epoch"] if best is not None else len(history)
+    for row in history:
+        row["shipped"] = row["epoch"] == shipped
     model.eval()
     return history
 
