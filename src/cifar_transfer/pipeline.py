@@ -7,6 +7,7 @@ import dataclasses
 import io
 import os
 import platform
+import resource
 import shlex
 import sys
 import time
@@ -50,6 +51,11 @@ def cpu_model() -> dict:
     bf16 = "AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags else "none"
     return {"model": fields.get("model name", platform.processor() or platform.machine()),
             "cores": os.cpu_count(), "threads": torch.get_num_threads(), "bf16_units": bf16}
+
+
+def peak_rss_gb() -> float:
+    """The most memory this process has held (resident set), in GB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports kilobytes
 
 
 def environment(device: torch.device) -> dict:
@@ -174,6 +180,7 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
         metrics["analysis"] = analyze(model, recipe, splits.val, test, out, human_labels, logits)
         metrics["timings"]["analysis_s"] = time.perf_counter() - t0
         metrics["timings"]["total_s"] = time.perf_counter() - t_start
+    metrics["peak_rss_gb"] = peak_rss_gb()
     atomic.write_json(out / "metrics.json", metrics)
     report.write(out, report.run_markdown(metrics, history, recipe.to_dict()), f"cifar-transfer: {out.name}")
     (out / CHECKPOINT).unlink()  # the run is complete: model.safetensors holds what is worth keeping
