@@ -143,3 +143,20 @@ def test_repeat_reports_mean_and_spread(cifar_dir, weights_path, tmp_path):
     assert "cat → dog" in result["summary"] and (out / "repeat.png").is_file()
     assert runs[0] != runs[1]  # different subsamples and initialisations
 
+
+
+def test_flip_tta_on_a_class_balanced_sample(pretrained, cifar, tmp_path):
+    """`tta_images` keeps the analysis affordable at high resolution: it samples the test set evenly."""
+    from cifar_transfer.analyze import analyze
+    from cifar_transfer.report import tta_scope
+
+    train_set, test = cifar
+    r = preset("smoke").with_overrides(["tta_images=100", "gradcam_images=4", "corruption_images=10"])
+    model = build_model(r, pretrained).eval()
+    result = analyze(model, r, train_set.take(np.arange(50)), test.take(np.arange(400)), tmp_path)
+    tta = result["tta"]
+    assert (tta["images"], tta["sampled"]) == (100, True)
+    assert tta_scope(tta) == "100 class-balanced test images"
+    every = analyze(model, r.with_overrides(["tta_images=400"]), train_set.take(np.arange(50)),
+                    test.take(np.arange(400)), tmp_path)["tta"]
+    assert (every["images"], every["sampled"]) == (400, False) and tta_scope(every) == "the whole test set"

@@ -55,8 +55,8 @@ def class_counts(counts: dict[str, list[int]], path: Path) -> Path:
     return save(fig, path)
 
 
-def learning_curves(history: list[dict], path: Path) -> Path:
-    """Train and validation loss and accuracy per epoch, with the phase boundary marked."""
+def learning_curves(history: list[dict], path: Path, finetuned: str = "all layers") -> Path:
+    """Train and validation loss and accuracy per epoch, with the phase boundary and the shipped epoch marked."""
     epochs = [h["epoch"] for h in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, key, label in ((loss_ax, "loss", "cross-entropy"), (acc_ax, "acc", "accuracy")):
@@ -65,11 +65,14 @@ def learning_curves(history: list[dict], path: Path) -> Path:
         head = [h["epoch"] for h in history if h["phase"] == 1]
         if head and len(head) < len(history):
             ax.axvline(max(head) + 0.5, color="grey", linestyle="--", label="fine-tune starts")
+        kept = [h for h in history if h.get("shipped")]
+        if kept:
+            ax.plot(kept[0]["epoch"], kept[0][f"val_{key}"], "k*", markersize=14, label="shipped")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("Learning curves (phase 1: head only, phase 2: all layers)", fontsize=10)
+    fig.suptitle(f"Learning curves (phase 1: head only, phase 2: {finetuned})", fontsize=10)
     return save(fig, path)
 
 

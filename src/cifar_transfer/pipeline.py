@@ -157,7 +157,8 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
                   on_epoch=lambda h: write_history(h, out / "history.csv"))
     train_s = time.perf_counter() - t_train
     write_history(history, out / "history.csv")  # now with the `shipped` column
-    figures.learning_curves(history, out / "learning_curves.png")
+    tuned = "all layers" if recipe.finetune_from == "stem" else f"{recipe.finetune_from} onwards and the head"
+    figures.learning_curves(history, out / "learning_curves.png", tuned)
 
     result, eval_s, logits = test_results(model, test, recipe, out, progress)
     save_model(model, recipe, out / "model.safetensors")
