@@ -53,8 +53,8 @@ def cpu_model() -> dict:
             "cores": os.cpu_count(), "threads": torch.get_num_threads(), "bf16_units": bf16}
 
 
-def peak_rss_gb() -> float:
-    """The most memory this process has held (resident set), in GB."""
+def peak_rss_gib() -> float:
+    """The most memory this process has held (resident set), in GiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports kilobytes
 
 
@@ -181,7 +181,7 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
         metrics["analysis"] = analyze(model, recipe, splits.val, test, out, human_labels, logits)
         metrics["timings"]["analysis_s"] = time.perf_counter() - t0
         metrics["timings"]["total_s"] = time.perf_counter() - t_start
-    metrics["peak_rss_gb"] = peak_rss_gb()
+    metrics["peak_rss_gib"] = peak_rss_gib()
     atomic.write_json(out / "metrics.json", metrics)
     report.write(out, report.run_markdown(metrics, history, recipe.to_dict()), f"cifar-transfer: {out.name}")
     (out / CHECKPOINT).unlink()  # the run is complete: model.safetensors holds what is worth keeping

@@ -113,7 +113,7 @@ def run_markdown(metrics: dict, history: list[dict], recipe: dict) -> str:
         f"{run['device_name']} · {t['total_s']:.0f} s in all "
         f"(training {t['train_s']:.0f} s, test evaluation {t['eval_s']:.1f} s"
         f"{f', error analysis {a:.0f} s' if (a := t.get('analysis_s')) else ''})"
-        f"{f' · peak memory {m:.1f} GB' if (m := metrics.get('peak_rss_gb')) else ''} · {run['finished']}",
+        f"{f' · peak memory {m:.1f} GiB' if (m := metrics.get('peak_rss_gib')) else ''} · {run['finished']}",
         "## What this run found",
         "\n".join(f"- {f}" for f in findings(metrics, history)),
         "## Data",
