@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cifar_transfer.augment import PAD, random_crop_flip
+from cifar_transfer.augment import augment
 from cifar_transfer.model import TransferNet
 from cifar_transfer.recipe import Recipe
 from cifar_transfer.train import make_optimizer, make_schedule, set_phase
@@ -28,8 +28,7 @@ def train_plain(model: TransferNet, recipe: Recipe, x: torch.Tensor, y: torch.Te
             perm = torch.randperm(len(y), generator=gen, device=x.device)
             for i in range(steps):
                 idx = perm[i * recipe.batch_size:(i + 1) * recipe.batch_size]
-                pad = PAD if recipe.augment == "crop+flip" else 0
-                xb = random_crop_flip(x[idx], gen, pad) if recipe.augment != "none" else x[idx]
+                xb = augment(x[idx], recipe.augment, gen)
                 loss = F.cross_entropy(model(xb.float() / 255), y[idx], label_smoothing=recipe.label_smoothing)
                 opt.zero_grad()
                 loss.backward()

@@ -38,3 +38,10 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = PAD
     cols = torch.where(flip[:, None, None], 2 * dx[:, None, None] + w - 1 - cols, cols)
     batch = torch.arange(n, device=x.device)[:, None, None]
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+def augment(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """A recipe's `augment` applied to uint8 images: "none", "flip" or "crop+flip"."""
+    if kind == "none":
+        return x
+    return random_crop_flip(x, generator, pad=PAD if kind == "crop+flip" else 0)

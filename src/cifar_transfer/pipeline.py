@@ -113,8 +113,8 @@ def resolve_preset(name: str, device: str = "auto") -> tuple[str, str | None]:
 
 def shipped(history: list[dict], recipe: Recipe) -> dict:
     """Which epoch's weights the run ships, and why."""
-    row = next((h for h in history if h.get("shipped")), history[-1] if history else {})
-    if not row:
+    row = next((h for h in history if h["shipped"]), None)  # `fit` marks exactly one row
+    if row is None:
         return {}
     why = ("the best validation accuracy (keep=best_val; ties go to the earlier epoch)" if recipe.keep == "best_val"
            else "the last epoch (keep=last)")

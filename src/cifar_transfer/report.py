@@ -66,6 +66,18 @@ def headline(metrics: dict, recipe: dict) -> str:
             f"{pct(CLAIM)} the original report claimed for its recipe. {literal}")
 
 
+def run_line(metrics: dict, preset: str) -> str:
+    """Preset (and why it was chosen), device, where the time went, peak memory, when."""
+    run, t = metrics["run"], metrics["timings"]
+    chosen = f" (chosen by {run['chosen_by']})" if run.get("chosen_by") else ""
+    times = f"training {t['train_s']:.0f} s, test evaluation {t['eval_s']:.1f} s"
+    if "analysis_s" in t:
+        times += f", error analysis {t['analysis_s']:.0f} s"
+    memory = f" · peak memory {metrics['peak_rss_gib']:.1f} GiB" if "peak_rss_gib" in metrics else ""
+    return (f"Preset **{preset}**{chosen} · {run['device_name']} · {t['total_s']:.0f} s in all ({times}){memory} · "
+            f"{run['finished']}")
+
+
 def shipped_markdown(s: dict) -> str:
     if not s:
         return ""
@@ -101,7 +113,7 @@ def results_markdown(test: dict, figures: dict[str, str]) -> str:
 
 
 def run_markdown(metrics: dict, history: list[dict], recipe: dict) -> str:
-    run, t, data = metrics["run"], metrics["timings"], metrics["data"]
+    run, data = metrics["run"], metrics["data"]
     hist = [[h["epoch"], h["phase"], f"{h['lr']:.2g}", f"{h['train_loss']:.4f}", f"{h['train_acc']:.4f}",
              f"{h['val_loss']:.4f}", f"{h['val_acc']:.4f}", f"{h['seconds']:.1f}", "✓" if h.get("shipped") else ""]
             for h in history]
@@ -109,11 +121,7 @@ def run_markdown(metrics: dict, history: list[dict], recipe: dict) -> str:
     return "\n\n".join([
         f"# cifar-transfer report: {run['name']}",
         headline(metrics, recipe),
-        f"Preset **{recipe['name']}**{f' (chosen by {chosen})' if (chosen := run.get('chosen_by')) else ''} · "
-        f"{run['device_name']} · {t['total_s']:.0f} s in all "
-        f"(training {t['train_s']:.0f} s, test evaluation {t['eval_s']:.1f} s"
-        f"{f', error analysis {a:.0f} s' if (a := t.get('analysis_s')) else ''})"
-        f"{f' · peak memory {m:.1f} GiB' if (m := metrics.get('peak_rss_gib')) else ''} · {run['finished']}",
+        run_line(metrics, recipe["name"]),
         "## What this run found",
         "\n".join(f"- {f}" for f in findings(metrics, history)),
         "## Data",

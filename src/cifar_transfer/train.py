@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import atomic
-from .augment import PAD, random_crop_flip, to_input
+from .augment import augment, to_input
 from .evaluate import autocast, predict_logits
 from .model import Part, TransferNet
 from .recipe import STEPS, Recipe, step_name
@@ -100,10 +100,7 @@ def _batch(x: torch.Tensor | Views, idx: torch.Tensor, gen: torch.Generator, rec
             return x[0][idx]
         mirror = torch.rand(len(idx), generator=gen, device=gen.device).to(idx.device) < 0.5
         return torch.where(mirror.view(-1, *[1] * (x[0].ndim - 1)), x[1][idx], x[0][idx])
-    xb = x[idx]
-    if recipe.augment != "none":
-        xb = random_crop_flip(xb, gen, pad=PAD if recipe.augment == "crop+flip" else 0)
-    return to_input(xb)
+    return to_input(augment(x[idx], recipe.augment, gen))
 
 
 def _run_epoch(
