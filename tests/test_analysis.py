@@ -83,9 +83,14 @@ def test_grad_cam_layer_follows_resolution(pretrained, cifar):
 
 def test_corruptions_change_images_reproducibly(cifar):
     images, labels = cifar[1].images[:20], cifar[1].labels[:20]
-    a = corrupt_all(images, "gaussian_noise", 3, seed=1)
-    assert np.array_equal(a, corrupt_all(images, "gaussian_noise", 3, seed=1))
-    assert a.shape == images.shape and a.dtype == np.uint8 and not np.array_equal(a, images)
+    for name in CORRUPTIONS:  # impulse noise once drew from an unseeded generator inside scikit-image
+        a = corrupt_all(images, name, 3, seed=1)
+        assert np.array_equal(a, corrupt_all(images, name, 3, seed=1)), name
+        assert a.shape == images.shape and a.dtype == np.uint8 and not np.array_equal(a, images), name
+    for name in ("gaussian_noise", "impulse_noise"):
+        assert not np.array_equal(corrupt_all(images, name, 3, seed=1), corrupt_all(images, name, 3, seed=2))
+    salted = corrupt_all(images, "impulse_noise", 5, seed=1) != images
+    assert 0.2 < salted.mean() < 0.3  # severity 5 sets 27% of the values to 0 or 255
     clean = {im.tobytes(): y for im, y in zip(images, labels)}
 
     def knows_only_clean(batch: np.ndarray) -> np.ndarray:  # right exactly when the image is untouched

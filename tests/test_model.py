@@ -65,12 +65,20 @@ def resnet_state() -> dict[str, torch.Tensor]:
     (lambda sd: sd.update({"extra.weight": torch.zeros(1)}), "unexpected keys \\['extra.weight'\\]"),
     (lambda sd: sd.update({"bn1.weight": torch.zeros(32)}), "bn1.weight has shape \\(32,\\), expected \\(64,\\)"),
     (lambda sd: sd["layer1.0.conv1.weight"].view(-1).__setitem__(0, float("nan")), "non-finite"),
+    (lambda sd: sd.update({"conv1.weight": sd["conv1.weight"].to(torch.int16)}),
+     "conv1.weight has dtype int16, expected a floating-point tensor"),
+    (lambda sd: sd["layer2.0.bn1.running_var"].fill_(-1), "layer2.0.bn1.running_var holds negative variances"),
+    ({"input_std": "0,0,0"}, "input_std='0,0,0': each value must be in \\(0, 1\\]"),
+    ({"input_mean": "0.5,nan,0.4"}, "input_mean='0.5,nan,0.4': each value must be in \\[0, 1\\]"),
+    ({"input_mean": "120,115,100"}, "input_mean='120,115,100'"),
+    ({"stride_in_1x1": "yes"}, "stride_in_1x1='yes'"),
 ])
 def test_bad_safetensors_weights_are_named(tmp_path, change, fragment):
     sd = resnet_state()
-    change(sd)
+    if callable(change):
+        change(sd)
     path = tmp_path / "w.safetensors"
-    save_file(sd, path)
+    save_file(sd, path, metadata=None if callable(change) else change)
     with pytest.raises(WeightsError, match=fragment) as e:
         load_pretrained(path)
     assert str(path) in str(e.value)

@@ -43,10 +43,33 @@ def test_overrides_are_parsed_by_field_type():
     ("resolution=16", "resolution=16"),
     ("head_lr=0", "head_lr=0.0"),
     ("dropout=1.5", "dropout=1.5"),
+    ("seed=-1", "seed=-1: must be in"),
+    ("head_lr=nan", "head_lr=nan: must be a finite number"),
+    ("finetune_lr=inf", "finetune_lr=inf: must be a finite number"),
+    ("warmup_epochs=inf", "warmup_epochs=inf"),
+    ("warmup_epochs=11", "warmup_epochs=11.0: must be in \\[0, 10\\]"),
+    ("head_hidden=-5", "head_hidden=\\(-5,\\): layer widths must be >= 1"),
+    ("momentum=1", "momentum=1.0"),
+    ("resolution=100000", "resolution=100000"),
+    ("label_smoothing=nan", "label_smoothing=nan"),
+    ("eval_batch_size=0", "eval_batch_size=0"),
 ])
 def test_bad_overrides_name_the_field(assignment, fragment):
     with pytest.raises(RecipeError, match=fragment):
         preset("seed").with_overrides([assignment])
+
+
+@pytest.mark.parametrize(("field", "value", "fragment"), [
+    ("seed", "7", "seed='7': must be an integer"),
+    ("head_epochs", 2.5, "head_epochs=2.5: must be an integer"),
+    ("analysis", "yes", "analysis='yes': must be true or false"),
+    ("head_hidden", ["a"], "must be a list of integers"),
+    ("weight_decay", None, "weight_decay=None: must be a finite number"),
+    ("label_smoothing", True, "label_smoothing=True: must be a finite number"),
+])
+def test_recipe_files_with_wrong_types_name_the_field(field, value, fragment):
+    with pytest.raises(RecipeError, match=fragment):
+        Recipe.from_dict(preset("seed").to_dict() | {field: value})
 
 
 def test_unknown_preset_and_fields():

@@ -1,16 +1,25 @@
 """Atomic file output: write to a temporary file beside the target, fsync, then rename.
 
 A reader (or a crash) never sees a half-written report, model or checkpoint: the old file or the new one.
+A full disk is reported as such, naming the file, however deep in a library the failed write happened.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+MiB = 2**20
+
+
+class DiskFullError(OSError):
+    """The file system has no room for an output; the message names the file and the free space."""
 
 
 def write_with(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
@@ -25,10 +34,40 @@ def write_with(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if _out_of_space(e):  # torch.save reports ENOSPC as "[enforce fail ...] unexpected pos", the OSError inside
+            raise DiskFullError(f"{path}: no space left on device ({free_mib(path.parent):,.0f} MiB free)") from None
         raise
     return path
+
+
+def _out_of_space(e: BaseException | None) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def free_mib(folder: Path) -> float:
+    return shutil.disk_usage(folder).free / MiB
+
+
+def ensure_free(folder: Path, needed: int, what: str) -> None:
+    """Refuse to start work whose outputs cannot fit: better now than after an hour of training."""
+    free = free_mib(folder)
+    if free * MiB < needed:
+        raise DiskFullError(f"{folder}: no space left on device for {what}: about {needed / MiB:,.0f} MiB "
+                            f"needed, {free:,.0f} MiB free")
+
+
+def remove_stale(folder: Path) -> list[Path]:
+    """Delete the temporary files interrupted atomic writes left in `folder` (a killed run's half checkpoint)."""
+    stale = sorted(folder.glob(".*.tmp"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def _umask() -> int:

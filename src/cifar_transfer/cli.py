@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 
 from . import atomic, pipeline
-from .data import DataError, load_cifar10, split
+from .data import CLASSES, DataError, load_cifar10, split
 from .model import WeightsError
 from .predict import ImageError, predict_files
 from .recipe import PRESETS, RecipeError, preset
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "as CIFAR-10 images were made.")
     pr.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     pr.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
-    pr.add_argument("--top", type=int, default=3, help="how many classes to show (default 3)")
+    pr.add_argument("--top", type=_top, default=3, help=f"how many classes to show, 1-{len(CLASSES)} (default 3)")
     pr.add_argument("--json", action="store_true", help="print JSON for machines")
 
     s = sub.add_parser("serve", help="serve a trained model over HTTP, with an upload page",
@@ -106,12 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _common(p: argparse.ArgumentParser, out: bool) -> None:
     p.add_argument("--data-dir", help="folder holding CIFAR-10 (see below)")
     p.add_argument("--weights", default=None, help="'imagenet' (torchvision, downloaded), a .safetensors or a "
-                                                   ".pth state_dict in torchvision's key names")
+                                                   ".pth state_dict in torchvision's key names; default "
+                                                   "$CIFAR_TRANSFER_WEIGHTS, else imagenet (with --resume: the "
+                                                   "weights the run started from)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-download", action="store_true", help="never download CIFAR-10; fail if it is not found")
     if out:
         p.add_argument("--out", type=Path, help="run folder (default runs/<preset>-<time>)")
+
+
+def _top(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= len(CLASSES):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number from 1 to {len(CLASSES)}")
+    return int(text)
 
 
 def _human(p: argparse.ArgumentParser) -> None:
@@ -128,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             name, chosen_by = pipeline.resolve_preset(args.preset, args.device)
             recipe = preset(name).with_overrides(args.overrides)  # --resume: the checkpoint's recipe replaces it
             out = args.resume or args.out or pipeline.default_run_dir(recipe.name)
-            metrics = pipeline.run(recipe, out, data_dir=args.data_dir, weights=args.weights or
-                                   pipeline.default_weights(), device=args.device, resume=bool(args.resume),
+            metrics = pipeline.run(recipe, out, data_dir=args.data_dir, weights=args.weights,
+                                   device=args.device, resume=bool(args.resume),
                                    progress=not args.no_progress, download=not args.no_download,
                                    human_labels=args.human_labels, chosen_by=None if args.resume else chosen_by)
             print(f"test accuracy {metrics['test']['accuracy']:.4f} ({metrics['timings']['total_s']:.0f} s); "
@@ -162,8 +170,12 @@ def main(argv: list[str] | None = None) -> int:
             results = predict_files(args.run_dir, args.images, args.top)
             if args.json:
                 print(json.dumps(results, indent=2))
-            for r in [] if args.json else results:
-                print(f"{r['image']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]))
+            for r in results:
+                if "error" in r:
+                    print(f"error: {r['error']}", file=sys.stderr)
+                elif not args.json:
+                    print(f"{r['image']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]))
+            return 1 if any("error" in r for r in results) else 0
         elif args.command == "serve":
             from .serve import serve
 
@@ -183,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         expected = isinstance(e, EXPECTED_ERRORS)
         message = str(e) if expected else f"{type(e).__name__}: {e}"
         print(f"error: {message}", file=sys.stderr)
-        if out is not None and Path(out).is_dir():
+        if out is not None and Path(out).is_dir() and not pipeline.finished(Path(out)):  # leave a finished run as is
             with contextlib.suppress(OSError):  # the error itself may be an unwritable folder
                 atomic.write_text(Path(out) / "error.txt", (message if expected else traceback.format_exc()) + "\n")
         return 1

@@ -12,7 +12,6 @@ import io
 import os
 import pickle
 import tarfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, ClassVar
@@ -175,8 +174,11 @@ def read_npz(path: Path) -> Dataset:
             if missing:
                 raise DataError(f"{path}: no {' or '.join(repr(m) for m in missing)} array (found: {z.files})")
             images, labels = z["images"], z["labels"]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path}: not a readable .npz file ({e})") from None
+    except DataError:
+        raise
+    except Exception as e:  # corrupt archives fail in many ways: BadZipFile, zlib.error, header parse errors, ...
+        detail = " ".join(str(e).split())
+        raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {detail})") from None
     return validate(images, labels, str(path))
 
 

@@ -7,7 +7,9 @@ model, `predict`, the service and an ONNX export all share one definition of pre
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,21 @@ class Pretrained:
     std: tuple[float, float, float]
     stride_in_1x1: bool  # ResNet v1 layout: the stride-2 of a downsampling block is in its 1x1 conv
     source: str
+
+    def identity(self) -> dict:
+        """What defines the network these weights make: a resumed run must be given the same."""
+        return {"weights": IMAGENET if self.source == "torchvision" else self.source,
+                "sha256": digest(self.state_dict), "stride_in_1x1": self.stride_in_1x1,
+                "mean": list(self.mean), "std": list(self.std)}
+
+
+def digest(state: dict[str, torch.Tensor]) -> str:
+    """A hash of the tensors themselves: the same weights give the same digest from any file or format."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 class TransferNet(nn.Module):
@@ -114,12 +131,16 @@ def _resnet50(stride_in_1x1: bool) -> ResNet:
 
 
 def _floats(text: str, key: str, path: str) -> tuple[float, float, float]:
+    """Three per-channel values for inputs in [0, 1]: means in [0, 1], standard deviations in (0, 1]."""
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         values = ()
     if len(values) != 3:
         raise WeightsError(f"{path}: metadata {key}={text!r} is not three comma-separated numbers")
+    low, what = (0.0, "in [0, 1]") if key == "input_mean" else (1e-6, "in (0, 1]")
+    if not all(math.isfinite(v) and low <= v <= 1 for v in values):
+        raise WeightsError(f"{path}: metadata {key}={text!r}: each value must be {what} (inputs are scaled to [0, 1])")
     return values  # type: ignore[return-value]
 
 
@@ -143,6 +164,8 @@ def load_pretrained(weights: str | Path, url: str | None = None) -> Pretrained:
         sd, meta = _read_safetensors(path, "safetensors file")
         if meta.get("arch", "resnet50") != "resnet50":
             raise WeightsError(f"{path}: metadata arch={meta['arch']!r}, expected 'resnet50'")
+        if meta.get("stride_in_1x1", "false") not in ("true", "false"):
+            raise WeightsError(f"{path}: metadata stride_in_1x1={meta['stride_in_1x1']!r}, expected 'true' or 'false'")
         mean, std = _torchvision_norm()
         mean = _floats(meta["input_mean"], "input_mean", str(path)) if "input_mean" in meta else mean
         std = _floats(meta["input_std"], "input_std", str(path)) if "input_std" in meta else std
@@ -153,7 +176,7 @@ def load_pretrained(weights: str | Path, url: str | None = None) -> Pretrained:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses arbitrary pickles with UnpicklingError; corrupt files vary
         raise WeightsError(f"{path}: not a plain state_dict loadable with weights_only=True "
-                           f"({_first_line(e)})") from None
+                           f"({first_line(e)})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{path}: expected a state_dict (a dict of tensors), found {type(sd).__name__}")
     return Pretrained(_checked(sd, str(path)), *_torchvision_norm(), False, str(path))
@@ -174,14 +197,15 @@ def _read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], d
         raise WeightsError(f"{path}: not a readable {what} ({e})") from None
 
 
-def _first_line(e: Exception) -> str:
-    """The informative line of torch.load's long weights_only error."""
+def first_line(e: Exception) -> str:
+    """The informative line of torch.load's long weights_only error (never its advice to load unsafely)."""
     text = str(e).split("WeightsUnpickler error:", 1)[-1]
     return next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
 
 
 def _checked(sd: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-    """Same keys and shapes as torchvision's resnet50 (fc is dropped), all values finite, as float32."""
+    """Same keys and shapes as torchvision's resnet50 (fc is dropped), floating-point where it is, all values
+    finite and BatchNorm variances non-negative; returned as float32."""
     expected = resnet50().state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -194,8 +218,13 @@ def _checked(sd: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]
     for k, v in sd.items():
         if v.shape != expected[k].shape:
             raise WeightsError(f"{where}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+        if expected[k].is_floating_point() and not v.is_floating_point():  # counters may be of any dtype
+            raise WeightsError(f"{where}: {k} has dtype {str(v.dtype).removeprefix('torch.')}, expected a "
+                               "floating-point tensor")
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise WeightsError(f"{where}: {k} holds non-finite values")
+        if k.endswith("running_var") and (v < 0).any():
+            raise WeightsError(f"{where}: {k} holds negative variances")
         if not k.startswith("fc."):
             out[k] = v.float() if v.is_floating_point() else v
     return out

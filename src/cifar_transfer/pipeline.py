@@ -27,7 +27,7 @@ from .evaluate import logits_for, summarise
 from .model import build_model, load_model, load_pretrained, pick_device, save_model
 from .model import to_device as model_to_device
 from .recipe import AUTO, PRESETS, Recipe, preset
-from .train import fit, load_checkpoint
+from .train import check_same_network, checkpoint_bytes, fit, load_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -122,14 +122,16 @@ def shipped(history: list[dict], recipe: Recipe) -> dict:
             "why": why}
 
 
-def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str = "imagenet",
+def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str | None = None,
         device: str = "auto", resume: bool = False, progress: bool = True, download: bool = True,
         human_labels: Path | None = None, chosen_by: str | None = None) -> dict:
     """Train and evaluate one recipe; write everything into `out`; return metrics.json's content.
 
-    `chosen_by` says why this recipe was run (e.g. `--preset auto`); the report repeats it."""
+    `weights`: None means the default (on resume: the weights the run was started from). `chosen_by` says why
+    this recipe was run (e.g. `--preset auto`); the report repeats it."""
     t_start = time.perf_counter()
     check_writable(out)
+    atomic.remove_stale(out)  # e.g. the half-written checkpoint of a run killed while saving
     dev = pick_device(device)
     resume_state = None
     if resume:
@@ -138,23 +140,28 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
             raise FileNotFoundError(f"{out / CHECKPOINT}: no checkpoint to resume from{done}")
         resume_state = load_checkpoint(out / CHECKPOINT)
         recipe = Recipe.from_dict(resume_state["recipe"])
-        for stale in out.glob(".*.tmp"):  # files an interrupted atomic write left behind
-            stale.unlink()
+    started_from = (resume_state or {}).get("meta", {}).get("network")
+    pretrained = load_pretrained(weights or (started_from or {}).get("weights") or default_weights())
+    network = pretrained.identity()
+    if started_from is not None:
+        check_same_network(started_from, network, out / CHECKPOINT)
     atomic.write_text(out / "recipe.json", recipe.dumps() + "\n")
     (out / "error.txt").unlink(missing_ok=True)
 
-    pretrained = load_pretrained(weights)  # before the data: a bad weights file fails in a second
+    torch.manual_seed(recipe.seed)  # the head's initialisation
+    model = model_to_device(build_model(recipe, pretrained), recipe, dev)
+    atomic.ensure_free(out, checkpoint_bytes(model, recipe) * (1 if resume else 2) + 32 * atomic.MiB,
+                       "the checkpoint (an atomic save holds the old and the new one)")
     train_full, test = load_cifar10(data_dir, allow_download=download)
     splits = split(train_full, test, recipe.train_size, recipe.val_size, recipe.seed)
     eda(splits, out, recipe.seed)
 
-    torch.manual_seed(recipe.seed)
-    model = model_to_device(build_model(recipe, pretrained), recipe, dev)
     t_train = time.perf_counter()
     history = fit(model, recipe, to_device(splits.train.images, splits.train.labels, dev),
                   to_device(splits.val.images, splits.val.labels, dev),
                   checkpoint=out / CHECKPOINT, resume=resume_state, progress=progress,
-                  on_epoch=lambda h: write_history(h, out / "history.csv"))
+                  on_epoch=lambda h: write_history(h, out / "history.csv"),
+                  meta={"network": network})
     train_s = time.perf_counter() - t_train
     write_history(history, out / "history.csv")  # now with the `shipped` column
     tuned = "all layers" if recipe.finetune_from == "stem" else f"{recipe.finetune_from} onwards and the head"
@@ -245,6 +252,11 @@ def repeat(recipe: Recipe, seeds: int, out: Path, **run_args: object) -> dict:
     report.write(out, report.repeat_markdown(recipe.name, seeds, changed, summary),
                  f"cifar-transfer repeat: {recipe.name}")
     return result
+
+
+def finished(folder: Path) -> bool:
+    """A completed run: its metrics are written and its checkpoint is gone."""
+    return (folder / "metrics.json").is_file() and not (folder / CHECKPOINT).exists()
 
 
 def default_run_dir(preset: str) -> Path:

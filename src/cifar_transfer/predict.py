@@ -7,9 +7,10 @@ centre-cropped to a square; and downscaled to 32x32 with Lanczos resampling, whi
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +20,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .data import CLASSES
 from .evaluate import logits_for
-from .model import load_model, pick_device, to_device
+from .model import digest, load_model, pick_device, to_device
 
 SIZE = 32
-MAX_PIXELS = 40_000_000  # a larger image is refused: a decompression bomb, or no photo worth 32x32
+# Decoded pixels: far more than a 32x32 classifier needs, and the bound on what one decode can cost (a
+# 16-megapixel RGBA image is 64 MB). JPEGs are decoded at a reduced scale (see `open_image`), so a larger photo
+# still passes if its reduced decode fits.
+MAX_PIXELS = 16_000_000
+DRAFT = 4 * SIZE  # JPEG decoding stops at the smallest scale that keeps at least this many pixels a side
 
 
 class ImageError(ValueError):
@@ -30,37 +35,62 @@ class ImageError(ValueError):
 
 
 def to_cifar(image: Image.Image) -> np.ndarray:
-    """Any PIL image -> 32 x 32 x 3 uint8 RGB, as described in the module docstring."""
+    """Any PIL image -> 32 x 32 x 3 uint8 RGB, as described in the module docstring.
+
+    Cropped and resized before anything else, so no full-size copy is made: Pillow resizes RGBA with
+    premultiplied alpha, so compositing onto white afterwards equals compositing first."""
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        image = Image.new("RGB", rgba.size, (255, 255, 255))
-        image.paste(rgba, mask=rgba.getchannel("A"))
-    image = ImageOps.fit(image.convert("RGB"), (SIZE, SIZE), method=Image.Resampling.LANCZOS)
-    return np.asarray(image, dtype=np.uint8)
+    if image.mode in ("LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+    elif image.mode not in ("RGB", "RGBA", "L"):
+        image = image.convert("RGB")
+    image = ImageOps.fit(image, (SIZE, SIZE), method=Image.Resampling.LANCZOS)
+    if image.mode == "RGBA":
+        white = Image.new("RGB", image.size, (255, 255, 255))
+        white.paste(image, mask=image.getchannel("A"))
+        image = white
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def read_image(data: bytes, name: str = "image") -> np.ndarray:
-    """Decode image bytes safely (Pillow's decompression-bomb limit made strict) and convert with `to_cifar`."""
-    if not data:
-        raise ImageError(f"{name}: empty (0 bytes)")
+@contextlib.contextmanager
+def _image_errors(name: str) -> Iterator[None]:
+    """Pillow's many exceptions for bad input, as one ImageError naming the file."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                if image.width * image.height > MAX_PIXELS:
-                    raise ImageError(f"{name}: {image.width}x{image.height} pixels is over the limit of "
-                                     f"{MAX_PIXELS:,}")
-                image.load()
-                return to_cifar(image)
+            yield
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image Pillow can read (PNG, JPEG, WebP, BMP, ...)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"{name}: refused as a decompression bomb ({e})") from None
+    except ImageError:
+        raise
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
-        if isinstance(e, ImageError):
-            raise
         raise ImageError(f"{name}: truncated or corrupt image ({e})") from None
+
+
+def open_image(data: bytes, name: str = "image") -> Image.Image:
+    """Read only the header: refuse what is too large to decode, and ask JPEG for a reduced-scale decode."""
+    if not data:
+        raise ImageError(f"{name}: empty (0 bytes)")
+    with _image_errors(name):
+        image = Image.open(io.BytesIO(data))
+        image.draft("RGB", (DRAFT, DRAFT))  # JPEG: decode at 1/2, 1/4 or 1/8 scale; other formats ignore it
+        if image.width * image.height > MAX_PIXELS:
+            raise ImageError(f"{name}: {image.width}x{image.height} pixels is over the limit of {MAX_PIXELS:,}")
+        return image
+
+
+def decode(image: Image.Image, name: str = "image") -> np.ndarray:
+    """Decode an image `open_image` returned and convert it with `to_cifar`."""
+    with _image_errors(name), image:
+        image.load()
+        return to_cifar(image)
+
+
+def read_image(data: bytes, name: str = "image") -> np.ndarray:
+    """Image bytes -> 32 x 32 x 3 uint8 RGB, safely (Pillow's decompression-bomb limit made strict)."""
+    return decode(open_image(data, name), name)
 
 
 @dataclass
@@ -77,7 +107,7 @@ class Predictor:
     def __init__(self, run_dir: Path, device: str = "auto"):
         path = Path(run_dir) / "model.safetensors"
         self.model, self.recipe = load_model(path)
-        self.model_id = f"{Path(run_dir).resolve().name}-{_digest(self.model.state_dict())}"
+        self.model_id = f"{Path(run_dir).resolve().name}-{digest(self.model.state_dict())[:12]}"
         self.device = pick_device(device)
         self.model = to_device(self.model, self.recipe, self.device)
 
@@ -89,26 +119,20 @@ class Predictor:
         return [Prediction({c: float(p) for c, p in zip(CLASSES, row)}) for row in self.probabilities(images)]
 
 
-def _digest(state: dict[str, torch.Tensor]) -> str:
-    """A hash of the weights themselves (safetensors' header order varies between saves of the same model)."""
-    h = hashlib.sha256()
-    for key in sorted(state):
-        h.update(key.encode())
-        h.update(state[key].contiguous().numpy().tobytes())
-    return h.hexdigest()[:12]
-
-
 def predict_files(run_dir: Path, paths: list[Path], top: int = 3) -> list[dict]:
-    """What `cifar-transfer predict` shows: the top classes of each image."""
+    """What `cifar-transfer predict` shows, one entry per path in order: its top classes, or `error` saying why
+    the file could not be classified (one bad file does not stop the others)."""
     predictor = Predictor(run_dir)
-    images = []
-    for p in paths:
+    images, errors = {}, {}
+    for i, p in enumerate(paths):
         try:
-            data = Path(p).read_bytes()
+            images[i] = read_image(Path(p).read_bytes(), str(p))
         except OSError as e:
-            raise ImageError(f"{p}: cannot be read ({e.strerror})") from None
-        images.append(read_image(data, str(p)))
-    results = predictor.predict(np.stack(images))
-    return [{"image": str(p), "model": predictor.model_id,
-             "top": [{"class": c, "probability": round(q, 6)} for c, q in r.top(top)]}
-            for p, r in zip(paths, results)]
+            errors[i] = f"{p}: cannot be read ({e.strerror or e})"
+        except ImageError as e:
+            errors[i] = str(e)
+    results = dict(zip(images, predictor.predict(np.stack(list(images.values()))))) if images else {}
+    return [{"image": str(p), "error": errors[i]} if i in errors else
+            {"image": str(p), "model": predictor.model_id,
+             "top": [{"class": c, "probability": round(q, 6)} for c, q in results[i].top(top)]}
+            for i, p in enumerate(paths)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -80,28 +81,33 @@ class Recipe:
             object.__setattr__(self, "augment", LEGACY_AUGMENT[self.augment])
         hints = typing.get_type_hints(Recipe)
         for f in dataclasses.fields(self):
-            allowed = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
-            if allowed and getattr(self, f.name) not in allowed:
-                raise RecipeError(f"recipe field {f.name}={getattr(self, f.name)!r}: must be one of {allowed}")
-        positive = ("train_size", "batch_size", "eval_batch_size", "head_lr", "finetune_lr", "tta_images",
-                    "corruption_images", "gradcam_images")
-        for name in positive:
+            _check_type(f.name, getattr(self, f.name), hints[f.name])
+        ranges = {  # field: (lowest, highest), both allowed; None: unbounded
+            "seed": (0, 2**32 - 1), "train_size": (10, 50_000), "val_size": (0, 50_000), "resolution": (32, 1024),
+            "batch_size": (1, None), "eval_batch_size": (1, None), "head_epochs": (0, None),
+            "finetune_epochs": (0, None), "momentum": (0, 0.999), "weight_decay": (0, None),
+            "warmup_epochs": (0, self.finetune_epochs), "tta_images": (1, None), "corruption_images": (1, None),
+            "gradcam_images": (1, None),
+        }
+        for name, (low, high) in ranges.items():
+            value = getattr(self, name)
+            if value < low or (high is not None and value > high):
+                bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+                why = " (finetune_epochs)" if name == "warmup_epochs" else ""
+                raise RecipeError(f"recipe field {name}={value!r}: must be {bounds}{why}")
+        for name in ("head_lr", "finetune_lr"):
             if getattr(self, name) <= 0:
                 raise RecipeError(f"recipe field {name}={getattr(self, name)!r}: must be > 0")
-        for name in ("val_size", "head_epochs", "finetune_epochs", "weight_decay", "warmup_epochs", "label_smoothing"):
-            if getattr(self, name) < 0:
-                raise RecipeError(f"recipe field {name}={getattr(self, name)!r}: must be >= 0")
+        if any(h < 1 for h in self.head_hidden):
+            raise RecipeError(f"recipe field head_hidden={self.head_hidden!r}: layer widths must be >= 1")
         if self.train_size % 10 or self.val_size % 10:
             raise RecipeError("recipe fields train_size and val_size must be multiples of 10 (class-balanced)")
         if self.train_size + self.val_size > 50_000:
             total = self.train_size + self.val_size
             raise RecipeError(f"train_size + val_size = {total}: CIFAR-10 has 50,000 training images")
-        if self.resolution < 32:
-            raise RecipeError(f"recipe field resolution={self.resolution}: must be >= 32 (CIFAR images are 32x32)")
-        if not 0 <= self.dropout < 1:
-            raise RecipeError(f"recipe field dropout={self.dropout}: must be in [0, 1)")
-        if not 0 <= self.label_smoothing < 1:
-            raise RecipeError(f"recipe field label_smoothing={self.label_smoothing}: must be in [0, 1)")
+        for name in ("dropout", "label_smoothing"):
+            if not 0 <= getattr(self, name) < 1:
+                raise RecipeError(f"recipe field {name}={getattr(self, name)}: must be in [0, 1)")
         if self.finetune_from not in FINETUNE_FROM:
             raise RecipeError(f"recipe field finetune_from={self.finetune_from!r}: must be stem, a stage "
                               f"(layer1..layer4) or a block (layer1.0 .. layer4.{BLOCKS[-1] - 1})")
@@ -143,6 +149,27 @@ class Recipe:
 
 
 LEGACY_AUGMENT = {True: "crop+flip", False: "none", "true": "crop+flip", "false": "none"}
+
+
+def _check_type(name: str, value: object, kind: object) -> None:
+    """A field's value has its declared type; numbers are finite (JSON recipe files can hold anything)."""
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        ok, want = value in typing.get_args(kind), f"one of {typing.get_args(kind)}"
+    elif origin is tuple:
+        ok = isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        want = "a list of integers"
+    elif kind is bool:
+        ok, want = isinstance(value, bool), "true or false"
+    elif kind is int:
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        want = "a finite number"
+    else:
+        ok, want = isinstance(value, kind), getattr(kind, "__name__", str(kind))  # type: ignore[arg-type]
+    if not ok:
+        raise RecipeError(f"recipe field {name}={value!r}: must be {want}")
 
 
 def _parse(key: str, value: str, kind: object) -> object:

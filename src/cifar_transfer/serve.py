@@ -1,14 +1,20 @@
 """The model as a web service (FastAPI): JSON prediction endpoints, health, OpenAPI docs and an upload page.
 
 Concurrent requests are batched: each request's images wait in a queue for at most a few milliseconds, then
-everything queued is classified in one forward pass in a worker thread, so the event loop never blocks and
-the device sees large batches under load. Bad input is answered with a 4xx and a JSON `detail`; it never
-reaches the model and never takes the service down.
+everything queued is classified in one forward pass on the model's own thread, so the event loop never blocks
+and the device sees large batches under load. Images are decoded on a separate pool where at most two large
+ones decode at a time, so a burst of huge uploads neither multiplies memory nor delays small requests. Request
+bodies are counted as they arrive and cut off at the limit. Bad input is answered with a 4xx and a JSON
+`detail`; it never reaches the model and never takes the service down.
 """
 
 import asyncio
 import contextlib
+import errno
+import json
+import socket
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
@@ -17,12 +23,16 @@ import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .data import CLASSES
-from .predict import ImageError, Predictor, read_image
+from .predict import ImageError, Predictor, decode, open_image
 
 MAX_BYTES = 10_000_000
 MAX_IMAGES = 32
+LARGE_PIXELS = 1_000_000  # a decode above this many pixels waits for one of the LARGE_DECODES slots
+LARGE_DECODES = 2
+FORM_OVERHEAD = 65_536  # multipart headers and boundaries around the image bytes
 TopK = Annotated[int, Query(ge=1, le=len(CLASSES), description="how many classes to list, best first")]
 
 
@@ -32,6 +42,7 @@ class Batcher:
     def __init__(self, predictor: Predictor, max_batch: int = 128, wait_s: float = 0.004):
         self.predictor, self.max_batch, self.wait_s = predictor, max_batch, wait_s
         self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="model")  # the model's own thread
 
     async def classify(self, images: np.ndarray) -> np.ndarray:
         future = asyncio.get_running_loop().create_future()
@@ -50,21 +61,89 @@ class Batcher:
                     break
             try:
                 probs = await loop.run_in_executor(
-                    None, self.predictor.probabilities, np.concatenate([i[0] for i in items]))
+                    self.executor, self.predictor.probabilities, np.concatenate([i[0] for i in items]))
             except Exception as e:  # a model failure fails these requests, not the service
                 for _, future in items:
-                    future.set_exception(e)
+                    if not future.done():  # a client that went away has cancelled its future
+                        future.set_exception(e)
                 continue
             start = 0
             for images, future in items:
-                future.set_result(probs[start:start + len(images)])
+                if not future.done():
+                    future.set_result(probs[start:start + len(images)])
                 start += len(images)
+
+
+class Decoder:
+    """Image decoding off the event loop, on its own threads: small images at once, large ones two at a time."""
+
+    def __init__(self, threads: int = 2 + LARGE_DECODES):
+        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+        self.large = asyncio.Semaphore(LARGE_DECODES)
+
+    async def __call__(self, data: bytes, name: str) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        image = await loop.run_in_executor(self.executor, open_image, data, name)
+        if image.width * image.height <= LARGE_PIXELS:
+            return await loop.run_in_executor(self.executor, decode, image, name)
+        async with self.large:
+            return await loop.run_in_executor(self.executor, decode, image, name)
+
+
+class BodyLimit:
+    """Counts a request's body as it arrives and answers 413 once it passes the path's limit: a body without
+    Content-Length (chunked) is never read past the limit."""
+
+    def __init__(self, app: ASGIApp, limits: dict[str, int], default: int = FORM_OVERHEAD):
+        self.app, self.limits, self.default = app, limits, default
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limits.get(scope["path"], self.default)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            return await _too_large(send, f"request body of {int(length):,} bytes is over the limit of {limit:,}")
+        seen, over, started = 0, False, False
+
+        async def counted() -> Message:
+            nonlocal seen, over
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                over = True
+                raise HTTPException(413)  # stops the form parser; the response is replaced below
+            return message
+
+        async def guarded(message: Message) -> None:
+            nonlocal started
+            if over:  # whatever the app answers to the interrupted body, the client gets the 413
+                if not started:
+                    started = True
+                    await _too_large(send, f"request body is over the limit of {limit:,} bytes")
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        with contextlib.suppress(HTTPException):
+            await self.app(scope, counted, guarded)
+        if over and not started:
+            await _too_large(send, f"request body is over the limit of {limit:,} bytes")
+
+
+async def _too_large(send: Send, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def create_app(run_dir: Path, max_bytes: int = MAX_BYTES, max_images: int = MAX_IMAGES,
                device: str = "auto") -> FastAPI:
     predictor = Predictor(run_dir, device)
     batcher = Batcher(predictor)
+    decoder = Decoder()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -75,13 +154,8 @@ def create_app(run_dir: Path, max_bytes: int = MAX_BYTES, max_images: int = MAX_
     app = FastAPI(title="cifar-transfer", lifespan=lifespan, version="1",
                   description=f"CIFAR-10 classifier `{predictor.model_id}`. Classes: {', '.join(CLASSES)}.")
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        """Refuse an oversized body from its Content-Length, before reading it."""
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_bytes * max_images + 65_536:
-            return JSONResponse({"detail": f"request body of {int(length):,} bytes is too large"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limits={"/predict": max_bytes + FORM_OVERHEAD,
+                                          "/predict/batch": max_bytes * max_images + FORM_OVERHEAD})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -95,7 +169,7 @@ def create_app(run_dir: Path, max_bytes: int = MAX_BYTES, max_images: int = MAX_
         if len(data) > max_bytes:
             raise HTTPException(413, f"{upload.filename}: larger than the limit of {max_bytes:,} bytes")
         try:
-            return await asyncio.to_thread(read_image, data, upload.filename or "image")
+            return await decoder(data, upload.filename or "image")
         except ImageError as e:
             raise HTTPException(400, str(e)) from None
 
@@ -131,9 +205,24 @@ def create_app(run_dir: Path, max_bytes: int = MAX_BYTES, max_images: int = MAX_
     return app
 
 
+class PortError(OSError):
+    """The service cannot listen where it was asked to (a port in use, an unknown host)."""
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket, made here so a busy port is one clear error before anything is printed."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        return socket.create_server(address, family=family)
+    except OSError as e:
+        hint = " (another process is using it: choose one with --port)" if e.errno == errno.EADDRINUSE else ""
+        raise PortError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+
+
 def serve(run_dir: Path, host: str, port: int, max_bytes: int, max_images: int, device: str) -> None:
     import uvicorn
 
     app = create_app(run_dir, max_bytes, max_images, device)
+    sock = listen(host, port)
     print(f"serving {run_dir} on http://{host}:{port}  (docs: /docs)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

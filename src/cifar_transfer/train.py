@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import atomic
 from .augment import augment, to_input
 from .evaluate import autocast, predict_logits
-from .model import Part, TransferNet
+from .model import Part, TransferNet, first_line
 from .recipe import STEPS, Recipe, step_name
 
 Views = tuple[torch.Tensor, ...]  # cached activations of each image (and of its mirror, with flip augmentation)
@@ -161,14 +161,15 @@ def cache_activations(model: TransferNet, x: torch.Tensor | Views, start: str, s
 def fit(
     model: TransferNet, recipe: Recipe, train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor], *, checkpoint: Path | None = None, resume: dict | None = None,
-    progress: bool = True, on_epoch: Callable[[list[dict]], None] | None = None,
+    progress: bool = True, on_epoch: Callable[[list[dict]], None] | None = None, meta: dict | None = None,
 ) -> list[dict]:
     """Train `model` in place through both phases; return the per-epoch history.
 
     `train` and `val` are uint8 image and label tensors on the training device. `resume` is a checkpoint
     dict written by a previous call with the same recipe. `on_epoch(history)` is called after each epoch's
-    checkpoint is written. With `keep=best_val` the model ends with the weights of the epoch with the best
-    validation accuracy; each history row's `shipped` says whether its epoch's weights are the ones kept.
+    checkpoint is written; `meta` is kept in every checkpoint as it is. With `keep=best_val` the model ends
+    with the weights of the epoch with the best validation accuracy; each history row's `shipped` says whether
+    its epoch's weights are the ones kept.
     """
     device = train[0].device
     gen = torch.Generator(device=device).manual_seed(recipe.seed)  # shuffles and augmentation
@@ -236,7 +237,7 @@ def fit(
                 state = {"recipe": recipe.to_dict(), "phase": phase, "epoch": epoch + 1, "history": history,
                          "model": model.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                         "torch_rng": torch.get_rng_state(), "best": best}
+                         "torch_rng": torch.get_rng_state(), "best": best, "meta": meta or {}}
                 atomic.write_with(checkpoint, lambda f, s=state: torch.save(s, f))
             if on_epoch is not None:
                 on_epoch(history)
@@ -249,9 +250,37 @@ def fit(
     return history
 
 
+def checkpoint_bytes(model: TransferNet, recipe: Recipe) -> int:
+    """About how large `fit`'s checkpoint grows: the model, the optimizer's state for what trains in phase 2
+    (Adam keeps two moments, SGD with momentum one) and, with keep=best_val, the best epoch's weights."""
+    def size(params) -> int:
+        return sum(p.numel() * p.element_size() for p in params)
+
+    trainable = [p for m in [*trainable_stages(model, 2, recipe), model.head] for p in m.parameters()]
+    moments = {"adam": 2, "sgd": 1 if recipe.momentum else 0}
+    optimizer = max(moments[recipe.head_optimizer] * size(model.head.parameters()),
+                    moments[recipe.finetune_optimizer] * size(trainable))
+    model_size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return model_size * (2 if recipe.keep == "best_val" else 1) + optimizer
+
+
+def check_same_network(recorded: dict, given: dict, path: Path) -> None:
+    """Refuse to resume with weights that make a different network than the run was started with."""
+    differ = [k for k in ("sha256", "stride_in_1x1", "mean", "std") if recorded.get(k) != given.get(k)]
+    if differ:
+        names = ", ".join("the tensors" if k == "sha256" else k for k in differ)
+        raise TrainingError(f"{path}: the run was started from weights {recorded.get('weights')}; the weights given "
+                            f"({given.get('weights')}) differ in {names}: resume with --weights "
+                            f"{recorded.get('weights')} (or without --weights)")
+
+
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint written by `fit`, loaded with weights_only=True."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file fails in many ways
-        raise TrainingError(f"{path}: not a readable checkpoint ({e})") from None
+        raise TrainingError(f"{path}: not a readable checkpoint ({first_line(e)})") from None
+    missing = {"recipe", "phase", "epoch", "model"} - set(state) if isinstance(state, dict) else {"recipe"}
+    if missing:
+        raise TrainingError(f"{path}: not a checkpoint written by cifar-transfer (no {', '.join(sorted(missing))})")
+    return state
