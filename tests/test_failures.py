@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torchvision.models import resnet50
 
 from cifar_transfer.train import load_checkpoint
@@ -56,6 +57,15 @@ def test_killed_runs_resume_to_identical_metrics(cifar_dir, weights_path, tmp_pa
         assert not (out / "metrics.json").exists() and not (out / "report.html").exists()
         state = load_checkpoint(out / "checkpoint.pt")
         assert state["phase"] == phase, "the kill came too late to test this phase"
+        if phase == 2:  # the same tensors without the layout metadata make another network: refused, nothing touched
+            before = (out / "checkpoint.pt").read_bytes()
+            other = tmp_path / "no-metadata.safetensors"
+            save_file(load_file(weights_path), other)
+            refused = start(out, "--resume", str(out), data=data, weights=other)
+            _, err = refused.communicate(timeout=300)
+            assert refused.returncode == 1 and err.count("\n") == 1, err
+            assert "stride_in_1x1" in err and str(weights_path) in err and "Traceback" not in err
+            assert (out / "checkpoint.pt").read_bytes() == before and not (out / "metrics.json").exists()
         finish(start(out, "--resume", str(out), data=data, weights=weights_path))
         resumed = json.loads((out / "metrics.json").read_text())["test"]
         assert resumed["accuracy"] == whole["accuracy"]
@@ -165,3 +175,94 @@ def test_non_finite_loss_stops_with_phase_epoch_and_step(tmp_path, cifar_dir, we
 def test_resume_without_a_checkpoint(tmp_path):
     done = cli("run", "--resume", str(tmp_path))
     assert_one_line(done, "checkpoint.pt", "no checkpoint to resume from")
+
+
+def test_recipe_values_are_refused_before_anything_loads(tmp_path):
+    for assignment, fragment in (("seed=-1", "seed=-1"), ("warmup_epochs=inf", "warmup_epochs=inf")):
+        done = cli("run", "--set", assignment, "--data-dir", str(tmp_path / "absent"), "--no-download",
+                   "--out", str(tmp_path / "r"))
+        assert_one_line(done, "recipe field", fragment)  # not the missing data: the recipe is checked first
+    assert not (tmp_path / "r").exists()
+
+
+def test_corrupt_compressed_npz_names_the_file(smoke_run, cifar, tmp_path):
+    path = tmp_path / "small.npz"
+    np.savez_compressed(path, images=cifar[1].images[:200], labels=cifar[1].labels[:200])
+    data = bytearray(path.read_bytes())
+    data[100:108] = b"\xff" * 8  # inside the deflated images array
+    path.write_bytes(bytes(data))
+    assert_one_line(cli("evaluate", str(smoke_run), "--data", str(path)), str(path), "not a readable .npz file")
+
+
+@pytest.mark.parametrize("content", [
+    b"not a checkpoint at all",
+    "truncated",
+    "pickle",  # torch.save of an object weights_only refuses: torch's message advises weights_only=False
+])
+def test_a_corrupt_checkpoint_is_one_line_without_unsafe_advice(tmp_path, content):
+    path = tmp_path / "checkpoint.pt"
+    if content == "truncated":
+        torch.save({"recipe": {}, "model": {"w": torch.zeros(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:3000])
+    elif content == "pickle":
+        torch.save({"recipe": Path("x")}, path)
+    else:
+        path.write_bytes(content)
+    done = cli("run", "--resume", str(tmp_path))
+    assert_one_line(done, str(path), "not a readable checkpoint")
+    assert "weights_only=False" not in done.stderr
+
+
+def test_resume_on_a_finished_run_changes_nothing(smoke_run):
+    def snapshot() -> dict:
+        return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in smoke_run.iterdir()}
+
+    before = snapshot()
+    assert_one_line(cli("run", "--resume", str(smoke_run)), "no checkpoint to resume from", "the run is complete")
+    assert snapshot() == before
+
+
+def test_a_fresh_run_removes_what_a_killed_checkpoint_write_left(tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    stale = out / ".checkpoint.pt.k2j3h4.tmp"
+    stale.write_bytes(b"\0" * 1000)
+    done = cli("run", "--preset", "smoke", "--out", str(out), "--data-dir", str(tmp_path / "absent"), "--no-download",
+               "--weights", "imagenet")  # fails later (no data, no network): the clean-up comes first
+    assert done.returncode == 1 and not stale.exists()
+
+
+UNSHARE = ["unshare", "--user", "--map-root-user", "--mount"]
+
+
+def small_disk(tmp_path: Path, megabytes: int, command: list[str]) -> subprocess.CompletedProcess:
+    """Run `command` with a `megabytes` tmpfs mounted at tmp_path/disk (a private mount namespace, no root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = f"mount -t tmpfs -o size={megabytes}m tmpfs {disk} && exec \"$@\""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CIFAR_TRANSFER_")}
+    done = subprocess.run([*UNSHARE, "sh", "-c", script, "sh", *command], capture_output=True, text=True,
+                          timeout=300, env=env)
+    if "mount" in done.stderr and ("ermission" in done.stderr or "not permitted" in done.stderr):
+        pytest.skip(f"cannot mount a small file system here: {done.stderr.strip()}")
+    return done
+
+
+@pytest.mark.skipif(not shutil.which("unshare"), reason="needs util-linux unshare")
+def test_a_full_disk_is_named_before_training_and_during_a_write(tmp_path, cifar_dir, weights_path):
+    disk = tmp_path / "disk"
+    done = small_disk(tmp_path, 30, [sys.executable, "-m", "cifar_transfer.cli", "run", "--preset", "smoke",
+                                     "--data-dir", str(cifar_dir), "--weights", str(weights_path), "--out",
+                                     str(disk / "run"), "--no-progress"])
+    assert_one_line(done, f"{disk / 'run'}: no space left on device for the checkpoint", "MiB needed")
+    assert not (disk / "run" / "history.csv").exists()  # refused before the data was even read
+
+    write = ("import sys, torch; from cifar_transfer import atomic\n"
+             "try: atomic.write_with(sys.argv[1], lambda f: torch.save(torch.zeros(2_000_000), f))\n"
+             "except atomic.DiskFullError as e: print(e)\n"
+             "import os; print(sorted(os.listdir(os.path.dirname(sys.argv[1]))))")
+    tmp_path.joinpath("disk2").mkdir()
+    done = small_disk(tmp_path / "disk2", 4, [sys.executable, "-c", write, str(tmp_path / "disk2/disk/ckpt.pt")])
+    first, listing = done.stdout.strip().splitlines()
+    assert first.startswith(f"{tmp_path / 'disk2/disk/ckpt.pt'}: no space left on device"), done.stdout + done.stderr
+    assert listing == "[]"  # no half-written temporary file stays behind

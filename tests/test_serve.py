@@ -1,6 +1,7 @@
 """The service started for real on 127.0.0.1 and called over HTTP; the upload page in headless Chromium."""
 
 import io
+import select
 import shutil
 import socket
 import statistics
@@ -25,11 +26,16 @@ def png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def server(smoke_run):
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(smoke_run):
+    """The service in its own process: (base URL, process)."""
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cifar_transfer.cli", "serve", str(smoke_run), "--port",
                              str(port), "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -44,9 +50,14 @@ def server(smoke_run):
             time.sleep(0.2)
     else:
         pytest.fail("server did not start")
-    yield url
+    yield url, proc
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(service):
+    return service[0]
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +165,91 @@ def test_upload_page_in_headless_chromium(server, predictor, cifar, tmp_path):
         shots.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(shots / "upload-page.png"))
         browser.close()
+
+
+def peak_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+
+
+def test_huge_uploads_neither_multiply_memory_nor_delay_small_requests(service, cifar):
+    """Eight concurrent uploads of a 16-megapixel RGBA PNG (a few hundred kB each) while small requests and
+    health checks go on: each small one is answered about as fast as without the load."""
+    url, proc = service
+    buf = io.BytesIO()
+    ramp = np.broadcast_to(np.linspace(0, 255, 4000, dtype=np.uint8)[:, None, None], (4000, 4000, 4))
+    Image.fromarray(np.ascontiguousarray(ramp), "RGBA").save(buf, format="PNG")
+    huge, small = buf.getvalue(), png(cifar[1].images[3])
+    assert len(huge) < 1_000_000
+
+    def post(body: bytes) -> float:
+        t0 = time.perf_counter()
+        r = httpx.post(f"{url}/predict", files={"file": ("x.png", body, "image/png")}, timeout=120)
+        assert r.status_code == 200, r.text
+        return time.perf_counter() - t0
+
+    def timed_get() -> float:
+        t0 = time.perf_counter()
+        assert httpx.get(f"{url}/health", timeout=60).status_code == 200
+        return time.perf_counter() - t0
+
+    quiet = sorted(post(small) for _ in range(5))[2]
+    rss_before = peak_rss_mib(proc.pid)
+    with ThreadPoolExecutor(8) as pool:
+        heavy = [pool.submit(post, huge) for _ in range(8)]
+        time.sleep(0.3)  # the huge uploads are being decoded now
+        busy, health = [], []
+        while not all(f.done() for f in heavy):
+            busy.append(post(small))
+            health.append(timed_get())
+        heavy_s = [f.result() for f in heavy]
+    grown = peak_rss_mib(proc.pid) - rss_before
+    print(f"\nunder 8 huge uploads ({max(heavy_s):.1f} s): small request {1000 * quiet:.0f} ms quiet, worst "
+          f"{1000 * max(busy):.0f} ms busy; /health worst {1000 * max(health):.0f} ms; peak RSS +{grown:.0f} MiB")
+    assert len(busy) >= 3, "the huge uploads finished before small requests could be timed"
+    assert max(health) < 0.5
+    assert max(busy) < max(1.0, 10 * quiet)
+    assert grown < 1024
+
+
+def raw_request(url: str, head: str, chunks: list[bytes] = ()) -> tuple[bytes, int]:
+    """Send `head`, then `chunks` in chunked encoding until the server answers; return the answer's first bytes
+    and how many body bytes were sent before it came."""
+    host, port = url.removeprefix("http://").split(":")
+    sent = 0
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(head.encode())
+        for chunk in chunks:
+            if select.select([s], [], [], 0)[0]:  # answered already
+                break
+            try:
+                s.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+        return s.recv(200), sent
+
+
+def test_a_body_is_cut_off_at_the_limit_with_or_without_content_length(server):
+    multipart = "multipart/form-data; boundary=xyz"
+    answer, _ = raw_request(server, f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {multipart}\r\n"
+                                    f"Content-Length: {20_000_000}\r\n\r\n")  # one image's limit is 10 MB
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {multipart}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    part = b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\nContent-Type: image/png\r\n\r\n'
+    answer, sent = raw_request(server, head, [part, *[b"\0" * 1_000_000] * 400])
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    assert sent < 40_000_000  # stopped near the 10 MB limit (plus what socket buffers hold), not after 400 MB
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_a_busy_port_is_one_line_before_anything_is_printed(smoke_run):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "cifar_transfer.cli", "serve", str(smoke_run), "--port",
+                               str(port), "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == "", done.stdout
+    assert done.stderr.strip().splitlines() == [f"error: cannot listen on 127.0.0.1:{port}: Address already in use "
+                                                "(another process is using it: choose one with --port)"]

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import json
+import os
 import socket
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -216,7 +217,8 @@ def listen(host: str, port: int) -> socket.socket:
         return socket.create_server(address, family=family)
     except OSError as e:
         hint = " (another process is using it: choose one with --port)" if e.errno == errno.EADDRINUSE else ""
-        raise PortError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+        reason = os.strerror(e.errno) if isinstance(e.errno, int) and e.errno > 0 else str(e)  # gaierror: < 0
+        raise PortError(f"cannot listen on {host}:{port}: {reason}{hint}") from None
 
 
 def serve(run_dir: Path, host: str, port: int, max_bytes: int, max_images: int, device: str) -> None:
