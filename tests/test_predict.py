@@ -93,13 +93,24 @@ def test_predict_command_on_several_formats(smoke_run, images):
         assert [t["class"] for t in r["top"]] == [c for c, _ in e.top(3)]
 
 
-def test_predict_command_text_and_errors(smoke_run, images, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "cifar_transfer.cli", "predict", str(smoke_run), str(images[0])],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.startswith(f"{images[0]}: ")
+def test_predict_command_reports_every_file_and_each_bad_one(smoke_run, images, tmp_path):
+    """One bad file among good ones: results for the good ones, one error line per bad one, exit status 1."""
+    def predict(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cifar_transfer.cli", "predict", str(smoke_run), *args],
+                              capture_output=True, text=True, timeout=300)
+
     (tmp_path / "notes.txt").write_text("not an image")
-    done = subprocess.run([sys.executable, "-m", "cifar_transfer.cli", "predict", str(smoke_run),
-                           str(tmp_path / "notes.txt")], capture_output=True, text=True, timeout=300)
+    bad, missing = tmp_path / "notes.txt", tmp_path / "absent.png"
+    done = predict(str(images[0]), str(bad), str(images[1]), str(missing), "--top", "2")
     assert done.returncode == 1
-    message = "not an image Pillow can read (PNG, JPEG, WebP, BMP, ...)"
-    assert done.stderr.strip() == f"error: {tmp_path / 'notes.txt'}: {message}"
+    lines = done.stdout.splitlines()
+    assert [line.split(": ")[0] for line in lines] == [str(images[0]), str(images[1])]
+    assert all(len(line.split(", ")) == 2 for line in lines)
+    assert done.stderr.splitlines() == [
+        f"error: {bad}: not an image Pillow can read (PNG, JPEG, WebP, BMP, ...)",
+        f"error: {missing}: cannot be read (No such file or directory)"]
+    results = json.loads(predict(str(bad), str(images[2]), "--json").stdout)
+    assert [("error" in r, "top" in r) for r in results] == [(True, False), (False, True)]
+    for top in ("0", "-1"):
+        done = predict(str(images[0]), "--top", top)
+        assert done.returncode == 2 and "--top" in done.stderr and "from 1 to 10" in done.stderr
