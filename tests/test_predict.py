@@ -63,6 +63,15 @@ def test_truncated_and_oversized_images():
         read_image(bomb)
 
 
+def test_large_jpegs_decode_at_reduced_scale_and_other_formats_are_refused():
+    side = 6000  # 36 megapixels: over the decoded-pixel limit unless decoded at a reduced scale
+    assert side * side > MAX_PIXELS
+    photo = Image.fromarray(np.broadcast_to(np.linspace(0, 255, side, dtype=np.uint8)[None, :, None], (side, side, 3)))
+    assert read_image(encode(photo, "JPEG")).shape == (32, 32, 3)  # decoded at 1/8 scale: 750 x 750
+    with pytest.raises(ImageError, match="6000x6000 pixels is over the limit"):
+        read_image(encode(photo, "PNG"))
+
+
 @pytest.fixture(scope="module")
 def images(cifar, tmp_path_factory):
     """One real test image, upscaled 4x, saved in several formats and modes."""
