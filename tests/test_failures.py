@@ -266,3 +266,27 @@ def test_a_full_disk_is_named_before_training_and_during_a_write(tmp_path, cifar
     first, listing = done.stdout.strip().splitlines()
     assert first.startswith(f"{tmp_path / 'disk2/disk/ckpt.pt'}: no space left on device"), done.stdout + done.stderr
     assert listing == "[]"  # no half-written temporary file stays behind
+
+
+def test_an_unexpected_error_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    """Only the project's own errors are one-liners: a bug (here a shape error) leaves its traceback in error.txt
+    and a line that points to it."""
+    from cifar_transfer import cli as command
+    from cifar_transfer import pipeline
+
+    def broken(recipe, out: Path, **kwargs) -> dict:
+        out.mkdir(parents=True)
+        return torch.zeros(2, 3) @ torch.zeros(2, 3)  # a shape bug deep inside
+
+    monkeypatch.setattr(pipeline, "run", broken)
+    assert command.main(["run", "--preset", "smoke", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: unexpected RuntimeError: mat1 and mat2 shapes")
+    assert err[0].endswith(f"the traceback is in {tmp_path / 'r' / 'error.txt'}")
+    trace = (tmp_path / "r" / "error.txt").read_text()
+    assert trace.startswith("Traceback") and "in broken" in trace
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_a_missing_device_is_one_line(tmp_path):
+    assert_one_line(cli("run", "--device", "cuda", "--out", str(tmp_path / "r")), "--device cuda: no CUDA device")

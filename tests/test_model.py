@@ -2,7 +2,8 @@ import hashlib
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from cifar_transfer.model import (
     IMAGENET,
@@ -45,13 +46,19 @@ def test_save_and_load_gives_the_same_function(pretrained, tmp_path):
     torch.manual_seed(0)
     model = to_device(build_model(r, pretrained), r, torch.device("cpu")).eval()
     assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    model.temperature = 2.5
     save_model(model, r, tmp_path / "model.safetensors")
     loaded, recipe = load_model(tmp_path / "model.safetensors")
-    assert recipe == r
+    assert recipe == r and loaded.temperature == 2.5
     loaded = to_device(loaded, recipe, torch.device("cpu"))
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
+    sd, meta = load_file(tmp_path / "model.safetensors"), safe_open(tmp_path / "model.safetensors", "pt").metadata()
+    for bad in ("-1", "0", "NaN", "\"hot\"", "[1]"):
+        save_file(sd, tmp_path / "bad.safetensors", metadata=meta | {"temperature": bad})
+        with pytest.raises(WeightsError, match=r"metadata temperature=.* is not a positive number"):
+            load_model(tmp_path / "bad.safetensors")
 
 
 def resnet_state() -> dict[str, torch.Tensor]:

@@ -1,5 +1,6 @@
 """The service started for real on 127.0.0.1 and called over HTTP; the upload page in headless Chromium."""
 
+import asyncio
 import io
 import select
 import shutil
@@ -7,6 +8,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +19,8 @@ import pytest
 from PIL import Image
 
 from cifar_transfer.data import CLASSES
-from cifar_transfer.predict import MAX_PIXELS, Predictor
+from cifar_transfer.predict import MAX_PIXELS, Options, Predictor
+from cifar_transfer.serve import Batcher
 
 
 def png(array: np.ndarray) -> bytes:
@@ -67,19 +70,24 @@ def predictor(smoke_run):
 
 def test_health_and_docs(server, predictor):
     health = httpx.get(f"{server}/health").json()
-    assert health == {"status": "ok", "model": predictor.model_id, "device": "cpu"}
+    assert {k: health[k] for k in ("status", "model", "device", "temperature")} == {
+        "status": "ok", "model": predictor.model_id, "device": "cpu", "temperature": predictor.temperature}
     spec = httpx.get(f"{server}/openapi.json").json()
     assert {"/predict", "/predict/batch", "/health"} <= set(spec["paths"])
     assert httpx.get(f"{server}/docs").status_code == 200
 
 
-def test_predict_one_image_matches_the_model(server, predictor, cifar):
+@pytest.mark.parametrize("options", [Options(), Options(calibrated=False), Options(tta=True)])
+def test_predict_one_image_matches_the_model(server, predictor, cifar, options):
     image = cifar[1].images[7]
-    r = httpx.post(f"{server}/predict", files={"file": ("x.png", png(image), "image/png")}, params={"top": 5})
+    params = {"top": 5, "calibrated": str(options.calibrated).lower(), "tta": str(options.tta).lower()}
+    r = httpx.post(f"{server}/predict", files={"file": ("x.png", png(image), "image/png")}, params=params)
     assert r.status_code == 200
     body = r.json()
-    want = predictor.probabilities(image[None])[0]
+    want = predictor.probabilities(image[None], options)[0]
     assert body["model"] == predictor.model_id
+    assert (body["calibrated"], body["tta"]) == (options.calibrated, options.tta)
+    assert body["temperature"] == (predictor.temperature if options.calibrated else None)
     assert [t["class"] for t in body["top"]] == [CLASSES[i] for i in np.argsort(-want)[:5]]
     assert np.allclose([body["probabilities"][c] for c in CLASSES], want, atol=1e-5)
 
@@ -117,24 +125,87 @@ def test_bad_input_gets_a_json_4xx_and_the_service_stays_up(server, path, files,
     assert httpx.get(f"{server}/health").status_code == 200
 
 
-def test_bounded_load_has_no_failures(server, cifar):
-    """500 requests, 8 at a time; prints p50/p99 latency."""
+def test_bounded_load_has_no_failures_and_is_batched(server, cifar):
+    """500 requests, 8 at a time, with every tenth client disconnecting mid-request; prints p50/p99 latency.
+    The ones that stay are all answered, and concurrent requests share forward passes."""
     bodies = [png(im) for im in cifar[1].images[:50]]
+    before = httpx.get(f"{server}/health").json()["batches"]
 
     def call(i: int) -> tuple[int, float]:
         t0 = time.perf_counter()
-        r = httpx.post(f"{server}/predict", files={"file": ("x.png", bodies[i % 50], "image/png")}, timeout=60)
+        try:  # a client that gives up after 5 ms: the request is queued or being classified when it leaves
+            r = httpx.post(f"{server}/predict", files={"file": ("x.png", bodies[i % 50], "image/png")},
+                           timeout=0.005 if i % 10 == 9 else 60)
+        except httpx.TimeoutException:
+            return -1, time.perf_counter() - t0
         return r.status_code, time.perf_counter() - t0
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(call, range(500)))
     wall = time.perf_counter() - t0
-    latencies = sorted(s for _, s in results)
+    stayed = [(i, s, t) for i, (s, t) in enumerate(results) if i % 10 != 9]
+    latencies = sorted(t for _, _, t in stayed)
     p50, p99 = statistics.median(latencies), latencies[int(0.99 * len(latencies)) - 1]
-    print(f"\nload: 500 requests, 8 concurrent, {wall:.1f} s, {500 / wall:.0f} req/s, "
-          f"p50 {1000 * p50:.0f} ms, p99 {1000 * p99:.0f} ms")
-    assert [s for s, _ in results].count(200) == 500
+    after = httpx.get(f"{server}/health").json()["batches"]
+    passes, images = after["count"] - before["count"], after["images"] - before["images"]
+    print(f"\nload: 500 requests (50 disconnecting), 8 concurrent, {wall:.1f} s, {500 / wall:.0f} req/s, "
+          f"p50 {1000 * p50:.0f} ms, p99 {1000 * p99:.0f} ms; {images} images in {passes} forward passes, "
+          f"largest {after['largest']}")
+    assert [s for _, s, _ in stayed] == [200] * 450
+    assert passes < images and after["largest"] > 1  # batched under concurrency
+    assert httpx.get(f"{server}/health", timeout=5).status_code == 200
+
+
+def test_a_cancelled_request_does_not_break_the_batcher():
+    """A client that goes away cancels its future while its batch is in the model; the next batch still runs."""
+    def slow_logits(images: np.ndarray) -> np.ndarray:
+        time.sleep(0.3)
+        return np.zeros((len(images), 10), np.float32)
+
+    async def scenario() -> np.ndarray:
+        batcher = Batcher(slow_logits)
+        worker = asyncio.create_task(batcher.run())
+        leaving = asyncio.create_task(batcher.classify(np.zeros((1, 32, 32, 3), np.uint8)))
+        await asyncio.sleep(0.1)  # its batch is in the model now
+        leaving.cancel()
+        result = await asyncio.wait_for(batcher.classify(np.zeros((2, 32, 32, 3), np.uint8)), timeout=10)
+        assert not worker.done(), worker.exception()
+        worker.cancel()
+        return result
+
+    assert asyncio.run(scenario()).shape == (2, 10)
+
+
+def test_a_slow_batch_does_not_starve_health(smoke_run, monkeypatch, cifar):
+    """The model's forward pass made slow (3 s): /health answers at once while a prediction waits for it."""
+    import uvicorn
+
+    from cifar_transfer import serve
+
+    original = Predictor.logits
+    monkeypatch.setattr(Predictor, "logits", lambda self, images: (time.sleep(3), original(self, images))[1])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(serve.create_app(smoke_run, device="cpu"), port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(httpx.post, f"{url}/predict", files={"file": ("x.png", png(cifar[1].images[0]))},
+                               timeout=60)
+            time.sleep(0.5)  # the prediction is in the model now
+            t0 = time.perf_counter()
+            assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+            waited = time.perf_counter() - t0
+            assert not slow.done()
+            assert slow.result().status_code == 200
+        assert waited < 1.0, f"/health took {waited:.2f} s during a slow batch"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -22,10 +22,11 @@ from .recipe import Recipe
 
 
 def analyze(model: TransferNet, recipe: Recipe, val: Dataset, test: Dataset, out: Path,
-            human_dir: Path | None = None, test_logits: np.ndarray | None = None) -> dict:
+            human_dir: Path | None = None, test_logits: np.ndarray | None = None,
+            val_logits: np.ndarray | None = None) -> dict:
     """Every analysis on `test` (the temperature is fitted on `val`); figures go to `out`.
 
-    `test_logits`, when the caller has them already, saves one pass over the test set.
+    `test_logits` and `val_logits`, when the caller has them already, save a pass over those sets.
     """
     if test_logits is None:
         test_logits = logits_for(model, test.images, recipe)
@@ -33,9 +34,13 @@ def analyze(model: TransferNet, recipe: Recipe, val: Dataset, test: Dataset, out
     pred = test_logits.argmax(1)
     result: dict = {}
 
-    result["calibration"] = calibrate(logits_for(model, val.images, recipe), val.labels, test_logits, test.labels)
-    cal = result["calibration"]
-    figures.reliability(cal["bins_before"], cal["bins_after"], cal["temperature"], out / "reliability.png")
+    if len(val):
+        if val_logits is None:
+            val_logits = logits_for(model, val.images, recipe)
+        cal = result["calibration"] = calibrate(val_logits, val.labels, test_logits, test.labels)
+        figures.reliability(cal["bins_before"], cal["bins_after"], cal["temperature"], out / "reliability.png")
+    else:
+        result["calibration"] = {"skipped": "no validation split (val_size=0) to fit a temperature on"}
 
     tta = _balanced(test.labels, recipe.tta_images, recipe.seed, test.source)
     flipped = logits_for(model, test.images[tta], recipe, flip=True)

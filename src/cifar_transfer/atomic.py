@@ -15,10 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from .errors import CifarTransferError
+
 MiB = 2**20
 
 
-class DiskFullError(OSError):
+class OutputError(CifarTransferError, OSError):
+    """An output cannot be written (permission, a file where a folder should be); the message names it."""
+
+
+class DiskFullError(OutputError):
     """The file system has no room for an output; the message names the file and the free space."""
 
 
@@ -38,6 +44,8 @@ def write_with(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         if _out_of_space(e):  # torch.save reports ENOSPC as "[enforce fail ...] unexpected pos", the OSError inside
             raise DiskFullError(f"{path}: no space left on device ({free_mib(path.parent):,.0f} MiB free)") from None
+        if isinstance(e, PermissionError):
+            raise OutputError(f"{path}: cannot be written ({e.strerror})") from None
         raise
     return path
 

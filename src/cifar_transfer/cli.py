@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -11,14 +10,10 @@ import traceback
 from pathlib import Path
 
 from . import atomic, pipeline
-from .data import CLASSES, DataError, load_cifar10, split
-from .model import WeightsError
-from .predict import ImageError, predict_files
-from .recipe import PRESETS, RecipeError, preset
-from .train import TrainingError
-
-# Errors that carry a complete message for the user: shown as one line, no traceback unless --debug.
-EXPECTED_ERRORS = (DataError, WeightsError, RecipeError, TrainingError, ImageError, OSError, RuntimeError)
+from .data import CLASSES, load_cifar10, split
+from .errors import CifarTransferError
+from .predict import Options, predict_files
+from .recipe import PRESETS, preset
 
 EPILOG = """Data is looked for in --data-dir, then $CIFAR_TRANSFER_DATA, then ./data (the official
 cifar-10-batches-py/ folder, cifar-10-python.tar.gz, or train.npz + test.npz), and downloaded into ./data
@@ -71,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("evaluate", help="re-evaluate a saved run on the test set or another dataset",
                        description="Evaluate RUN_DIR/model.safetensors; results go to RUN_DIR/evaluations/<data>/.")
     v.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    v.add_argument("--data", help="an .npz (images N x 32 x 32 x 3 uint8, labels) or a CIFAR-10 folder; "
-                                  "default: the CIFAR-10 test set")
+    v.add_argument("--data", help="an .npz (images N x 32 x 32 x 3 uint8, labels), a CIFAR-10 folder, or a folder of "
+                                  "photos with one subfolder per class name (airplane/, cat/, ...; any format "
+                                  "and size, prepared as predict prepares them); default: the CIFAR-10 test set")
+    v.add_argument("--tta", action="store_true", help="average each prediction with the mirror image's")
     v.add_argument("--device", default="auto", help="auto, cpu or cuda")
     v.add_argument("--no-download", action="store_true", help="never download CIFAR-10; fail if it is not found")
 
@@ -84,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
     pr.add_argument("--top", type=_top, default=3, help=f"how many classes to show, 1-{len(CLASSES)} (default 3)")
     pr.add_argument("--json", action="store_true", help="print JSON for machines")
+    pr.add_argument("--no-calibration", action="store_true",
+                    help="raw softmax probabilities, without the temperature fitted on the validation split")
+    pr.add_argument("--tta", action="store_true", help="average with the mirror image (flip test-time augmentation)")
 
     s = sub.add_parser("serve", help="serve a trained model over HTTP, with an upload page",
                        description="POST /predict, POST /predict/batch, GET /health, GET /docs and an upload "
@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Runtime reproduces PyTorch's logits within 1e-4.")
     x.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     x.add_argument("--onnx", type=Path, required=True, metavar="OUT.onnx", help="where to write the model")
+    x.add_argument("--no-calibration", action="store_true",
+                   help="the 'probabilities' output without the model's temperature (plain softmax)")
     return p
 
 
@@ -163,11 +165,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out / 'samples.png'} and {args.out / 'class_counts.png'}")
         elif args.command == "evaluate":
             metrics, where = pipeline.evaluate_saved(args.run_dir, args.data, args.device,
-                                                    download=not args.no_download)
-            print(f"accuracy {metrics['test']['accuracy']:.4f} on {metrics['test']['n']} images; "
-                  f"report: {where / 'report.html'}")
+                                                    download=not args.no_download, tta=args.tta)
+            skipped = metrics["skipped"]
+            for line in skipped:
+                print(f"skipped: {line}", file=sys.stderr)
+            print(f"accuracy {metrics['test']['accuracy']:.4f} on {metrics['test']['n']} images"
+                  f"{f' ({len(skipped)} skipped)' if skipped else ''}; report: {where / 'report.html'}")
         elif args.command == "predict":
-            results = predict_files(args.run_dir, args.images, args.top)
+            results = predict_files(args.run_dir, args.images, args.top,
+                                    Options(calibrated=not args.no_calibration, tta=args.tta))
             if args.json:
                 print(json.dumps(results, indent=2))
             for r in results:
@@ -183,22 +189,36 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             from .export import export_onnx
 
-            diff = export_onnx(args.run_dir, args.onnx)
+            diff = export_onnx(args.run_dir, args.onnx, calibrated=not args.no_calibration)
             print(f"wrote {args.onnx}; largest difference from PyTorch {diff:.1e}")
         return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
+    except CifarTransferError as e:  # foreseen: the message says everything
         if args.debug:
             traceback.print_exc()
-        expected = isinstance(e, EXPECTED_ERRORS)
-        message = str(e) if expected else f"{type(e).__name__}: {e}"
-        print(f"error: {message}", file=sys.stderr)
-        if out is not None and Path(out).is_dir() and not pipeline.finished(Path(out)):  # leave a finished run as is
-            with contextlib.suppress(OSError):  # the error itself may be an unwritable folder
-                atomic.write_text(Path(out) / "error.txt", (message if expected else traceback.format_exc()) + "\n")
+        print(f"error: {e}", file=sys.stderr)
+        _record(out, f"{e}\n")
         return 1
+    except Exception as e:  # a bug: keep the traceback
+        trace = traceback.format_exc()
+        where = _record(out, trace)
+        if args.debug or where is None:
+            print(trace, file=sys.stderr, end="")
+        pointer = f"; the traceback is in {where}" if where else ""
+        print(f"error: unexpected {type(e).__name__}: {e}{pointer}", file=sys.stderr)
+        return 1
+
+
+def _record(out: Path | None, text: str) -> Path | None:
+    """Write error.txt into the run folder the failure belongs to (never into a finished run); its path."""
+    if out is None or not Path(out).is_dir() or pipeline.finished(Path(out)):
+        return None
+    try:
+        return atomic.write_text(Path(out) / "error.txt", text)
+    except OSError:  # the error itself may be an unwritable folder
+        return None
 
 
 if __name__ == "__main__":

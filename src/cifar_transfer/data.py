@@ -18,6 +18,8 @@ from typing import IO, ClassVar
 
 import numpy as np
 
+from .errors import CifarTransferError
+
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -27,7 +29,7 @@ TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 
 
-class DataError(Exception):
+class DataError(CifarTransferError):
     """The data could not be found or is not valid CIFAR-10; the message names the file and the problem."""
 
 
@@ -142,7 +144,10 @@ def read_folder(folder: Path) -> tuple[Dataset, Dataset]:
         if not path.is_file():
             raise DataError(f"{path}: missing (the official {FOLDER} layout has {', '.join(TRAIN_BATCHES)}, "
                             f"{TEST_BATCH} and batches.meta)")
-        return open(path, "rb")
+        try:
+            return open(path, "rb")
+        except OSError as e:
+            raise DataError(f"{path}: cannot be read ({e.strerror})") from None
 
     return _read_official(open_member, str(folder))
 

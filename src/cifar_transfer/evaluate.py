@@ -49,6 +49,12 @@ def logits_for(model: nn.Module, images: np.ndarray, recipe: Recipe, flip: bool 
                           desc).cpu().numpy()
 
 
+def tta_logits(model: nn.Module, images: np.ndarray, recipe: Recipe) -> np.ndarray:
+    """Flip test-time augmentation as logits: the log of the mean probability of each image and its mirror."""
+    both = [logits_for(model, images, recipe, flip=f) for f in (False, True)]
+    return np.log(np.mean([torch.from_numpy(b).softmax(1).numpy() for b in both], axis=0)).astype(np.float32)
+
+
 def summarise(logits: np.ndarray, labels: np.ndarray, top_k: int = 24) -> dict:
     """Every test-set number the report shows, JSON-ready."""
     logits_t = torch.from_numpy(logits).float()
@@ -72,7 +78,7 @@ def summarise(logits: np.ndarray, labels: np.ndarray, top_k: int = 24) -> dict:
                 "support": int(support[i])}
             for i, c in enumerate(CLASSES)
         },
-        "macro_f1": float(f1.mean()),
+        "macro_f1": float(f1[support > 0].mean()),  # over the classes present (a photo set may lack some)
         "confusion": cm.tolist(),
         "confusion_normalised": cm_norm.round(6).tolist(),
         "leakage": leakage(cm),

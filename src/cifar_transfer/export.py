@@ -8,47 +8,70 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from torch import nn
 
 from . import atomic
 from .data import CLASSES
+from .errors import CifarTransferError
 from .model import load_model
 
 TOLERANCE = 1e-4
 PREPROCESSING = ("input 'image': float32 RGB in [0, 1], N x 3 x 32 x 32 (centre-crop to square, Lanczos "
-                 "downscale to 32x32); normalisation and any upsampling happen inside the graph; output "
-                 "'logits': N x 10, softmax gives class probabilities")
+                 "downscale to 32x32); normalisation and any upsampling happen inside the graph; outputs "
+                 "'logits': N x 10, and 'probabilities': N x 10, softmax(logits / temperature)")
 
 
-def export_onnx(run_dir: Path, out: Path, opset: int = 18) -> float:
-    """Write `out` and return the largest |ONNX - PyTorch| logit difference on a check batch."""
+class ExportError(CifarTransferError):
+    """ONNX Runtime does not reproduce the PyTorch model: nothing is written."""
+
+
+class WithProbabilities(nn.Module):
+    """The model, with the probabilities `predict` and `serve` return as a second output."""
+
+    def __init__(self, model: nn.Module, temperature: float):
+        super().__init__()
+        self.model, self.temperature = model, temperature
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)
+        return logits, (logits / self.temperature).softmax(1)
+
+
+def export_onnx(run_dir: Path, out: Path, calibrated: bool = True, opset: int = 18) -> float:
+    """Write `out` and return the largest |ONNX - PyTorch| difference (logits and probabilities) on a check batch.
+
+    The probabilities use the model's temperature unless `calibrated` is false (or the model has none)."""
     model, recipe = load_model(Path(run_dir) / "model.safetensors")
+    temperature = model.temperature if calibrated and model.temperature is not None else None
+    net = WithProbabilities(model, temperature or 1.0).eval()
     example = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    program = torch.onnx.export(model, (example,), input_names=["image"], output_names=["logits"],
+    program = torch.onnx.export(net, (example,), input_names=["image"], output_names=["logits", "probabilities"],
                                 dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset,
                                 dynamo=True, verbose=False)
     proto = program.model_proto
     meta = {"classes": json.dumps(CLASSES), "preprocessing": PREPROCESSING,
             "mean": json.dumps([round(v, 6) for v in model.mean.flatten().tolist()]),
             "std": json.dumps([round(v, 6) for v in model.std.flatten().tolist()]),
+            "calibrated": json.dumps(temperature is not None), "temperature": json.dumps(temperature),
             "resolution": str(recipe.resolution), "recipe": recipe.dumps(), "source": str(run_dir)}
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
     data = proto.SerializeToString()
-    diff = max_difference(model, data, example)
+    diff = max_difference(net, data, example)
     if diff > TOLERANCE:
-        raise RuntimeError(f"ONNX export differs from PyTorch by {diff:.2e} (> {TOLERANCE}); not written")
+        raise ExportError(f"ONNX export differs from PyTorch by {diff:.2e} (> {TOLERANCE}); not written")
     atomic.write_bytes(out, data)
     return diff
 
 
-def max_difference(model: torch.nn.Module, onnx_bytes: bytes, x: torch.Tensor) -> float:
+def max_difference(net: nn.Module, onnx_bytes: bytes, x: torch.Tensor) -> float:
     import onnxruntime as ort
 
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {"image": x.numpy()})
+    got = session.run(None, {"image": x.numpy()})
     with torch.inference_mode():
-        want = model(x).numpy()
-    return float(np.abs(got - want).max())
+        want = [t.numpy() for t in net(x)]
+    return max(float(np.abs(g - w).max()) for g, w in zip(got, want))
 
 
 def metadata(path: Path) -> dict[str, str]:

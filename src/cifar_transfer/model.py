@@ -23,14 +23,19 @@ from torchvision.models import ResNet, ResNet50_Weights, resnet50
 
 from . import atomic
 from .data import CLASSES
+from .errors import CifarTransferError
 from .recipe import STEPS, Recipe, step_name
 
 FEATURES = 2048
 IMAGENET = "imagenet"
 
 
-class WeightsError(Exception):
+class WeightsError(CifarTransferError):
     """A weights file that cannot be loaded as ResNet-50; the message names the file and the problem."""
+
+
+class DeviceError(CifarTransferError):
+    """The device asked for is not there."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,8 @@ class TransferNet(nn.Module):
         super().__init__()
         self.resolution = recipe.resolution
         self.stride_in_1x1 = stride_in_1x1
+        # fitted on the validation split after training: probabilities are softmax(logits / temperature)
+        self.temperature: float | None = None
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         self.backbone = _resnet50(stride_in_1x1)
@@ -241,7 +248,7 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is available")
+        raise DeviceError(f"--device {name}: no CUDA device is available")
     return torch.device(name)
 
 
@@ -260,6 +267,7 @@ def save_model(model: TransferNet, recipe: Recipe, path: Path) -> Path:
         "recipe": recipe.dumps(),
         "classes": json.dumps(CLASSES),
         "stride_in_1x1": json.dumps(model.stride_in_1x1),
+        "temperature": json.dumps(model.temperature),
         "input": "float32 RGB in [0, 1], N x 3 x 32 x 32; normalised (mean/std buffers) and resized inside",
     }
     return atomic.write_bytes(path, save(sd, metadata=meta))
@@ -276,5 +284,16 @@ def load_model(path: Path) -> tuple[TransferNet, Recipe]:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         raise WeightsError(f"{path}: does not match the recipe's model ({e})") from None
+    model.temperature = _temperature(meta.get("temperature", "null"), path)  # older models have none
     return model.eval(), recipe
+
+
+def _temperature(text: str, path: Path) -> float | None:
+    try:
+        t = json.loads(text)
+    except ValueError:
+        t = text
+    if t is not None and not (isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) and t > 0):
+        raise WeightsError(f"{path}: metadata temperature={text!r} is not a positive number")
+    return t
 

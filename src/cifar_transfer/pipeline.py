@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import os
 import platform
 import resource
@@ -22,12 +23,14 @@ import torchvision
 from . import atomic, figures, report
 from .analyze import analyze
 from .augment import to_device
-from .data import CLASSES, Dataset, Splits, load_cifar10, load_test_set, split
-from .evaluate import logits_for, summarise
+from .calibration import confidence, fit_temperature
+from .data import CLASSES, Dataset, Splits, find_source, load_cifar10, load_test_set, split
+from .evaluate import logits_for, summarise, tta_logits
 from .model import build_model, load_model, load_pretrained, pick_device, save_model
 from .model import to_device as model_to_device
+from .predict import read_image_folder
 from .recipe import AUTO, PRESETS, Recipe, preset
-from .train import check_same_network, checkpoint_bytes, fit, load_checkpoint
+from .train import TrainingError, check_same_network, checkpoint_bytes, fit, load_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -39,7 +42,7 @@ def check_writable(folder: Path) -> None:
         atomic.write_bytes(folder / ".write-test", b"ok")
         (folder / ".write-test").unlink()
     except OSError as e:
-        raise OSError(f"{folder}: output folder is not writable ({e.strerror or e})") from None
+        raise atomic.OutputError(f"{folder}: output folder is not writable ({e.strerror or e})") from None
 
 
 def cpu_model() -> dict:
@@ -88,12 +91,14 @@ def write_history(history: list[dict], path: Path) -> None:
 
 
 def test_results(model: torch.nn.Module, test: Dataset, recipe: Recipe, out: Path,
-                 progress: bool = True) -> tuple[dict, float, np.ndarray]:
-    """Evaluate on `test`; write classification_report.txt and the confusion and gallery figures.
+                 progress: bool = True, tta: bool = False) -> tuple[dict, float, np.ndarray]:
+    """Evaluate on `test` (with flip TTA if asked); write classification_report.txt and the confusion and
+    gallery figures.
 
     Returns the summary, the seconds the forward passes took, and the logits."""
     t0 = time.perf_counter()
-    logits = logits_for(model, test.images, recipe, desc="test" if progress else None)
+    logits = tta_logits(model, test.images, recipe) if tta else logits_for(
+        model, test.images, recipe, desc="test" if progress else None)
     seconds = time.perf_counter() - t0
     result = summarise(logits, test.labels)
     atomic.write_text(out / "classification_report.txt", result["classification_report"])
@@ -137,7 +142,7 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
     if resume:
         if not (out / CHECKPOINT).is_file():
             done = " (the run is complete: see metrics.json)" if (out / "metrics.json").is_file() else ""
-            raise FileNotFoundError(f"{out / CHECKPOINT}: no checkpoint to resume from{done}")
+            raise TrainingError(f"{out / CHECKPOINT}: no checkpoint to resume from{done}")
         resume_state = load_checkpoint(out / CHECKPOINT)
         recipe = Recipe.from_dict(resume_state["recipe"])
     started_from = (resume_state or {}).get("meta", {}).get("network")
@@ -168,6 +173,10 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
     figures.learning_curves(history, out / "learning_curves.png", tuned)
 
     result, eval_s, logits = test_results(model, test, recipe, out, progress)
+    t0 = time.perf_counter()
+    val_logits = logits_for(model, splits.val.images, recipe) if len(splits.val) else None
+    model.temperature = fit_temperature(val_logits, splits.val.labels) if val_logits is not None else None
+    calibration_s = time.perf_counter() - t0
     save_model(model, recipe, out / "model.safetensors")
     metrics = {
         "run": {"name": out.name, "command": shlex.join(["cifar-transfer", *sys.argv[1:]]),
@@ -176,16 +185,21 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
                 "preset": recipe.name, "chosen_by": chosen_by, **environment(dev)},
         "timings": {"phase1_s": sum(h["seconds"] for h in history if h["phase"] == 1),
                     "phase2_s": sum(h["seconds"] for h in history if h["phase"] == 2),
-                    "train_s": train_s, "eval_s": eval_s, "total_s": time.perf_counter() - t_start},
+                    "train_s": train_s, "eval_s": eval_s, "calibration_s": calibration_s,
+                    "total_s": time.perf_counter() - t_start},
         "data": {"counts": {"train": class_counts(splits.train), "validation": class_counts(splits.val),
                             "test": class_counts(test)}},
         "final_epoch": history[-1] if history else {},
         "shipped": shipped(history, recipe),
+        "calibration": {"temperature": model.temperature, "validation_images": len(splits.val),
+                        "test": confidence(logits, test.labels, model.temperature)} if val_logits is not None else
+        {"temperature": None, "skipped": "no validation split (val_size=0) to fit a temperature on: predict and "
+                                         "serve return uncalibrated probabilities"},
         "test": result,
     }
     if recipe.analysis:
         t0 = time.perf_counter()
-        metrics["analysis"] = analyze(model, recipe, splits.val, test, out, human_labels, logits)
+        metrics["analysis"] = analyze(model, recipe, splits.val, test, out, human_labels, logits, val_logits)
         metrics["timings"]["analysis_s"] = time.perf_counter() - t0
         metrics["timings"]["total_s"] = time.perf_counter() - t_start
     metrics["peak_rss_gib"] = peak_rss_gib()
@@ -195,25 +209,32 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
     return metrics
 
 
-def evaluate_saved(run_dir: Path, data: str | None = None, device: str = "auto",
-                   download: bool = True) -> tuple[dict, Path]:
-    """Re-evaluate a saved model on its test set or on another dataset with the same classes."""
+def evaluate_saved(run_dir: Path, data: str | None = None, device: str = "auto", download: bool = True,
+                   tta: bool = False) -> tuple[dict, Path]:
+    """Re-evaluate a saved model on its test set, on another CIFAR-shaped set, or on a folder of photos with one
+    subfolder per class; with `tta`, predictions average each image with its mirror."""
     model, recipe = load_model(run_dir / "model.safetensors")
-    test = load_test_set(data) if data else load_cifar10(None, allow_download=download)[1]
-    name = Path(data).stem if data else "cifar10-test"
+    paths, skipped = None, []
+    if data and Path(data).is_dir() and find_source(Path(data)) is None:  # photos, one folder per class
+        test, paths, skipped = read_image_folder(Path(data))
+    else:
+        test = load_test_set(data) if data else load_cifar10(None, allow_download=download)[1]
+    name = (Path(data).stem or Path(data).resolve().name) if data else "cifar10-test"
     out = run_dir / "evaluations" / name
     check_writable(out)
     dev = pick_device(device)
-    result, seconds, _ = test_results(model_to_device(model, recipe, dev), test, recipe, out)
-    metrics = {"run": {"model": str(run_dir / "model.safetensors"), "data_source": test.source,
+    result, seconds, _ = test_results(model_to_device(model, recipe, dev), test, recipe, out, tta=tta)
+    if paths is not None:
+        for row in result["misclassified"]:
+            row["file"] = paths[row["index"]]
+    trained = run_dir / "metrics.json"
+    reference = json.loads(trained.read_text())["test"]["accuracy"] if trained.is_file() and data else None
+    metrics = {"run": {"model": str(run_dir / "model.safetensors"), "data_source": test.source, "tta": tta,
                        "command": shlex.join(["cifar-transfer", *sys.argv[1:]]), **environment(dev)},
-               "timings": {"eval_s": seconds}, "test": result}
+               "timings": {"eval_s": seconds}, "test": result, "cifar10_test_accuracy": reference,
+               "skipped": skipped}
     atomic.write_json(out / "metrics.json", metrics)
-    md = (f"# Evaluation of `{run_dir}` on `{test.source}`\n\n"
-          f"Accuracy **{report.pct(result['accuracy'])}** on {result['n']:,} images, mean cross-entropy "
-          f"{result['loss']:.4f}.\n\n" + report.results_markdown(
-              result, {"confusion": "confusion_matrix.png", "gallery": "misclassified.png"}) + "\n")
-    report.write(out, md, f"cifar-transfer evaluation: {name}")
+    report.write(out, report.evaluation_markdown(run_dir, metrics), f"cifar-transfer evaluation: {name}")
     return metrics, out
 
 

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .data import CLASSES
+from .calibration import softmax
+from .data import CLASSES, DataError, Dataset
+from .errors import CifarTransferError
 from .evaluate import logits_for
 from .model import digest, load_model, pick_device, to_device
 
@@ -30,7 +31,7 @@ MAX_PIXELS = 16_000_000
 DRAFT = 4 * SIZE  # JPEG decoding stops at the smallest scale that keeps at least this many pixels a side
 
 
-class ImageError(ValueError):
+class ImageError(CifarTransferError, ValueError):
     """The bytes are not an image this tool can read; the message says why."""
 
 
@@ -101,25 +102,57 @@ class Prediction:
         return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
 
 
+@dataclass(frozen=True)
+class Options:
+    """How probabilities are made: calibrated with the model's temperature, and/or averaged with the mirror image
+    (flip test-time augmentation)."""
+
+    calibrated: bool = True
+    tta: bool = False
+
+
 class Predictor:
     """A saved run's model, ready to classify batches of 32 x 32 RGB images."""
 
     def __init__(self, run_dir: Path, device: str = "auto"):
         path = Path(run_dir) / "model.safetensors"
         self.model, self.recipe = load_model(path)
+        self.temperature = self.model.temperature
         self.model_id = f"{Path(run_dir).resolve().name}-{digest(self.model.state_dict())[:12]}"
         self.device = pick_device(device)
         self.model = to_device(self.model, self.recipe, self.device)
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """N x 32 x 32 x 3 uint8 -> N x 10 logits."""
+        return logits_for(self.model, images, self.recipe)
+
+    @staticmethod
+    def views(images: np.ndarray, options: Options) -> np.ndarray:
+        """What goes through the model: the images, then (with TTA) their mirror images."""
+        return np.concatenate([images, images[:, :, ::-1]]) if options.tta else images
+
+    def combine(self, logits: np.ndarray, options: Options) -> np.ndarray:
+        """Logits of `views(images)` -> N x 10 probabilities: softmax(logits / T), the mean of both views' with TTA."""
+        p = softmax(logits, self.temperature if self.calibrated(options) else 1.0).astype(np.float32)
+        return (p[:len(p) // 2] + p[len(p) // 2:]) / 2 if options.tta else p
+
+    def calibrated(self, options: Options) -> bool:
+        return options.calibrated and self.temperature is not None
+
+    def describe(self, options: Options) -> dict:
+        """What every response says about how its probabilities were made."""
+        return {"model": self.model_id, "calibrated": self.calibrated(options),
+                "temperature": self.temperature if self.calibrated(options) else None, "tta": options.tta}
+
+    def probabilities(self, images: np.ndarray, options: Options = Options()) -> np.ndarray:
         """N x 32 x 32 x 3 uint8 -> N x 10 class probabilities."""
-        return torch.from_numpy(logits_for(self.model, images, self.recipe)).softmax(1).numpy()
+        return self.combine(self.logits(self.views(images, options)), options)
 
-    def predict(self, images: np.ndarray) -> list[Prediction]:
-        return [Prediction({c: float(p) for c, p in zip(CLASSES, row)}) for row in self.probabilities(images)]
+    def predict(self, images: np.ndarray, options: Options = Options()) -> list[Prediction]:
+        return [Prediction({c: float(p) for c, p in zip(CLASSES, row)}) for row in self.probabilities(images, options)]
 
 
-def predict_files(run_dir: Path, paths: list[Path], top: int = 3) -> list[dict]:
+def predict_files(run_dir: Path, paths: list[Path], top: int = 3, options: Options = Options()) -> list[dict]:
     """What `cifar-transfer predict` shows, one entry per path in order: its top classes, or `error` saying why
     the file could not be classified (one bad file does not stop the others)."""
     predictor = Predictor(run_dir)
@@ -131,8 +164,39 @@ def predict_files(run_dir: Path, paths: list[Path], top: int = 3) -> list[dict]:
             errors[i] = f"{p}: cannot be read ({e.strerror or e})"
         except ImageError as e:
             errors[i] = str(e)
-    results = dict(zip(images, predictor.predict(np.stack(list(images.values()))))) if images else {}
+    results = dict(zip(images, predictor.predict(np.stack(list(images.values())), options))) if images else {}
     return [{"image": str(p), "error": errors[i]} if i in errors else
-            {"image": str(p), "model": predictor.model_id,
+            {"image": str(p), **predictor.describe(options),
              "top": [{"class": c, "probability": round(q, 6)} for c, q in results[i].top(top)]}
             for i, p in enumerate(paths)]
+
+
+def read_image_folder(folder: Path) -> tuple[Dataset, list[str], list[str]]:
+    """A folder with one subfolder per CIFAR-10 class name (torchvision's ImageFolder layout), each image prepared
+    as `predict` prepares it. Returns the dataset, each image's path, and one line per thing skipped (a folder
+    that is not a class name, a file outside the class folders, a file that is not a readable image)."""
+    images, labels, paths, skipped = [], [], [], []
+    for entry in sorted(p for p in Path(folder).iterdir() if not p.name.startswith(".")):
+        if not entry.is_dir():
+            skipped.append(f"{entry}: not inside a class folder; skipped")
+            continue
+        files = sorted(p for p in entry.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if entry.name.lower() not in CLASSES:
+            skipped.append(f"{entry}: not a CIFAR-10 class name ({', '.join(CLASSES)}); its {len(files)} files "
+                           "skipped")
+            continue
+        for f in files:
+            try:
+                images.append(read_image(f.read_bytes(), str(f)))
+            except ImageError as e:
+                skipped.append(f"{e}; skipped")
+                continue
+            except OSError as e:
+                skipped.append(f"{f}: cannot be read ({e.strerror or e}); skipped")
+                continue
+            labels.append(CLASSES.index(entry.name.lower()))
+            paths.append(str(f))
+    if not images:
+        raise DataError(f"{folder}: no readable images in subfolders named after CIFAR-10 classes "
+                        f"({', '.join(CLASSES)})")
+    return Dataset(np.stack(images), np.array(labels, dtype=np.int64), str(folder)), paths, skipped

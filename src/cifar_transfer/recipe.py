@@ -10,6 +10,8 @@ import typing
 from dataclasses import dataclass
 from typing import Literal
 
+from .errors import CifarTransferError
+
 # ResNet-50's forward pass as named steps, block by block (its stages have 3, 4, 6 and 3 blocks). Training can
 # start at any of them, taking the activations of the frozen steps before it as input; "pool" gives the 2048
 # base features, "head" the logits.
@@ -23,7 +25,7 @@ def step_name(where: str) -> str:
     return f"{where}.0" if where in ("layer1", "layer2", "layer3", "layer4") else where
 
 
-class RecipeError(ValueError):
+class RecipeError(CifarTransferError, ValueError):
     """A recipe field has a value it cannot take."""
 
 

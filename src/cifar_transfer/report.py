@@ -85,11 +85,23 @@ def shipped_markdown(s: dict) -> str:
             f"{pct(s['val_acc'])}): {s['why']}. The test set was not used to choose them.")
 
 
+def calibration_markdown(c: dict) -> str:
+    """The temperature shipped with the model, and what it does to the test set's confidence."""
+    if c.get("temperature") is None:
+        return f"Probabilities are not calibrated: {c.get('skipped', 'no temperature was fitted')}."
+    t = c["test"]
+    return (f"The model ships with temperature **T = {c['temperature']:.3f}**, fitted on the "
+            f"{c['validation_images']:,} validation images: `predict`, `serve` and the ONNX export return "
+            "softmax(logits / T) unless told not to. On the test set it moves the mean top-class probability from "
+            f"{pct(t['mean_confidence_before'])} to {pct(t['mean_confidence_after'])}, beside an accuracy of "
+            f"{pct(t['accuracy'])}; predictions (the arg-max) do not change.")
+
+
 def results_markdown(test: dict, figures: dict[str, str]) -> str:
     """The test-set sections: per-class scores, confusion, leakage, misclassified images."""
     per = test["per_class"]
     rows = [[c, f"{per[c]['precision']:.4f}", f"{per[c]['recall']:.4f}", f"{per[c]['f1']:.4f}", per[c]["support"]]
-            for c in CLASSES]
+            for c in CLASSES if per[c]["support"]]  # the classes present
     leak = [[f"{r['a']} ↔ {r['b']}", f"{pct(r['a_as_b'])} ({r['a_as_b_count']})",
              f"{pct(r['b_as_a'])} ({r['b_as_a_count']})"] for r in test["leakage"]]
     confused = [[f"{r['a']} ↔ {r['b']}", r["errors"], r["a_as_b"], r["b_as_a"]] for r in test["most_confused"]]
@@ -142,6 +154,8 @@ def run_markdown(metrics: dict, history: list[dict], recipe: dict) -> str:
         table(["epoch", "phase", "lr", "train loss", "train acc", "val loss", "val acc", "seconds", "shipped"], hist),
         f"# Test set: {pct(metrics['test']['accuracy'])} accuracy",
         results_markdown(metrics["test"], {"confusion": "confusion_matrix.png", "gallery": "misclassified.png"}),
+        "## Calibrated probabilities",
+        calibration_markdown(metrics["calibration"]) if "calibration" in metrics else "",
         analysis_markdown(metrics["analysis"]) if "analysis" in metrics else "",
         "## Reproduce",
         f"```\n{run['command']}\n```\n\ntorch {run['versions']['torch']}, torchvision "
@@ -168,6 +182,27 @@ def to_html(md: str, folder: Path, title: str) -> str:
             f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n")
 
 
+def evaluation_markdown(run_dir: Path, metrics: dict) -> str:
+    """The report of `evaluate`: accuracy (beside the CIFAR-10 test accuracy when the set is another), what was
+    skipped, then the test-set sections."""
+    test, ref, skipped = metrics["test"], metrics["cifar10_test_accuracy"], metrics["skipped"]
+    parts = [f"# Evaluation of `{run_dir}` on `{metrics['run']['data_source']}`",
+             f"Accuracy **{pct(test['accuracy'])}** on {test['n']:,} images"
+             + (" with flip test-time augmentation" if metrics["run"]["tta"] else "")
+             + f", mean cross-entropy {test['loss']:.4f}."]
+    if ref is not None:
+        parts.append(f"On the CIFAR-10 test set this model scored {pct(ref)}: a drop of "
+                     f"**{100 * (ref - test['accuracy']):.1f} points** on this set.")
+    if skipped:
+        parts.append(f"{len(skipped)} skipped:\n\n" + "\n".join(f"- {s}" for s in skipped))
+    parts.append(results_markdown(test, {"confusion": "confusion_matrix.png", "gallery": "misclassified.png"}))
+    if any("file" in r for r in test["misclassified"]):
+        parts.append(table(["file", "true", "predicted", "confidence"],
+                           [[f"`{r['file']}`", r["true"], r["predicted"], f"{r['confidence']:.3f}"]
+                            for r in test["misclassified"]]))
+    return "\n\n".join(parts) + "\n"
+
+
 def write(folder: Path, md: str, title: str) -> None:
     atomic.write_text(folder / "report.md", md)
     atomic.write_text(folder / "report.html", to_html(md, folder, title))
@@ -179,11 +214,13 @@ def analysis_markdown(a: dict) -> str:
     parts = [
         "# Error analysis",
         "## Calibration",
+        f"Skipped: {cal['skipped']}." if "skipped" in cal else
         f"Expected calibration error (15 equal-width bins) on the test set: **{cal['ece_before']:.4f}** as "
         f"trained, **{cal['ece_after']:.4f}** after temperature scaling with T = {cal['temperature']:.3f} "
         f"(fitted on the validation set, never the test set). Mean cross-entropy {cal['nll_before']:.4f} → "
-        f"{cal['nll_after']:.4f}. T > 1 means the model was over-confident.",
-        "![Reliability diagram](reliability.png)",
+        f"{cal['nll_after']:.4f}. T > 1 means the model was over-confident. The temperature is saved with the "
+        "model: `predict`, `serve` and the ONNX export return these calibrated probabilities unless told not to.",
+        "" if "skipped" in cal else "![Reliability diagram](reliability.png)",
         "## Test-time augmentation",
         f"Averaging each prediction with that of the horizontally flipped image, on {tta_scope(tta)}: "
         f"accuracy {pct(tta['accuracy'])} → {pct(tta['accuracy_flip_tta'])} ({100 * tta['change']:+.2f} points).",

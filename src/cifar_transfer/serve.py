@@ -9,12 +9,13 @@ bodies are counted as they arrive and cut off at the limit. Bad input is answere
 """
 
 import asyncio
+import collections
 import contextlib
 import errno
 import json
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
@@ -27,7 +28,8 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .data import CLASSES
-from .predict import ImageError, Predictor, decode, open_image
+from .errors import CifarTransferError
+from .predict import ImageError, Options, Predictor, decode, open_image
 
 MAX_BYTES = 10_000_000
 MAX_IMAGES = 32
@@ -35,17 +37,24 @@ LARGE_PIXELS = 1_000_000  # a decode above this many pixels waits for one of the
 LARGE_DECODES = 2
 FORM_OVERHEAD = 65_536  # multipart headers and boundaries around the image bytes
 TopK = Annotated[int, Query(ge=1, le=len(CLASSES), description="how many classes to list, best first")]
+Calibrated = Annotated[bool, Query(description="divide the logits by the model's temperature (fitted on the "
+                                               "validation split) before the softmax; false: raw probabilities")]
+TTA = Annotated[bool, Query(description="average the probabilities of the image and its mirror image")]
 
 
 class Batcher:
-    """Micro-batching: gathers the images of concurrent requests and classifies them together."""
+    """Micro-batching: gathers the images of concurrent requests and runs them through the model together.
 
-    def __init__(self, predictor: Predictor, max_batch: int = 128, wait_s: float = 0.004):
-        self.predictor, self.max_batch, self.wait_s = predictor, max_batch, wait_s
+    `logits` is the model's logits for the batch; it is a parameter so the batching can be tested on its own."""
+
+    def __init__(self, logits: Callable[[np.ndarray], np.ndarray], max_batch: int = 128, wait_s: float = 0.004):
+        self.logits, self.max_batch, self.wait_s = logits, max_batch, wait_s
         self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="model")  # the model's own thread
+        self.sizes: collections.Counter[int] = collections.Counter()  # images per forward pass -> how often
 
     async def classify(self, images: np.ndarray) -> np.ndarray:
+        """The logits of `images`, computed in the next batch."""
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((images, future))
         return await future
@@ -60,9 +69,10 @@ class Batcher:
                     items.append(await asyncio.wait_for(self.queue.get(), left))
                 except TimeoutError:
                     break
+            batch = np.concatenate([i[0] for i in items])
+            self.sizes[len(batch)] += 1
             try:
-                probs = await loop.run_in_executor(
-                    self.executor, self.predictor.probabilities, np.concatenate([i[0] for i in items]))
+                logits = await loop.run_in_executor(self.executor, self.logits, batch)
             except Exception as e:  # a model failure fails these requests, not the service
                 for _, future in items:
                     if not future.done():  # a client that went away has cancelled its future
@@ -71,7 +81,7 @@ class Batcher:
             start = 0
             for images, future in items:
                 if not future.done():
-                    future.set_result(probs[start:start + len(images)])
+                    future.set_result(logits[start:start + len(images)])
                 start += len(images)
 
 
@@ -143,7 +153,7 @@ async def _too_large(send: Send, detail: str) -> None:
 def create_app(run_dir: Path, max_bytes: int = MAX_BYTES, max_images: int = MAX_IMAGES,
                device: str = "auto") -> FastAPI:
     predictor = Predictor(run_dir, device)
-    batcher = Batcher(predictor)
+    batcher = Batcher(predictor.logits)
     decoder = Decoder()
 
     @contextlib.asynccontextmanager
@@ -179,23 +189,33 @@ def create_app(run_dir: Path, max_bytes: int = MAX_BYTES, max_images: int = MAX_
         return {"top": [{"class": CLASSES[i], "probability": float(probs[i])} for i in order],
                 "probabilities": {c: float(p) for c, p in zip(CLASSES, probs)}}
 
+    async def classify(images: np.ndarray, options: Options) -> np.ndarray:
+        return predictor.combine(await batcher.classify(predictor.views(images, options)), options)
+
     @app.post("/predict", summary="Classify one image (multipart field 'file')")
-    async def predict(file: Annotated[UploadFile, File()], top: TopK = 3) -> dict:
-        probs = await batcher.classify((await decode(file))[None])
-        return {"model": predictor.model_id, **result(probs[0], top)}
+    async def predict(file: Annotated[UploadFile, File()], top: TopK = 3, calibrated: Calibrated = True,
+                      tta: TTA = False) -> dict:
+        options = Options(calibrated, tta)
+        probs = await classify((await decode(file))[None], options)
+        return {**predictor.describe(options), **result(probs[0], top)}
 
     @app.post("/predict/batch", summary="Classify several images (multipart fields 'files')")
-    async def predict_batch(files: Annotated[list[UploadFile], File()], top: TopK = 3) -> dict:
+    async def predict_batch(files: Annotated[list[UploadFile], File()], top: TopK = 3, calibrated: Calibrated = True,
+                            tta: TTA = False) -> dict:
         if len(files) > max_images:
             raise HTTPException(413, f"{len(files)} images in one request; at most {max_images}")
-        images = np.stack([await decode(f) for f in files])
-        probs = await batcher.classify(images)
-        return {"model": predictor.model_id,
+        options = Options(calibrated, tta)
+        probs = await classify(np.stack([await decode(f) for f in files]), options)
+        return {**predictor.describe(options),
                 "results": [{"filename": f.filename, **result(p, top)} for f, p in zip(files, probs)]}
 
-    @app.get("/health", summary="Liveness and the model's id")
+    @app.get("/health", summary="Liveness, the model's id and temperature, and how requests were batched")
     async def health() -> dict:
-        return {"status": "ok", "model": predictor.model_id, "device": str(predictor.device)}
+        sizes = batcher.sizes
+        return {"status": "ok", "model": predictor.model_id, "device": str(predictor.device),
+                "temperature": predictor.temperature,
+                "batches": {"count": sum(sizes.values()), "images": sum(k * n for k, n in sizes.items()),
+                            "largest": max(sizes, default=0)}}
 
     page = resources.files("cifar_transfer").joinpath("static/index.html").read_text(encoding="utf-8")
 
@@ -206,7 +226,7 @@ def create_app(run_dir: Path, max_bytes: int = MAX_BYTES, max_images: int = MAX_
     return app
 
 
-class PortError(OSError):
+class PortError(CifarTransferError, OSError):
     """The service cannot listen where it was asked to (a port in use, an unknown host)."""
 
 

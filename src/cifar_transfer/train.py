@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from . import atomic
 from .augment import augment, to_input
+from .errors import CifarTransferError
 from .evaluate import autocast, predict_logits
 from .model import Part, TransferNet, first_line
 from .recipe import STEPS, Recipe, step_name
@@ -35,7 +36,7 @@ Views = tuple[torch.Tensor, ...]  # cached activations of each image (and of its
 LOG_EVERY = 25  # steps between progress-bar refreshes (each one is a host synchronisation)
 
 
-class TrainingError(Exception):
+class TrainingError(CifarTransferError):
     """Training cannot go on (a non-finite loss, a checkpoint that does not fit the run)."""
 
 

@@ -1,0 +1,146 @@
+"""What a user ships: calibrated probabilities (predict, ONNX), flip TTA, and evaluation on real photographs."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from cifar_transfer.calibration import fit_temperature, softmax
+from cifar_transfer.data import CLASSES, split
+from cifar_transfer.export import metadata
+from cifar_transfer.predict import Options, Predictor, read_image
+from cifar_transfer.recipe import preset
+
+PHOTOS = Path(__file__).parent / "fixtures" / "photos"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cifar_transfer.cli", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_the_validation_temperature_ships_with_the_model_and_calibrates_predictions(smoke_run, cifar):
+    metrics = json.loads((smoke_run / "metrics.json").read_text())
+    predictor = Predictor(smoke_run, "cpu")
+    r = preset("smoke")
+    val = split(*cifar, r.train_size, r.val_size, r.seed).val
+    assert predictor.temperature == metrics["calibration"]["temperature"]
+    assert predictor.temperature == metrics["analysis"]["calibration"]["temperature"]  # one fit, the same number
+    assert predictor.temperature == fit_temperature(predictor.logits(val.images), val.labels)  # on validation only
+    test = cifar[1]
+    logits = predictor.logits(test.images)
+    calibrated = predictor.probabilities(test.images)
+    assert np.allclose(calibrated, softmax(logits, predictor.temperature), atol=1e-6)
+    raw = predictor.probabilities(test.images, Options(calibrated=False))
+    assert np.allclose(raw, softmax(logits), atol=1e-6)
+    accuracy = (calibrated.argmax(1) == test.labels).mean()
+    assert (raw.argmax(1) == calibrated.argmax(1)).all()
+    # the target: mean confidence within 0.05 of accuracy on the CIFAR-10 test set
+    print(f"\nsmoke model, T = {predictor.temperature:.3f}: accuracy {accuracy:.4f}, mean confidence "
+          f"{raw.max(1).mean():.4f} raw, {calibrated.max(1).mean():.4f} calibrated")
+    assert abs(calibrated.max(1).mean() - accuracy) <= 0.05
+    assert abs(calibrated.max(1).mean() - accuracy) < abs(raw.max(1).mean() - accuracy)
+    assert "T = " in (smoke_run / "report.md").read_text().split("## Calibrated probabilities")[1]
+
+
+def test_predict_says_how_its_probabilities_were_made(smoke_run, cifar, tmp_path):
+    image = cifar[1].images[5]
+    path = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.fromarray(image).save(path)
+    predictor = Predictor(smoke_run, "cpu")
+    x = read_image(path.read_bytes())[None]
+    for flags, options in (([], Options()), (["--no-calibration"], Options(calibrated=False)),
+                           (["--tta"], Options(tta=True))):
+        done = cli("predict", str(smoke_run), str(path), "--json", "--top", "10", *flags)
+        assert done.returncode == 0, done.stderr
+        (result,) = json.loads(done.stdout)
+        assert result["calibrated"] == options.calibrated and result["tta"] == options.tta
+        assert result["temperature"] == (predictor.temperature if options.calibrated else None)
+        got = {t["class"]: t["probability"] for t in result["top"]}
+        want = predictor.probabilities(x, options)[0]
+        assert np.allclose([got[c] for c in CLASSES], want, atol=1e-5)
+    mirrored = predictor.probabilities(x[:, :, ::-1])[0]
+    assert np.allclose(predictor.probabilities(x, Options(tta=True))[0], (predictor.probabilities(x)[0] + mirrored) / 2,
+                       atol=1e-6)
+
+
+def test_onnx_export_returns_the_calibrated_probabilities(smoke_run, cifar, tmp_path):
+    out = tmp_path / "model.onnx"
+    done = cli("export", str(smoke_run), "--onnx", str(out))
+    assert done.returncode == 0, done.stderr
+    predictor = Predictor(smoke_run, "cpu")
+    meta = metadata(out)
+    assert json.loads(meta["calibrated"]) is True and json.loads(meta["temperature"]) == predictor.temperature
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    images = cifar[1].images[:300]
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().numpy() / 255
+    logits, probabilities = session.run(None, {"image": x})
+    assert np.abs(logits - predictor.logits(images)).max() < 1e-4
+    assert np.abs(probabilities - predictor.probabilities(images)).max() < 1e-5
+    assert cli("export", str(smoke_run), "--onnx", str(out), "--no-calibration").returncode == 0
+    assert json.loads(metadata(out)["calibrated"]) is False
+    _, raw = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    assert np.abs(raw - predictor.probabilities(images, Options(calibrated=False))).max() < 1e-5
+
+
+def test_evaluate_with_tta_agrees_with_the_analysis(smoke_run):
+    done = cli("evaluate", str(smoke_run), "--tta")
+    assert done.returncode == 0, done.stderr
+    evaluation = json.loads((smoke_run / "evaluations" / "cifar10-test" / "metrics.json").read_text())
+    analysis = json.loads((smoke_run / "metrics.json").read_text())["analysis"]["tta"]
+    assert evaluation["run"]["tta"] is True and not analysis["sampled"]  # smoke's TTA analysis uses all 10,000
+    assert evaluation["test"]["accuracy"] == analysis["accuracy_flip_tta"]
+
+
+def test_evaluate_on_a_folder_of_photos(smoke_run, tmp_path):
+    photos = tmp_path / "my photos"
+    shutil.copytree(PHOTOS, photos)
+    (photos / "zebra").mkdir()
+    (photos / "zebra" / "z.png").write_bytes((PHOTOS / "horse" / "horse.png").read_bytes())
+    (photos / "cat" / "broken.jpg").write_bytes((PHOTOS / "cat" / "chelsea.jpg").read_bytes()[:300])
+    (photos / "notes.txt").write_text("not in a class folder")
+    done = cli("evaluate", str(smoke_run), "--data", str(photos))
+    assert done.returncode == 0, done.stderr
+    skipped = done.stderr.splitlines()
+    assert len(skipped) == 3 and all(line.startswith("skipped: ") for line in skipped), done.stderr
+    assert any("zebra: not a CIFAR-10 class name" in s and "1 files skipped" in s for s in skipped)
+    assert any("broken.jpg: truncated or corrupt image" in s for s in skipped)
+    assert any("notes.txt: not inside a class folder" in s for s in skipped)
+    counts = {c: len(list((PHOTOS / c).iterdir())) for c in CLASSES if (PHOTOS / c).is_dir()}
+    out = smoke_run / "evaluations" / "my photos"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["test"]["n"] == sum(counts.values()) and len(m["skipped"]) == 3
+    assert {c: m["test"]["per_class"][c]["support"] for c in counts} == counts
+    reference = json.loads((smoke_run / "metrics.json").read_text())["test"]["accuracy"]
+    assert m["cifar10_test_accuracy"] == reference
+    report = (out / "report.md").read_text()
+    assert f"a drop of **{100 * (reference - m['test']['accuracy']):.1f} points**" in report
+    assert all((out / f).is_file() for f in ("confusion_matrix.png", "misclassified.png", "report.html"))
+    assert all(r["file"].startswith(str(photos)) for r in m["test"]["misclassified"])
+
+
+def test_without_a_validation_split_calibration_is_skipped_and_said(cifar_dir, weights_path, smoke_run, tmp_path):
+    out = tmp_path / "no-val"
+    done = cli("run", "--preset", "smoke", "--set", "val_size=0", "--set", "train_size=100", "--set",
+               "finetune_epochs=0", "--set", "tta_images=100", "--set", "corruption_images=10", "--set",
+               "gradcam_images=4", "--data-dir", str(cifar_dir), "--weights", str(weights_path), "--out", str(out),
+               "--no-progress")
+    assert done.returncode == 0, done.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["calibration"]["temperature"] is None and "val_size=0" in m["calibration"]["skipped"]
+    assert "val_size=0" in m["analysis"]["calibration"]["skipped"]
+    assert not (out / "reliability.png").exists()
+    report = (out / "report.md").read_text()
+    assert "Probabilities are not calibrated: no validation split (val_size=0)" in report
+    assert "## Calibration\n\nSkipped: no validation split (val_size=0)" in report
+    image = out / "x.png"
+    image.write_bytes((PHOTOS / "cat" / "chelsea.jpg").read_bytes())
+    (result,) = json.loads(cli("predict", str(out), str(image), "--json").stdout)
+    assert result["calibrated"] is False and result["temperature"] is None
