@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from cifar_transfer import cli as command
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CIFAR_TRANSFER_SHARED", ROOT.parent / "shared"))
 CIFAR_DIR = SHARED / "data" / "cifar-10-batches-py"
@@ -76,6 +78,24 @@ def cifar_copy(cifar_dir: Path, tmp_path: Path):
         return dest
 
     return make
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch):
+    """The command line's `main`, called in this process (no interpreter start per call) with the
+    $CIFAR_TRANSFER_* defaults removed; returns exit status, stdout and stderr like a finished process."""
+    for key in [k for k in os.environ if k.startswith("CIFAR_TRANSFER_")]:
+        monkeypatch.delenv(key)
+
+    def call(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        status = command.main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), status, out, err)
+
+    return call
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):

@@ -18,9 +18,10 @@ from torchvision.models import resnet50
 
 from cifar_transfer.train import load_checkpoint
 
-# smoke, with augmentation so that phase 1 takes long enough to be interrupted in; no error analysis (not
-# what is tested here, and it would run five times)
-RECIPE = ["--set", "head_epochs=2", "--set", "finetune_epochs=2", "--set", "augment=true", "--set", "analysis=false"]
+# smoke made smaller (200 training images, bf16), with augmentation so that phase 1 takes long enough to be
+# interrupted in; no error analysis (not what is tested here, and it would run five times)
+RECIPE = ["--set", "head_epochs=2", "--set", "finetune_epochs=2", "--set", "augment=true", "--set", "analysis=false",
+          "--set", "train_size=200", "--set", "val_size=100", "--set", "precision=bf16"]
 
 
 def start(out: Path, *args: str, data: Path, weights: Path) -> subprocess.Popen:
@@ -75,10 +76,6 @@ def test_killed_runs_resume_to_identical_metrics(cifar_dir, weights_path, tmp_pa
         assert not (out / "checkpoint.pt").exists()
 
 
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CIFAR_TRANSFER_")}
-    return subprocess.run([sys.executable, "-m", "cifar_transfer.cli", *args], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=cwd)
 
 
 def assert_one_line(done: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -101,24 +98,24 @@ def batch(data: object, labels: object) -> bytes:
     ("test_batch", batch(np.zeros((10_000, 3072), np.int16), [0] * 10_000), ("test_batch", "must be uint8")),
     ("data_batch_5", batch(np.zeros((10_000, 3072), np.uint8), [10] * 10_000), ("data_batch_5", "0..9")),
 ])
-def test_bad_data_is_one_line_naming_the_file(cifar_dir, cifar_copy, weights_path, tmp_path, name, content,
+def test_bad_data_is_one_line_naming_the_file(run_cli, cifar_dir, cifar_copy, weights_path, tmp_path, name, content,
                                               fragments):
     if content == "truncate":
         content = (cifar_dir / name).read_bytes()[:5000]
     folder = cifar_copy(name, content)
-    done = cli("run", "--data-dir", str(folder), "--weights", str(weights_path), "--out", str(tmp_path / "r"),
+    done = run_cli("run", "--data-dir", str(folder), "--weights", str(weights_path), "--out", str(tmp_path / "r"),
                "--no-download")
     assert_one_line(done, *fragments)
     assert (tmp_path / "r" / "error.txt").read_text().strip() == done.stderr.strip().removeprefix("error: ")
 
 
-def test_missing_folder(tmp_path, weights_path):
-    done = cli("run", "--data-dir", str(tmp_path / "absent"), "--weights", str(weights_path), "--out",
+def test_missing_folder(run_cli, tmp_path, weights_path):
+    done = run_cli("run", "--data-dir", str(tmp_path / "absent"), "--weights", str(weights_path), "--out",
                str(tmp_path / "r"), "--no-download", cwd=tmp_path)
     assert_one_line(done, "CIFAR-10 not found in", "absent")
-    done = cli("evaluate", str(tmp_path))
+    done = run_cli("evaluate", str(tmp_path))
     assert_one_line(done, "model.safetensors")
-    assert "Traceback" in cli("--debug", "evaluate", str(tmp_path)).stderr
+    assert "Traceback" in run_cli("--debug", "evaluate", str(tmp_path)).stderr
 
 
 @pytest.mark.parametrize(("arrays", "fragment"), [
@@ -126,9 +123,9 @@ def test_missing_folder(tmp_path, weights_path):
     ({"x": np.zeros(3)}, "no 'images' or 'labels' array"),
     ({"images": np.zeros((3, 28, 28), np.uint8), "labels": np.zeros(3, np.int64)}, "N x 32 x 32 x 3"),
 ])
-def test_bad_npz_is_one_line(smoke_run, tmp_path, arrays, fragment):
+def test_bad_npz_is_one_line(run_cli, smoke_run, tmp_path, arrays, fragment):
     np.savez(tmp_path / "bad.npz", **arrays)
-    assert_one_line(cli("evaluate", str(smoke_run), "--data", str(tmp_path / "bad.npz")), "bad.npz", fragment)
+    assert_one_line(run_cli("evaluate", str(smoke_run), "--data", str(tmp_path / "bad.npz")), "bad.npz", fragment)
 
 
 def weights_file(tmp_path: Path, change) -> Path:
@@ -148,50 +145,50 @@ def weights_file(tmp_path: Path, change) -> Path:
      ("expected a state_dict",)),
     (lambda p: (p.joinpath("w.pth").write_bytes(pickle.dumps(Path("x"))), p / "w.pth")[1], ("weights_only=True",)),
 ])
-def test_bad_weights_are_one_line(tmp_path, cifar_dir, make, fragments):
+def test_bad_weights_are_one_line(run_cli, tmp_path, cifar_dir, make, fragments):
     path = make(tmp_path)
-    done = cli("run", "--data-dir", str(cifar_dir), "--weights", str(path), "--out", str(tmp_path / "r"),
+    done = run_cli("run", "--data-dir", str(cifar_dir), "--weights", str(path), "--out", str(tmp_path / "r"),
                "--no-download")
     assert_one_line(done, str(path), *fragments)
 
 
-def test_unwritable_output_fails_before_training(tmp_path, cifar_dir, weights_path):
+def test_unwritable_output_fails_before_training(run_cli, tmp_path, cifar_dir, weights_path):
     (tmp_path / "a-file").write_text("x")
     started = time.monotonic()
-    done = cli("run", "--data-dir", str(cifar_dir), "--weights", str(weights_path), "--out",
+    done = run_cli("run", "--data-dir", str(cifar_dir), "--weights", str(weights_path), "--out",
                str(tmp_path / "a-file" / "run"))
     assert_one_line(done, "a-file/run", "not writable")
     assert time.monotonic() - started < 60
 
 
-def test_non_finite_loss_stops_with_phase_epoch_and_step(tmp_path, cifar_dir, weights_path):
+def test_non_finite_loss_stops_with_phase_epoch_and_step(run_cli, tmp_path, cifar_dir, weights_path):
     out = tmp_path / "r"
-    done = cli("run", "--preset", "smoke", "--set", "head_lr=1e30", "--set", "head_epochs=2", "--data-dir",
+    done = run_cli("run", "--preset", "smoke", "--set", "head_lr=1e30", "--set", "head_epochs=2", "--data-dir",
                str(cifar_dir), "--weights", str(weights_path), "--out", str(out), "--no-progress")
     assert_one_line(done, "phase 1 epoch", "step", "non-finite loss")
     assert not (out / "metrics.json").exists() and (out / "error.txt").is_file()
 
 
-def test_resume_without_a_checkpoint(tmp_path):
-    done = cli("run", "--resume", str(tmp_path))
+def test_resume_without_a_checkpoint(run_cli, tmp_path):
+    done = run_cli("run", "--resume", str(tmp_path))
     assert_one_line(done, "checkpoint.pt", "no checkpoint to resume from")
 
 
-def test_recipe_values_are_refused_before_anything_loads(tmp_path):
+def test_recipe_values_are_refused_before_anything_loads(run_cli, tmp_path):
     for assignment, fragment in (("seed=-1", "seed=-1"), ("warmup_epochs=inf", "warmup_epochs=inf")):
-        done = cli("run", "--set", assignment, "--data-dir", str(tmp_path / "absent"), "--no-download",
+        done = run_cli("run", "--set", assignment, "--data-dir", str(tmp_path / "absent"), "--no-download",
                    "--out", str(tmp_path / "r"))
         assert_one_line(done, "recipe field", fragment)  # not the missing data: the recipe is checked first
     assert not (tmp_path / "r").exists()
 
 
-def test_corrupt_compressed_npz_names_the_file(smoke_run, cifar, tmp_path):
+def test_corrupt_compressed_npz_names_the_file(run_cli, smoke_run, cifar, tmp_path):
     path = tmp_path / "small.npz"
     np.savez_compressed(path, images=cifar[1].images[:200], labels=cifar[1].labels[:200])
     data = bytearray(path.read_bytes())
     data[100:108] = b"\xff" * 8  # inside the deflated images array
     path.write_bytes(bytes(data))
-    assert_one_line(cli("evaluate", str(smoke_run), "--data", str(path)), str(path), "not a readable .npz file")
+    assert_one_line(run_cli("evaluate", str(smoke_run), "--data", str(path)), str(path), "not a readable .npz file")
 
 
 @pytest.mark.parametrize("content", [
@@ -199,7 +196,7 @@ def test_corrupt_compressed_npz_names_the_file(smoke_run, cifar, tmp_path):
     "truncated",
     "pickle",  # torch.save of an object weights_only refuses: torch's message advises weights_only=False
 ])
-def test_a_corrupt_checkpoint_is_one_line_without_unsafe_advice(tmp_path, content):
+def test_a_corrupt_checkpoint_is_one_line_without_unsafe_advice(run_cli, tmp_path, content):
     path = tmp_path / "checkpoint.pt"
     if content == "truncated":
         torch.save({"recipe": {}, "model": {"w": torch.zeros(1000)}}, path)
@@ -208,27 +205,27 @@ def test_a_corrupt_checkpoint_is_one_line_without_unsafe_advice(tmp_path, conten
         torch.save({"recipe": Path("x")}, path)
     else:
         path.write_bytes(content)
-    done = cli("run", "--resume", str(tmp_path))
+    done = run_cli("run", "--resume", str(tmp_path))
     assert_one_line(done, str(path), "not a readable checkpoint")
     assert "weights_only=False" not in done.stderr
 
 
-def test_resume_on_a_finished_run_changes_nothing(smoke_run):
+def test_resume_on_a_finished_run_changes_nothing(run_cli, smoke_run):
     def snapshot() -> dict:
         return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in smoke_run.iterdir()}
 
     before = snapshot()
-    assert_one_line(cli("run", "--resume", str(smoke_run)), "no checkpoint to resume from", "the run is complete")
+    assert_one_line(run_cli("run", "--resume", str(smoke_run)), "no checkpoint to resume from", "the run is complete")
     assert snapshot() == before
 
 
-def test_a_fresh_run_removes_what_a_killed_checkpoint_write_left(tmp_path):
+def test_a_fresh_run_removes_what_a_killed_checkpoint_write_left(run_cli, tmp_path):
     out = tmp_path / "r"
     out.mkdir()
     stale = out / ".checkpoint.pt.k2j3h4.tmp"
     stale.write_bytes(b"\0" * 1000)
-    done = cli("run", "--preset", "smoke", "--out", str(out), "--data-dir", str(tmp_path / "absent"), "--no-download",
-               "--weights", "imagenet")  # fails later (no data, no network): the clean-up comes first
+    done = run_cli("run", "--preset", "smoke", "--out", str(out), "--weights", str(tmp_path / "absent.safetensors"))
+    assert "absent.safetensors: no such weights file" in done.stderr  # fails early: the clean-up comes first
     assert done.returncode == 1 and not stale.exists()
 
 
@@ -268,10 +265,9 @@ def test_a_full_disk_is_named_before_training_and_during_a_write(tmp_path, cifar
     assert listing == "[]"  # no half-written temporary file stays behind
 
 
-def test_an_unexpected_error_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+def test_an_unexpected_error_keeps_its_traceback(run_cli, tmp_path, monkeypatch):
     """Only the project's own errors are one-liners: a bug (here a shape error) leaves its traceback in error.txt
     and a line that points to it."""
-    from cifar_transfer import cli as command
     from cifar_transfer import pipeline
 
     def broken(recipe, out: Path, **kwargs) -> dict:
@@ -279,14 +275,15 @@ def test_an_unexpected_error_keeps_its_traceback(tmp_path, monkeypatch, capsys):
         return torch.zeros(2, 3) @ torch.zeros(2, 3)  # a shape bug deep inside
 
     monkeypatch.setattr(pipeline, "run", broken)
-    assert command.main(["run", "--preset", "smoke", "--out", str(tmp_path / "r")]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: unexpected RuntimeError: mat1 and mat2 shapes")
+    done = run_cli("run", "--preset", "smoke", "--out", str(tmp_path / "r"))
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(err) == 1, done.stderr
+    assert err[0].startswith("error: unexpected RuntimeError: mat1 and mat2 shapes")
     assert err[0].endswith(f"the traceback is in {tmp_path / 'r' / 'error.txt'}")
     trace = (tmp_path / "r" / "error.txt").read_text()
     assert trace.startswith("Traceback") and "in broken" in trace
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_asking_for_a_missing_device_is_one_line(tmp_path):
-    assert_one_line(cli("run", "--device", "cuda", "--out", str(tmp_path / "r")), "--device cuda: no CUDA device")
+def test_asking_for_a_missing_device_is_one_line(run_cli, tmp_path):
+    assert_one_line(run_cli("run", "--device", "cuda", "--out", str(tmp_path / "r")), "--device cuda: no CUDA device")

@@ -50,7 +50,7 @@ def to_cifar(image: Image.Image) -> np.ndarray:
         white = Image.new("RGB", image.size, (255, 255, 255))
         white.paste(image, mask=image.getchannel("A"))
         image = white
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy (torch warns on read-only arrays)
 
 
 @contextlib.contextmanager
