@@ -23,7 +23,7 @@ import torchvision
 from . import atomic, figures, report
 from .analyze import analyze
 from .augment import to_device
-from .calibration import confidence, fit_temperature
+from .calibration import shipped_temperature
 from .data import CLASSES, Dataset, Splits, find_source, load_cifar10, load_test_set, split
 from .evaluate import logits_for, summarise, tta_logits
 from .model import build_model, load_model, load_pretrained, pick_device, save_model
@@ -175,7 +175,8 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
     result, eval_s, logits = test_results(model, test, recipe, out, progress)
     t0 = time.perf_counter()
     val_logits = logits_for(model, splits.val.images, recipe) if len(splits.val) else None
-    model.temperature = fit_temperature(val_logits, splits.val.labels) if val_logits is not None else None
+    calibration = shipped_temperature(val_logits, splits.val.labels, logits, test.labels)
+    model.temperature = calibration["temperature"]
     calibration_s = time.perf_counter() - t0
     save_model(model, recipe, out / "model.safetensors")
     metrics = {
@@ -191,10 +192,7 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
                             "test": class_counts(test)}},
         "final_epoch": history[-1] if history else {},
         "shipped": shipped(history, recipe),
-        "calibration": {"temperature": model.temperature, "validation_images": len(splits.val),
-                        "test": confidence(logits, test.labels, model.temperature)} if val_logits is not None else
-        {"temperature": None, "skipped": "no validation split (val_size=0) to fit a temperature on: predict and "
-                                         "serve return uncalibrated probabilities"},
+        "calibration": calibration,
         "test": result,
     }
     if recipe.analysis:
