@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from cifar_transfer.recipe import PRESETS, Recipe, RecipeError, preset
+from cifar_transfer.recipe import PRESETS, Recipe, RecipeError, compose, preset
 
 
 def test_seed_preset_is_the_literal_recipe():
@@ -91,3 +91,36 @@ def test_recipes_saved_with_a_bool_augment_still_load():
     saved = preset("strong").to_dict() | {"augment": True}
     assert Recipe.from_dict(saved).augment == "crop+flip"
     assert Recipe.from_dict(preset("seed").to_dict() | {"augment": False}).augment == "none"
+
+
+def test_recipe_files_apply_over_the_preset_and_under_set(tmp_path):
+    saved = tmp_path / "recipe.json"
+    saved.write_text(preset("lean").dumps())  # what every run writes
+    assert compose("seed", saved) == preset("lean")
+    partial = tmp_path / "mine.toml"
+    partial.write_text('finetune_epochs = 3\nhead_hidden = [256, 32]\nlabel_smoothing = 0.2\n')
+    r = compose("smoke", partial, ["finetune_epochs=5"])
+    assert (r.finetune_epochs, r.head_hidden, r.label_smoothing) == (5, (256, 32), 0.2)  # --set wins over the file
+    assert r.train_size == preset("smoke").train_size and r.name == "smoke"  # the rest from the preset
+
+
+@pytest.mark.parametrize(("name", "text", "fragment"), [
+    ("a.toml", "bogus = 1\n", "unknown recipe fields: bogus"),
+    ("a.toml", "head_lr = -1.0\n", "recipe field head_lr=-1.0: must be > 0"),
+    ("a.toml", "head_lr = \n", "not valid TOML"),
+    ("a.json", "[1, 2]", "expected a table of recipe fields, found list"),
+    ("a.json", '{"seed": "zero"}', "recipe field seed='zero': must be an integer"),
+])
+def test_bad_recipe_files_name_the_file_and_the_field(tmp_path, name, text, fragment):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(RecipeError) as e:
+        compose("seed", tmp_path / name)
+    assert str(e.value).startswith(f"{tmp_path / name}: ") and fragment in str(e.value)
+
+
+def test_a_bad_recipe_file_is_one_line_before_anything_loads(run_cli, tmp_path):
+    (tmp_path / "r.toml").write_text("finetune_lr = nan\n")
+    done = run_cli("run", "--recipe", str(tmp_path / "r.toml"), "--out", str(tmp_path / "out"))
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'r.toml'}: recipe field finetune_lr=nan: must be a finite number"]
+    assert not (tmp_path / "out").exists()

@@ -13,7 +13,7 @@ from . import atomic, pipeline
 from .data import CLASSES, load_cifar10, split
 from .errors import CifarTransferError
 from .predict import Options, predict_files
-from .recipe import PRESETS, preset
+from .recipe import PRESETS, compose, preset
 
 EPILOG = """Data is looked for in --data-dir, then $CIFAR_TRANSFER_DATA, then ./data (the official
 cifar-10-batches-py/ folder, cifar-10-python.tar.gz, or train.npz + test.npz), and downloaded into ./data
@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--preset", default="auto", choices=[*PRESETS, "auto"],
                    help="auto (default): strong with CUDA, lean without; seed: the literal original recipe; "
                         "strong: 224 px, for a GPU; lean: the original claim on a CPU; smoke: a one-minute check")
+    _recipe_file(r)
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe field, e.g. --set finetune_epochs=5 (repeatable)")
+                   help="override a recipe field, e.g. --set finetune_epochs=5 (repeatable); applied last")
     r.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
     _common(r, out=True)
     _human(r)
@@ -53,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "initialisation) into OUT/seed-K/ and writes OUT/repeat.json and a report.")
     rp.add_argument("--preset", default="smoke", choices=[*PRESETS, "auto"], help="default smoke")
     rp.add_argument("--seeds", type=int, default=3, help="how many runs (default 3)")
-    rp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _recipe_file(rp)
+    rp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe field (repeatable); applied last")
     _common(rp, out=True)
 
     e = sub.add_parser("eda", help="sample images and class counts", epilog=EPILOG,
@@ -118,6 +121,12 @@ def _common(p: argparse.ArgumentParser, out: bool) -> None:
         p.add_argument("--out", type=Path, help="run folder (default runs/<preset>-<time>)")
 
 
+def _recipe_file(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", type=Path, metavar="FILE",
+                   help="recipe fields from a file: JSON (a run's recipe.json) or TOML, any subset; applied over "
+                        "the preset, under --set")
+
+
 def _top(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= len(CLASSES):
         raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number from 1 to {len(CLASSES)}")
@@ -136,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             name, chosen_by = pipeline.resolve_preset(args.preset, args.device)
-            recipe = preset(name).with_overrides(args.overrides)  # --resume: the checkpoint's recipe replaces it
+            recipe = compose(name, args.recipe, args.overrides)  # --resume: the checkpoint's recipe replaces it
             out = args.resume or args.out or pipeline.default_run_dir(recipe.name)
             metrics = pipeline.run(recipe, out, data_dir=args.data_dir, weights=args.weights,
                                    device=args.device, resume=bool(args.resume),
@@ -149,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                                               download=not args.no_download)
             print(f"report: {where / 'report.html'}")
         elif args.command == "repeat":
-            recipe = preset(pipeline.resolve_preset(args.preset, args.device)[0]).with_overrides(args.overrides)
+            recipe = compose(pipeline.resolve_preset(args.preset, args.device)[0], args.recipe, args.overrides)
             out = args.out or pipeline.default_run_dir(f"{recipe.name}-repeat")
             result = pipeline.repeat(recipe, args.seeds, out, data_dir=args.data_dir,
                                      weights=args.weights or pipeline.default_weights(), device=args.device,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import tomllib
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from .errors import CifarTransferError
@@ -146,6 +148,24 @@ class Recipe:
             changes[key] = _parse(key, value.strip(), hints[key])
         return dataclasses.replace(self, **changes)
 
+    def with_file(self, path: str | Path) -> Recipe:
+        """Apply the fields of a recipe file: JSON (the recipe.json every run writes) or TOML, any subset of the
+        fields. Unknown fields and wrong values are refused, naming the file and the field."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+            fields = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except (OSError, UnicodeDecodeError) as e:
+            raise RecipeError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise RecipeError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({e})") from None
+        if not isinstance(fields, dict):
+            raise RecipeError(f"{path}: expected a table of recipe fields, found {type(fields).__name__}")
+        try:
+            return Recipe.from_dict(self.to_dict() | fields)
+        except RecipeError as e:
+            raise RecipeError(f"{path}: {e}") from None
+
     def dumps(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
@@ -245,4 +265,13 @@ def preset(name: str) -> Recipe:
     if name not in PRESETS:
         raise RecipeError(f"unknown preset {name!r}: choose one of {', '.join([*PRESETS, 'auto'])}")
     return Recipe(name=name, **PRESETS[name])
+
+
+def compose(preset_name: str, recipe_file: str | Path | None = None, overrides: list[str] = ()) -> Recipe:
+    """The recipe a command runs, in this order, each step overriding the one before: the preset's fields, then
+    the recipe file's, then the `--set KEY=VALUE` assignments."""
+    recipe = preset(preset_name)
+    if recipe_file is not None:
+        recipe = recipe.with_file(recipe_file)
+    return recipe.with_overrides(list(overrides))
 
