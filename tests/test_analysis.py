@@ -11,6 +11,7 @@ from cifar_transfer.data import CLASSES
 from cifar_transfer.human import human_analysis
 from cifar_transfer.model import build_model
 from cifar_transfer.recipe import preset
+from cifar_transfer.report import pct
 from cifar_transfer.robustness import CORRUPTIONS, corrupt_all, corruption_accuracy
 
 
@@ -133,7 +134,8 @@ def test_analyze_command_without_human_labels(smoke_run, cifar_dir):
     assert "Skipped: " in md and all(s in md for s in SECTIONS)
 
 
-def test_repeat_reports_mean_and_spread(cifar_dir, weights_path, tmp_path):
+def test_repeat_reports_mean_and_spread_and_compare_sets_its_runs_side_by_side(run_cli, cifar_dir, weights_path,
+                                                                               tmp_path):
     out = tmp_path / "rep"
     done = subprocess.run([sys.executable, "-m", "cifar_transfer.cli", "repeat", "--preset", "smoke", "--seeds",
                            "2", "--set", "train_size=100", "--set", "val_size=100", "--data-dir",
@@ -147,6 +149,18 @@ def test_repeat_reports_mean_and_spread(cifar_dir, weights_path, tmp_path):
     assert acc["std"] == pytest.approx(np.std(runs, ddof=1))
     assert "cat → dog" in result["summary"] and (out / "repeat.png").is_file()
     assert runs[0] != runs[1]  # different subsamples and initialisations
+
+    done = run_cli("compare", str(out / "seed-0"), str(out / "seed-1"), "--out", str(tmp_path / "cmp"))
+    assert done.returncode == 0, done.stderr
+    cmp = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert cmp["differing_fields"] == ["seed"]
+    assert [r["accuracy"] for r in cmp["runs"]] == runs and [r["recipe"]["seed"] for r in cmp["runs"]] == [0, 1]
+    md = (tmp_path / "cmp" / "report.md").read_text()
+    assert all(pct(a) in md for a in runs) and "cat → dog" in md
+    assert (tmp_path / "cmp" / "learning_curves.png").is_file() and (tmp_path / "cmp" / "report.html").is_file()
+    done = run_cli("compare", str(out / "seed-0"), str(tmp_path))
+    assert done.returncode == 1 and done.stderr == f"error: {tmp_path}: not a finished run (no metrics.json, " \
+                                                   "recipe.json, history.csv)\n"
 
 
 

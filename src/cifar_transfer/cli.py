@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 from . import atomic, pipeline
+from .compare import compare
 from .data import CLASSES, load_cifar10, split
 from .errors import CifarTransferError
 from .predict import Options, predict_files
@@ -75,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--tta", action="store_true", help="average each prediction with the mirror image's")
     v.add_argument("--device", default="auto", help="auto, cpu or cuda")
     v.add_argument("--no-download", action="store_true", help="never download CIFAR-10; fail if it is not found")
+
+    c = sub.add_parser("compare", help="finished runs side by side: recipe differences, results, curves",
+                       description="One table of the recipe fields that differ, test accuracy and loss, times and "
+                                   "machine; leakage rates; learning curves overlaid. Markdown, HTML and PNG.")
+    c.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    c.add_argument("--out", type=Path, help="folder for the comparison (default runs/compare-<time>)")
 
     pr = sub.add_parser("predict", help="classify image files with a trained model",
                         description="Classify images (PNG, JPEG, WebP, BMP, ...; any size, alpha or greyscale). "
@@ -180,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"skipped: {line}", file=sys.stderr)
             print(f"accuracy {metrics['test']['accuracy']:.4f} on {metrics['test']['n']} images"
                   f"{f' ({len(skipped)} skipped)' if skipped else ''}; report: {where / 'report.html'}")
+        elif args.command == "compare":
+            out = args.out or pipeline.default_run_dir("compare")
+            result = compare(args.run_dirs, out)
+            best = max(result["runs"], key=lambda r: r["accuracy"])
+            print(f"best test accuracy {best['accuracy']:.4f} ({best['run']}); report: {out / 'report.html'}")
         elif args.command == "predict":
             results = predict_files(args.run_dir, args.images, args.top,
                                     Options(calibrated=not args.no_calibration, tta=args.tta))

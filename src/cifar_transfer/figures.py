@@ -76,6 +76,22 @@ def learning_curves(history: list[dict], path: Path, finetuned: str = "all layer
     return save(fig, path)
 
 
+def overlaid_curves(histories: dict[str, list[dict]], path: Path) -> Path:
+    """Several runs' validation accuracy and training loss per epoch on shared axes."""
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for name, history in histories.items():
+        epochs = [h["epoch"] for h in history]
+        loss_ax.plot(epochs, [h["train_loss"] for h in history], "o-", label=name)
+        acc_ax.plot(epochs, [h["val_acc"] for h in history], "s-", label=name)
+    for ax, label in ((loss_ax, "training loss"), (acc_ax, "validation accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Learning curves, run by run", fontsize=10)
+    return save(fig, path)
+
+
 def confusion(cm: list[list[int]], path: Path) -> Path:
     """Counts and row-normalised confusion matrices side by side."""
     counts = np.asarray(cm)

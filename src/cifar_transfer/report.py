@@ -203,6 +203,27 @@ def evaluation_markdown(run_dir: Path, metrics: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def compare_markdown(s: dict) -> str:
+    """`compare`'s report: one column per run, a row per differing recipe field and per result; then leakage and
+    the curves."""
+    fields, runs = s["differing_fields"], s["runs"]
+    rows = [[f"`{k}`", *(f"`{r['recipe'][k]}`" for r in runs)] for k in fields]
+    rows += [["**test accuracy**", *(f"**{pct(r['accuracy'])}**" for r in runs)],
+             ["test loss", *(f"{r['loss']:.4f}" for r in runs)],
+             *([f"leakage {p}", *(pct(r["leakage"][p]) for r in runs)] for p in runs[0]["leakage"]),
+             ["training (s)", *(f"{r['train_s']:.0f}" for r in runs)],
+             ["total (s)", *(f"{r['total_s']:.0f}" for r in runs)],
+             ["machine", *(r["machine"] for r in runs)]]
+    return "\n\n".join([
+        f"# Comparison of {len(runs)} runs",
+        "Recipe fields that differ: " + (", ".join(f"`{k}`" for k in fields) or "none") + ". Leakage is the "
+        "share of the first class of a pair predicted as the second.",
+        table(["", *(f"`{r['run']}`" for r in runs)], rows),
+        "## Learning curves",
+        "![Learning curves](learning_curves.png)",
+    ]) + "\n"
+
+
 def write(folder: Path, md: str, title: str) -> None:
     atomic.write_text(folder / "report.md", md)
     atomic.write_text(folder / "report.html", to_html(md, folder, title))

@@ -1,0 +1,67 @@
+"""`cifar-transfer compare RUN_DIR...`: finished runs side by side — the recipe fields that differ, test
+accuracy and loss, leakage between look-alike classes, times and machines, and the learning curves overlaid."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from . import atomic, figures, report
+from .errors import CifarTransferError
+from .recipe import Recipe
+
+
+class CompareError(CifarTransferError):
+    """A folder that is not a finished run."""
+
+
+def load_run(folder: Path) -> dict:
+    """A finished run's metrics, recipe and history (as numbers)."""
+    files = {name: folder / name for name in ("metrics.json", "recipe.json", "history.csv")}
+    missing = [name for name, path in files.items() if not path.is_file()]
+    if missing:
+        raise CompareError(f"{folder}: not a finished run (no {', '.join(missing)})")
+    try:
+        metrics = json.loads(files["metrics.json"].read_text())
+        recipe = Recipe.from_dict(json.loads(files["recipe.json"].read_text())).to_dict()
+        with files["history.csv"].open(newline="") as f:
+            history = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    except (ValueError, KeyError) as e:
+        raise CompareError(f"{folder}: unreadable run files ({e})") from None
+    return {"name": str(folder), "metrics": metrics, "recipe": recipe, "history": history}
+
+
+def _number(text: str) -> float | str | bool:
+    if text in ("True", "False"):
+        return text == "True"
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def summary(runs: list[dict]) -> dict:
+    """The comparison's numbers: the recipe fields that differ, and per run its results, times and machine."""
+    fields = [k for k in runs[0]["recipe"] if len({json.dumps(r["recipe"][k]) for r in runs}) > 1]
+    rows = []
+    for r in runs:
+        m, t = r["metrics"], r["metrics"]["timings"]
+        leakage = {name: share for p in m["test"]["leakage"]
+                   for name, share in ((f"{p['a']} → {p['b']}", p["a_as_b"]), (f"{p['b']} → {p['a']}", p["b_as_a"]))}
+        rows.append({"run": r["name"], "recipe": {k: r["recipe"][k] for k in fields},
+                     "accuracy": m["test"]["accuracy"], "loss": m["test"]["loss"], "leakage": leakage,
+                     "train_s": t["train_s"], "total_s": t["total_s"], "machine": m["run"]["device_name"]})
+    return {"differing_fields": fields, "runs": rows}
+
+
+def compare(run_dirs: list[Path], out: Path) -> dict:
+    """Write compare.json, learning_curves.png, report.md and report.html into `out`; return the summary."""
+    if len(run_dirs) < 2:
+        raise CompareError("compare needs at least two run folders")
+    runs = [load_run(Path(d)) for d in run_dirs]
+    result = summary(runs)
+    atomic.write_json(out / "compare.json", result)
+    figures.overlaid_curves({r["name"]: r["history"] for r in runs}, out / "learning_curves.png")
+    report.write(out, report.compare_markdown(result), "cifar-transfer comparison")
+    return result
