@@ -13,6 +13,7 @@ from . import atomic, pipeline
 from .compare import compare
 from .data import CLASSES, load_cifar10, split
 from .errors import CifarTransferError
+from .lr_find import lr_find_command
 from .predict import Options, predict_files
 from .recipe import PRESETS, compose, preset
 
@@ -76,6 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--tta", action="store_true", help="average each prediction with the mirror image's")
     v.add_argument("--device", default="auto", help="auto, cpu or cuda")
     v.add_argument("--no-download", action="store_true", help="never download CIFAR-10; fail if it is not found")
+
+    lr = sub.add_parser("lr-find", help="learning-rate range test for phase 1 or 2",
+                        description="Grow the learning rate exponentially over training batches (never validation "
+                                    "or test images) on a copy of the model until the smoothed loss exceeds 4x its "
+                                    "best; writes lr_find.json (with the suggested rate) and lr_find.png.")
+    lr.add_argument("--preset", default="auto", choices=[*PRESETS, "auto"], help="the recipe to test (default auto)")
+    _recipe_file(lr)
+    lr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    lr.add_argument("--phase", type=int, choices=(1, 2), default=1, help="1: the head; 2: the fine-tune")
+    lr.add_argument("--from", dest="start_from", type=Path, metavar="RUN_DIR",
+                    help="start from a saved run's model (the sensible start for --phase 2) instead of the "
+                         "pretrained weights with a fresh head")
+    lr.add_argument("--steps", type=int, default=100, help="most optimizer steps (default 100)")
+    lr.add_argument("--start", type=float, default=1e-7, help="first learning rate (default 1e-7)")
+    lr.add_argument("--end", type=float, default=10.0, help="last learning rate (default 10)")
+    _common(lr, out=True)
 
     c = sub.add_parser("compare", help="finished runs side by side: recipe differences, results, curves",
                        description="One table of the recipe fields that differ, test accuracy and loss, times and "
@@ -187,6 +204,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"skipped: {line}", file=sys.stderr)
             print(f"accuracy {metrics['test']['accuracy']:.4f} on {metrics['test']['n']} images"
                   f"{f' ({len(skipped)} skipped)' if skipped else ''}; report: {where / 'report.html'}")
+        elif args.command == "lr-find":
+            recipe = compose(pipeline.resolve_preset(args.preset, args.device)[0], args.recipe, args.overrides)
+            out = args.out or pipeline.default_run_dir(f"lr-find-{recipe.name}")
+            result = lr_find_command(recipe, out, phase=args.phase, start_from=args.start_from,
+                                     data_dir=args.data_dir, weights=args.weights, device=args.device,
+                                     download=not args.no_download, steps=args.steps, start=args.start, end=args.end)
+            found = f"{result['suggestion']:.2e} ({result['method']})" if result["suggestion"] else result["method"]
+            print(f"suggested learning rate {found} after {result['steps']} steps; plot: {out / 'lr_find.png'}")
         elif args.command == "compare":
             out = args.out or pipeline.default_run_dir("compare")
             result = compare(args.run_dirs, out)

@@ -92,6 +92,23 @@ def overlaid_curves(histories: dict[str, list[dict]], path: Path) -> Path:
     return save(fig, path)
 
 
+def lr_find(result: dict, path: Path) -> Path:
+    """The range test: loss against learning rate (log scale), smoothed, with the suggested rate marked."""
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.plot(result["lrs"], result["losses"], color="lightgrey", label="loss per step")
+    ax.plot(result["lrs"], result["smoothed"], label="smoothed")
+    if result["suggestion"]:
+        ax.axvline(result["suggestion"], color="C3", linestyle="--",
+                   label=f"suggested {result['suggestion']:.1e} ({result['method']})")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Learning-rate range test, phase {result['phase']} ({result['optimizer']})", fontsize=10)
+    return save(fig, path)
+
+
 def confusion(cm: list[list[int]], path: Path) -> Path:
     """Counts and row-normalised confusion matrices side by side."""
     counts = np.asarray(cm)

@@ -1,0 +1,107 @@
+"""`cifar-transfer lr-find`: the learning-rate range test (Smith 2017; fastai's `lr_find`) for either phase.
+
+The learning rate grows exponentially from `start` to `end` over at most `steps` optimizer steps on training
+batches; the run stops once the smoothed loss exceeds 4x its best. It works on a copy of the model, so the model
+it is given is left as it was. The suggestion is the rate where the smoothed loss falls fastest ("steepest"), the
+usual pick; the minimum's rate divided by ten is reported beside it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import atomic, figures
+from .augment import augment, to_device, to_input
+from .data import load_cifar10, split
+from .evaluate import autocast
+from .model import Part, TransferNet, build_model, load_model, load_pretrained, pick_device
+from .model import to_device as model_to_device
+from .pipeline import default_weights
+from .recipe import Recipe, RecipeError
+from .train import make_optimizer, set_phase
+
+SMOOTHING = 0.98  # exponential moving average of the loss, bias-corrected
+DIVERGED = 4.0  # stop when the smoothed loss exceeds this multiple of its best
+
+
+def lr_find(model: TransferNet, recipe: Recipe, images: torch.Tensor, labels: torch.Tensor, phase: int = 1,
+            start: float = 1e-7, end: float = 10.0, steps: int = 100) -> dict:
+    """The range test on (images, labels) (uint8 on the model's device) for `phase`'s trainable parameters."""
+    if not (0 < start < end and math.isfinite(end)) or steps < 3:
+        raise RecipeError(f"lr-find: needs 0 < start < end and at least 3 steps (got start={start}, end={end}, "
+                          f"steps={steps})")
+    model = copy.deepcopy(model)
+    params = set_phase(model, phase, recipe)
+    opt = make_optimizer(params, phase, recipe)
+    forward = Part(model, "stem")
+    gen = torch.Generator(device=images.device).manual_seed(recipe.seed)
+    lrs, losses, smoothed = [], [], []
+    average, best = 0.0, math.inf
+    order = torch.randperm(len(labels), generator=gen, device=gen.device).to(labels.device)
+    for step in range(steps):
+        lr = start * (end / start) ** (step / max(steps - 1, 1))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = order[(step * recipe.batch_size + torch.arange(recipe.batch_size, device=labels.device)) % len(labels)]
+        with autocast(images.device, recipe.precision):
+            out = forward(to_input(augment(images[idx], recipe.augment, gen))).float()
+        loss = F.cross_entropy(out, labels[idx], label_smoothing=recipe.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        value = loss.item()
+        if not math.isfinite(value):
+            break
+        average = SMOOTHING * average + (1 - SMOOTHING) * value
+        lrs.append(lr)
+        losses.append(value)
+        smoothed.append(average / (1 - SMOOTHING ** (step + 1)))
+        best = min(best, smoothed[-1])
+        if smoothed[-1] > DIVERGED * best:
+            break
+    return {"phase": phase, "optimizer": recipe.head_optimizer if phase == 1 else recipe.finetune_optimizer,
+            "start": start, "end": end, "steps": len(lrs), "lrs": lrs, "losses": losses, "smoothed": smoothed,
+            **suggest(lrs, smoothed)}
+
+
+def suggest(lrs: list[float], smoothed: list[float]) -> dict:
+    """The steepest descent of the smoothed loss against log(lr), and the loss minimum's rate / 10."""
+    if len(lrs) < 3:
+        return {"suggestion": None, "method": "too few steps before the loss diverged"}
+    slopes = np.gradient(np.asarray(smoothed), np.log(np.asarray(lrs)))
+    # ignore the last tenth, where the loss turns up and the estimate is noisy
+    usable = max(len(slopes) - len(slopes) // 10, 2)
+    steepest = lrs[int(np.argmin(slopes[:usable]))]
+    return {"suggestion": steepest, "method": "steepest descent of the smoothed loss",
+            "minimum_over_10": lrs[int(np.argmin(smoothed))] / 10}
+
+
+def lr_find_command(recipe: Recipe, out: Path, *, phase: int = 1, start_from: Path | None = None,
+                    data_dir: str | None = None, weights: str | None = None, device: str = "auto",
+                    download: bool = True, steps: int = 100, start: float = 1e-7, end: float = 10.0) -> dict:
+    """`lr-find`: the range test on the recipe's training split (never validation or test images), from the
+    pretrained weights with a fresh head, or from a saved run's model (`start_from`, the sensible start for phase
+    2); writes lr_find.json and lr_find.png into `out`."""
+    dev = pick_device(device)
+    if start_from is not None:
+        model, saved = load_model(start_from / "model.safetensors")  # the saved network's shape wins
+        recipe = dataclasses.replace(recipe, resolution=saved.resolution, head_hidden=saved.head_hidden,
+                                     dropout=saved.dropout)
+    else:
+        torch.manual_seed(recipe.seed)
+        model = build_model(recipe, load_pretrained(weights or default_weights()))
+    train, test = load_cifar10(data_dir, allow_download=download)
+    splits = split(train, test, recipe.train_size, recipe.val_size, recipe.seed)
+    images, labels = to_device(splits.train.images, splits.train.labels, dev)
+    result = lr_find(model_to_device(model, recipe, dev), recipe, images, labels, phase, start, end, steps)
+    result["start_from"] = str(start_from) if start_from else "pretrained weights, fresh head"
+    atomic.write_json(out / "lr_find.json", result)
+    figures.lr_find(result, out / "lr_find.png")
+    return result

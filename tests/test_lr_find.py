@@ -1,0 +1,38 @@
+"""The learning-rate range test: a finite suggestion from training data, on a copy of the model."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from cifar_transfer.augment import to_device
+from cifar_transfer.lr_find import lr_find
+from cifar_transfer.model import build_model
+from cifar_transfer.recipe import RecipeError, preset
+
+
+def test_the_range_test_suggests_a_rate_stops_on_divergence_and_leaves_the_model_alone(pretrained, cifar):
+    recipe = preset("smoke")
+    torch.manual_seed(0)
+    model = build_model(recipe, pretrained)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images, labels = to_device(cifar[0].images[:500], cifar[0].labels[:500], torch.device("cpu"))
+    result = lr_find(model, recipe, images, labels, phase=1, start=1e-6, end=1e3, steps=60)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # it trained a copy
+    assert 3 <= result["steps"] < 60  # Adam at rates near 100 blows the head up: stopped before the end
+    assert max(result["smoothed"]) > 4 * min(result["smoothed"]) * 0.999
+    assert 1e-6 <= result["suggestion"] <= 1e3 and math.isfinite(result["suggestion"])
+    assert result["lrs"] == sorted(result["lrs"]) and result["method"].startswith("steepest")
+    with pytest.raises(RecipeError, match="0 < start < end"):
+        lr_find(model, recipe, images, labels, start=1.0, end=0.1)
+
+
+def test_lr_find_command_writes_its_plot_and_suggestion(run_cli, cifar_dir, weights_path, tmp_path):
+    out = tmp_path / "lr"
+    done = run_cli("lr-find", "--preset", "smoke", "--steps", "20", "--data-dir", str(cifar_dir), "--weights",
+                   str(weights_path), "--out", str(out), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    result = json.loads((out / "lr_find.json").read_text())
+    assert (out / "lr_find.png").is_file() and result["phase"] == 1 and result["optimizer"] == "adam"
+    assert f"{result['suggestion']:.2e}" in done.stdout
