@@ -1,5 +1,6 @@
 """End to end: the `smoke` preset on the real data and weights, through the installed command."""
 
+import csv
 import json
 import os
 import subprocess
@@ -149,3 +150,27 @@ def test_the_shipped_model_does_not_depend_on_test_labels(cifar, weights_path, t
     assert a["final_epoch"]["val_acc"] == b["final_epoch"]["val_acc"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert a["test"]["confusion"] != b["test"]["confusion"]
+
+
+def test_tensorboard_holds_every_step_and_epoch(smoke_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(smoke_run / "tensorboard"))
+    events.Reload()
+    history = pipeline_history(smoke_run)
+    r = preset("smoke")
+    per_epoch = -(-r.train_size // r.batch_size)
+    losses, lrs = events.Scalars("step/train_loss"), events.Scalars("step/learning_rate")
+    assert [e.step for e in losses] == list(range(per_epoch * len(history)))
+    sizes = [r.batch_size] * (per_epoch - 1) + [r.train_size - r.batch_size * (per_epoch - 1)]
+    for k, row in enumerate(history):  # each epoch's steps average to the epoch's training loss
+        values = [e.value for e in losses[k * per_epoch:(k + 1) * per_epoch]]
+        assert sum(v * s for v, s in zip(values, sizes)) / r.train_size == pytest.approx(row["train_loss"], rel=1e-5)
+    assert all(e.value == pytest.approx(r.head_lr) for e in lrs[:per_epoch])
+    assert all(e.value == pytest.approx(r.finetune_lr) for e in lrs[per_epoch:])
+    assert [e.value for e in events.Scalars("epoch/val_acc")] == pytest.approx([h["val_acc"] for h in history])
+
+
+def pipeline_history(run: Path) -> list[dict]:
+    with (run / "history.csv").open() as f:
+        return [{k: float(v) if k != "shipped" else v for k, v in row.items()} for row in csv.DictReader(f)]

@@ -26,6 +26,7 @@ from .augment import to_device
 from .calibration import shipped_temperature
 from .data import CLASSES, Dataset, Splits, find_source, load_cifar10, load_test_set, split
 from .evaluate import logits_for, summarise, tta_logits
+from .logbook import Logbook
 from .model import build_model, load_model, load_pretrained, pick_device, save_model
 from .model import to_device as model_to_device
 from .predict import read_image_folder
@@ -162,11 +163,17 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
     eda(splits, out, recipe.seed)
 
     t_train = time.perf_counter()
+    logbook = Logbook(out / "tensorboard")
+
+    def on_epoch(history: list[dict], step_losses: list[float], step_lrs: list[float]) -> None:
+        write_history(history, out / "history.csv")
+        logbook.epoch(history, step_losses, step_lrs)
+
     history = fit(model, recipe, to_device(splits.train.images, splits.train.labels, dev),
                   to_device(splits.val.images, splits.val.labels, dev),
-                  checkpoint=out / CHECKPOINT, resume=resume_state, progress=progress,
-                  on_epoch=lambda h: write_history(h, out / "history.csv"),
+                  checkpoint=out / CHECKPOINT, resume=resume_state, progress=progress, on_epoch=on_epoch,
                   meta={"network": network})
+    logbook.close()
     train_s = time.perf_counter() - t_train
     write_history(history, out / "history.csv")  # now with the `shipped` column
     tuned = "all layers" if recipe.finetune_from == "stem" else f"{recipe.finetune_from} onwards and the head"

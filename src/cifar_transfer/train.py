@@ -107,12 +107,14 @@ def _batch(x: torch.Tensor | Views, idx: torch.Tensor, gen: torch.Generator, rec
 def _run_epoch(
     forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor | Views, y: torch.Tensor, opt, sched,
     gen: torch.Generator, recipe: Recipe, desc: str, progress: bool,
-) -> tuple[float, float]:
-    """One pass over (x, y) in shuffled batches; returns mean loss and accuracy."""
+) -> tuple[float, float, list[float], list[float]]:
+    """One pass over (x, y) in shuffled batches; returns mean loss and accuracy, and each step's loss and
+    learning rate (read back once, at the end)."""
     n, bs = len(y), recipe.batch_size
     steps = math.ceil(n / bs)
     perm = torch.randperm(n, generator=gen, device=gen.device).to(y.device)
     loss_sums = torch.zeros(steps, device=y.device)
+    lrs = []
     correct = torch.zeros(steps, device=y.device)
     bar = tqdm(range(steps), desc=desc, unit="batch", disable=not progress, leave=False)
     for i in bar:
@@ -123,6 +125,7 @@ def _run_epoch(
         loss = F.cross_entropy(out, yb, label_smoothing=recipe.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
         loss_sums[i] = loss.detach() * len(yb)
@@ -135,7 +138,9 @@ def _run_epoch(
             seen = min(n, (i + 1) * bs)
             bar.set_postfix(loss=f"{loss_sums[:i + 1].sum().item() / seen:.4f}",
                             acc=f"{correct[:i + 1].sum().item() / seen:.4f}")
-    return loss_sums.sum().item() / n, correct.sum().item() / n
+    sizes = torch.full((steps,), float(bs), device=y.device)
+    sizes[-1] = n - (steps - 1) * bs
+    return loss_sums.sum().item() / n, correct.sum().item() / n, (loss_sums / sizes).tolist(), lrs
 
 
 def _validate(forward, x: torch.Tensor | Views, y: torch.Tensor, recipe: Recipe) -> tuple[float, float]:
@@ -162,15 +167,17 @@ def cache_activations(model: TransferNet, x: torch.Tensor | Views, start: str, s
 def fit(
     model: TransferNet, recipe: Recipe, train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor], *, checkpoint: Path | None = None, resume: dict | None = None,
-    progress: bool = True, on_epoch: Callable[[list[dict]], None] | None = None, meta: dict | None = None,
+    progress: bool = True, on_epoch: Callable[[list[dict], list[float], list[float]], None] | None = None,
+    meta: dict | None = None,
 ) -> list[dict]:
     """Train `model` in place through both phases; return the per-epoch history.
 
     `train` and `val` are uint8 image and label tensors on the training device. `resume` is a checkpoint
-    dict written by a previous call with the same recipe. `on_epoch(history)` is called after each epoch's
-    checkpoint is written; `meta` is kept in every checkpoint as it is. With `keep=best_val` the model ends
-    with the weights of the epoch with the best validation accuracy; each history row's `shipped` says whether
-    its epoch's weights are the ones kept.
+    dict written by a previous call with the same recipe. `on_epoch(history, step_losses, step_lrs)` is called
+    after each epoch's checkpoint is written, with that epoch's loss and learning rate at every step; `meta`
+    is kept in every checkpoint as it is. With `keep=best_val` the model ends with the weights of the epoch with
+    the best validation accuracy; each history row's `shipped` says whether its epoch's weights are the ones
+    kept.
     """
     device = train[0].device
     gen = torch.Generator(device=device).manual_seed(recipe.seed)  # shuffles and augmentation
@@ -221,7 +228,8 @@ def fit(
             lr = opt.param_groups[0]["lr"]
             desc = f"phase {phase} epoch {epoch + 1}/{epochs}"
             set_phase(model, phase, recipe)
-            train_loss, train_acc = _run_epoch(forward, xs[0], train[1], opt, sched, gen, recipe, desc, progress)
+            train_loss, train_acc, step_losses, step_lrs = _run_epoch(forward, xs[0], train[1], opt, sched, gen,
+                                                                      recipe, desc, progress)
             model.eval()
             val_loss, val_acc = _validate(forward, xs[1], val[1], recipe)
             row = {"phase": phase, "epoch": len(history) + 1, "phase_epoch": epoch + 1, "lr": lr,
@@ -241,7 +249,7 @@ def fit(
                          "torch_rng": torch.get_rng_state(), "best": best, "meta": meta or {}}
                 atomic.write_with(checkpoint, lambda f, s=state: torch.save(s, f))
             if on_epoch is not None:
-                on_epoch(history)
+                on_epoch(history, step_losses, step_lrs)
     if best is not None and history and best["epoch"] != history[-1]["epoch"]:
         model.load_state_dict(best["model"])
     shipped = best["epoch"] if best is not None else len(history)
