@@ -128,10 +128,7 @@ class BodyLimit:
 
         async def guarded(message: Message) -> None:
             nonlocal started
-            if over:  # whatever the app answers to the interrupted body, the client gets the 413
-                if not started:
-                    started = True
-                    await _too_large(send, f"request body is over the limit of {limit:,} bytes")
+            if over:  # whatever the app answers to the interrupted body is replaced by the 413 below
                 return
             started = started or message["type"] == "http.response.start"
             await send(message)
