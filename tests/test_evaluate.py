@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
+import torch
 
 from cifar_transfer.data import CLASSES
-from cifar_transfer.evaluate import summarise
+from cifar_transfer.evaluate import predict_logits, summarise
 
 
 def one_hot_logits(pred: list[int]) -> np.ndarray:
@@ -71,3 +72,15 @@ def test_misclassified_are_the_wrong_ones_by_loss():
     assert [r["index"] for r in rows] == [2, 1]
     assert rows[0]["true"] == "bird" and rows[0]["predicted"] == "horse"
     assert rows[0]["confidence"] > rows[1]["confidence"]
+
+
+def test_logits_survive_a_forward_that_reuses_its_output_buffer():
+    """A CUDA-graph replay (torch.compile mode reduce-overhead) returns the same output tensor every call; the
+    batches' logits must not all end up as the last batch's."""
+    buffer = torch.zeros(4, 10)
+
+    def replay(x: torch.Tensor) -> torch.Tensor:
+        return buffer.copy_(x.flatten(1)[:, :10])
+
+    x = torch.randn(12, 3, 4, 4)
+    assert torch.equal(predict_logits(replay, x, batch_size=4), x.flatten(1)[:, :10])

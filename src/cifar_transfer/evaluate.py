@@ -35,8 +35,9 @@ def predict_logits(
     for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=desc is None, unit="batch", leave=False):
         xb = x[i:i + batch_size]
         with autocast(x.device, precision):
-            y = forward(to_input(xb) if xb.dtype == torch.uint8 else xb)
-        out.append(y if keep_dtype else y.float())
+            raw = forward(to_input(xb) if xb.dtype == torch.uint8 else xb)
+        y = raw if keep_dtype else raw.float()
+        out.append(y.clone() if y is raw else y)  # a CUDA-graph replay overwrites its output buffer: keep a copy
     return torch.cat(out)
 
 

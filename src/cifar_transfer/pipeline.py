@@ -139,6 +139,9 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
     check_writable(out)
     atomic.remove_stale(out)  # e.g. the half-written checkpoint of a run killed while saving
     dev = pick_device(device)
+    if dev.type == "cuda":  # fixed input shapes: let cuDNN pick its fastest kernels; TF32 for fp32 matmuls/convs
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     resume_state = None
     if resume:
         if not (out / CHECKPOINT).is_file():

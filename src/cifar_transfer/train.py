@@ -33,7 +33,7 @@ from .recipe import STEPS, Recipe, step_name
 
 Views = tuple[torch.Tensor, ...]  # cached activations of each image (and of its mirror, with flip augmentation)
 
-LOG_EVERY = 25  # steps between progress-bar refreshes (each one is a host synchronisation)
+LOG_EVERY = 25  # steps between progress-bar refreshes and loss checks (each one is a host synchronisation)
 
 
 class TrainingError(CifarTransferError):
@@ -130,7 +130,7 @@ def _run_epoch(
         sched.step()
         loss_sums[i] = loss.detach() * len(yb)
         correct[i] = (out.argmax(1) == yb).sum()
-        if (i + 1) % LOG_EVERY == 0 or i + 1 == steps:
+        if (progress and (i + 1) % LOG_EVERY == 0) or i + 1 == steps:  # without a bar: one host sync an epoch
             bad = (~torch.isfinite(loss_sums[:i + 1])).nonzero()
             if len(bad):
                 raise TrainingError(f"{desc}, step {int(bad[0]) + 1}: non-finite loss; the last good checkpoint "
@@ -191,6 +191,8 @@ def fit(
         model.load_state_dict(resume["model"])
         gen.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
+        if device.type == "cuda" and resume.get("cuda_rng") is not None:  # dropout on CUDA draws from these
+            torch.cuda.set_rng_state_all(resume["cuda_rng"])
         history = list(resume["history"])
         best = resume.get("best")
         start = (resume["phase"], resume["epoch"])
@@ -246,7 +248,8 @@ def fit(
                 state = {"recipe": recipe.to_dict(), "phase": phase, "epoch": epoch + 1, "history": history,
                          "model": model.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                         "torch_rng": torch.get_rng_state(), "best": best, "meta": meta or {}}
+                         "torch_rng": torch.get_rng_state(), "best": best, "meta": meta or {},
+                         "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
                 atomic.write_with(checkpoint, lambda f, s=state: torch.save(s, f))
             if on_epoch is not None:
                 on_epoch(history, step_losses, step_lrs)
