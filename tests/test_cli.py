@@ -25,7 +25,7 @@ OUTPUTS = {"recipe.json", "history.csv", "metrics.json", "classification_report.
 
 
 def cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cifar_transfer.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cifar_transfer", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=cwd, timeout=600)
 
 

@@ -124,3 +124,10 @@ def test_a_bad_recipe_file_is_one_line_before_anything_loads(run_cli, tmp_path):
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'r.toml'}: recipe field finetune_lr=nan: must be a finite number"]
     assert not (tmp_path / "out").exists()
+
+
+def test_full_is_strong_on_the_whole_training_set():
+    full, strong = preset("full").to_dict(), preset("strong").to_dict()
+    assert (full["train_size"], full["val_size"]) == (45_000, 5_000)
+    assert {k: v for k, v in full.items() if k not in ("name", "train_size", "val_size")} == {
+        k: v for k, v in strong.items() if k not in ("name", "train_size", "val_size")}
