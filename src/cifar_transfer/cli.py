@@ -9,12 +9,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from . import atomic, pipeline
-from .compare import compare
-from .data import CLASSES, load_cifar10, split
+from .data import CLASSES
 from .errors import CifarTransferError
-from .lr_find import lr_find_command
-from .predict import Options, predict_files
 from .recipe import PRESETS, compose, preset
 
 EPILOG = """Data is looked for in --data-dir, then $CIFAR_TRANSFER_DATA, then ./data (the official
@@ -165,6 +161,8 @@ def _human(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from . import pipeline  # torch, torchvision, scikit-learn: after parsing, so --help and usage errors are instant
+
     out = None
     try:
         if args.command == "run":
@@ -192,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"report: {out / 'report.html'}")
         elif args.command == "eda":
             r = preset(args.preset)
+            from .data import load_cifar10, split
+
             train, test = load_cifar10(args.data_dir, allow_download=not args.no_download)
             pipeline.check_writable(args.out)
             pipeline.eda(split(train, test, r.train_size, r.val_size, r.seed), args.out, r.seed)
@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"accuracy {metrics['test']['accuracy']:.4f} on {metrics['test']['n']} images"
                   f"{f' ({len(skipped)} skipped)' if skipped else ''}; report: {where / 'report.html'}")
         elif args.command == "lr-find":
+            from .lr_find import lr_find_command
+
             recipe = compose(pipeline.resolve_preset(args.preset, args.device)[0], args.recipe, args.overrides)
             out = args.out or pipeline.default_run_dir(f"lr-find-{recipe.name}")
             result = lr_find_command(recipe, out, phase=args.phase, start_from=args.start_from,
@@ -213,11 +215,15 @@ def main(argv: list[str] | None = None) -> int:
             found = f"{result['suggestion']:.2e} ({result['method']})" if result["suggestion"] else result["method"]
             print(f"suggested learning rate {found} after {result['steps']} steps; plot: {out / 'lr_find.png'}")
         elif args.command == "compare":
+            from .compare import compare
+
             out = args.out or pipeline.default_run_dir("compare")
             result = compare(args.run_dirs, out)
             best = max(result["runs"], key=lambda r: r["accuracy"])
             print(f"best test accuracy {best['accuracy']:.4f} ({best['run']}); report: {out / 'report.html'}")
         elif args.command == "predict":
+            from .predict import Options, predict_files
+
             results = predict_files(args.run_dir, args.images, args.top,
                                     Options(calibrated=not args.no_calibration, tta=args.tta))
             if args.json:
@@ -259,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _record(out: Path | None, text: str) -> Path | None:
     """Write error.txt into the run folder the failure belongs to (never into a finished run); its path."""
+    from . import atomic, pipeline
+
     if out is None or not Path(out).is_dir() or pipeline.finished(Path(out)):
         return None
     try:
