@@ -70,12 +70,10 @@ def ensure_free(folder: Path, needed: int, what: str) -> None:
                             f"needed, {free:,.0f} MiB free")
 
 
-def remove_stale(folder: Path) -> list[Path]:
+def remove_stale(folder: Path) -> None:
     """Delete the temporary files interrupted atomic writes left in `folder` (a killed run's half checkpoint)."""
-    stale = sorted(folder.glob(".*.tmp"))
-    for p in stale:
+    for p in folder.glob(".*.tmp"):
         p.unlink(missing_ok=True)
-    return stale
 
 
 def _umask() -> int:

@@ -189,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"test accuracy {acc['mean']:.4f} ± {acc['std']:.4f} over {args.seeds} seeds; "
                   f"report: {out / 'report.html'}")
         elif args.command == "eda":
-            r = preset(args.preset)
             from .data import load_cifar10, split
 
+            r = preset(args.preset)
             train, test = load_cifar10(args.data_dir, allow_download=not args.no_download)
             pipeline.check_writable(args.out)
             pipeline.eda(split(train, test, r.train_size, r.val_size, r.seed), args.out, r.seed)
