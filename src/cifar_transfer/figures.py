@@ -101,6 +101,7 @@ def lr_find(result: dict, path: Path) -> Path:
         ax.axvline(result["suggestion"], color="C3", linestyle="--",
                    label=f"suggested {result['suggestion']:.1e} ({result['method']})")
     ax.set_xscale("log")
+    ax.set_ylim(min(result["smoothed"]) * 0.9, 4 * min(result["smoothed"]))  # up to where the test stops
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)

@@ -29,6 +29,7 @@ from .train import make_optimizer, set_phase
 
 SMOOTHING = 0.98  # exponential moving average of the loss, bias-corrected
 DIVERGED = 4.0  # stop when the smoothed loss exceeds this multiple of its best
+FLAT = 0.05  # a smoothed loss that never falls 5% below its start has no descent to suggest from
 
 
 def lr_find(model: TransferNet, recipe: Recipe, images: torch.Tensor, labels: torch.Tensor, phase: int = 1,
@@ -72,13 +73,19 @@ def lr_find(model: TransferNet, recipe: Recipe, images: torch.Tensor, labels: to
 
 
 def suggest(lrs: list[float], smoothed: list[float]) -> dict:
-    """The steepest descent of the smoothed loss against log(lr), and the loss minimum's rate / 10."""
+    """The steepest descent of the smoothed loss against log(lr), and the loss minimum's rate / 10. A curve with
+    no descent (a model already trained: the loss is flat until it rises) gets a tenth of where it rises."""
     if len(lrs) < 3:
         return {"suggestion": None, "method": "too few steps before the loss diverged"}
+    low = min(smoothed)
+    if smoothed[0] - low < FLAT * smoothed[0]:
+        rises = next((lr for lr, s in zip(lrs, smoothed) if s > (1 + FLAT) * low), lrs[-1])
+        return {"suggestion": rises / 10, "method": f"a tenth of where the flat loss starts to rise ({rises:.1e})",
+                "minimum_over_10": lrs[int(np.argmin(smoothed))] / 10}
     slopes = np.gradient(np.asarray(smoothed), np.log(np.asarray(lrs)))
-    # ignore the last tenth, where the loss turns up and the estimate is noisy
-    usable = max(len(slopes) - len(slopes) // 10, 2)
-    steepest = lrs[int(np.argmin(slopes[:usable]))]
+    # ignore the first and last tenth: the average is still settling at the start and the loss turns up at the end
+    skip = len(slopes) // 10
+    steepest = lrs[skip + int(np.argmin(slopes[skip:len(slopes) - skip]))]
     return {"suggestion": steepest, "method": "steepest descent of the smoothed loss",
             "minimum_over_10": lrs[int(np.argmin(smoothed))] / 10}
 
