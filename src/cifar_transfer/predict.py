@@ -117,10 +117,14 @@ class Predictor:
     def __init__(self, run_dir: Path, device: str = "auto"):
         path = Path(run_dir) / "model.safetensors"
         self.model, self.recipe = load_model(path)
-        self.temperature = self.model.temperature
         self.model_id = f"{Path(run_dir).resolve().name}-{digest(self.model.state_dict())[:12]}"
         self.device = pick_device(device)
         self.model = to_device(self.model, self.recipe, self.device)
+
+    @property
+    def temperature(self) -> float | None:
+        """The model's own (saved with it); None for a model saved without one."""
+        return self.model.temperature
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """N x 32 x 32 x 3 uint8 -> N x 10 logits."""
