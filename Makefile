@@ -18,7 +18,7 @@ endif
 
 PRESET ?= auto
 
-.PHONY: setup chromium run test lint bench bench-smoke clean
+.PHONY: setup chromium postgresql run test lint bench bench-smoke clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -34,7 +34,11 @@ run: setup
 chromium:
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-test: setup chromium
+# tune's multi-worker test starts a throwaway PostgreSQL cluster of its own with Debian's server binaries.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+
+test: setup chromium postgresql
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 

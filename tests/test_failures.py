@@ -229,6 +229,28 @@ def test_a_fresh_run_removes_what_a_killed_checkpoint_write_left(run_cli, tmp_pa
     assert done.returncode == 1 and not stale.exists()
 
 
+def test_an_interrupt_while_saving_a_checkpoint_stays_an_interrupt(tmp_path):
+    """torch.save turns a Ctrl-C (or tune's SIGTERM) inside its writes into "RuntimeError: unexpected pos"."""
+    from cifar_transfer import atomic
+
+    class Interrupted:
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes == 3:
+                raise KeyboardInterrupt
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic.write_with(tmp_path / "checkpoint.pt", lambda f: torch.save({"x": torch.zeros(10_000)}, Interrupted(f)))
+    assert list(tmp_path.iterdir()) == []
+
+
 UNSHARE = ["unshare", "--user", "--map-root-user", "--mount"]
 
 

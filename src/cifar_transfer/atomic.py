@@ -42,7 +42,10 @@ def write_with(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if _out_of_space(e):  # torch.save reports ENOSPC as "[enforce fail ...] unexpected pos", the OSError inside
+        # torch.save reports what interrupted it as "[enforce fail ...] unexpected pos": look inside
+        if _in_chain(e, lambda x: isinstance(x, KeyboardInterrupt)):
+            raise KeyboardInterrupt from None
+        if _in_chain(e, lambda x: isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT)):
             raise DiskFullError(f"{path}: no space left on device ({free_mib(path.parent):,.0f} MiB free)") from None
         if isinstance(e, PermissionError):
             raise OutputError(f"{path}: cannot be written ({e.strerror})") from None
@@ -50,9 +53,10 @@ def write_with(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
     return path
 
 
-def _out_of_space(e: BaseException | None) -> bool:
+def _in_chain(e: BaseException | None, match: Callable[[BaseException], bool]) -> bool:
+    """Whether `e` or an exception it was raised from or while handling matches."""
     while e is not None:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if match(e):
             return True
         e = e.__cause__ or e.__context__
     return False

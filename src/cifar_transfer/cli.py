@@ -90,6 +90,30 @@ def build_parser() -> argparse.ArgumentParser:
     lr.add_argument("--end", type=float, default=10.0, help="last learning rate (default 10)")
     _common(lr, out=True)
 
+    t = sub.add_parser("tune", help="an Optuna study over recipe fields, scored on validation accuracy",
+                       description="Sample recipes from a search space, train each as a run folder OUT/trial-NNNN "
+                                   "(training and validation images only: the test set is never read), prune poor "
+                                   "trials after any epoch, and write the best recipe (best_recipe.json, for run "
+                                   "--recipe), study.json and a report. Workers on one or many machines that give "
+                                   "the same --storage and --study share one study.", epilog=EPILOG)
+    t.add_argument("--preset", default="auto", choices=[*PRESETS, "auto"], help="the base recipe (default auto)")
+    _recipe_file(t)
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base recipe field (repeatable); applied last")
+    t.add_argument("--space", type=Path, metavar="FILE",
+                   help="search space, TOML or JSON: a table per field with low, high (log, step) or choices; "
+                        "default: the preset's")
+    t.add_argument("--trials", type=int, default=20, help="the study's total trials, across all workers (default 20)")
+    t.add_argument("--study", help="study name; workers giving the same name join one study (default: OUT's name)")
+    t.add_argument("--storage", metavar="URL", help="Optuna storage: default sqlite:///OUT/study.db; for workers on "
+                                                    "several machines postgresql://USER:PASSWORD@HOST/DB")
+    t.add_argument("--pruner", default="median", choices=["median", "asha", "none"],
+                   help="stop poor trials early: median (default) or asha (successive halving)")
+    t.add_argument("--heartbeat", type=int, default=60, metavar="SECONDS",
+                   help="a worker's trials are marked failed this long times two after it dies (default 60)")
+    t.add_argument("--sampler-seed", type=int, help="seed of the TPE sampler (give each worker its own)")
+    _common(t, out=True)
+
     c = sub.add_parser("compare", help="finished runs side by side: recipe differences, results, curves",
                        description="One table of the recipe fields that differ, test accuracy and loss, times and "
                                    "machine; leakage rates; learning curves overlaid. Markdown, HTML and PNG.")
@@ -214,6 +238,19 @@ def main(argv: list[str] | None = None) -> int:
                                      download=not args.no_download, steps=args.steps, start=args.start, end=args.end)
             found = f"{result['suggestion']:.2e} ({result['method']})" if result["suggestion"] else result["method"]
             print(f"suggested learning rate {found} after {result['steps']} steps; plot: {out / 'lr_find.png'}")
+        elif args.command == "tune":
+            from .tune import read_space, tune
+
+            recipe = compose(pipeline.resolve_preset(args.preset, args.device)[0], args.recipe, args.overrides)
+            out = args.out or pipeline.default_run_dir(f"tune-{recipe.name}")
+            result = tune(recipe, out, space=read_space(args.space) if args.space else None, storage=args.storage,
+                          study_name=args.study, trials=args.trials, pruner=args.pruner, heartbeat=args.heartbeat,
+                          sampler_seed=args.sampler_seed, data_dir=args.data_dir, weights=args.weights,
+                          device=args.device, download=not args.no_download, progress=not args.no_progress)
+            best = result["best"]
+            found = (f"best validation accuracy {best['value']:.4f} (trial {best['number']}); best recipe: "
+                     f"{best['recipe_file']}") if best else "no trial completed"
+            print(f"{found}; report: {out / 'report.html'}")
         elif args.command == "compare":
             from .compare import compare
 

@@ -50,7 +50,7 @@ class Dataset:
 class Splits:
     train: Dataset
     val: Dataset
-    test: Dataset
+    test: Dataset | None  # None where the test set must not be read (tuning, the LR finder)
     train_index: np.ndarray  # rows of the full training set used for training
     val_index: np.ndarray  # rows used for validation (disjoint from train_index)
 
@@ -115,8 +115,9 @@ def read_batch(f: IO[bytes], name: str) -> Dataset:
     return validate(np.ascontiguousarray(images), np.asarray(d["labels"]), name)
 
 
-def _read_official(open_member, where: str) -> tuple[Dataset, Dataset]:
-    """Read all six batches through `open_member(name) -> binary file`, and check counts against the meta."""
+def _read_official(open_member, where: str, test: bool = True) -> tuple[Dataset, Dataset | None]:
+    """Read the five training batches (and the test batch, unless `test` is false) through `open_member(name) ->
+    binary file`, and check counts against the meta."""
 
     def read(name: str) -> Dataset:
         with open_member(name) as f:
@@ -128,17 +129,18 @@ def _read_official(open_member, where: str) -> tuple[Dataset, Dataset]:
     if tuple(names) != CLASSES:
         raise DataError(f"{where}/batches.meta: label_names {names} are not CIFAR-10's")
     per_batch = meta.get("num_cases_per_batch", 10_000)
-    parts = [read(n) for n in (*TRAIN_BATCHES, TEST_BATCH)]
-    for n, p in zip((*TRAIN_BATCHES, TEST_BATCH), parts):
+    names = (*TRAIN_BATCHES, TEST_BATCH) if test else TRAIN_BATCHES
+    parts = [read(n) for n in names]
+    for n, p in zip(names, parts):
         if len(p) != per_batch:
             raise DataError(f"{where}/{n}: {len(p)} images, batches.meta says {per_batch}")
     train = Dataset(
         np.concatenate([p.images for p in parts[:5]]), np.concatenate([p.labels for p in parts[:5]]), where
     )
-    return train, Dataset(parts[5].images, parts[5].labels, f"{where}/{TEST_BATCH}")
+    return train, Dataset(parts[5].images, parts[5].labels, f"{where}/{TEST_BATCH}") if test else None
 
 
-def read_folder(folder: Path) -> tuple[Dataset, Dataset]:
+def read_folder(folder: Path, test: bool = True) -> tuple[Dataset, Dataset | None]:
     def open_member(name: str) -> IO[bytes]:
         path = folder / name
         if not path.is_file():
@@ -149,10 +151,10 @@ def read_folder(folder: Path) -> tuple[Dataset, Dataset]:
         except OSError as e:
             raise DataError(f"{path}: cannot be read ({e.strerror})") from None
 
-    return _read_official(open_member, str(folder))
+    return _read_official(open_member, str(folder), test)
 
 
-def read_archive(path: Path) -> tuple[Dataset, Dataset]:
+def read_archive(path: Path, test: bool = True) -> tuple[Dataset, Dataset | None]:
     try:
         tar = tarfile.open(path, "r:gz")  # noqa: SIM115 - closed by the `with tar` below
         members = {m.name.split("/", 1)[-1]: m for m in tar.getmembers() if m.isfile()}
@@ -168,7 +170,7 @@ def read_archive(path: Path) -> tuple[Dataset, Dataset]:
             raise DataError(f"{path}: {name} is truncated or corrupt ({e})") from None
 
     with tar:
-        return _read_official(open_member, str(path))
+        return _read_official(open_member, str(path), test)
 
 
 def read_npz(path: Path) -> Dataset:
@@ -210,12 +212,12 @@ def find_source(folder: Path) -> Path | tuple[Path, Path] | None:
     return _npz_pair(folder)
 
 
-def read_source(source: Path | tuple[Path, Path]) -> tuple[Dataset, Dataset]:
+def read_source(source: Path | tuple[Path, Path], test: bool = True) -> tuple[Dataset, Dataset | None]:
     if isinstance(source, tuple):
-        return read_npz(source[0]), read_npz(source[1])
+        return read_npz(source[0]), read_npz(source[1]) if test else None
     if source.is_dir():
-        return read_folder(source)
-    return read_archive(source)
+        return read_folder(source, test)
+    return read_archive(source, test)
 
 
 def download(root: Path, url: str = CIFAR_URL, md5: str = CIFAR_MD5) -> Path:
@@ -231,20 +233,23 @@ def download(root: Path, url: str = CIFAR_URL, md5: str = CIFAR_MD5) -> Path:
 
 
 def load_cifar10(
-    data_dir: str | Path | None = None, *, allow_download: bool = True, url: str = CIFAR_URL, md5: str = CIFAR_MD5
-) -> tuple[Dataset, Dataset]:
-    """Return (train, test) from the first place that holds CIFAR-10, downloading into ./data if none does."""
+    data_dir: str | Path | None = None, *, allow_download: bool = True, url: str = CIFAR_URL, md5: str = CIFAR_MD5,
+    test: bool = True,
+) -> tuple[Dataset, Dataset | None]:
+    """Return (train, test) from the first place that holds CIFAR-10, downloading into ./data if none does.
+
+    With `test=False` the test images are never read (test is None): tuning and the LR finder must not see them."""
     looked = candidate_dirs(data_dir)
     for folder in looked:
         source = find_source(folder)
         if source is not None:
-            return read_source(source)
+            return read_source(source, test)
     where = ", ".join(str(p.resolve()) for p in looked)
     hint = f"point --data-dir or $CIFAR_TRANSFER_DATA at a folder holding {FOLDER}/, {ARCHIVE} or test.npz"
     if not allow_download:
         raise DataError(f"CIFAR-10 not found in: {where}; {hint}")
     try:
-        return read_source(download(Path("data"), url, md5))
+        return read_source(download(Path("data"), url, md5), test)
     except DataError:
         raise
     except Exception as e:  # network failures come in many types (URLError, OSError, RuntimeError, ...)
@@ -278,7 +283,7 @@ def balanced_indices(labels: np.ndarray, per_class: int, rng: np.random.Generato
     return index
 
 
-def split(train: Dataset, test: Dataset, train_size: int, val_size: int, seed: int) -> Splits:
+def split(train: Dataset, test: Dataset | None, train_size: int, val_size: int, seed: int) -> Splits:
     """Class-balanced seeded training subsample, and a validation set from the training images NOT in it."""
     rng = np.random.default_rng(seed)
     train_index = balanced_indices(train.labels, train_size // 10, rng, train.source)

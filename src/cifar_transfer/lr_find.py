@@ -104,8 +104,8 @@ def lr_find_command(recipe: Recipe, out: Path, *, phase: int = 1, start_from: Pa
     else:
         torch.manual_seed(recipe.seed)
         model = build_model(recipe, load_pretrained(weights or default_weights()))
-    train, test = load_cifar10(data_dir, allow_download=download)
-    splits = split(train, test, recipe.train_size, recipe.val_size, recipe.seed)
+    train, _ = load_cifar10(data_dir, allow_download=download, test=False)
+    splits = split(train, None, recipe.train_size, recipe.val_size, recipe.seed)
     images, labels = to_device(splits.train.images, splits.train.labels, dev)
     result = lr_find(model_to_device(model, recipe, dev), recipe, images, labels, phase, start, end, steps)
     result["start_from"] = str(start_from) if start_from else "pretrained weights, fresh head"

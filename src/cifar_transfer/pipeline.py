@@ -12,6 +12,7 @@ import resource
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from .calibration import shipped_temperature
 from .data import CLASSES, Dataset, Splits, find_source, load_cifar10, load_test_set, split
 from .evaluate import logits_for, summarise, tta_logits
 from .logbook import Logbook
-from .model import build_model, load_model, load_pretrained, pick_device, save_model
+from .model import Pretrained, TransferNet, build_model, load_model, load_pretrained, pick_device, save_model
 from .model import to_device as model_to_device
 from .predict import read_image_folder
 from .recipe import AUTO, PRESETS, Recipe, preset
@@ -128,6 +129,41 @@ def shipped(history: list[dict], recipe: Recipe) -> dict:
             "why": why}
 
 
+def train(recipe: Recipe, out: Path, splits: Splits, pretrained: Pretrained, dev: torch.device, *,
+          resume_state: dict | None = None, progress: bool = True, meta: dict | None = None,
+          on_epoch: Callable[[list[dict]], None] | None = None) -> tuple[TransferNet, list[dict], float]:
+    """Both phases on `splits`' training and validation images, into `out`: recipe.json, history.csv and
+    TensorBoard events after every epoch, the checkpoint, and the learning curves. The test set is not touched.
+
+    `on_epoch(history)` runs after each epoch's files are written (`tune` reports to its pruner there). Returns
+    the trained model (the shipped epoch's weights), the history and the training seconds."""
+    atomic.write_text(out / "recipe.json", recipe.dumps() + "\n")
+    torch.manual_seed(recipe.seed)  # the head's initialisation
+    model = model_to_device(build_model(recipe, pretrained), recipe, dev)
+    atomic.ensure_free(out, checkpoint_bytes(model, recipe) * (1 if resume_state else 2) + 32 * atomic.MiB,
+                       "the checkpoint (an atomic save holds the old and the new one)")
+    t_train = time.perf_counter()
+    logbook = Logbook(out / "tensorboard")
+
+    def after_epoch(history: list[dict], step_losses: list[float], step_lrs: list[float]) -> None:
+        write_history(history, out / "history.csv")
+        logbook.epoch(history, step_losses, step_lrs)
+        if on_epoch is not None:
+            on_epoch(history)
+
+    try:
+        history = fit(model, recipe, to_device(splits.train.images, splits.train.labels, dev),
+                      to_device(splits.val.images, splits.val.labels, dev), checkpoint=out / CHECKPOINT,
+                      resume=resume_state, progress=progress, on_epoch=after_epoch, meta=meta)
+    finally:
+        logbook.close()
+    train_s = time.perf_counter() - t_train
+    write_history(history, out / "history.csv")  # now with the `shipped` column
+    tuned = "all layers" if recipe.finetune_from == "stem" else f"{recipe.finetune_from} onwards and the head"
+    figures.learning_curves(history, out / "learning_curves.png", tuned)
+    return model, history, train_s
+
+
 def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str | None = None,
         device: str = "auto", resume: bool = False, progress: bool = True, download: bool = True,
         human_labels: Path | None = None, chosen_by: str | None = None) -> dict:
@@ -154,33 +190,12 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
     network = pretrained.identity()
     if started_from is not None:
         check_same_network(started_from, network, out / CHECKPOINT)
-    atomic.write_text(out / "recipe.json", recipe.dumps() + "\n")
     (out / "error.txt").unlink(missing_ok=True)
-
-    torch.manual_seed(recipe.seed)  # the head's initialisation
-    model = model_to_device(build_model(recipe, pretrained), recipe, dev)
-    atomic.ensure_free(out, checkpoint_bytes(model, recipe) * (1 if resume else 2) + 32 * atomic.MiB,
-                       "the checkpoint (an atomic save holds the old and the new one)")
     train_full, test = load_cifar10(data_dir, allow_download=download)
     splits = split(train_full, test, recipe.train_size, recipe.val_size, recipe.seed)
     eda(splits, out, recipe.seed)
-
-    t_train = time.perf_counter()
-    logbook = Logbook(out / "tensorboard")
-
-    def on_epoch(history: list[dict], step_losses: list[float], step_lrs: list[float]) -> None:
-        write_history(history, out / "history.csv")
-        logbook.epoch(history, step_losses, step_lrs)
-
-    history = fit(model, recipe, to_device(splits.train.images, splits.train.labels, dev),
-                  to_device(splits.val.images, splits.val.labels, dev),
-                  checkpoint=out / CHECKPOINT, resume=resume_state, progress=progress, on_epoch=on_epoch,
-                  meta={"network": network})
-    logbook.close()
-    train_s = time.perf_counter() - t_train
-    write_history(history, out / "history.csv")  # now with the `shipped` column
-    tuned = "all layers" if recipe.finetune_from == "stem" else f"{recipe.finetune_from} onwards and the head"
-    figures.learning_curves(history, out / "learning_curves.png", tuned)
+    model, history, train_s = train(recipe, out, splits, pretrained, dev, resume_state=resume_state,
+                                    progress=progress, meta={"network": network})
 
     result, eval_s, logits = test_results(model, test, recipe, out, progress)
     t0 = time.perf_counter()

@@ -302,3 +302,34 @@ def repeat_markdown(name: str, seeds: int, changed: dict, summary: dict[str, dic
             + "Each run draws its own training subsample and head initialisation; mean ± standard deviation "
             "across runs.\n\n" + table(["measure", "mean", "std", "per seed"], rows)
             + "\n\n![Spread across seeds](repeat.png)\n")
+
+
+def tune_markdown(s: dict) -> str:
+    """`tune`'s report: the best trial and its recipe file, every trial, and Optuna's plots."""
+    counts = ", ".join(f"{n} {state.lower()}" for state, n in s["counts"].items() if n)
+    best = s["best"]
+    space = ", ".join(f"`{k}`" for k in s["space"] or {})
+    parts = [f"# Study `{s['study']}`",
+             f"{counts} (cap: {s['trials_cap']} trials, counted across every worker). Each trial is scored on "
+             "the validation accuracy of the epoch it ships; the test set is never read while tuning. Fields tuned: "
+             f"{space}; the others are the base recipe's (`{s['base_recipe']['name']}`)."]
+    if best is None:
+        parts.append("No trial has completed yet.")
+    else:
+        params = ", ".join(f"`{k}={v:.4g}`" if isinstance(v, float) else f"`{k}={v}`"
+                           for k, v in best["params"].items())
+        parts += [f"**Best: trial {best['number']}, validation accuracy {pct(best['value'])}** with {params}. Its "
+                  f"recipe: `{best['recipe_file']}`; train it and measure it on the test set with "
+                  f"`cifar-transfer run --recipe {best['recipe_file']}`."]
+    rows = [[t["number"], t["state"].lower(), pct(t["value"]) if t["value"] is not None else "",
+             ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items()),
+             t["epochs"], f"{t['seconds']:.0f}" if t["seconds"] is not None else "", t["host"] or "",
+             t["note"]] for t in s["trials"]]
+    parts += ["## Trials", table(["trial", "state", "validation accuracy", "fields", "epochs reported", "seconds",
+                                  "host", "note"], rows)]
+    for name, title in (("history", "Optimisation history"), ("importances", "Field importances"),
+                        ("intermediate", "Validation accuracy per epoch (pruned trials stop early)")):
+        drawn = s.get("plots", {}).get(name)
+        if drawn:
+            parts += [f"## {title}", f"![{title}]({drawn})" if drawn.endswith(".png") else drawn.capitalize() + "."]
+    return "\n\n".join(parts) + "\n"
