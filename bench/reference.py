@@ -1,7 +1,9 @@
 """A deliberately plain two-phase loop: the baseline each speed-up in bench.py is measured against.
 
-fp32, default memory layout, no feature caching (phase 1 runs the frozen base every epoch), and a host
-synchronisation every step (`loss.item()`), as a first PyTorch port of the Keras recipe would be written.
+fp32, default memory layout, no feature caching (phase 1 runs the frozen base every epoch), the optimizers'
+default implementations (never fused), and a host synchronisation every step (`loss.item()`), as a first
+PyTorch port of the Keras recipe would be written. The mathematics is the recipe's: the same optimizer,
+learning rates, weight decay on weights only, schedule and label smoothing.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 from cifar_transfer.augment import augment
 from cifar_transfer.model import TransferNet
 from cifar_transfer.recipe import Recipe
-from cifar_transfer.train import make_optimizer, make_schedule, set_phase
+from cifar_transfer.train import make_schedule, set_phase
 
 
 def train_plain(model: TransferNet, recipe: Recipe, x: torch.Tensor, y: torch.Tensor) -> list[float]:
@@ -22,7 +24,7 @@ def train_plain(model: TransferNet, recipe: Recipe, x: torch.Tensor, y: torch.Te
     losses = []
     for phase, epochs in ((1, recipe.head_epochs), (2, recipe.finetune_epochs)):
         params = set_phase(model, phase, recipe)
-        opt = make_optimizer(params, phase, recipe)
+        opt = plain_optimizer(params, phase, recipe)
         sched = make_schedule(opt, phase, recipe, steps)
         for _ in range(epochs):
             perm = torch.randperm(len(y), generator=gen, device=x.device)
@@ -36,6 +38,15 @@ def train_plain(model: TransferNet, recipe: Recipe, x: torch.Tensor, y: torch.Te
                 sched.step()
                 losses.append(loss.item())
     return losses
+
+
+def plain_optimizer(params: list[torch.nn.Parameter], phase: int, recipe: Recipe) -> torch.optim.Optimizer:
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": recipe.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    if (recipe.head_optimizer if phase == 1 else recipe.finetune_optimizer) == "adam":
+        return torch.optim.Adam(groups, lr=recipe.head_lr if phase == 1 else recipe.finetune_lr, eps=1e-7)
+    return torch.optim.SGD(groups, lr=recipe.head_lr if phase == 1 else recipe.finetune_lr,
+                           momentum=recipe.momentum, nesterov=recipe.nesterov)
 
 
 @torch.no_grad()

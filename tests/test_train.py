@@ -1,3 +1,4 @@
+import errno
 import itertools
 
 import pytest
@@ -187,3 +188,69 @@ def test_best_val_ships_the_best_validation_epoch(pretrained, tiny_data, tmp_pat
     assert [x["shipped"] for x in h] == [False, True, False, False]
     for k, v in resumed.state_dict().items():
         assert torch.equal(v, at_epoch_2[k]), k
+
+
+def test_each_history_row_follows_its_checkpoint_and_write_errors_stop_training(
+        pretrained, tiny_data, tmp_path, monkeypatch):
+    """Checkpoints are written in the background; `on_saved` (history.csv in a run) runs once the epoch's
+    checkpoint is in place, and a failed write surfaces in the training loop."""
+    r = preset("seed").with_overrides(TINY)
+    seen = []
+
+    def on_saved(rows):
+        seen.append((len(rows), len(train.load_checkpoint(tmp_path / "c.pt")["history"])))
+
+    fit(fresh(r, pretrained), r, *tiny_data, checkpoint=tmp_path / "c.pt", on_saved=on_saved, progress=False)
+    assert seen == [(1, 1), (2, 2), (3, 3), (4, 4)]
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(atomic.DiskFullError, match=r"d\.pt: no space left on device"):
+        fit(fresh(r, pretrained), r, *tiny_data, checkpoint=tmp_path / "d.pt", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+
+
+def test_compile_builds_one_graph_per_phase_and_module_mode(pretrained, tiny_data, monkeypatch):
+    """Ragged last batches (40 % 24 = 16 training images, 20 % 7 = 6 validation images) and the evaluation batch
+    size reuse their mode's graph: two phases x (training, evaluation) = 4 graphs, counted at the backend.
+    (Convolutions guard a dynamic batch at >= 16 on the CPU: a ragged training batch below 16 compiles once more.
+    The presets' ragged batches are 16: 10,000 % 32, % 64 and % 128.)"""
+    graphs = []
+
+    def counting(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: compile_(module, backend=counting))
+    torch._dynamo.reset()
+    r = preset("seed").with_overrides([*TINY, "batch_size=24", "eval_batch_size=7", "finetune_from=layer4.2",
+                                       "compile=default"])
+    history = fit(fresh(r, pretrained), r, *tiny_data, progress=False)
+    eager = fit(fresh(r, pretrained), r.with_overrides(["compile=off"]), *tiny_data, progress=False)
+    assert len(graphs) == 4
+    assert [h["val_loss"] for h in history] == pytest.approx([h["val_loss"] for h in eager], rel=1e-5)
+
+
+def test_without_caching_the_frozen_stages_run_every_step_to_the_same_result(pretrained, tiny_data):
+    r = preset("seed").with_overrides([*TINY, "finetune_from=layer4.2"])
+    cached = fit(fresh(r, pretrained), r, *tiny_data, progress=False)
+    plain = fit(fresh(r, pretrained), r.with_overrides(["cache=false"]), *tiny_data, progress=False)
+    assert [h["val_loss"] for h in plain] == pytest.approx([h["val_loss"] for h in cached], rel=1e-4)
+
+
+@pytest.mark.parametrize(("mode", "precision"), [("default", "fp32"), ("reduce-overhead", "bf16"),
+                                                 ("max-autotune", "fp32")])
+def test_inductor_compiled_training_matches_eager(pretrained, tiny_data, mode, precision):
+    """Every compile mode the recipe accepts trains through inductor (which runs on the CPU too) to the eager
+    loop's results, within the precision's tolerance."""
+    r = preset("seed").with_overrides([*TINY, "head_epochs=1", "finetune_epochs=1", "finetune_from=layer4.2",
+                                       f"precision={precision}", f"compile={mode}"])
+    torch._dynamo.reset()
+    compiled = fit(fresh(r, pretrained), r, *tiny_data, progress=False)
+    eager = fit(fresh(r, pretrained), r.with_overrides(["compile=off"]), *tiny_data, progress=False)
+    tolerance = 2e-2 if precision == "bf16" else 1e-3
+    for key in ("train_loss", "val_loss"):
+        assert [h[key] for h in compiled] == pytest.approx([h[key] for h in eager], rel=tolerance), key

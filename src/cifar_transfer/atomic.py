@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
@@ -96,3 +97,33 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, obj: object) -> Path:
     return write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+class Background:
+    """Atomic writes in a background thread, one at a time: training goes on while a checkpoint is written.
+
+    `submit` first waits for the previous write; an error of a write surfaces in the caller at the next `submit`
+    or `wait`. `then` runs once the file is in place (e.g. the history row that says the checkpoint exists)."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atomic-write")
+        self._pending: Future | None = None
+
+    def submit(self, path: Path, write: Callable[[IO[bytes]], object], then: Callable[[], None] | None = None) -> None:
+        self.wait()
+
+        def job() -> None:
+            write_with(path, write)
+            if then is not None:
+                then()
+
+        self._pending = self._pool.submit(job)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Let the last write finish (its error, if any, is dropped: call `wait` first to see it)."""
+        self._pool.shutdown(wait=True)

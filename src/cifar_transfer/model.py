@@ -89,6 +89,8 @@ class TransferNet(nn.Module):
         upsamples them first."""
         b = self.backbone
         if name == "stem":
+            if b.conv1.weight.is_contiguous(memory_format=torch.channels_last):  # convert the small input once,
+                x = x.contiguous(memory_format=torch.channels_last)  # not conv1's upsampled one every batch
             x = (x - self.mean) / self.std
             if x.shape[-1] != self.resolution:
                 x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
@@ -252,11 +254,15 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def channels_last(recipe: Recipe, device: torch.device) -> bool:
+    """The recipe's memory layout on `device`: "auto" is channels_last on CUDA only."""
+    return recipe.memory_format == "channels_last" or (recipe.memory_format == "auto" and device.type == "cuda")
+
+
 def to_device(model: TransferNet, recipe: Recipe, device: torch.device) -> TransferNet:
     """Move to `device` in the recipe's memory layout (channels_last on CUDA unless the recipe says otherwise)."""
     model = model.to(device)
-    nhwc = recipe.memory_format == "channels_last" or (recipe.memory_format == "auto" and device.type == "cuda")
-    return model.to(memory_format=torch.channels_last) if nhwc else model
+    return model.to(memory_format=torch.channels_last) if channels_last(recipe, device) else model
 
 
 def save_model(model: TransferNet, recipe: Recipe, path: Path) -> Path:

@@ -22,7 +22,6 @@ import torch
 import torchvision
 
 from . import atomic, figures, report
-from .analyze import analyze
 from .augment import to_device
 from .calibration import shipped_temperature
 from .data import CLASSES, Dataset, Splits, find_source, load_cifar10, load_test_set, split
@@ -67,7 +66,9 @@ def environment(device: torch.device) -> dict:
     cpu = cpu_model()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU: {cpu['model']} ({cpu['threads']} threads, bf16 units: {cpu['bf16_units']})")
-    return {"device": str(device), "device_name": name, "cpu": cpu,
+    gpu = ({"name": name, "memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30}
+           if device.type == "cuda" else None)
+    return {"device": str(device), "device_name": name, "cpu": cpu, "gpu": gpu,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "torchvision": torchvision.__version__, "numpy": np.__version__,
                          "scikit-learn": sklearn.__version__}}
@@ -132,8 +133,8 @@ def shipped(history: list[dict], recipe: Recipe) -> dict:
 def train(recipe: Recipe, out: Path, splits: Splits, pretrained: Pretrained, dev: torch.device, *,
           resume_state: dict | None = None, progress: bool = True, meta: dict | None = None,
           on_epoch: Callable[[list[dict]], None] | None = None) -> tuple[TransferNet, list[dict], float]:
-    """Both phases on `splits`' training and validation images, into `out`: recipe.json, history.csv and
-    TensorBoard events after every epoch, the checkpoint, and the learning curves. The test set is not touched.
+    """Both phases on `splits`' training and validation images, into `out`: the checkpoint, history.csv and
+    TensorBoard events after every epoch, recipe.json and the learning curves. The test set is not touched.
 
     `on_epoch(history)` runs after each epoch's files are written (`tune` reports to its pruner there). Returns
     the trained model (the shipped epoch's weights), the history and the training seconds."""
@@ -146,15 +147,15 @@ def train(recipe: Recipe, out: Path, splits: Splits, pretrained: Pretrained, dev
     logbook = Logbook(out / "tensorboard")
 
     def after_epoch(history: list[dict], step_losses: list[float], step_lrs: list[float]) -> None:
-        write_history(history, out / "history.csv")
         logbook.epoch(history, step_losses, step_lrs)
         if on_epoch is not None:
             on_epoch(history)
 
-    try:
+    try:  # history.csv gains a row once the checkpoint holding that epoch is in place: a row means it can resume
         history = fit(model, recipe, to_device(splits.train.images, splits.train.labels, dev),
                       to_device(splits.val.images, splits.val.labels, dev), checkpoint=out / CHECKPOINT,
-                      resume=resume_state, progress=progress, on_epoch=after_epoch, meta=meta)
+                      resume=resume_state, progress=progress, on_epoch=after_epoch,
+                      on_saved=lambda rows: write_history(rows, out / "history.csv"), meta=meta)
     finally:
         logbook.close()
     train_s = time.perf_counter() - t_train
@@ -221,6 +222,8 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
         "test": result,
     }
     if recipe.analysis:
+        from .analyze import analyze  # Grad-CAM and the corruptions load only for runs that analyse
+
         t0 = time.perf_counter()
         metrics["analysis"] = analyze(model, recipe, splits.val, test, out, human_labels, logits, val_logits)
         metrics["timings"]["analysis_s"] = time.perf_counter() - t0
@@ -264,6 +267,8 @@ def evaluate_saved(run_dir: Path, data: str | None = None, device: str = "auto",
 def analyze_saved(run_dir: Path, data_dir: str | None = None, human_labels: Path | None = None,
                   device: str = "auto", download: bool = True) -> tuple[dict, Path]:
     """The error analysis of a saved run, on its own validation split and the CIFAR-10 test set."""
+    from .analyze import analyze
+
     model, recipe = load_model(run_dir / "model.safetensors")
     train, test = load_cifar10(data_dir, allow_download=download)
     splits = split(train, test, recipe.train_size, recipe.val_size, recipe.seed)

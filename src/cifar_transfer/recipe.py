@@ -66,6 +66,9 @@ class Recipe:
     # where phase 2's training starts: "stem" (everything), a stage ("layer4") or a block ("layer3.3"); the steps
     # before it stay frozen (BatchNorm in inference mode), so their activations are computed once and reused
     finetune_from: str = "stem"
+    # compute the frozen steps' activations once and train on them (false: run them every step, as a plain loop
+    # does: for measuring what caching gains, or for random crops with a partial fine-tune)
+    cache: bool = True
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
@@ -115,10 +118,10 @@ class Recipe:
         if self.finetune_from not in FINETUNE_FROM:
             raise RecipeError(f"recipe field finetune_from={self.finetune_from!r}: must be stem, a stage "
                               f"(layer1..layer4) or a block (layer1.0 .. layer4.{BLOCKS[-1] - 1})")
-        if self.finetune_from != "stem" and self.augment == "crop+flip":
+        if self.cache and self.finetune_from != "stem" and self.augment == "crop+flip":
             raise RecipeError(f"recipe fields finetune_from={self.finetune_from!r} and augment='crop+flip': "
                               "activations of frozen stages are cached once, so random crops cannot be drawn "
-                              "every step; use augment=flip (or none)")
+                              "every step; use augment=flip (or none), or cache=false")
         if self.keep == "best_val" and self.val_size == 0:
             raise RecipeError("recipe field keep='best_val' needs a validation split (val_size > 0)")
 

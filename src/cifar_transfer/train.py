@@ -7,21 +7,26 @@ Frozen steps see the same input every epoch, so their activations are computed o
 train on them: the same mathematics (frozen BatchNorm is in inference mode), a fraction of the cost. Phase 1
 trains the head on cached base features; phase 2 with `finetune_from` past the stem trains on cached
 activations of the stages before it. Flip augmentation survives caching: each image is cached with its mirror
-and every step draws one of the two per image. Random crops cannot be cached; they run the full forward pass.
+and every step draws one of the two per image. Random crops cannot be cached; they run the full forward pass
+(as does everything with `cache=false`).
 
-A checkpoint is written atomically after every epoch; `resume` continues from one with identical results.
+A checkpoint is written atomically after every epoch, from a copy of the state in a background thread while
+the next epoch trains; `resume` continues from one with identical results.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map
 from tqdm import tqdm
 
 from . import atomic
@@ -168,16 +173,17 @@ def fit(
     model: TransferNet, recipe: Recipe, train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor], *, checkpoint: Path | None = None, resume: dict | None = None,
     progress: bool = True, on_epoch: Callable[[list[dict], list[float], list[float]], None] | None = None,
-    meta: dict | None = None,
+    on_saved: Callable[[list[dict]], None] | None = None, meta: dict | None = None,
 ) -> list[dict]:
     """Train `model` in place through both phases; return the per-epoch history.
 
     `train` and `val` are uint8 image and label tensors on the training device. `resume` is a checkpoint
-    dict written by a previous call with the same recipe. `on_epoch(history, step_losses, step_lrs)` is called
-    after each epoch's checkpoint is written, with that epoch's loss and learning rate at every step; `meta`
-    is kept in every checkpoint as it is. With `keep=best_val` the model ends with the weights of the epoch with
-    the best validation accuracy; each history row's `shipped` says whether its epoch's weights are the ones
-    kept.
+    dict written by a previous call with the same recipe. After each epoch, `on_epoch(history, step_losses,
+    step_lrs)` is called at once, with that epoch's loss and learning rate at every step; the checkpoint is
+    written in a background thread while the next epoch trains, and `on_saved(history)` runs (in that thread)
+    once it is in place. `meta` is kept in every checkpoint as it is. With `keep=best_val` the model ends with
+    the weights of the epoch with the best validation accuracy; each history row's `shipped` says whether its
+    epoch's weights are the ones kept.
     """
     device = train[0].device
     gen = torch.Generator(device=device).manual_seed(recipe.seed)  # shuffles and augmentation
@@ -198,61 +204,68 @@ def fit(
         start = (resume["phase"], resume["epoch"])
     views = 2 if recipe.augment == "flip" else 1
     frozen: tuple[Views, Views] | None = None  # activations entering `finetune_from`, for train and val
-    for phase, epochs in ((1, recipe.head_epochs), (2, recipe.finetune_epochs)):
-        first = start[1] if phase == start[0] else 0
-        if phase < start[0] or first >= epochs:
-            continue
-        t_phase = time.perf_counter()  # the first epoch's time includes any caching
-        params = set_phase(model, phase, recipe)
-        if recipe.finetune_from != "stem" and frozen is None:
-            desc = f"caching activations entering {recipe.finetune_from}" if progress else None
-            frozen = (cache_activations(model, train[0], "stem", recipe.finetune_from, recipe, views, desc),
-                      cache_activations(model, val[0], "stem", recipe.finetune_from, recipe))
-        xs, at = (frozen, recipe.finetune_from) if frozen else ((train[0], val[0]), "stem")
-        begin = "head" if phase == 1 else recipe.finetune_from
-        if phase == 1 and recipe.augment == "crop+flip":  # fresh crops every step: the full forward pass
-            begin = "stem"
-        elif begin != at:  # phase 1: the head trains on base features computed once
-            desc = "phase 1: caching base features" if progress else None
-            xs = (cache_activations(model, xs[0], at, begin, recipe, views, desc),
-                  cache_activations(model, xs[1], at, begin, recipe))
-        forward: Callable[[torch.Tensor], torch.Tensor] = Part(model, begin)
-        if recipe.compile != "off":  # "reduce-overhead" captures CUDA graphs: no per-kernel launch cost
-            forward = torch.compile(forward, mode=None if recipe.compile == "default" else recipe.compile)
-        steps = math.ceil(len(train[1]) / recipe.batch_size)
-        opt = make_optimizer(params, phase, recipe)
-        sched = make_schedule(opt, phase, recipe, steps)
-        if resume is not None and phase == start[0] and first > 0:
-            opt.load_state_dict(resume["optimizer"])
-            sched.load_state_dict(resume["scheduler"])
-        for epoch in range(first, epochs):
-            t0 = t_phase if epoch == first else time.perf_counter()
-            lr = opt.param_groups[0]["lr"]
-            desc = f"phase {phase} epoch {epoch + 1}/{epochs}"
-            set_phase(model, phase, recipe)
-            train_loss, train_acc, step_losses, step_lrs = _run_epoch(forward, xs[0], train[1], opt, sched, gen,
-                                                                      recipe, desc, progress)
-            model.eval()
-            val_loss, val_acc = _validate(forward, xs[1], val[1], recipe)
-            row = {"phase": phase, "epoch": len(history) + 1, "phase_epoch": epoch + 1, "lr": lr,
-                   "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
-                   "seconds": time.perf_counter() - t0}
-            history.append(row)
-            if recipe.keep == "best_val" and (best is None or val_acc > best["val_acc"]):
-                best = {"epoch": row["epoch"], "val_acc": val_acc,
-                        "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-            if progress:
-                tqdm.write(f"{desc}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
-                           f"val loss {val_loss:.4f} acc {val_acc:.4f} | {row['seconds']:.1f}s")
-            if checkpoint is not None:
-                state = {"recipe": recipe.to_dict(), "phase": phase, "epoch": epoch + 1, "history": history,
-                         "model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                         "torch_rng": torch.get_rng_state(), "best": best, "meta": meta or {},
-                         "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
-                atomic.write_with(checkpoint, lambda f, s=state: torch.save(s, f))
-            if on_epoch is not None:
-                on_epoch(history, step_losses, step_lrs)
+    writer = atomic.Background()  # checkpoints are written while the next epoch trains
+    try:
+        for phase, epochs in ((1, recipe.head_epochs), (2, recipe.finetune_epochs)):
+            first = start[1] if phase == start[0] else 0
+            if phase < start[0] or first >= epochs:
+                continue
+            t_phase = time.perf_counter()  # the first epoch's time includes any caching
+            params = set_phase(model, phase, recipe)
+            if recipe.cache and recipe.finetune_from != "stem" and frozen is None:
+                desc = f"caching activations entering {recipe.finetune_from}" if progress else None
+                frozen = (cache_activations(model, train[0], "stem", recipe.finetune_from, recipe, views, desc),
+                          cache_activations(model, val[0], "stem", recipe.finetune_from, recipe))
+            xs, at = (frozen, recipe.finetune_from) if frozen else ((train[0], val[0]), "stem")
+            begin = "head" if phase == 1 else recipe.finetune_from
+            if not recipe.cache or (phase == 1 and recipe.augment == "crop+flip"):  # the full forward pass
+                begin = "stem"
+            elif begin != at:  # phase 1: the head trains on base features computed once
+                desc = "phase 1: caching base features" if progress else None
+                xs = (cache_activations(model, xs[0], at, begin, recipe, views, desc),
+                      cache_activations(model, xs[1], at, begin, recipe))
+            forward = compiled(Part(model, begin), recipe.compile)
+            steps = math.ceil(len(train[1]) / recipe.batch_size)
+            opt = make_optimizer(params, phase, recipe)
+            sched = make_schedule(opt, phase, recipe, steps)
+            if resume is not None and phase == start[0] and first > 0:
+                opt.load_state_dict(resume["optimizer"])
+                sched.load_state_dict(resume["scheduler"])
+            for epoch in range(first, epochs):
+                t0 = t_phase if epoch == first else time.perf_counter()
+                lr = opt.param_groups[0]["lr"]
+                desc = f"phase {phase} epoch {epoch + 1}/{epochs}"
+                set_phase(model, phase, recipe)
+                train_loss, train_acc, step_losses, step_lrs = _run_epoch(forward, xs[0], train[1], opt, sched, gen,
+                                                                          recipe, desc, progress)
+                model.eval()
+                val_loss, val_acc = _validate(forward, xs[1], val[1], recipe)
+                row = {"phase": phase, "epoch": len(history) + 1, "phase_epoch": epoch + 1, "lr": lr,
+                       "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
+                       "seconds": time.perf_counter() - t0}
+                history.append(row)
+                if recipe.keep == "best_val" and (best is None or val_acc > best["val_acc"]):
+                    best = {"epoch": row["epoch"], "val_acc": val_acc,
+                            "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+                if progress:
+                    tqdm.write(f"{desc}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
+                               f"val loss {val_loss:.4f} acc {val_acc:.4f} | {row['seconds']:.1f}s")
+                saved = None if on_saved is None else functools.partial(on_saved, list(history))
+                if checkpoint is not None:
+                    writer.wait()  # one checkpoint in flight: at most one host copy of the state at a time
+                    state = {"recipe": recipe.to_dict(), "phase": phase, "epoch": epoch + 1, "history": list(history),
+                             "model": model.state_dict(), "optimizer": opt.state_dict(),
+                             "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                             "torch_rng": torch.get_rng_state(), "best": best, "meta": meta or {},
+                             "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+                    writer.submit(checkpoint, host_copy(state), then=saved)
+                elif saved is not None:
+                    saved()
+                if on_epoch is not None:
+                    on_epoch(history, step_losses, step_lrs)
+        writer.wait()  # the last checkpoint is in place (or its error raised) before fit returns
+    finally:
+        writer.close()
     if best is not None and history and best["epoch"] != history[-1]["epoch"]:
         model.load_state_dict(best["model"])
     shipped = best["epoch"] if best is not None else len(history)
@@ -260,6 +273,41 @@ def fit(
         row["shipped"] = row["epoch"] == shipped
     model.eval()
     return history
+
+
+def compiled(part: Part, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`part`, compiled unless mode is "off" ("reduce-overhead" captures CUDA graphs: no per-kernel launch cost).
+
+    The batch dimension is dynamic from the first call, so each module mode (training, evaluation) compiles once
+    per phase: the ragged last batch and the evaluation batch size reuse its graph."""
+    if mode == "off":
+        return part
+    module = torch.compile(part, mode=None if mode == "default" else mode)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+        return module(x)
+
+    return forward
+
+
+def host_copy(state: dict) -> Callable[[IO[bytes]], None]:
+    """A copy of `state`'s tensors that training cannot change, and the function that saves it to a file.
+
+    On CUDA the copies go to pinned memory without blocking; the write waits for them (an event)."""
+    cuda = any(t.is_cuda for t in tree_leaves(state) if isinstance(t, torch.Tensor))
+    copy = tree_map(lambda t: t.detach().to("cpu", copy=True, non_blocking=cuda) if isinstance(t, torch.Tensor)
+                    else t, state)
+    copied = torch.cuda.Event() if cuda else None
+    if copied is not None:
+        copied.record()
+
+    def write(f: IO[bytes]) -> None:
+        if copied is not None:
+            copied.synchronize()
+        torch.save(copy, f)
+
+    return write
 
 
 def checkpoint_bytes(model: TransferNet, recipe: Recipe) -> int:

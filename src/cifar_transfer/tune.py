@@ -303,7 +303,7 @@ class Worker:
             model, history, train_s = train(recipe, run_dir, splits, self.pretrained, self.device,
                                             progress=self.progress, on_epoch=report)
         except TrainingError as e:  # a diverged loss is an outcome of the sampled rates, not a broken worker
-            trial.set_user_attr("diverged", str(e))
+            trial.set_user_attr("diverged", str(e).split(";")[0])  # its advice is about resuming runs
             raise optuna.TrialPruned(f"diverged: {e}") from None
         finally:
             (run_dir / CHECKPOINT).unlink(missing_ok=True)  # a trial is never resumed: free its disk at once
