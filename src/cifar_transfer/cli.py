@@ -184,7 +184,10 @@ def _human(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "run" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (args.out or args.resume):
+        parser.error("under torchrun, give --out (or --resume): every process must name the same run folder")
     from . import pipeline  # torch, torchvision, scikit-learn: after parsing, so --help and usage errors are instant
 
     out = None
@@ -197,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
                                    device=args.device, resume=bool(args.resume),
                                    progress=not args.no_progress, download=not args.no_download,
                                    human_labels=args.human_labels, chosen_by=None if args.resume else chosen_by)
-            print(f"test accuracy {metrics['test']['accuracy']:.4f} ({metrics['timings']['total_s']:.0f} s); "
-                  f"report: {out / 'report.html'}")
+            if metrics is not None:  # under torchrun, rank 0 reports
+                print(f"test accuracy {metrics['test']['accuracy']:.4f} ({metrics['timings']['total_s']:.0f} s); "
+                      f"report: {out / 'report.html'}")
         elif args.command == "analyze":
             _, where = pipeline.analyze_saved(args.run_dir, args.data_dir, args.human_labels, args.device,
                                               download=not args.no_download)
@@ -304,8 +308,8 @@ def _record(out: Path | None, text: str) -> Path | None:
     """Write error.txt into the run folder the failure belongs to (never into a finished run); its path."""
     from . import atomic, pipeline
 
-    if out is None or not Path(out).is_dir() or pipeline.finished(Path(out)):
-        return None
+    if out is None or not Path(out).is_dir() or pipeline.finished(Path(out)) or os.environ.get("RANK", "0") != "0":
+        return None  # under torchrun, rank 0 alone writes into the run folder
     try:
         return atomic.write_text(Path(out) / "error.txt", text)
     except OSError:  # the error itself may be an unwritable folder

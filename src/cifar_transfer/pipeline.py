@@ -25,6 +25,7 @@ from . import atomic, figures, report
 from .augment import to_device
 from .calibration import shipped_temperature
 from .data import CLASSES, Dataset, Splits, find_source, load_cifar10, load_test_set, split
+from .distributed import ALONE, World, device_for, gather, join, leave
 from .evaluate import logits_for, summarise, tta_logits
 from .logbook import Logbook
 from .model import Pretrained, TransferNet, build_model, load_model, load_pretrained, pick_device, save_model
@@ -95,19 +96,32 @@ def write_history(history: list[dict], path: Path) -> None:
 
 def test_results(model: torch.nn.Module, test: Dataset, recipe: Recipe, out: Path,
                  progress: bool = True, tta: bool = False) -> tuple[dict, float, np.ndarray]:
-    """Evaluate on `test` (with flip TTA if asked); write classification_report.txt and the confusion and
-    gallery figures.
+    """Evaluate on `test` (with flip TTA if asked) and write the results (`write_test_results`).
 
     Returns the summary, the seconds the forward passes took, and the logits."""
     t0 = time.perf_counter()
     logits = tta_logits(model, test.images, recipe) if tta else logits_for(
         model, test.images, recipe, desc="test" if progress else None)
     seconds = time.perf_counter() - t0
+    return write_test_results(logits, test, out), seconds, logits
+
+
+def write_test_results(logits: np.ndarray, test: Dataset, out: Path) -> dict:
+    """The summary of `logits` on `test`; writes classification_report.txt and the confusion and gallery
+    figures."""
     result = summarise(logits, test.labels)
     atomic.write_text(out / "classification_report.txt", result["classification_report"])
     figures.confusion(result["confusion"], out / "confusion_matrix.png")
     figures.gallery(test.images, result["misclassified"], out / "misclassified.png")
-    return result, seconds, logits
+    return result
+
+
+def shared_logits(model: TransferNet, images: np.ndarray, recipe: Recipe, world: World,
+                  desc: str | None = None) -> np.ndarray:
+    """Logits for `images`, each rank predicting its share, gathered on every rank (one process: all of them)."""
+    mine = logits_for(model, images[world.rows(len(images))], recipe, desc=desc)
+    device = next(model.parameters()).device  # NCCL gathers device tensors
+    return gather(torch.from_numpy(mine).to(device), world).cpu().numpy()
 
 
 def resolve_preset(name: str, device: str = "auto") -> tuple[str, str | None]:
@@ -132,19 +146,23 @@ def shipped(history: list[dict], recipe: Recipe) -> dict:
 
 def train(recipe: Recipe, out: Path, splits: Splits, pretrained: Pretrained, dev: torch.device, *,
           resume_state: dict | None = None, progress: bool = True, meta: dict | None = None,
-          on_epoch: Callable[[list[dict]], None] | None = None) -> tuple[TransferNet, list[dict], float]:
+          on_epoch: Callable[[list[dict]], None] | None = None,
+          world: World = ALONE) -> tuple[TransferNet, list[dict], float]:
     """Both phases on `splits`' training and validation images, into `out`: the checkpoint, history.csv and
     TensorBoard events after every epoch, recipe.json and the learning curves. The test set is not touched.
 
     `on_epoch(history)` runs after each epoch's files are written (`tune` reports to its pruner there). Returns
-    the trained model (the shipped epoch's weights), the history and the training seconds."""
-    atomic.write_text(out / "recipe.json", recipe.dumps() + "\n")
+    the trained model (the shipped epoch's weights), the history and the training seconds. Under torchrun every
+    rank trains; rank 0 alone writes."""
+    if world.main:
+        atomic.write_text(out / "recipe.json", recipe.dumps() + "\n")
     torch.manual_seed(recipe.seed)  # the head's initialisation
     model = model_to_device(build_model(recipe, pretrained), recipe, dev)
-    atomic.ensure_free(out, checkpoint_bytes(model, recipe) * (1 if resume_state else 2) + 32 * atomic.MiB,
-                       "the checkpoint (an atomic save holds the old and the new one)")
+    if world.main:
+        atomic.ensure_free(out, checkpoint_bytes(model, recipe) * (1 if resume_state else 2) + 32 * atomic.MiB,
+                           "the checkpoint (an atomic save holds the old and the new one)")
     t_train = time.perf_counter()
-    logbook = Logbook(out / "tensorboard")
+    logbook = Logbook(out / "tensorboard") if world.main else None
 
     def after_epoch(history: list[dict], step_losses: list[float], step_lrs: list[float]) -> None:
         logbook.epoch(history, step_losses, step_lrs)
@@ -153,29 +171,46 @@ def train(recipe: Recipe, out: Path, splits: Splits, pretrained: Pretrained, dev
 
     try:  # history.csv gains a row once the checkpoint holding that epoch is in place: a row means it can resume
         history = fit(model, recipe, to_device(splits.train.images, splits.train.labels, dev),
-                      to_device(splits.val.images, splits.val.labels, dev), checkpoint=out / CHECKPOINT,
-                      resume=resume_state, progress=progress, on_epoch=after_epoch,
-                      on_saved=lambda rows: write_history(rows, out / "history.csv"), meta=meta)
+                      to_device(splits.val.images, splits.val.labels, dev),
+                      checkpoint=out / CHECKPOINT if world.main else None, resume=resume_state,
+                      progress=progress and world.main, on_epoch=after_epoch if world.main else None,
+                      on_saved=(lambda rows: write_history(rows, out / "history.csv")) if world.main else None,
+                      meta=meta, world=world)
     finally:
-        logbook.close()
+        if logbook is not None:
+            logbook.close()
     train_s = time.perf_counter() - t_train
-    write_history(history, out / "history.csv")  # now with the `shipped` column
-    tuned = "all layers" if recipe.finetune_from == "stem" else f"{recipe.finetune_from} onwards and the head"
-    figures.learning_curves(history, out / "learning_curves.png", tuned)
+    if world.main:
+        write_history(history, out / "history.csv")  # now with the `shipped` column
+        tuned = "all layers" if recipe.finetune_from == "stem" else f"{recipe.finetune_from} onwards and the head"
+        figures.learning_curves(history, out / "learning_curves.png", tuned)
     return model, history, train_s
 
 
 def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str | None = None,
         device: str = "auto", resume: bool = False, progress: bool = True, download: bool = True,
-        human_labels: Path | None = None, chosen_by: str | None = None) -> dict:
+        human_labels: Path | None = None, chosen_by: str | None = None) -> dict | None:
     """Train and evaluate one recipe; write everything into `out`; return metrics.json's content.
 
     `weights`: None means the default (on resume: the weights the run was started from). `chosen_by` says why
-    this recipe was run (e.g. `--preset auto`); the report repeats it."""
+    this recipe was run (e.g. `--preset auto`); the report repeats it. Under torchrun every process trains and
+    tests its share; rank 0 writes and returns the metrics, the others return None."""
+    world = join(device)
+    try:
+        return _run(recipe, out, world, data_dir=data_dir, weights=weights, device=device, resume=resume,
+                    progress=progress, download=download, human_labels=human_labels, chosen_by=chosen_by)
+    finally:
+        leave(world)
+
+
+def _run(recipe: Recipe, out: Path, world: World, *, data_dir: str | None, weights: str | None, device: str,
+         resume: bool, progress: bool, download: bool, human_labels: Path | None,
+         chosen_by: str | None) -> dict | None:
     t_start = time.perf_counter()
-    check_writable(out)
-    atomic.remove_stale(out)  # e.g. the half-written checkpoint of a run killed while saving
-    dev = pick_device(device)
+    if world.main:
+        check_writable(out)
+        atomic.remove_stale(out)  # e.g. the half-written checkpoint of a run killed while saving
+    dev = device_for(world, pick_device(device))
     if dev.type == "cuda":  # fixed input shapes: let cuDNN pick its fastest kernels; TF32 for fp32 matmuls/convs
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -191,16 +226,22 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
     network = pretrained.identity()
     if started_from is not None:
         check_same_network(started_from, network, out / CHECKPOINT)
-    (out / "error.txt").unlink(missing_ok=True)
     train_full, test = load_cifar10(data_dir, allow_download=download)
     splits = split(train_full, test, recipe.train_size, recipe.val_size, recipe.seed)
-    eda(splits, out, recipe.seed)
+    if world.main:
+        (out / "error.txt").unlink(missing_ok=True)
+        eda(splits, out, recipe.seed)
     model, history, train_s = train(recipe, out, splits, pretrained, dev, resume_state=resume_state,
-                                    progress=progress, meta={"network": network})
+                                    progress=progress, meta={"network": network}, world=world)
 
-    result, eval_s, logits = test_results(model, test, recipe, out, progress)
     t0 = time.perf_counter()
-    val_logits = logits_for(model, splits.val.images, recipe) if len(splits.val) else None
+    logits = shared_logits(model, test.images, recipe, world, "test" if progress and world.main else None)
+    eval_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    val_logits = shared_logits(model, splits.val.images, recipe, world) if len(splits.val) else None
+    if not world.main:
+        return None
+    result = write_test_results(logits, test, out)
     calibration = shipped_temperature(val_logits, splits.val.labels, logits, test.labels)
     model.temperature = calibration["temperature"]
     calibration_s = time.perf_counter() - t0
@@ -209,7 +250,9 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
         "run": {"name": out.name, "command": shlex.join(["cifar-transfer", *sys.argv[1:]]),
                 "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
                 "data_source": train_full.source, "weights": pretrained.source, "resumed": resume,
-                "preset": recipe.name, "chosen_by": chosen_by, **environment(dev)},
+                "preset": recipe.name, "chosen_by": chosen_by, **environment(dev),
+                "distributed": {**world.describe(), "processes_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                                "device_of_rank_0": str(dev)}},
         "timings": {"phase1_s": sum(h["seconds"] for h in history if h["phase"] == 1),
                     "phase2_s": sum(h["seconds"] for h in history if h["phase"] == 2),
                     "train_s": train_s, "eval_s": eval_s, "calibration_s": calibration_s,

@@ -63,6 +63,9 @@ class Recipe:
     finetune_optimizer: Literal["adam", "sgd"] = "adam"
     finetune_lr: float = 1e-5
     finetune_bn: Literal["frozen", "train"] = "frozen"
+    # with several processes (torchrun) and finetune_bn=train: BatchNorm statistics of the global batch
+    # (SyncBatchNorm, CUDA only; CPU processes joined by gloo keep their own batch's statistics)
+    sync_bn: bool = True
     # where phase 2's training starts: "stem" (everything), a stage ("layer4") or a block ("layer3.3"); the steps
     # before it stay frozen (BatchNorm in inference mode), so their activations are computed once and reused
     finetune_from: str = "stem"

@@ -26,11 +26,13 @@ from typing import IO
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_leaves, tree_map
 from tqdm import tqdm
 
 from . import atomic
 from .augment import augment, to_input
+from .distributed import ALONE, DistributedError, World, gather, total
 from .errors import CifarTransferError
 from .evaluate import autocast, predict_logits
 from .model import Part, TransferNet, first_line
@@ -111,10 +113,13 @@ def _batch(x: torch.Tensor | Views, idx: torch.Tensor, gen: torch.Generator, rec
 
 def _run_epoch(
     forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor | Views, y: torch.Tensor, opt, sched,
-    gen: torch.Generator, recipe: Recipe, desc: str, progress: bool,
+    gen: torch.Generator, aug: torch.Generator, recipe: Recipe, desc: str, progress: bool, world: World,
 ) -> tuple[float, float, list[float], list[float]]:
     """One pass over (x, y) in shuffled batches; returns mean loss and accuracy, and each step's loss and
-    learning rate (read back once, at the end)."""
+    learning rate (read back once, at the end).
+
+    `gen` draws the order (the same on every rank: each takes its share of every global batch); `aug` draws
+    augmentation (its own on each rank)."""
     n, bs = len(y), recipe.batch_size
     steps = math.ceil(n / bs)
     perm = torch.randperm(n, generator=gen, device=gen.device).to(y.device)
@@ -124,7 +129,8 @@ def _run_epoch(
     bar = tqdm(range(steps), desc=desc, unit="batch", disable=not progress, leave=False)
     for i in bar:
         idx = perm[i * bs:(i + 1) * bs]
-        xb, yb = _batch(x, idx, gen, recipe), y[idx]
+        idx = idx[world.rows(len(idx))]
+        xb, yb = _batch(x, idx, aug, recipe), y[idx]
         with autocast(y.device, recipe.precision):
             out = forward(xb).float()
         loss = F.cross_entropy(out, yb, label_smoothing=recipe.label_smoothing)
@@ -135,6 +141,8 @@ def _run_epoch(
         sched.step()
         loss_sums[i] = loss.detach() * len(yb)
         correct[i] = (out.argmax(1) == yb).sum()
+        if i + 1 == steps:  # every rank's sums, in every rank
+            loss_sums, correct = total(loss_sums, world), total(correct, world)
         if (progress and (i + 1) % LOG_EVERY == 0) or i + 1 == steps:  # without a bar: one host sync an epoch
             bad = (~torch.isfinite(loss_sums[:i + 1])).nonzero()
             if len(bad):
@@ -148,16 +156,20 @@ def _run_epoch(
     return loss_sums.sum().item() / n, correct.sum().item() / n, (loss_sums / sizes).tolist(), lrs
 
 
-def _validate(forward, x: torch.Tensor | Views, y: torch.Tensor, recipe: Recipe) -> tuple[float, float]:
+def _validate(forward, x: torch.Tensor | Views, y: torch.Tensor, recipe: Recipe,
+              world: World = ALONE) -> tuple[float, float]:
+    """Loss and accuracy on the validation images, each rank predicting its share."""
     if len(y) == 0:
         return math.nan, math.nan
-    logits = predict_logits(forward, x[0] if isinstance(x, tuple) else x, recipe.eval_batch_size, recipe.precision)
+    x = x[0] if isinstance(x, tuple) else x
+    logits = gather(predict_logits(forward, x[world.rows(len(x))], recipe.eval_batch_size, recipe.precision), world)
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
 def cache_activations(model: TransferNet, x: torch.Tensor | Views, start: str, stop: str, recipe: Recipe,
-                      views: int = 1, desc: str | None = None) -> Views:
-    """What the frozen steps from `start` up to `stop` make of `x`, computed once.
+                      views: int = 1, desc: str | None = None, world: World = ALONE) -> Views:
+    """What the frozen steps from `start` up to `stop` make of `x`, computed once (each rank its share, then
+    gathered: every rank holds all of it).
 
     `x` is uint8 images (with views=2 their mirror images are cached too) or the views a previous call made.
     Activations keep the precision they are computed in (bf16 under bf16 autocast: half the memory).
@@ -165,15 +177,15 @@ def cache_activations(model: TransferNet, x: torch.Tensor | Views, start: str, s
     if isinstance(x, torch.Tensor):
         x = (x, x.flip(-1))[:views]
     part = Part(model, start, stop)
-    return tuple(predict_logits(part, v, recipe.eval_batch_size, recipe.precision, desc, keep_dtype=True)
-                 if len(v) else v for v in x)
+    return tuple(gather(predict_logits(part, v[world.rows(len(v))], recipe.eval_batch_size, recipe.precision, desc,
+                                       keep_dtype=True), world) if len(v) else v for v in x)
 
 
 def fit(
     model: TransferNet, recipe: Recipe, train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor], *, checkpoint: Path | None = None, resume: dict | None = None,
     progress: bool = True, on_epoch: Callable[[list[dict], list[float], list[float]], None] | None = None,
-    on_saved: Callable[[list[dict]], None] | None = None, meta: dict | None = None,
+    on_saved: Callable[[list[dict]], None] | None = None, meta: dict | None = None, world: World = ALONE,
 ) -> list[dict]:
     """Train `model` in place through both phases; return the per-epoch history.
 
@@ -184,18 +196,31 @@ def fit(
     once it is in place. `meta` is kept in every checkpoint as it is. With `keep=best_val` the model ends with
     the weights of the epoch with the best validation accuracy; each history row's `shipped` says whether its
     epoch's weights are the ones kept.
+
+    Under torchrun (`world`), every rank calls fit with all the data; each trains on its share of every global
+    batch (DistributedDataParallel averages the gradients), and caching and validation are split and gathered.
+    Only the rank given a `checkpoint` writes one.
     """
     device = train[0].device
-    gen = torch.Generator(device=device).manual_seed(recipe.seed)  # shuffles and augmentation
+    if recipe.batch_size % world.size:
+        raise DistributedError(f"recipe field batch_size={recipe.batch_size} is the global batch: it must divide "
+                               f"among the {world.size} processes (give a multiple of {world.size})")
+    gen = torch.Generator(device=device).manual_seed(recipe.seed)  # the order (and, in one process, augmentation)
+    aug = gen if world.size == 1 else torch.Generator(device=device).manual_seed(recipe.seed + 7919 * world.rank)
     torch.manual_seed(recipe.seed)  # dropout
+    if world.size > 1 and recipe.sync_bn and recipe.finetune_bn == "train" and device.type == "cuda":
+        nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)  # statistics of the global batch
     history: list[dict] = []
     best: dict | None = None  # keep=best_val: the best epoch so far, its validation accuracy and weights
     start = (1, 0)  # (phase, epochs already done in it)
     if resume is not None:
-        if resume["recipe"] != recipe.to_dict():
+        if Recipe.from_dict(resume["recipe"]) != recipe:  # as recipes: fields added since take their defaults
             raise TrainingError("checkpoint was written by a different recipe")
         model.load_state_dict(resume["model"])
         gen.set_state(resume["generator"])
+        ranks = resume.get("rank_generators")
+        if world.size > 1 and ranks is not None and len(ranks) == world.size:  # same world: the same streams
+            aug.set_state(ranks[world.rank].clone())  # a row of a saved tensor: set_state reads from its start
         torch.set_rng_state(resume["torch_rng"])
         if device.type == "cuda" and resume.get("cuda_rng") is not None:  # dropout on CUDA draws from these
             torch.cuda.set_rng_state_all(resume["cuda_rng"])
@@ -214,17 +239,20 @@ def fit(
             params = set_phase(model, phase, recipe)
             if recipe.cache and recipe.finetune_from != "stem" and frozen is None:
                 desc = f"caching activations entering {recipe.finetune_from}" if progress else None
-                frozen = (cache_activations(model, train[0], "stem", recipe.finetune_from, recipe, views, desc),
-                          cache_activations(model, val[0], "stem", recipe.finetune_from, recipe))
+                frozen = (cache_activations(model, train[0], "stem", recipe.finetune_from, recipe, views, desc, world),
+                          cache_activations(model, val[0], "stem", recipe.finetune_from, recipe, world=world))
             xs, at = (frozen, recipe.finetune_from) if frozen else ((train[0], val[0]), "stem")
             begin = "head" if phase == 1 else recipe.finetune_from
             if not recipe.cache or (phase == 1 and recipe.augment == "crop+flip"):  # the full forward pass
                 begin = "stem"
             elif begin != at:  # phase 1: the head trains on base features computed once
                 desc = "phase 1: caching base features" if progress else None
-                xs = (cache_activations(model, xs[0], at, begin, recipe, views, desc),
-                      cache_activations(model, xs[1], at, begin, recipe))
-            forward = compiled(Part(model, begin), recipe.compile)
+                xs = (cache_activations(model, xs[0], at, begin, recipe, views, desc, world),
+                      cache_activations(model, xs[1], at, begin, recipe, world=world))
+            forward = compiled(Part(model, begin), recipe.compile)  # evaluation: no gradients to average
+            learn = forward if world.size == 1 else compiled(
+                DistributedDataParallel(Part(model, begin), device_ids=[device] if device.type == "cuda" else None,
+                                        broadcast_buffers=False), recipe.compile)
             steps = math.ceil(len(train[1]) / recipe.batch_size)
             opt = make_optimizer(params, phase, recipe)
             sched = make_schedule(opt, phase, recipe, steps)
@@ -236,10 +264,10 @@ def fit(
                 lr = opt.param_groups[0]["lr"]
                 desc = f"phase {phase} epoch {epoch + 1}/{epochs}"
                 set_phase(model, phase, recipe)
-                train_loss, train_acc, step_losses, step_lrs = _run_epoch(forward, xs[0], train[1], opt, sched, gen,
-                                                                          recipe, desc, progress)
+                train_loss, train_acc, step_losses, step_lrs = _run_epoch(learn, xs[0], train[1], opt, sched, gen,
+                                                                          aug, recipe, desc, progress, world)
                 model.eval()
-                val_loss, val_acc = _validate(forward, xs[1], val[1], recipe)
+                val_loss, val_acc = _validate(forward, xs[1], val[1], recipe, world)
                 row = {"phase": phase, "epoch": len(history) + 1, "phase_epoch": epoch + 1, "lr": lr,
                        "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
                        "seconds": time.perf_counter() - t0}
@@ -251,13 +279,16 @@ def fit(
                     tqdm.write(f"{desc}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
                                f"val loss {val_loss:.4f} acc {val_acc:.4f} | {row['seconds']:.1f}s")
                 saved = None if on_saved is None else functools.partial(on_saved, list(history))
+                # each rank's augmentation stream, for a resume with the same number of processes
+                ranks = gather(aug.get_state().to(device)[None], world).cpu() if world.size > 1 else None
                 if checkpoint is not None:
                     writer.wait()  # one checkpoint in flight: at most one host copy of the state at a time
                     state = {"recipe": recipe.to_dict(), "phase": phase, "epoch": epoch + 1, "history": list(history),
                              "model": model.state_dict(), "optimizer": opt.state_dict(),
                              "scheduler": sched.state_dict(), "generator": gen.get_state(),
                              "torch_rng": torch.get_rng_state(), "best": best, "meta": meta or {},
-                             "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+                             "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                             "rank_generators": ranks}
                     writer.submit(checkpoint, host_copy(state), then=saved)
                 elif saved is not None:
                     saved()
