@@ -158,13 +158,7 @@ class Recipe:
         """Apply the fields of a recipe file: JSON (the recipe.json every run writes) or TOML, any subset of the
         fields. Unknown fields and wrong values are refused, naming the file and the field."""
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-            fields = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-        except (OSError, UnicodeDecodeError) as e:
-            raise RecipeError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-            raise RecipeError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({e})") from None
+        fields = read_table(path, RecipeError)
         if not isinstance(fields, dict):
             raise RecipeError(f"{path}: expected a table of recipe fields, found {type(fields).__name__}")
         try:
@@ -174,6 +168,17 @@ class Recipe:
 
     def dumps(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def read_table(path: Path, error: type[Exception]) -> object:
+    """A TOML file (by its .toml suffix) or JSON, parsed; `error` names the file and what is wrong with it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        return tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({e})") from None
 
 
 LEGACY_AUGMENT = {True: "crop+flip", False: "none", "true": "crop+flip", "false": "none"}

@@ -20,7 +20,6 @@ import math
 import signal
 import socket
 import time
-import tomllib
 import typing
 import warnings
 from collections.abc import Iterator
@@ -37,7 +36,7 @@ from .data import Dataset, load_cifar10, split
 from .errors import CifarTransferError
 from .model import Pretrained, load_pretrained, pick_device, save_model
 from .pipeline import CHECKPOINT, check_writable, default_weights, environment, shipped, train
-from .recipe import Recipe, RecipeError
+from .recipe import Recipe, RecipeError, read_table
 from .train import TrainingError
 
 # The default search space of each preset: the fields that moved its accuracy most when tuned by hand.
@@ -67,14 +66,7 @@ class Surplus(Exception):
 def read_space(path: Path) -> dict[str, dict]:
     """A search-space file (TOML or JSON): a table per recipe field, with `low`/`high` (and `log`, `step`) or
     `choices`."""
-    try:
-        text = path.read_text(encoding="utf-8")
-        space = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (OSError, UnicodeDecodeError) as e:
-        raise TuneError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise TuneError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({e})") from None
-    return check_space(space, str(path))
+    return check_space(read_table(path, TuneError), str(path))
 
 
 def check_space(space: object, where: str) -> dict[str, dict]:
