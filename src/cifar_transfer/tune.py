@@ -188,8 +188,10 @@ def open_study(storage: str, name: str, *, heartbeat: int, pruner: str, sampler_
         found = study.user_attrs.get(key)
         if found is None:
             study.set_user_attr(key, value)
-        elif found != json.loads(json.dumps(value)):  # stored as JSON: tuples come back as lists
-            differ = sorted(k for k in set(found) | set(value) if found.get(k) != json.loads(json.dumps(value)).get(k))
+            continue
+        stored = json.loads(json.dumps(value))  # as the storage keeps it: tuples come back as lists
+        if found != stored:
+            differ = sorted(k for k in set(found) | set(stored) if found.get(k) != stored.get(k))
             what = "base recipe" if key == "base_recipe" else "search space"
             raise TuneError(f"study {name!r} in {redact(storage)} was started with another {what} (differs in: "
                             f"{', '.join(differ)}): join it with the same --preset/--recipe/--set/--space, or "
@@ -226,31 +228,24 @@ def tune(base: Recipe, out: Path, *, space: dict[str, dict] | None = None, stora
             raise TuneError(f"no default search space for recipe {base.name!r}: give one with --space FILE")
         space = SPACES[base.name]
     check_writable(out)
-    with warnings.catch_warnings():  # heartbeats and stale-trial checks are marked experimental in Optuna
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return _tune(base, out, space, storage, study_name, trials, pruner, heartbeat, sampler_seed, data_dir,
-                     weights, device, download, progress)
-
-
-def _tune(base: Recipe, out: Path, space: dict[str, dict], storage: str | None, study_name: str | None,
-          trials: int, pruner: str, heartbeat: int, sampler_seed: int | None, data_dir: str | None,
-          weights: str | None, device: str, download: bool, progress: bool) -> dict:
     name = study_name or out.resolve().name
     storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    study = open_study(storage, name, heartbeat=heartbeat, pruner=pruner, sampler_seed=sampler_seed,
-                       trials=trials, base=base, space=space)
-    optuna.storages.fail_stale_trials(study)  # trials of workers killed since the last one ran
-    if taken(study) < trials:
-        dev = pick_device(device)
-        worker = Worker(base, space, out, trials, dev, load_pretrained(weights or default_weights()),
-                        load_cifar10(data_dir, allow_download=download, test=False)[0], progress)
+    with warnings.catch_warnings():  # heartbeats and stale-trial checks are marked experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study = open_study(storage, name, heartbeat=heartbeat, pruner=pruner, sampler_seed=sampler_seed,
+                           trials=trials, base=base, space=space)
+        optuna.storages.fail_stale_trials(study)  # trials of workers killed since the last one ran
+        if taken(study) < trials:
+            dev = pick_device(device)
+            worker = Worker(base, space, out, trials, dev, load_pretrained(weights or default_weights()),
+                            load_cifar10(data_dir, allow_download=download, test=False)[0], progress)
 
-        def stop_when_full(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
-            if taken(study) >= trials:
-                study.stop()
+            def stop_when_full(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
+                if taken(study) >= trials:
+                    study.stop()
 
-        with sigterm_as_interrupt():
-            study.optimize(worker, callbacks=[stop_when_full], catch=(Surplus,))
+            with sigterm_as_interrupt():
+                study.optimize(worker, callbacks=[stop_when_full], catch=(Surplus,))
     return summarise(study, base, out, trials)
 
 
