@@ -10,6 +10,8 @@ and test images, and `gather` puts the pieces back together in order on every ra
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -97,3 +99,13 @@ def total(x: torch.Tensor, world: World) -> torch.Tensor:
 def leave(world: World) -> None:
     if world.size > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def joined(device: str = "auto") -> Iterator[World]:
+    """`join` for the length of a run, then leave (a world of one joins nothing)."""
+    world = join(device)
+    try:
+        yield world
+    finally:
+        leave(world)

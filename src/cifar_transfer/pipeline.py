@@ -25,7 +25,7 @@ from . import atomic, figures, report
 from .augment import to_device
 from .calibration import shipped_temperature
 from .data import CLASSES, Dataset, Splits, find_source, load_cifar10, load_test_set, split
-from .distributed import ALONE, World, device_for, gather, join, leave
+from .distributed import ALONE, World, device_for, gather, joined
 from .evaluate import logits_for, summarise, tta_logits
 from .logbook import Logbook
 from .model import Pretrained, TransferNet, build_model, load_model, load_pretrained, pick_device, save_model
@@ -195,87 +195,77 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
     `weights`: None means the default (on resume: the weights the run was started from). `chosen_by` says why
     this recipe was run (e.g. `--preset auto`); the report repeats it. Under torchrun every process trains and
     tests its share; rank 0 writes and returns the metrics, the others return None."""
-    world = join(device)
-    try:
-        return _run(recipe, out, world, data_dir=data_dir, weights=weights, device=device, resume=resume,
-                    progress=progress, download=download, human_labels=human_labels, chosen_by=chosen_by)
-    finally:
-        leave(world)
-
-
-def _run(recipe: Recipe, out: Path, world: World, *, data_dir: str | None, weights: str | None, device: str,
-         resume: bool, progress: bool, download: bool, human_labels: Path | None,
-         chosen_by: str | None) -> dict | None:
-    t_start = time.perf_counter()
-    if world.main:
-        check_writable(out)
-        atomic.remove_stale(out)  # e.g. the half-written checkpoint of a run killed while saving
-    dev = device_for(world, pick_device(device))
-    if dev.type == "cuda":  # fixed input shapes: let cuDNN pick its fastest kernels; TF32 for fp32 matmuls/convs
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    resume_state = None
-    if resume:
-        if not (out / CHECKPOINT).is_file():
-            done = " (the run is complete: see metrics.json)" if (out / "metrics.json").is_file() else ""
-            raise TrainingError(f"{out / CHECKPOINT}: no checkpoint to resume from{done}")
-        resume_state = load_checkpoint(out / CHECKPOINT)
-        recipe = Recipe.from_dict(resume_state["recipe"])
-    started_from = (resume_state or {}).get("meta", {}).get("network")
-    pretrained = load_pretrained(weights or (started_from or {}).get("weights") or default_weights())
-    network = pretrained.identity()
-    if started_from is not None:
-        check_same_network(started_from, network, out / CHECKPOINT)
-    train_full, test = load_cifar10(data_dir, allow_download=download)
-    splits = split(train_full, test, recipe.train_size, recipe.val_size, recipe.seed)
-    if world.main:
-        (out / "error.txt").unlink(missing_ok=True)
-        eda(splits, out, recipe.seed)
-    model, history, train_s = train(recipe, out, splits, pretrained, dev, resume_state=resume_state,
-                                    progress=progress, meta={"network": network}, world=world)
-
-    t0 = time.perf_counter()
-    logits = shared_logits(model, test.images, recipe, world, "test" if progress and world.main else None)
-    eval_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    val_logits = shared_logits(model, splits.val.images, recipe, world) if len(splits.val) else None
-    if not world.main:
-        return None
-    result = write_test_results(logits, test, out)
-    calibration = shipped_temperature(val_logits, splits.val.labels, logits, test.labels)
-    model.temperature = calibration["temperature"]
-    calibration_s = time.perf_counter() - t0
-    save_model(model, recipe, out / "model.safetensors")
-    metrics = {
-        "run": {"name": out.name, "command": shlex.join(["cifar-transfer", *sys.argv[1:]]),
-                "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                "data_source": train_full.source, "weights": pretrained.source, "resumed": resume,
-                "preset": recipe.name, "chosen_by": chosen_by, **environment(dev),
-                "distributed": {**world.describe(), "processes_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-                                "device_of_rank_0": str(dev)}},
-        "timings": {"phase1_s": sum(h["seconds"] for h in history if h["phase"] == 1),
-                    "phase2_s": sum(h["seconds"] for h in history if h["phase"] == 2),
-                    "train_s": train_s, "eval_s": eval_s, "calibration_s": calibration_s,
-                    "total_s": time.perf_counter() - t_start},
-        "data": {"counts": {"train": class_counts(splits.train), "validation": class_counts(splits.val),
-                            "test": class_counts(test)}},
-        "final_epoch": history[-1] if history else {},
-        "shipped": shipped(history, recipe),
-        "calibration": calibration,
-        "test": result,
-    }
-    if recipe.analysis:
-        from .analyze import analyze  # Grad-CAM and the corruptions load only for runs that analyse
+    with joined(device) as world:
+        t_start = time.perf_counter()
+        if world.main:
+            check_writable(out)
+            atomic.remove_stale(out)  # e.g. the half-written checkpoint of a run killed while saving
+        dev = device_for(world, pick_device(device))
+        if dev.type == "cuda":  # fixed input shapes: cuDNN picks its fastest kernels; TF32 for fp32 matmuls/convs
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        resume_state = None
+        if resume:
+            if not (out / CHECKPOINT).is_file():
+                done = " (the run is complete: see metrics.json)" if (out / "metrics.json").is_file() else ""
+                raise TrainingError(f"{out / CHECKPOINT}: no checkpoint to resume from{done}")
+            resume_state = load_checkpoint(out / CHECKPOINT)
+            recipe = Recipe.from_dict(resume_state["recipe"])
+        started_from = (resume_state or {}).get("meta", {}).get("network")
+        pretrained = load_pretrained(weights or (started_from or {}).get("weights") or default_weights())
+        network = pretrained.identity()
+        if started_from is not None:
+            check_same_network(started_from, network, out / CHECKPOINT)
+        train_full, test = load_cifar10(data_dir, allow_download=download)
+        splits = split(train_full, test, recipe.train_size, recipe.val_size, recipe.seed)
+        if world.main:
+            (out / "error.txt").unlink(missing_ok=True)
+            eda(splits, out, recipe.seed)
+        model, history, train_s = train(recipe, out, splits, pretrained, dev, resume_state=resume_state,
+                                        progress=progress, meta={"network": network}, world=world)
 
         t0 = time.perf_counter()
-        metrics["analysis"] = analyze(model, recipe, splits.val, test, out, human_labels, logits, val_logits)
-        metrics["timings"]["analysis_s"] = time.perf_counter() - t0
-        metrics["timings"]["total_s"] = time.perf_counter() - t_start
-    metrics["peak_rss_gib"] = peak_rss_gib()
-    atomic.write_json(out / "metrics.json", metrics)
-    report.write(out, report.run_markdown(metrics, history, recipe.to_dict()), f"cifar-transfer: {out.name}")
-    (out / CHECKPOINT).unlink()  # the run is complete: model.safetensors holds what is worth keeping
-    return metrics
+        logits = shared_logits(model, test.images, recipe, world, "test" if progress and world.main else None)
+        eval_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        val_logits = shared_logits(model, splits.val.images, recipe, world) if len(splits.val) else None
+        if not world.main:
+            return None
+        result = write_test_results(logits, test, out)
+        calibration = shipped_temperature(val_logits, splits.val.labels, logits, test.labels)
+        model.temperature = calibration["temperature"]
+        calibration_s = time.perf_counter() - t0
+        save_model(model, recipe, out / "model.safetensors")
+        metrics = {
+            "run": {"name": out.name, "command": shlex.join(["cifar-transfer", *sys.argv[1:]]),
+                    "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                    "data_source": train_full.source, "weights": pretrained.source, "resumed": resume,
+                    "preset": recipe.name, "chosen_by": chosen_by, **environment(dev),
+                    "distributed": {**world.describe(), "device_of_rank_0": str(dev),
+                                    "processes_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", 1))}},
+            "timings": {"phase1_s": sum(h["seconds"] for h in history if h["phase"] == 1),
+                        "phase2_s": sum(h["seconds"] for h in history if h["phase"] == 2),
+                        "train_s": train_s, "eval_s": eval_s, "calibration_s": calibration_s,
+                        "total_s": time.perf_counter() - t_start},
+            "data": {"counts": {"train": class_counts(splits.train), "validation": class_counts(splits.val),
+                                "test": class_counts(test)}},
+            "final_epoch": history[-1] if history else {},
+            "shipped": shipped(history, recipe),
+            "calibration": calibration,
+            "test": result,
+        }
+        if recipe.analysis:
+            from .analyze import analyze  # Grad-CAM and the corruptions load only for runs that analyse
+
+            t0 = time.perf_counter()
+            metrics["analysis"] = analyze(model, recipe, splits.val, test, out, human_labels, logits, val_logits)
+            metrics["timings"]["analysis_s"] = time.perf_counter() - t0
+            metrics["timings"]["total_s"] = time.perf_counter() - t_start
+        metrics["peak_rss_gib"] = peak_rss_gib()
+        atomic.write_json(out / "metrics.json", metrics)
+        report.write(out, report.run_markdown(metrics, history, recipe.to_dict()), f"cifar-transfer: {out.name}")
+        (out / CHECKPOINT).unlink()  # the run is complete: model.safetensors holds what is worth keeping
+        return metrics
 
 
 def evaluate_saved(run_dir: Path, data: str | None = None, device: str = "auto", download: bool = True,
