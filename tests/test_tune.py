@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import multiprocessing
 import os
 import pwd
 import shutil
@@ -24,7 +25,7 @@ import pytest
 from optuna.trial import FixedTrial, TrialState
 
 from cifar_transfer.recipe import preset
-from cifar_transfer.tune import SPACES, TuneError, check_space, read_space, sample
+from cifar_transfer.tune import SPACES, TuneError, check_space, open_study, read_space, sample
 
 # A trial of a couple of seconds: 100 images, two head epochs and one fine-tuning epoch of the last block.
 TINY = ["--preset", "smoke", "--set", "train_size=100", "--set", "val_size=100", "--set", "head_epochs=2",
@@ -131,6 +132,26 @@ def test_two_sqlite_workers_share_one_study_without_the_test_set(
     assert done.returncode == 0, done.stderr
     shipped = json.loads((rerun / "metrics.json").read_text())["shipped"]
     assert shipped["val_acc"] == pytest.approx(best.value)
+
+
+def _open_at_once(barrier, url: str) -> str:
+    barrier.wait()
+    try:
+        open_study(url, "s", heartbeat=60, pruner="median", sampler_seed=None, trials=4, base=preset("smoke"),
+                   space=SPACES["smoke"])
+        return "ok"
+    except TuneError as e:
+        return str(e)
+
+
+def test_workers_starting_together_all_open_a_new_study(tmp_path: Path) -> None:
+    """Four processes create the same new SQLite study at the same moment: the race to create its tables
+    ("table studies already exists") is retried, not reported."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Manager().Barrier(4)
+    with ctx.Pool(4) as pool:
+        results = pool.starmap(_open_at_once, [(barrier, f"sqlite:///{tmp_path / 'study.db'}")] * 4)
+    assert results == ["ok"] * 4
 
 
 def test_joining_a_study_with_another_recipe_is_refused(tmp_path: Path, run_cli) -> None:

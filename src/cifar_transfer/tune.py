@@ -162,21 +162,24 @@ def with_driver(url: str) -> str:
 def open_study(storage: str, name: str, *, heartbeat: int, pruner: str, sampler_seed: int | None, trials: int,
                base: Recipe, space: dict[str, dict]) -> optuna.Study:
     """Create the study or join it; a study started with another base recipe or space is refused."""
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     engine = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {"pool_pre_ping": True}
+    rdb, failure = None, None
     for attempt in range(5):
         try:
             rdb = optuna.storages.RDBStorage(with_driver(storage), engine_kwargs=engine, heartbeat_interval=heartbeat)
             break
-        except (IntegrityError, ProgrammingError):  # workers started together race to create the tables
-            if attempt == 4:
-                raise
+        except (IntegrityError, OperationalError, ProgrammingError) as e:  # workers started together race to
+            failure = e  # create the tables ("already exists"); a server may be starting: try again
             time.sleep(0.2 * (attempt + 1))
-        except Exception as e:  # bad URLs, unreachable servers and missing drivers fail in many types
-            detail = " ".join(str(e).split())[:300]
-            raise TuneError(f"--storage {redact(storage)}: cannot open the study storage ({type(e).__name__}: "
-                            f"{detail})") from None
+        except Exception as e:  # bad URLs and missing drivers fail in many types
+            failure = e
+            break
+    if rdb is None:
+        detail = " ".join(str(failure).split())[:300]
+        raise TuneError(f"--storage {redact(storage)}: cannot open the study storage ({type(failure).__name__}: "
+                        f"{detail})")
     pruners = {"median": optuna.pruners.MedianPruner(n_startup_trials=2),
                "asha": optuna.pruners.SuccessiveHalvingPruner(), "none": optuna.pruners.NopPruner()}
     sampler = optuna.samplers.TPESampler(seed=sampler_seed, multivariate=True, constant_liar=True,
