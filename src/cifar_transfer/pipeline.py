@@ -120,6 +120,8 @@ def shared_logits(model: TransferNet, images: np.ndarray, recipe: Recipe, world:
                   desc: str | None = None) -> np.ndarray:
     """Logits for `images`, each rank predicting its share, gathered on every rank (one process: all of them)."""
     mine = logits_for(model, images[world.rows(len(images))], recipe, desc=desc)
+    if world.size == 1:
+        return mine
     device = next(model.parameters()).device  # NCCL gathers device tensors
     return gather(torch.from_numpy(mine).to(device), world).cpu().numpy()
 
