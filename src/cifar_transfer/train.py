@@ -286,10 +286,11 @@ def fit(
                     state = {"recipe": recipe.to_dict(), "phase": phase, "epoch": epoch + 1, "history": list(history),
                              "model": model.state_dict(), "optimizer": opt.state_dict(),
                              "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                             "torch_rng": torch.get_rng_state(), "best": best, "meta": meta or {},
+                             "torch_rng": torch.get_rng_state(), "meta": meta or {},
                              "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
                              "rank_generators": ranks}
-                    writer.submit(checkpoint, host_copy(state), then=saved)
+                    # `best` is a clone that is replaced, never changed: saved as it is, not copied again
+                    writer.submit(checkpoint, host_copy(state, unchanging={"best": best}), then=saved)
                 elif saved is not None:
                     saved()
                 if on_epoch is not None:
@@ -306,7 +307,7 @@ def fit(
     return history
 
 
-def compiled(part: Part, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def compiled(part: nn.Module, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """`part`, compiled unless mode is "off" ("reduce-overhead" captures CUDA graphs: no per-kernel launch cost).
 
     The batch dimension is dynamic from the first call, so each module mode (training, evaluation) compiles once
@@ -322,8 +323,9 @@ def compiled(part: Part, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return forward
 
 
-def host_copy(state: dict) -> Callable[[IO[bytes]], None]:
-    """A copy of `state`'s tensors that training cannot change, and the function that saves it to a file.
+def host_copy(state: dict, unchanging: dict) -> Callable[[IO[bytes]], None]:
+    """A copy of `state`'s tensors that training cannot change, and the function that saves it with the
+    `unchanging` entries (which training no longer touches) to a file.
 
     On CUDA the copies go to pinned memory without blocking; the write waits for them (an event)."""
     cuda = any(t.is_cuda for t in tree_leaves(state) if isinstance(t, torch.Tensor))
@@ -336,7 +338,7 @@ def host_copy(state: dict) -> Callable[[IO[bytes]], None]:
     def write(f: IO[bytes]) -> None:
         if copied is not None:
             copied.synchronize()
-        torch.save(copy, f)
+        torch.save({**copy, **unchanging}, f)
 
     return write
 
