@@ -18,7 +18,7 @@ endif
 
 PRESET ?= auto
 
-.PHONY: setup chromium postgresql run test lint bench bench-smoke bench-gpu-pack bench-gpu clean
+.PHONY: setup chromium postgresql run test check lint bench bench-smoke bench-gpu-pack bench-gpu clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -38,9 +38,13 @@ chromium:
 postgresql:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 
-test: setup chromium postgresql
-	$(BIN)/ruff check .
-	$(BIN)/pytest
+# The whole suite on two pytest-xdist workers (one thread each): the 25 slowest tests are listed at the end.
+test: setup chromium postgresql lint
+	$(BIN)/pytest -n 2
+
+# The inner loop: lint and the fast tests (no training past a few seconds, no torchrun, browser or database).
+check: setup lint
+	$(BIN)/pytest -n 2 -m "not slow and not distributed and not browser and not database"
 
 # Throughput, end-to-end presets and a plain reference loop side by side; prints a table, writes JSON.
 bench: setup
@@ -63,7 +67,8 @@ bench-gpu:
 		--weights $(BENCH_WEIGHTS) --json $${OUT:-runs/bench}/bench-gpu.json
 
 lint: setup
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) runs

@@ -81,7 +81,7 @@ PLANS = {
         "steps": 2,
         "ladder": ("seed", ["train_size=200", "val_size=100", "head_epochs=1", "finetune_epochs=1",
                             "finetune_from=layer4.2"]),
-        "presets": [("smoke", ["analysis=false"])],
+        "presets": [("smoke", ["analysis=false", "train_size=100", "val_size=100"])],
         "test_images": 500,
     },
 }

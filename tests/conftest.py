@@ -1,17 +1,26 @@
-"""Shared fixtures: the real CIFAR-10 and ResNet-50 weights from ../shared, and a loopback HTTP server."""
+"""Shared fixtures: the real CIFAR-10 and ResNet-50 weights from ../shared, one smoke run that many tests read,
+a small .npz copy of the data for tests that train, and a loopback HTTP server."""
 
 from __future__ import annotations
 
 import functools
 import http.server
 import os
+import shutil
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+# pytest-xdist runs two workers on the two cores: each computes on one thread (two threads each would
+# oversubscribe the cores); set before torch is imported, and inherited by the processes the tests start
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import numpy as np
 import pytest
+from filelock import FileLock
 
 from cifar_transfer import cli as command
 
@@ -50,17 +59,57 @@ def pretrained(weights_path: Path):
     return load_pretrained(weights_path)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """One test that reads the smoke run first, so one pytest-xdist worker starts it at once; the other tests
+    that read it last, so the other worker has tests of its own to run in the meantime."""
+    reads = [item for item in items if "smoke_run" in getattr(item, "fixturenames", ())]
+    rest = [item for item in items if item not in reads]
+    items[:] = reads[:1] + rest + reads[1:]
+
+
+def once(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[Path, FileLock]:
+    """A folder made once per test session, shared by pytest-xdist's workers (the first to take the lock makes
+    it), and that lock."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' common temporary folder
+    return root / name, FileLock(str(root / f"{name}.lock"))
+
+
 @pytest.fixture(scope="session")
 def smoke_run(cifar_dir: Path, weights_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One real run of the `smoke` preset through the command line, shared by the tests that read it."""
-    out = tmp_path_factory.mktemp("runs") / "smoke"
-    done = subprocess.run(
-        [sys.executable, "-m", "cifar_transfer.cli", "run", "--preset", "smoke", "--data-dir", str(cifar_dir.parent),
-         "--weights", str(weights_path), "--out", str(out), "--no-progress", "--human-labels", str(HUMAN)],
-        capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert "test accuracy" in done.stdout
+    """One real run of the `smoke` preset through the command line, shared by the tests that read it. Tests
+    that change a run folder work on a copy (`smoke_copy`)."""
+    out, lock = once(tmp_path_factory, "smoke")
+    with lock:
+        if not (out / "metrics.json").is_file():
+            done = subprocess.run(
+                [sys.executable, "-m", "cifar_transfer.cli", "run", "--preset", "smoke", "--data-dir",
+                 str(cifar_dir.parent), "--weights", str(weights_path), "--out", str(out), "--no-progress",
+                 "--human-labels", str(HUMAN)], capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stderr
+            assert "test accuracy" in done.stdout
     return out
+
+
+@pytest.fixture
+def smoke_copy(smoke_run: Path, tmp_path: Path) -> Path:
+    """A copy of the smoke run for a test that adds to the folder (evaluations/, analysis/): tests running at the
+    same time must not write into one folder. Files are hard links (outputs are replaced by renames, never
+    rewritten in place, so the original stays as it was)."""
+    return Path(shutil.copytree(smoke_run, tmp_path / "smoke", copy_function=os.link,
+                                ignore=shutil.ignore_patterns("evaluations", "analysis")))
+
+
+@pytest.fixture(scope="session")
+def small_data(cifar, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CIFAR-10 as an .npz pair, for tests that train: the first 1,000 training images (enough for their splits)
+    and 200 test images, so a run's test evaluation takes a second instead of the whole test set's twenty."""
+    folder = tmp_path_factory.mktemp("small")
+    train, test = cifar
+    np.savez(folder / "train.npz", images=train.images[:1000], labels=train.labels[:1000])
+    np.savez(folder / "test.npz", images=test.images[:200], labels=test.labels[:200])
+    return folder
 
 
 @pytest.fixture
@@ -91,7 +140,10 @@ def run_cli(capsys, monkeypatch):
         if cwd is not None:
             monkeypatch.chdir(cwd)
         capsys.readouterr()
-        status = command.main(list(args))
+        try:
+            status = command.main(list(args))
+        except SystemExit as e:  # argparse's usage errors and --help
+            status = e.code
         out, err = capsys.readouterr()
         return subprocess.CompletedProcess(list(args), status, out, err)
 

@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -120,27 +118,26 @@ def test_the_smoke_report_contains_every_analysis(smoke_run):
         assert (smoke_run / name).is_file() and f"({name})" in md
 
 
-def test_analyze_command_without_human_labels(smoke_run, cifar_dir):
-    done = subprocess.run([sys.executable, "-m", "cifar_transfer.cli", "analyze", str(smoke_run), "--data-dir",
-                           str(cifar_dir.parent), "--human-labels", str(smoke_run / "nowhere")],
-                          capture_output=True, text=True, timeout=600)
+@pytest.mark.slow
+def test_analyze_command_without_human_labels(smoke_copy, cifar_dir, run_cli):
+    done = run_cli("analyze", str(smoke_copy), "--data-dir", str(cifar_dir.parent), "--human-labels",
+                   str(smoke_copy / "nowhere"))
     assert done.returncode == 0, done.stderr
-    result = json.loads((smoke_run / "analysis" / "analysis.json").read_text())
-    first = json.loads((smoke_run / "metrics.json").read_text())["analysis"]
+    result = json.loads((smoke_copy / "analysis" / "analysis.json").read_text())
+    first = json.loads((smoke_copy / "metrics.json").read_text())["analysis"]
     assert "cifar10h-probs.npy: no such file" in result["human"]["skipped"]
     assert result["calibration"]["ece_before"] == pytest.approx(first["calibration"]["ece_before"], abs=1e-6)
     assert result["tta"] == pytest.approx(first["tta"], abs=1e-6)
-    md = (smoke_run / "analysis" / "report.md").read_text()
+    md = (smoke_copy / "analysis" / "report.md").read_text()
     assert "Skipped: " in md and all(s in md for s in SECTIONS)
 
 
-def test_repeat_reports_mean_and_spread_and_compare_sets_its_runs_side_by_side(run_cli, cifar_dir, weights_path,
+@pytest.mark.slow
+def test_repeat_reports_mean_and_spread_and_compare_sets_its_runs_side_by_side(run_cli, small_data, weights_path,
                                                                                tmp_path):
     out = tmp_path / "rep"
-    done = subprocess.run([sys.executable, "-m", "cifar_transfer.cli", "repeat", "--preset", "smoke", "--seeds",
-                           "2", "--set", "train_size=100", "--set", "val_size=100", "--data-dir",
-                           str(cifar_dir.parent), "--weights", str(weights_path), "--out", str(out),
-                           "--no-progress"], capture_output=True, text=True, timeout=600)
+    done = run_cli("repeat", "--preset", "smoke", "--seeds", "2", "--set", "train_size=100", "--set", "val_size=100",
+                   "--data-dir", str(small_data), "--weights", str(weights_path), "--out", str(out), "--no-progress")
     assert done.returncode == 0, done.stderr
     result = json.loads((out / "repeat.json").read_text())
     acc = result["summary"]["test accuracy"]

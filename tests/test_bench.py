@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench import LADDER  # noqa: E402
 
 
+@pytest.mark.slow
 def test_bench_smoke_separates_each_gain_and_names_the_machine(tmp_path, cifar_dir, weights_path):
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--smoke", "--device", "cpu",
                            "--data-dir", str(cifar_dir.parent), "--weights", str(weights_path),

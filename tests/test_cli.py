@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +21,6 @@ OUTPUTS = {"recipe.json", "history.csv", "metrics.json", "classification_report.
            "class_counts.png", "learning_curves.png", "confusion_matrix.png", "misclassified.png",
            "model.safetensors", "report.md", "report.html", "reliability.png", "human_vs_model.png",
            "clear_errors.png", "gradcam.png", "robustness.png"}
-
-
-def cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cifar_transfer", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=600)
 
 
 def test_a_run_writes_every_output_and_nothing_half_done(smoke_run):
@@ -66,22 +60,24 @@ def test_reports_show_the_numbers_in_metrics(smoke_run):
         assert section in md
 
 
-def test_evaluate_reproduces_the_test_accuracy(smoke_run, cifar_dir):
-    done = cli("evaluate", str(smoke_run), "--device", "cpu", env={"CIFAR_TRANSFER_DATA": str(cifar_dir.parent)})
+@pytest.mark.slow
+def test_evaluate_reproduces_the_test_accuracy(smoke_copy, cifar_dir, run_cli, monkeypatch):
+    monkeypatch.setenv("CIFAR_TRANSFER_DATA", str(cifar_dir.parent))
+    done = run_cli("evaluate", str(smoke_copy), "--device", "cpu")
     assert done.returncode == 0, done.stderr
-    again = json.loads((smoke_run / "evaluations" / "cifar10-test" / "metrics.json").read_text())
-    first = json.loads((smoke_run / "metrics.json").read_text())
+    again = json.loads((smoke_copy / "evaluations" / "cifar10-test" / "metrics.json").read_text())
+    first = json.loads((smoke_copy / "metrics.json").read_text())
     assert again["test"]["confusion"] == first["test"]["confusion"]
 
 
-def test_evaluate_on_an_npz(smoke_run, cifar, tmp_path):
+def test_evaluate_on_an_npz(smoke_copy, cifar, tmp_path, run_cli):
     _, test = cifar
     idx = np.arange(0, 10_000, 20)
     np.savez(tmp_path / "subset.npz", images=test.images[idx], labels=test.labels[idx])
-    done = cli("evaluate", str(smoke_run), "--data", str(tmp_path / "subset.npz"))
+    done = run_cli("evaluate", str(smoke_copy), "--data", str(tmp_path / "subset.npz"))
     assert done.returncode == 0, done.stderr
-    result = json.loads((smoke_run / "evaluations" / "subset" / "metrics.json").read_text())["test"]
-    model, recipe = load_model(smoke_run / "model.safetensors")
+    result = json.loads((smoke_copy / "evaluations" / "subset" / "metrics.json").read_text())["test"]
+    model, recipe = load_model(smoke_copy / "model.safetensors")
     model = to_device(model, recipe, torch.device("cpu"))  # the same memory layout as `evaluate` uses
     with torch.no_grad():
         pred = model(torch.from_numpy(test.images[idx]).permute(0, 3, 1, 2).float() / 255).argmax(1).numpy()
@@ -89,24 +85,37 @@ def test_evaluate_on_an_npz(smoke_run, cifar, tmp_path):
     assert result["accuracy"] == pytest.approx((pred == test.labels[idx]).mean())
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["eda"], ["evaluate"]])
-def test_help_is_useful_on_its_own(command):
-    done = cli(*command, "--help")
-    assert done.returncode == 0
-    assert "usage: cifar-transfer" in done.stdout
-    if command == ["run"]:
-        for option in ("--preset", "--set", "--data-dir", "--weights", "--out", "--resume", "CIFAR_TRANSFER_DATA"):
-            assert option in done.stdout
+# What a user looks for in each command's help: its arguments and where its defaults come from
+HELP = {
+    (): ["run", "analyze", "repeat", "eda", "evaluate", "lr-find", "tune", "compare", "predict", "serve", "export"],
+    ("run",): ["--preset", "--recipe", "--set", "--data-dir", "--weights", "--out", "--resume", "CIFAR_TRANSFER_DATA",
+               "CIFAR_TRANSFER_WEIGHTS"],
+    ("eda",): ["--out", "runs/eda", "--data-dir", "--preset", "--no-download"],
+    ("evaluate",): ["RUN_DIR", "--data", "--tta", "--device", ".npz"],
+}
 
 
-def test_eda_writes_its_figures(cifar_dir, tmp_path):
-    done = cli("eda", "--data-dir", str(cifar_dir), "--out", str(tmp_path / "eda"), "--preset", "smoke")
+@pytest.mark.parametrize("command", list(HELP))
+def test_help_answers_at_once_with_each_commands_options(command):
+    """--help exits 0 with the command's options, before torch is imported (so it answers in a fraction of a
+    second)."""
+    probe = ("import sys; from cifar_transfer.cli import main\n"
+             "try:\n    main([*sys.argv[1:], '--help'])\nexcept SystemExit as e:\n"
+             "    print('torch imported' if 'torch' in sys.modules else 'light', e.code)")
+    done = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip().endswith("light 0"), done.stdout + done.stderr
+    for option in HELP[command]:
+        assert option in done.stdout, option
+
+
+def test_eda_writes_its_figures(cifar_dir, tmp_path, run_cli):
+    done = run_cli("eda", "--data-dir", str(cifar_dir), "--out", str(tmp_path / "eda"), "--preset", "smoke")
     assert done.returncode == 0, done.stderr
     assert {p.name for p in (tmp_path / "eda").iterdir()} == {"samples.png", "class_counts.png"}
 
 
-def test_a_bad_override_is_one_clear_line(tmp_path):
-    done = cli("run", "--set", "finetune_epochs=many", "--out", str(tmp_path / "r"))
+def test_a_bad_override_is_one_clear_line(tmp_path, run_cli):
+    done = run_cli("run", "--set", "finetune_epochs=many", "--out", str(tmp_path / "r"))
     assert done.returncode == 1
     assert done.stderr.strip() == "error: --set finetune_epochs='many': not a valid int"
 
@@ -123,14 +132,22 @@ def test_the_report_opens_with_the_claim_and_names_the_shipped_epoch(smoke_run):
     assert m["run"]["cpu"]["model"] and m["run"]["cpu"]["model"] in m["run"]["device_name"]
 
 
-def test_auto_picks_the_preset_that_reaches_the_claim_on_this_machine():
-    name, why = pipeline.resolve_preset("auto", "cpu")
-    assert (name, why) == ("lean", "--preset auto on a machine without CUDA")
-    assert pipeline.resolve_preset("seed", "cpu") == ("seed", None)
-    done = cli("run", "--help")
-    assert "auto (default)" in done.stdout
+@pytest.mark.parametrize(("cuda", "chosen"), [(False, "lean"), (True, "strong")])
+def test_auto_runs_the_preset_that_reaches_the_claim_on_this_machine(cuda, chosen, run_cli, monkeypatch, tmp_path):
+    """`run` (--preset auto) trains lean without CUDA and strong with it, and the run records why."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(pipeline, "run", lambda recipe, out, **kw: calls.append((recipe, kw["chosen_by"])))
+    assert run_cli("run", "--out", str(tmp_path / "r")).returncode == 0
+    ((recipe, why),) = calls
+    assert recipe == preset(chosen)
+    assert why == f"--preset auto on {'a CUDA device' if cuda else 'a machine without CUDA'}"
+    calls.clear()
+    run_cli("run", "--preset", "seed", "--out", str(tmp_path / "s"))
+    assert calls == [(preset("seed"), None)]
 
 
+@pytest.mark.slow
 def test_the_shipped_model_does_not_depend_on_test_labels(cifar, weights_path, tmp_path, monkeypatch):
     """Training and best_val selection never read test labels: shuffling them changes only the test score."""
     train_set, test = cifar

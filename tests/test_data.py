@@ -159,5 +159,12 @@ def test_split_too_large_for_the_data_is_named(cifar):
         split(small, test, 100, 0, seed=0)
 
 
-def test_classes_are_cifar10():
-    assert len(CLASSES) == 10 and CLASSES[3] == "cat"
+def test_class_names_come_in_the_order_of_the_datas_own_meta_and_other_names_are_refused(cifar_dir, cifar_copy):
+    """Labels are indices into batches.meta's label_names: the names the tool prints must be those, in order."""
+    with open(cifar_dir / "batches.meta", "rb") as f:
+        meta = pickle.load(f, encoding="latin1")
+    assert tuple(meta["label_names"]) == CLASSES
+    swapped = {**meta, "label_names": [CLASSES[1], CLASSES[0], *CLASSES[2:]]}
+    folder = cifar_copy("batches.meta", pickle.dumps(swapped, protocol=2))
+    with pytest.raises(DataError, match=r"batches\.meta: label_names .* are not CIFAR-10's"):
+        read_folder(folder)

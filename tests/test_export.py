@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 
 from cifar_transfer.data import CLASSES
@@ -11,6 +12,7 @@ from cifar_transfer.export import TOLERANCE, metadata
 from cifar_transfer.predict import Options, Predictor
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_pytorch_and_returns_calibrated_probabilities(run_cli, smoke_run, cifar, tmp_path):
     out = tmp_path / "model.onnx"
     done = subprocess.run([sys.executable, "-m", "cifar_transfer.cli", "export", str(smoke_run), "--onnx", str(out)],

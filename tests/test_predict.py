@@ -102,11 +102,11 @@ def test_predict_command_on_several_formats(smoke_run, images):
         assert [t["class"] for t in r["top"]] == [c for c, _ in e.top(3)]
 
 
-def test_predict_command_reports_every_file_and_each_bad_one(smoke_run, images, tmp_path):
+@pytest.mark.slow
+def test_predict_command_reports_every_file_and_each_bad_one(smoke_run, images, tmp_path, run_cli):
     """One bad file among good ones: results for the good ones, one error line per bad one, exit status 1."""
     def predict(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "cifar_transfer.cli", "predict", str(smoke_run), *args],
-                              capture_output=True, text=True, timeout=300)
+        return run_cli("predict", str(smoke_run), *args)
 
     (tmp_path / "notes.txt").write_text("not an image")
     bad, missing = tmp_path / "notes.txt", tmp_path / "absent.png"

@@ -125,6 +125,7 @@ def test_bad_input_gets_a_json_4xx_and_the_service_stays_up(server, path, files,
     assert httpx.get(f"{server}/health").status_code == 200
 
 
+@pytest.mark.slow
 def test_bounded_load_has_no_failures_and_is_batched(server, cifar):
     """500 requests, 8 at a time, with every tenth client disconnecting mid-request; prints p50/p99 latency.
     The ones that stay are all answered, and concurrent requests share forward passes."""
@@ -212,6 +213,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (make test installs it)")
+@pytest.mark.browser
 def test_upload_page_in_headless_chromium(server, predictor, cifar, tmp_path):
     from playwright.sync_api import sync_playwright
 

@@ -97,6 +97,7 @@ def test_bad_space_files_are_refused_naming_the_field(tmp_path: Path, text: str,
     assert message in str(e.value)
 
 
+@pytest.mark.slow
 def test_two_sqlite_workers_share_one_study_without_the_test_set(
         tmp_path: Path, no_test_set: Path, cifar, weights_path: Path) -> None:
     out = tmp_path / "tune"
@@ -144,6 +145,7 @@ def _open_at_once(barrier, url: str) -> str:
         return str(e)
 
 
+@pytest.mark.slow
 def test_workers_starting_together_all_open_a_new_study(tmp_path: Path) -> None:
     """Four processes create the same new SQLite study at the same moment: the race to create its tables
     ("table studies already exists") is retried, not reported."""
@@ -215,6 +217,8 @@ def first_epoch_written(out: Path, proc: subprocess.Popen) -> Path:
     raise AssertionError("no trial wrote an epoch")
 
 
+@pytest.mark.slow
+@pytest.mark.database
 def test_postgres_workers_survive_stopped_and_killed_workers(
         tmp_path: Path, no_test_set: Path, weights_path: Path, postgres: str) -> None:
     common = ["--storage", postgres, "--study", "shared", "--trials", "4", "--heartbeat", "1"]

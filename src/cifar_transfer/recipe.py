@@ -260,7 +260,7 @@ PRESETS: dict[str, dict] = {
     },
     # A tiny run through every step, about a minute on 2 CPU cores.
     "smoke": {"train_size": 500, "val_size": 500, "head_epochs": 1, "finetune_epochs": 1, "gradcam_images": 32,
-              "corruption_images": 50},
+              "corruption_images": 50, "tta_images": 1000},
 }
 
 
