@@ -7,7 +7,7 @@ Plans: `full` on a GPU (sized for 8 minutes on one H100/H200: not yet run on one
 
 1. throughput: a full training step (all layers) and inference, images per second, the median of 5 timed
    windows after a warm-up step (which absorbs compilation and cuDNN's autotuning).
-2. gains: one recipe trained end to end by `pipeline.train` (both phases, validation, a checkpoint and history
+2. gains: one recipe trained end to end by `train_to_folder` (both phases, validation, a checkpoint and history
    row every epoch: what `run` runs) and tested, adding one step at a time: the plain loop; our loop in fp32
    without caching and with checkpoints written on the critical path; + cached activations of frozen steps;
    + bf16 autocast; + checkpoints written in a background thread; + torch.compile (CUDA graphs on a GPU),
@@ -35,14 +35,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from reference import accuracy_plain, train_plain
 
-from cifar_transfer import atomic, pipeline
-from cifar_transfer.augment import to_device
-from cifar_transfer.data import Splits, load_cifar10, split
-from cifar_transfer.evaluate import autocast, predict_logits
-from cifar_transfer.model import build_model, load_pretrained, pick_device
-from cifar_transfer.model import to_device as model_to_device
+from cifar_transfer import atomic, machine
+from cifar_transfer.data.augment import as_tensors
+from cifar_transfer.data.cifar import Splits, load_cifar10, split
+from cifar_transfer.model.inference import autocast, predict_logits
+from cifar_transfer.model.network import build_model, pick_device, place
+from cifar_transfer.model.weights import load_pretrained
 from cifar_transfer.recipe import Recipe, preset
-from cifar_transfer.train import make_optimizer, set_phase
+from cifar_transfer.training.phases import make_optimizer, set_phase
+from cifar_transfer.training.trainer import train_to_folder
 
 WINDOWS = 5  # timed windows per throughput figure; the median is reported
 
@@ -124,7 +125,7 @@ def throughput(pretrained, resolution: int, batch: int, precision: str, device: 
     """A training step of every layer (our optimizer and layout), and inference, on one resident batch."""
     free(device)
     recipe = preset("strong").with_overrides([f"resolution={resolution}", f"precision={precision}"])
-    model = model_to_device(build_model(recipe, pretrained), recipe, device)
+    model = place(build_model(recipe, pretrained), recipe, device)
     opt = make_optimizer(set_phase(model, 2, recipe), 2, recipe)
     x = torch.rand(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -171,16 +172,16 @@ def end_to_end(recipe: Recipe | None, base: Recipe, splits: Splits, pretrained, 
     free(device)
     sync(device)
     t0 = time.perf_counter()
-    test = to_device(splits.test.images, splits.test.labels, device)
+    test = as_tensors(splits.test.images, splits.test.labels, device)
     if recipe is None:
         torch.manual_seed(base.seed)
         model = build_model(base, pretrained).to(device)
         train_plain(model, base.with_overrides(["precision=fp32"]),
-                    *to_device(splits.train.images, splits.train.labels, device))
+                    *as_tensors(splits.train.images, splits.train.labels, device))
         accuracy = accuracy_plain(model, *test)
     else:
         with tempfile.TemporaryDirectory() as folder, checkpoints_in_place() if in_place else nullcontext():
-            model, _, _ = pipeline.train(recipe, Path(folder), splits, pretrained, device, progress=False)
+            model, _, _ = train_to_folder(recipe, Path(folder), splits, pretrained, device, progress=False)
         logits = predict_logits(model, test[0], recipe.eval_batch_size, recipe.precision)
         accuracy = (logits.argmax(1) == test[1]).float().mean().item()
     sync(device)
@@ -239,7 +240,7 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     pretrained = load_pretrained(args.weights)
-    results: dict = {"environment": pipeline.environment(device), "smoke": args.smoke, "windows": WINDOWS,
+    results: dict = {"environment": machine.environment(device), "smoke": args.smoke, "windows": WINDOWS,
                      "throughput": [], "ladder_recipe": plan["ladder"], "gains": [], "presets": []}
     for r, b, p in plan["throughput"]:
         results["throughput"].append(throughput(pretrained, r, b, p, device, plan["steps"]))

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cifar_transfer.augment import augment
-from cifar_transfer.model import TransferNet
+from cifar_transfer.data.augment import augment
+from cifar_transfer.model.network import TransferNet
 from cifar_transfer.recipe import Recipe
-from cifar_transfer.train import make_schedule, set_phase
+from cifar_transfer.training.phases import make_schedule, set_phase
 
 
 def train_plain(model: TransferNet, recipe: Recipe, x: torch.Tensor, y: torch.Tensor) -> list[float]:

@@ -47,14 +47,14 @@ def weights_path() -> Path:
 
 @pytest.fixture(scope="session")
 def cifar(cifar_dir: Path):
-    from cifar_transfer.data import read_folder
+    from cifar_transfer.data.cifar import read_folder
 
     return read_folder(cifar_dir)
 
 
 @pytest.fixture(scope="session")
 def pretrained(weights_path: Path):
-    from cifar_transfer.model import load_pretrained
+    from cifar_transfer.model.weights import load_pretrained
 
     return load_pretrained(weights_path)
 

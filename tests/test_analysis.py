@@ -3,14 +3,14 @@ import json
 import numpy as np
 import pytest
 
-from cifar_transfer import attribution
-from cifar_transfer.calibration import fit_temperature, reliability, softmax
-from cifar_transfer.data import CLASSES
-from cifar_transfer.human import human_analysis
-from cifar_transfer.model import build_model
+from cifar_transfer.analysis import attribution
+from cifar_transfer.analysis.calibration import fit_temperature, reliability, softmax
+from cifar_transfer.analysis.human import human_analysis
+from cifar_transfer.analysis.robustness import CORRUPTIONS, corrupt_all, corruption_accuracy
+from cifar_transfer.data.cifar import CLASSES
+from cifar_transfer.model.network import build_model
 from cifar_transfer.recipe import preset
-from cifar_transfer.report import pct
-from cifar_transfer.robustness import CORRUPTIONS, corrupt_all, corruption_accuracy
+from cifar_transfer.reporting.report import pct
 
 
 def probs_with_confidence(conf: float, n: int, correct: int) -> tuple[np.ndarray, np.ndarray]:
@@ -163,16 +163,16 @@ def test_repeat_reports_mean_and_spread_and_compare_sets_its_runs_side_by_side(r
 
 def test_flip_tta_on_a_class_balanced_sample(pretrained, cifar, tmp_path):
     """`tta_images` keeps the analysis affordable at high resolution: it samples the test set evenly."""
-    from cifar_transfer.analyze import analyze
-    from cifar_transfer.report import tta_scope
+    from cifar_transfer.analysis.analyze import analyze
+    from cifar_transfer.reporting.report import tta_scope
 
     train_set, test = cifar
     r = preset("smoke").with_overrides(["tta_images=100", "gradcam_images=4", "corruption_images=10"])
     model = build_model(r, pretrained).eval()
-    result = analyze(model, r, train_set.take(np.arange(50)), test.take(np.arange(400)), tmp_path)
+    result = analyze(model, r, train_set.take(np.arange(50)), test.take(np.arange(400))).result
     tta = result["tta"]
     assert (tta["images"], tta["sampled"]) == (100, True)
     assert tta_scope(tta) == "100 class-balanced test images"
     every = analyze(model, r.with_overrides(["tta_images=400"]), train_set.take(np.arange(50)),
-                    test.take(np.arange(400)), tmp_path)["tta"]
+                    test.take(np.arange(400))).result["tta"]
     assert (every["images"], every["sampled"]) == (400, False) and tta_scope(every) == "the whole test set"

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from cifar_transfer.augment import PAD, random_crop_flip, to_input
+from cifar_transfer.data.augment import PAD, random_crop_flip, to_input
 
 
 def test_every_output_is_a_crop_of_the_padded_image_flipped_or_not():

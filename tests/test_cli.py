@@ -11,11 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cifar_transfer import pipeline, report
-from cifar_transfer.data import CLASSES, Dataset
-from cifar_transfer.model import load_model, to_device
+from cifar_transfer.data.cifar import CLASSES, Dataset
+from cifar_transfer.jobs import run as run_job
+from cifar_transfer.model.network import load_model, place
 from cifar_transfer.recipe import Recipe, preset
-from cifar_transfer.report import pct
+from cifar_transfer.reporting import report
+from cifar_transfer.reporting.report import pct
 
 OUTPUTS = {"recipe.json", "history.csv", "metrics.json", "classification_report.txt", "samples.png",
            "class_counts.png", "learning_curves.png", "confusion_matrix.png", "misclassified.png",
@@ -78,7 +79,7 @@ def test_evaluate_on_an_npz(smoke_copy, cifar, tmp_path, run_cli):
     assert done.returncode == 0, done.stderr
     result = json.loads((smoke_copy / "evaluations" / "subset" / "metrics.json").read_text())["test"]
     model, recipe = load_model(smoke_copy / "model.safetensors")
-    model = to_device(model, recipe, torch.device("cpu"))  # the same memory layout as `evaluate` uses
+    model = place(model, recipe, torch.device("cpu"))  # the same memory layout as `evaluate` uses
     with torch.no_grad():
         pred = model(torch.from_numpy(test.images[idx]).permute(0, 3, 1, 2).float() / 255).argmax(1).numpy()
     assert result["n"] == len(idx)
@@ -137,7 +138,7 @@ def test_auto_runs_the_preset_that_reaches_the_claim_on_this_machine(cuda, chose
     """`run` (--preset auto) trains lean without CUDA and strong with it, and the run records why."""
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(pipeline, "run", lambda recipe, out, **kw: calls.append((recipe, kw["chosen_by"])))
+    monkeypatch.setattr(run_job, "run", lambda recipe, out, **kw: calls.append((recipe, kw["chosen_by"])))
     assert run_cli("run", "--out", str(tmp_path / "r")).returncode == 0
     ((recipe, why),) = calls
     assert recipe == preset(chosen)
@@ -158,9 +159,9 @@ def test_the_shipped_model_does_not_depend_on_test_labels(cifar, weights_path, t
     shuffled = Dataset(sub.images, np.random.default_rng(1).permutation(sub.labels), sub.source)
     results = []
     for t in (sub, shuffled):
-        monkeypatch.setattr(pipeline, "load_cifar10", lambda *a, t=t, **k: (train_set, t))
+        monkeypatch.setattr(run_job, "load_cifar10", lambda *a, t=t, **k: (train_set, t))
         out = tmp_path / f"run{len(results)}"
-        m = pipeline.run(r, out, weights=str(weights_path), progress=False)
+        m = run_job.run(r, out, weights=str(weights_path), progress=False)
         results.append((m, load_file(out / "model.safetensors")))
     (a, wa), (b, wb) = results
     assert a["shipped"] == b["shipped"] and a["shipped"]["keep"] == "best_val"

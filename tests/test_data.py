@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cifar_transfer.data import (
+from cifar_transfer.data.cifar import (
     ARCHIVE,
     CLASSES,
     DataError,

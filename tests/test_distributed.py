@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cifar_transfer.augment import to_device
-from cifar_transfer.distributed import DistributedError, World
-from cifar_transfer.model import build_model
+from cifar_transfer.data.augment import as_tensors
+from cifar_transfer.model.network import build_model
 from cifar_transfer.recipe import preset
-from cifar_transfer.train import fit
+from cifar_transfer.training.distributed import DistributedError, World
+from cifar_transfer.training.loop import fit
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # BatchNorm frozen and no augmentation: two processes must train what one does
@@ -31,19 +31,20 @@ import sys
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from cifar_transfer.augment import to_device
-from cifar_transfer.distributed import join, leave
-from cifar_transfer.model import build_model, load_pretrained
+from cifar_transfer.data.augment import as_tensors
+from cifar_transfer.training.distributed import join, leave
+from cifar_transfer.model.network import build_model
+from cifar_transfer.model.weights import load_pretrained
 from cifar_transfer.recipe import preset
-from cifar_transfer.train import fit
+from cifar_transfer.training.loop import fit
 
 recipe = preset("seed").with_overrides(sys.argv[3].split())
 world = join("cpu")
 data = np.load(sys.argv[1])
-train = to_device(data["images"][:160], data["labels"][:160], torch.device("cpu"))
-val = to_device(data["images"][160:200], data["labels"][160:200], torch.device("cpu"))
+train = as_tensors(data["images"][:160], data["labels"][:160], torch.device("cpu"))
+val = as_tensors(data["images"][160:200], data["labels"][160:200], torch.device("cpu"))
 pretrained = load_pretrained(sys.argv[2])
-torch.manual_seed(recipe.seed)  # the head's initialisation, as pipeline.train seeds it
+torch.manual_seed(recipe.seed)  # the head's initialisation, as train_to_folder seeds it
 model = build_model(recipe, pretrained)
 history = fit(model, recipe, train, val, progress=False, world=world)
 if world.main:
@@ -67,8 +68,8 @@ def test_two_processes_take_the_steps_one_process_takes(small_data, pretrained, 
     recipe = preset("seed").with_overrides(RECIPE)
     torch.manual_seed(recipe.seed)
     model = build_model(recipe, pretrained)
-    train = to_device(data["images"][:160], data["labels"][:160], torch.device("cpu"))
-    val = to_device(data["images"][160:200], data["labels"][160:200], torch.device("cpu"))
+    train = as_tensors(data["images"][:160], data["labels"][:160], torch.device("cpu"))
+    val = as_tensors(data["images"][160:200], data["labels"][160:200], torch.device("cpu"))
     fit(model, recipe, train, val, progress=False)
     two = load_file(tmp_path / "ranks.safetensors")
     assert_trained_alike(two, model.state_dict())

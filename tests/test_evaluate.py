@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from cifar_transfer.data import CLASSES
-from cifar_transfer.evaluate import predict_logits, summarise
+from cifar_transfer.analysis.metrics import score_predictions
+from cifar_transfer.data.cifar import CLASSES
+from cifar_transfer.model.inference import predict_logits
 
 
 def one_hot_logits(pred: list[int]) -> np.ndarray:
@@ -21,7 +22,7 @@ def result():
     # 5 automobiles right.
     labels = [CAT] * 10 + [DOG] * 10 + [TRUCK] * 5 + [AUTO] * 5
     pred = [CAT] * 7 + [DOG] * 3 + [DOG] * 9 + [CAT] + [TRUCK] * 3 + [AUTO] * 2 + [AUTO] * 5
-    return summarise(one_hot_logits(pred), np.array(labels))
+    return score_predictions(one_hot_logits(pred), np.array(labels))
 
 
 def test_accuracy_loss_and_errors(result):
@@ -68,7 +69,7 @@ def test_misclassified_are_the_wrong_ones_by_loss():
     logits[1, 5] = 1  # wrong, mild
     logits[2, 7] = 6  # wrong, confident: highest loss
     logits[3, 3] = 2  # right
-    rows = summarise(logits, labels)["misclassified"]
+    rows = score_predictions(logits, labels)["misclassified"]
     assert [r["index"] for r in rows] == [2, 1]
     assert rows[0]["true"] == "bird" and rows[0]["predicted"] == "horse"
     assert rows[0]["confidence"] > rows[1]["confidence"]

@@ -7,9 +7,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from cifar_transfer.data import CLASSES
-from cifar_transfer.export import TOLERANCE, metadata
-from cifar_transfer.predict import Options, Predictor
+from cifar_transfer.data.cifar import CLASSES
+from cifar_transfer.serving.export import TOLERANCE, metadata
+from cifar_transfer.serving.predictor import Options, Predictor
 
 
 @pytest.mark.slow

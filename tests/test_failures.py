@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torchvision.models import resnet50
 
-from cifar_transfer.train import load_checkpoint
+from cifar_transfer.training.checkpoint import load_checkpoint
 
 # smoke made smaller (200 training images, bf16), with augmentation so that phase 1 takes long enough to be
 # interrupted in; no error analysis (not what is tested here, and it would run five times)
@@ -294,13 +294,13 @@ def test_a_full_disk_is_named_before_training_and_during_a_write(tmp_path, cifar
 def test_an_unexpected_error_keeps_its_traceback(run_cli, tmp_path, monkeypatch):
     """Only the project's own errors are one-liners: a bug (here a shape error) leaves its traceback in error.txt
     and a line that points to it."""
-    from cifar_transfer import pipeline
+    from cifar_transfer.jobs import run as run_job
 
     def broken(recipe, out: Path, **kwargs) -> dict:
         out.mkdir(parents=True)
         return torch.zeros(2, 3) @ torch.zeros(2, 3)  # a shape bug deep inside
 
-    monkeypatch.setattr(pipeline, "run", broken)
+    monkeypatch.setattr(run_job, "run", broken)
     done = run_cli("run", "--preset", "smoke", "--out", str(tmp_path / "r"))
     err = done.stderr.strip().splitlines()
     assert done.returncode == 1 and len(err) == 1, done.stderr

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from cifar_transfer.augment import to_device
-from cifar_transfer.lr_find import lr_find, suggest
-from cifar_transfer.model import build_model
+from cifar_transfer.data.augment import as_tensors
+from cifar_transfer.jobs.lr_find import lr_find, suggest
+from cifar_transfer.model.network import build_model
 from cifar_transfer.recipe import RecipeError, preset
 
 
@@ -17,7 +17,7 @@ def test_the_range_test_suggests_a_rate_stops_on_divergence_and_leaves_the_model
     torch.manual_seed(0)
     model = build_model(recipe, pretrained)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    images, labels = to_device(cifar[0].images[:500], cifar[0].labels[:500], torch.device("cpu"))
+    images, labels = as_tensors(cifar[0].images[:500], cifar[0].labels[:500], torch.device("cpu"))
     result = lr_find(model, recipe, images, labels, phase=1, start=1e-6, end=1e3, steps=60)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # it trained a copy
     assert 3 <= result["steps"] < 60  # Adam at rates near 100 blows the head up: stopped before the end

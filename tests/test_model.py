@@ -5,15 +5,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cifar_transfer.model import (
-    IMAGENET,
-    WeightsError,
-    build_model,
-    load_model,
-    load_pretrained,
-    save_model,
-    to_device,
-)
+from cifar_transfer.model.network import build_model, load_model, place, save_model
+from cifar_transfer.model.weights import IMAGENET, WeightsError, load_pretrained
 from cifar_transfer.recipe import preset
 
 
@@ -44,13 +37,13 @@ def test_head_shape_and_resolution(pretrained):
 def test_save_and_load_gives_the_same_function(pretrained, tmp_path):
     r = preset("smoke").with_overrides(["memory_format=channels_last"])
     torch.manual_seed(0)
-    model = to_device(build_model(r, pretrained), r, torch.device("cpu")).eval()
+    model = place(build_model(r, pretrained), r, torch.device("cpu")).eval()
     assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     model.temperature = 2.5
     save_model(model, r, tmp_path / "model.safetensors")
     loaded, recipe = load_model(tmp_path / "model.safetensors")
     assert recipe == r and loaded.temperature == 2.5
-    loaded = to_device(loaded, recipe, torch.device("cpu"))
+    loaded = place(loaded, recipe, torch.device("cpu"))
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifar_transfer.predict import MAX_PIXELS, ImageError, Predictor, read_image, to_cifar
+from cifar_transfer.data.images import MAX_PIXELS, ImageError, read_image, to_cifar
+from cifar_transfer.serving.predictor import Predictor
 
 
 def encode(image: Image.Image, fmt: str) -> bytes:

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifar_transfer.data import CLASSES
-from cifar_transfer.predict import MAX_PIXELS, Options, Predictor
-from cifar_transfer.serve import Batcher
+from cifar_transfer.data.cifar import CLASSES
+from cifar_transfer.data.images import MAX_PIXELS
+from cifar_transfer.serving.predictor import Options, Predictor
+from cifar_transfer.serving.service import Batcher
 
 
 def png(array: np.ndarray) -> bytes:
@@ -182,7 +183,7 @@ def test_a_slow_batch_does_not_starve_health(smoke_run, monkeypatch, cifar):
     """The model's forward pass made slow (3 s): /health answers at once while a prediction waits for it."""
     import uvicorn
 
-    from cifar_transfer import serve
+    from cifar_transfer.serving import service as serve
 
     original = Predictor.logits
     monkeypatch.setattr(Predictor, "logits", lambda self, images: (time.sleep(3), original(self, images))[1])

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cifar_transfer.calibration import fit_temperature, softmax
-from cifar_transfer.data import CLASSES, split
-from cifar_transfer.predict import Options, Predictor, read_image
+from cifar_transfer.analysis.calibration import fit_temperature, softmax
+from cifar_transfer.data.cifar import CLASSES, split
+from cifar_transfer.data.images import read_image
 from cifar_transfer.recipe import preset
+from cifar_transfer.serving.predictor import Options, Predictor
 
 PHOTOS = Path(__file__).parent / "fixtures" / "photos"
 
@@ -75,12 +76,12 @@ def test_predict_says_how_its_probabilities_were_made(run_cli, smoke_run, cifar,
 
 def test_evaluate_with_tta_agrees_with_the_analysis(run_cli, smoke_copy, cifar, tmp_path):
     """`evaluate --tta` on the class-balanced test images the run's TTA analysis sampled gives its accuracy."""
-    from cifar_transfer.analyze import _balanced
+    from cifar_transfer.analysis.analyze import balanced_sample
 
     analysis = json.loads((smoke_copy / "metrics.json").read_text())["analysis"]["tta"]
     recipe = preset("smoke")
     test = cifar[1]
-    index = _balanced(test.labels, recipe.tta_images, recipe.seed, test.source)
+    index = balanced_sample(test.labels, recipe.tta_images, recipe.seed, test.source)
     assert analysis["sampled"] and analysis["images"] == len(index) == recipe.tta_images
     np.savez(tmp_path / "sample.npz", images=test.images[index], labels=test.labels[index])
     done = run_cli("evaluate", str(smoke_copy), "--tta", "--data", str(tmp_path / "sample.npz"))

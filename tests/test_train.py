@@ -4,11 +4,13 @@ import itertools
 import pytest
 import torch
 
-from cifar_transfer import atomic, train
-from cifar_transfer.augment import to_device
-from cifar_transfer.model import Part, build_model
+from cifar_transfer import atomic
+from cifar_transfer.data.augment import as_tensors, to_input
+from cifar_transfer.model.network import Part, build_model
 from cifar_transfer.recipe import preset
-from cifar_transfer.train import TrainingError, fit
+from cifar_transfer.training import checkpoint, loop, phases
+from cifar_transfer.training.loop import fit
+from cifar_transfer.training.phases import TrainingError
 
 TINY = ["train_size=40", "val_size=20", "batch_size=8", "head_epochs=2", "finetune_epochs=2"]
 
@@ -16,8 +18,8 @@ TINY = ["train_size=40", "val_size=20", "batch_size=8", "head_epochs=2", "finetu
 @pytest.fixture(scope="module")
 def tiny_data(cifar):
     train_set, _ = cifar
-    return (to_device(train_set.images[:40], train_set.labels[:40], torch.device("cpu")),
-            to_device(train_set.images[40:60], train_set.labels[40:60], torch.device("cpu")))
+    return (as_tensors(train_set.images[:40], train_set.labels[:40], torch.device("cpu")),
+            as_tensors(train_set.images[40:60], train_set.labels[40:60], torch.device("cpu")))
 
 
 def fresh(recipe, pretrained):
@@ -66,7 +68,7 @@ def test_phase_one_leaves_the_base_alone_and_frozen_bn_keeps_its_statistics(pret
 def test_cosine_schedule_warms_up_and_decays(pretrained):
     r = preset("strong").with_overrides(["finetune_epochs=4", "warmup_epochs=1"])
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-    sched = train.make_schedule(opt, 2, r, steps_per_epoch=10)
+    sched = phases.make_schedule(opt, 2, r, steps_per_epoch=10)
     lrs = []
     for _ in range(40):
         lrs.append(opt.param_groups[0]["lr"])
@@ -80,7 +82,7 @@ def test_cosine_schedule_warms_up_and_decays(pretrained):
 def test_weight_decay_skips_norms_and_biases(pretrained):
     r = preset("strong")
     model = fresh(r, pretrained)
-    opt = train.make_optimizer(train.set_phase(model, 2, r), 2, r)
+    opt = phases.make_optimizer(phases.set_phase(model, 2, r), 2, r)
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == r.weight_decay and plain["weight_decay"] == 0
     assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim <= 1 for p in plain["params"])
@@ -109,7 +111,7 @@ def test_resume_from_any_epoch_ends_identically(pretrained, tiny_data, tmp_path,
     history = fit(full, r, *tiny_data, checkpoint=tmp_path / "checkpoint.pt", progress=False)
     assert len(saved) == 4 and (tmp_path / "checkpoint.pt").is_file()
     for k in (0, 2):  # interrupted in phase 1 (after epoch 1) and in phase 2 (after epoch 3)
-        state = train.load_checkpoint(saved[k])
+        state = checkpoint.load_checkpoint(saved[k])
         resumed = fresh(r, pretrained)
         h = fit(resumed, r, *tiny_data, resume=state, progress=False)
         assert [x["val_loss"] for x in h] == [x["val_loss"] for x in history]
@@ -122,7 +124,7 @@ def test_resume_with_another_recipe_is_refused(pretrained, tiny_data, tmp_path):
     fit(fresh(r, pretrained), r, *tiny_data, checkpoint=tmp_path / "c.pt", progress=False)
     other = r.with_overrides(["head_lr=0.5"])
     with pytest.raises(TrainingError, match="different recipe"):
-        fit(fresh(other, pretrained), other, *tiny_data, resume=train.load_checkpoint(tmp_path / "c.pt"))
+        fit(fresh(other, pretrained), other, *tiny_data, resume=checkpoint.load_checkpoint(tmp_path / "c.pt"))
 
 
 def test_cached_activations_give_the_full_forward_passes_outputs(pretrained, tiny_data):
@@ -130,24 +132,24 @@ def test_cached_activations_give_the_full_forward_passes_outputs(pretrained, tin
     model = fresh(r, pretrained).eval()
     images = tiny_data[0][0][:12]
     with torch.no_grad():
-        full = model(train.to_input(images))
-        mirrored = model(train.to_input(images.flip(-1)))
-    plain, mirror = train.cache_activations(model, images, "stem", "layer3", r, views=2)
+        full = model(to_input(images))
+        mirrored = model(to_input(images.flip(-1)))
+    plain, mirror = loop.cache_activations(model, images, "stem", "layer3", r, views=2)
     assert plain.shape == (12, 512, 8, 8)  # layer2's output at 64 px
     for cached, expected in ((plain, full), (mirror, mirrored)):
         with torch.no_grad():
             assert torch.allclose(Part(model, "layer3")(cached), expected, atol=1e-5)
     # phase 1's features, computed from the cached activations, are the base's features
-    (feats,) = train.cache_activations(model, (plain,), "layer3", "head", r)
+    (feats,) = loop.cache_activations(model, (plain,), "layer3", "head", r)
     with torch.no_grad():
-        assert torch.allclose(feats, model.features(train.to_input(images)), atol=1e-5)
+        assert torch.allclose(feats, model.features(to_input(images)), atol=1e-5)
 
 
 def test_only_the_chosen_stages_learn(pretrained, tiny_data):
     r = preset("seed").with_overrides([*TINY, "head_epochs=1", "finetune_from=layer4", "finetune_bn=train",
                                        "augment=flip", "finetune_lr=1e-3"])
     model = fresh(r, pretrained)
-    names = {n for n, p in model.named_parameters() if p in set(train.set_phase(model, 2, r))}
+    names = {n for n, p in model.named_parameters() if p in set(phases.set_phase(model, 2, r))}
     assert names and all(n.startswith(("backbone.layer4.", "head.")) for n in names)
     assert any(n.startswith("backbone.layer4.") for n in names)
     before = backbone_state(model)
@@ -163,8 +165,8 @@ def test_only_the_chosen_stages_learn(pretrained, tiny_data):
 def test_best_val_ships_the_best_validation_epoch(pretrained, tiny_data, tmp_path, monkeypatch):
     r = preset("seed").with_overrides([*TINY, "keep=best_val", "finetune_lr=1e-3"])
     scripted = iter([0.2, 0.6, 0.4, 0.5])  # epoch 2 (the last of phase 1) is the best
-    validate = train._validate
-    monkeypatch.setattr(train, "_validate", lambda *a: (validate(*a)[0], next(scripted)))
+    validate = loop._validate
+    monkeypatch.setattr(loop, "_validate", lambda *a: (validate(*a)[0], next(scripted)))
     saved = []
     write_with = atomic.write_with
 
@@ -176,8 +178,8 @@ def test_best_val_ships_the_best_validation_epoch(pretrained, tiny_data, tmp_pat
     model = fresh(r, pretrained)
     history = fit(model, r, *tiny_data, checkpoint=tmp_path / "checkpoint.pt", progress=False)
     assert [h["shipped"] for h in history] == [False, True, False, False]
-    at_epoch_2 = train.load_checkpoint(saved[1])["model"]
-    last = train.load_checkpoint(saved[3])["model"]
+    at_epoch_2 = checkpoint.load_checkpoint(saved[1])["model"]
+    last = checkpoint.load_checkpoint(saved[3])["model"]
     for k, v in model.state_dict().items():
         assert torch.equal(v, at_epoch_2[k]), k
     assert any(not torch.equal(v, last[k]) for k, v in model.state_dict().items())
@@ -185,7 +187,7 @@ def test_best_val_ships_the_best_validation_epoch(pretrained, tiny_data, tmp_pat
     # resumed after epoch 3, the run still remembers epoch 2 as the best and ships it
     scripted = iter([0.5])
     resumed = fresh(r, pretrained)
-    h = fit(resumed, r, *tiny_data, resume=train.load_checkpoint(saved[2]), progress=False)
+    h = fit(resumed, r, *tiny_data, resume=checkpoint.load_checkpoint(saved[2]), progress=False)
     assert [x["shipped"] for x in h] == [False, True, False, False]
     for k, v in resumed.state_dict().items():
         assert torch.equal(v, at_epoch_2[k]), k
@@ -199,7 +201,7 @@ def test_each_history_row_follows_its_checkpoint_and_write_errors_stop_training(
     seen = []
 
     def on_saved(rows):
-        seen.append((len(rows), len(train.load_checkpoint(tmp_path / "c.pt")["history"])))
+        seen.append((len(rows), len(checkpoint.load_checkpoint(tmp_path / "c.pt")["history"])))
 
     fit(fresh(r, pretrained), r, *tiny_data, checkpoint=tmp_path / "c.pt", on_saved=on_saved, progress=False)
     assert seen == [(1, 1), (2, 2), (3, 3), (4, 4)]

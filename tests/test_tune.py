@@ -24,8 +24,8 @@ import optuna
 import pytest
 from optuna.trial import FixedTrial, TrialState
 
+from cifar_transfer.jobs.tune import SPACES, TuneError, check_space, open_study, read_space, sample
 from cifar_transfer.recipe import preset
-from cifar_transfer.tune import SPACES, TuneError, check_space, open_study, read_space, sample
 
 # A trial of a couple of seconds: 100 images, two head epochs and one fine-tuning epoch of the last block.
 TINY = ["--preset", "smoke", "--set", "train_size=100", "--set", "val_size=100", "--set", "head_epochs=2",

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from cifar_transfer.data import load_cifar10, split
-from cifar_transfer.model import build_model, load_pretrained
+from cifar_transfer.data.cifar import load_cifar10, split
+from cifar_transfer.model.network import build_model
+from cifar_transfer.model.weights import load_pretrained
 from cifar_transfer.recipe import Recipe
 
 OUT = Path("/tmp/lean-design")

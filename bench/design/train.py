@@ -16,7 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cifar_transfer.model import build_model, load_pretrained
+from cifar_transfer.model.network import build_model
+from cifar_transfer.model.weights import load_pretrained
 from cifar_transfer.recipe import Recipe
 
 

@@ -29,6 +29,16 @@ class DiskFullError(OutputError):
     """The file system has no room for an output; the message names the file and the free space."""
 
 
+def check_writable(folder: Path) -> None:
+    """Fail before any work if `folder` cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_bytes(folder / ".write-test", b"ok")
+        (folder / ".write-test").unlink()
+    except OSError as e:
+        raise OutputError(f"{folder}: output folder is not writable ({e.strerror or e})") from None
+
+
 def write_with(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
     """Call `write(f)` on a temporary file in the target's folder and atomically move it into place."""
     path = Path(path)

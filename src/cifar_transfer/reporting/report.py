@@ -7,9 +7,12 @@ import re
 from pathlib import Path
 
 import markdown
+import numpy as np
 
-from . import atomic
-from .data import CLASSES
+from .. import atomic
+from ..analysis.metrics import score_predictions
+from ..data.cifar import CLASSES, Dataset
+from . import figures
 
 # What every report measures itself against: the original report's claim for its recipe, and what that literal
 # recipe (preset `seed`) measured when this project ran it (command and machine say which run).
@@ -97,7 +100,7 @@ def calibration_markdown(c: dict) -> str:
             f"{pct(t['accuracy'])}; predictions (the arg-max) do not change.")
 
 
-def results_markdown(test: dict, figures: dict[str, str]) -> str:
+def results_markdown(test: dict, pictures: dict[str, str]) -> str:
     """The test-set sections: per-class scores, confusion, leakage, misclassified images."""
     per = test["per_class"]
     rows = [[c, f"{per[c]['precision']:.4f}", f"{per[c]['recall']:.4f}", f"{per[c]['f1']:.4f}", per[c]["support"]]
@@ -112,14 +115,14 @@ def results_markdown(test: dict, figures: dict[str, str]) -> str:
         table(["class", "precision", "recall", "F1", "support"], rows),
         f"Macro-averaged F1: {test['macro_f1']:.4f}.",
         "## Confusion matrix",
-        f"![Confusion matrix]({figures['confusion']})",
+        f"![Confusion matrix]({pictures['confusion']})",
         "## Class leakage between look-alike classes",
         "Share of each class predicted as the other (count in brackets), in both directions.",
         table(["pair (a ↔ b)", "a predicted as b", "b predicted as a"], leak),
         "Most-confused pairs overall (errors in both directions):",
         table(["pair (a ↔ b)", "errors", "a as b", "b as a"], confused),
         "## Misclassified images with the highest loss",
-        f"![Misclassified]({figures['gallery']})",
+        f"![Misclassified]({pictures['gallery']})",
         table(["test index", "true", "predicted", "confidence", "loss"], wrong),
     ])
 
@@ -222,6 +225,16 @@ def compare_markdown(s: dict) -> str:
         "## Learning curves",
         "![Learning curves](learning_curves.png)",
     ]) + "\n"
+
+
+def write_test_results(logits: np.ndarray, test: Dataset, out: Path) -> dict:
+    """The scores of `logits` on `test`; writes classification_report.txt and the confusion and gallery
+    figures."""
+    result = score_predictions(logits, test.labels)
+    atomic.write_text(out / "classification_report.txt", result["classification_report"])
+    figures.confusion(result["confusion"], out / "confusion_matrix.png")
+    figures.gallery(test.images, result["misclassified"], out / "misclassified.png")
+    return result
 
 
 def write(folder: Path, md: str, title: str) -> None:

@@ -31,13 +31,16 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from . import atomic, figures, report
-from .data import Dataset, load_cifar10, split
-from .errors import CifarTransferError
-from .model import Pretrained, load_pretrained, pick_device, save_model
-from .pipeline import CHECKPOINT, check_writable, default_weights, environment, shipped, train
-from .recipe import Recipe, RecipeError, read_table
-from .train import TrainingError
+from .. import atomic
+from ..data.cifar import Dataset, load_cifar10, split
+from ..errors import CifarTransferError
+from ..machine import default_weights, environment
+from ..model.network import pick_device, save_model
+from ..model.weights import Pretrained, load_pretrained
+from ..recipe import Recipe, RecipeError, read_table
+from ..reporting import figures, report
+from ..training.phases import TrainingError
+from ..training.trainer import CHECKPOINT, shipped_epoch, train_to_folder
 
 # The default search space of each preset: the fields that moved its accuracy most when tuned by hand.
 LOG = {"log": True}
@@ -95,7 +98,7 @@ def check_space(space: object, where: str) -> dict[str, dict]:
                 wanted = typing.get_args(kind) if typing.get_origin(kind) is Literal else "a list of values"
                 raise TuneError(f"{at}: is not a number: give choices (one or more of {wanted})")
             low, high = spec.get("low"), spec.get("high")
-            if not (_number(low) and _number(high)):
+            if not (_finite_number(low) and _finite_number(high)):
                 raise TuneError(f"{at}: needs numbers low and high (got low={low!r}, high={high!r})")
             if kind is int and not (isinstance(low, int) and isinstance(high, int)):
                 raise TuneError(f"{at}: an integer field needs integer low and high")
@@ -106,12 +109,12 @@ def check_space(space: object, where: str) -> dict[str, dict]:
             if spec.get("log") and (low <= 0 or "step" in spec):
                 raise TuneError(f"{at}: a log scale needs low > 0 and no step")
             step = spec.get("step")
-            if step is not None and not (_number(step) and step > 0):
+            if step is not None and not (_finite_number(step) and step > 0):
                 raise TuneError(f"{at}: step must be a positive number")
     return space
 
 
-def _number(v: object) -> bool:
+def _finite_number(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -230,7 +233,7 @@ def tune(base: Recipe, out: Path, *, space: dict[str, dict] | None = None, stora
         if base.name not in SPACES:
             raise TuneError(f"no default search space for recipe {base.name!r}: give one with --space FILE")
         space = SPACES[base.name]
-    check_writable(out)
+    atomic.check_writable(out)
     name = study_name or out.resolve().name
     storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     with warnings.catch_warnings():  # heartbeats and stale-trial checks are marked experimental in Optuna
@@ -249,7 +252,7 @@ def tune(base: Recipe, out: Path, *, space: dict[str, dict] | None = None, stora
 
             with sigterm_as_interrupt():
                 study.optimize(worker, callbacks=[stop_when_full], catch=(Surplus,))
-    return summarise(study, base, out, trials)
+    return write_summary(study, base, out, trials)
 
 
 @dataclasses.dataclass
@@ -281,7 +284,7 @@ class Worker:
             trial.set_user_attr("invalid", str(e))
             raise optuna.TrialPruned(f"invalid recipe: {e}") from None
 
-        def report(history: list[dict]) -> None:
+        def report_epoch(history: list[dict]) -> None:
             row = history[-1]
             trial.report(row["val_acc"], row["epoch"])
             if trial.should_prune():
@@ -290,15 +293,16 @@ class Worker:
         splits = split(self.images, None, recipe.train_size, recipe.val_size, recipe.seed)
         t0 = time.perf_counter()
         try:
-            model, history, train_s = train(recipe, run_dir, splits, self.pretrained, self.device,
-                                            progress=self.progress, on_epoch=report)
+            model, history, train_s = train_to_folder(recipe, run_dir, splits, self.pretrained, self.device,
+                                                      progress=self.progress, on_epoch=report_epoch)
         except TrainingError as e:  # a diverged loss is an outcome of the sampled rates, not a broken worker
             trial.set_user_attr("diverged", str(e).split(";")[0])  # its advice is about resuming runs
             raise optuna.TrialPruned(f"diverged: {e}") from None
         finally:
             (run_dir / CHECKPOINT).unlink(missing_ok=True)  # a trial is never resumed: free its disk at once
+        figures.learning_curves(history, run_dir / "learning_curves.png", recipe.finetune_from)
         save_model(model, recipe, run_dir / "model.safetensors")
-        kept = shipped(history, recipe)
+        kept = shipped_epoch(history, recipe)
         atomic.write_json(run_dir / "metrics.json", {
             "run": {"name": run_dir.name, "study": trial.study.study_name, "trial": trial.number,
                     "data_source": self.images.source, "weights": self.pretrained.source,
@@ -310,7 +314,7 @@ class Worker:
         return kept["val_acc"]
 
 
-def summarise(study: optuna.Study, base: Recipe, out: Path, cap: int) -> dict:
+def write_summary(study: optuna.Study, base: Recipe, out: Path, cap: int) -> dict:
     """The whole study (every worker's trials): best_recipe.json, study.json, Optuna's plots and a report."""
     rows = []
     for t in study.get_trials(deepcopy=False):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import CLASSES, DataError
-from .evaluate import LEAKAGE_PAIRS
+from ..data.cifar import CLASSES, DataError
+from .metrics import LEAKAGE_PAIRS
 
 PROBS = "cifar10h-probs.npy"
 AMBIGUOUS_BELOW = 0.9  # an image is ambiguous when people gave its true class less than this share

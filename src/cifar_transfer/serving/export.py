@@ -10,10 +10,10 @@ import onnx
 import torch
 from torch import nn
 
-from . import atomic
-from .data import CLASSES
-from .errors import CifarTransferError
-from .model import load_model
+from .. import atomic
+from ..data.cifar import CLASSES
+from ..errors import CifarTransferError
+from ..model.network import load_model
 
 TOLERANCE = 1e-4
 PREPROCESSING = ("input 'image': float32 RGB in [0, 1], N x 3 x 32 x 32 (centre-crop to square, Lanczos "

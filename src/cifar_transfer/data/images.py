@@ -1,4 +1,4 @@
-"""Use a trained model: bring any image to 32x32 RGB the way CIFAR-10 images were made, and classify it.
+"""Images in: bring any image to 32x32 RGB the way CIFAR-10 images were made, and read folders of photos.
 
 CIFAR-10 images are small, roughly centred photos scaled down to 32x32. An input image is therefore:
 EXIF-rotated; made RGB (transparency composited onto white, greyscale replicated to three channels);
@@ -11,17 +11,13 @@ import contextlib
 import io
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .calibration import softmax
-from .data import CLASSES, DataError, Dataset
-from .errors import CifarTransferError
-from .evaluate import logits_for
-from .model import digest, load_model, pick_device, to_device
+from ..errors import CifarTransferError
+from .cifar import CLASSES, DataError, Dataset
 
 SIZE = 32
 # Decoded pixels: far more than a 32x32 classifier needs, and the bound on what one decode can cost (a
@@ -92,87 +88,6 @@ def decode(image: Image.Image, name: str = "image") -> np.ndarray:
 def read_image(data: bytes, name: str = "image") -> np.ndarray:
     """Image bytes -> 32 x 32 x 3 uint8 RGB, safely (Pillow's decompression-bomb limit made strict)."""
     return decode(open_image(data, name), name)
-
-
-@dataclass
-class Prediction:
-    probabilities: dict[str, float]
-
-    def top(self, k: int = 3) -> list[tuple[str, float]]:
-        return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
-
-
-@dataclass(frozen=True)
-class Options:
-    """How probabilities are made: calibrated with the model's temperature, and/or averaged with the mirror image
-    (flip test-time augmentation)."""
-
-    calibrated: bool = True
-    tta: bool = False
-
-
-class Predictor:
-    """A saved run's model, ready to classify batches of 32 x 32 RGB images."""
-
-    def __init__(self, run_dir: Path, device: str = "auto"):
-        path = Path(run_dir) / "model.safetensors"
-        self.model, self.recipe = load_model(path)
-        self.model_id = f"{Path(run_dir).resolve().name}-{digest(self.model.state_dict())[:12]}"
-        self.device = pick_device(device)
-        self.model = to_device(self.model, self.recipe, self.device)
-
-    @property
-    def temperature(self) -> float | None:
-        """The model's own (saved with it); None for a model saved without one."""
-        return self.model.temperature
-
-    def logits(self, images: np.ndarray) -> np.ndarray:
-        """N x 32 x 32 x 3 uint8 -> N x 10 logits."""
-        return logits_for(self.model, images, self.recipe)
-
-    @staticmethod
-    def views(images: np.ndarray, options: Options) -> np.ndarray:
-        """What goes through the model: the images, then (with TTA) their mirror images."""
-        return np.concatenate([images, images[:, :, ::-1]]) if options.tta else images
-
-    def combine(self, logits: np.ndarray, options: Options) -> np.ndarray:
-        """Logits of `views(images)` -> N x 10 probabilities: softmax(logits / T), the mean of both views' with TTA."""
-        p = softmax(logits, self.temperature if self.calibrated(options) else 1.0).astype(np.float32)
-        return (p[:len(p) // 2] + p[len(p) // 2:]) / 2 if options.tta else p
-
-    def calibrated(self, options: Options) -> bool:
-        return options.calibrated and self.temperature is not None
-
-    def describe(self, options: Options) -> dict:
-        """What every response says about how its probabilities were made."""
-        return {"model": self.model_id, "calibrated": self.calibrated(options),
-                "temperature": self.temperature if self.calibrated(options) else None, "tta": options.tta}
-
-    def probabilities(self, images: np.ndarray, options: Options = Options()) -> np.ndarray:
-        """N x 32 x 32 x 3 uint8 -> N x 10 class probabilities."""
-        return self.combine(self.logits(self.views(images, options)), options)
-
-    def predict(self, images: np.ndarray, options: Options = Options()) -> list[Prediction]:
-        return [Prediction({c: float(p) for c, p in zip(CLASSES, row)}) for row in self.probabilities(images, options)]
-
-
-def predict_files(run_dir: Path, paths: list[Path], top: int = 3, options: Options = Options()) -> list[dict]:
-    """What `cifar-transfer predict` shows, one entry per path in order: its top classes, or `error` saying why
-    the file could not be classified (one bad file does not stop the others)."""
-    predictor = Predictor(run_dir)
-    images, errors = {}, {}
-    for i, p in enumerate(paths):
-        try:
-            images[i] = read_image(Path(p).read_bytes(), str(p))
-        except OSError as e:
-            errors[i] = f"{p}: cannot be read ({e.strerror or e})"
-        except ImageError as e:
-            errors[i] = str(e)
-    results = dict(zip(images, predictor.predict(np.stack(list(images.values())), options))) if images else {}
-    return [{"image": str(p), "error": errors[i]} if i in errors else
-            {"image": str(p), **predictor.describe(options),
-             "top": [{"class": c, "probability": round(q, 6)} for c, q in results[i].top(top)]}
-            for i, p in enumerate(paths)]
 
 
 def read_image_folder(folder: Path) -> tuple[Dataset, list[str], list[str]]:

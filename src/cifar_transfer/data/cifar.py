@@ -18,7 +18,7 @@ from typing import IO, ClassVar
 
 import numpy as np
 
-from .errors import CifarTransferError
+from ..errors import CifarTransferError
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"

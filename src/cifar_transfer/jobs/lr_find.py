@@ -17,15 +17,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import atomic, figures
-from .augment import augment, to_device, to_input
-from .data import load_cifar10, split
-from .evaluate import autocast
-from .model import Part, TransferNet, build_model, load_model, load_pretrained, pick_device
-from .model import to_device as model_to_device
-from .pipeline import default_weights
-from .recipe import Recipe, RecipeError
-from .train import make_optimizer, set_phase
+from .. import atomic
+from ..data.augment import as_tensors, augment, to_input
+from ..data.cifar import load_cifar10, split
+from ..machine import default_weights
+from ..model.inference import autocast
+from ..model.network import Part, TransferNet, build_model, load_model, pick_device, place
+from ..model.weights import load_pretrained
+from ..recipe import Recipe, RecipeError
+from ..reporting import figures
+from ..training.phases import make_optimizer, set_phase
 
 SMOOTHING = 0.98  # exponential moving average of the loss, bias-corrected
 DIVERGED = 4.0  # stop when the smoothed loss exceeds this multiple of its best
@@ -90,7 +91,7 @@ def suggest(lrs: list[float], smoothed: list[float]) -> dict:
             "minimum_over_10": lrs[int(np.argmin(smoothed))] / 10}
 
 
-def lr_find_command(recipe: Recipe, out: Path, *, phase: int = 1, start_from: Path | None = None,
+def lr_find_job(recipe: Recipe, out: Path, *, phase: int = 1, start_from: Path | None = None,
                     data_dir: str | None = None, weights: str | None = None, device: str = "auto",
                     download: bool = True, steps: int = 100, start: float = 1e-7, end: float = 10.0) -> dict:
     """`lr-find`: the range test on the recipe's training split (never validation or test images), from the
@@ -104,10 +105,10 @@ def lr_find_command(recipe: Recipe, out: Path, *, phase: int = 1, start_from: Pa
     else:
         torch.manual_seed(recipe.seed)
         model = build_model(recipe, load_pretrained(weights or default_weights()))
-    train, _ = load_cifar10(data_dir, allow_download=download, test=False)
-    splits = split(train, None, recipe.train_size, recipe.val_size, recipe.seed)
-    images, labels = to_device(splits.train.images, splits.train.labels, dev)
-    result = lr_find(model_to_device(model, recipe, dev), recipe, images, labels, phase, start, end, steps)
+    images_50k, _ = load_cifar10(data_dir, allow_download=download, test=False)
+    splits = split(images_50k, None, recipe.train_size, recipe.val_size, recipe.seed)
+    images, labels = as_tensors(splits.train.images, splits.train.labels, dev)
+    result = lr_find(place(model, recipe, dev), recipe, images, labels, phase, start, end, steps)
     result["start_from"] = str(start_from) if start_from else "pretrained weights, fresh head"
     atomic.write_json(out / "lr_find.json", result)
     figures.lr_find(result, out / "lr_find.png")

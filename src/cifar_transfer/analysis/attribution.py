@@ -12,8 +12,8 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from .augment import to_input
-from .model import TransferNet
+from ..data.augment import to_input
+from ..model.network import TransferNet
 
 MIN_SIDE = 4
 CENTRE = slice(8, 24)  # the central 16 x 16 of a 32 x 32 image: a quarter of its area

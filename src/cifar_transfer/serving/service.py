@@ -27,9 +27,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .data import CLASSES
-from .errors import CifarTransferError
-from .predict import ImageError, Options, Predictor, decode, open_image
+from ..data.cifar import CLASSES
+from ..data.images import ImageError, decode, open_image
+from ..errors import CifarTransferError
+from .predictor import Options, Predictor
 
 MAX_BYTES = 10_000_000
 MAX_IMAGES = 32
@@ -214,7 +215,7 @@ def create_app(run_dir: Path, max_bytes: int = MAX_BYTES, max_images: int = MAX_
                 "batches": {"count": sum(sizes.values()), "images": sum(k * n for k, n in sizes.items()),
                             "largest": max(sizes, default=0)}}
 
-    page = resources.files("cifar_transfer").joinpath("static/index.html").read_text(encoding="utf-8")
+    page = resources.files("cifar_transfer.serving").joinpath("static/index.html").read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -12,8 +13,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from . import atomic
-from .data import CLASSES, Dataset
+from .. import atomic
+from ..data.cifar import CLASSES, Dataset, Splits
+
+if TYPE_CHECKING:  # the analysis imports Grad-CAM, which only runs that analyse need
+    from ..analysis.analyze import Analysis
 
 
 def save(fig: Figure, path: Path) -> Path:
@@ -55,8 +59,9 @@ def class_counts(counts: dict[str, list[int]], path: Path) -> Path:
     return save(fig, path)
 
 
-def learning_curves(history: list[dict], path: Path, finetuned: str = "all layers") -> Path:
+def learning_curves(history: list[dict], path: Path, finetune_from: str = "stem") -> Path:
     """Train and validation loss and accuracy per epoch, with the phase boundary and the shipped epoch marked."""
+    finetuned = "all layers" if finetune_from == "stem" else f"{finetune_from} onwards and the head"
     epochs = [h["epoch"] for h in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, key, label in ((loss_ax, "loss", "cross-entropy"), (acc_ax, "acc", "accuracy")):
@@ -207,3 +212,33 @@ def spread(summary: dict[str, dict], path: Path) -> Path:
     ax.grid(alpha=0.3, axis="x")
     ax.set_title("Spread across seeds: each dot one run; bar = mean ± std", fontsize=10)
     return save(fig, path)
+
+
+def data_figures(splits: Splits, out: Path, seed: int = 0) -> None:
+    """The data's figures: random samples of each class and the class counts of each split."""
+    sample_grid(splits.train, out / "samples.png", seed=seed)
+    class_counts({"train": counts(splits.train), "validation": counts(splits.val), "test": counts(splits.test)},
+                 out / "class_counts.png")
+
+
+def counts(ds: Dataset) -> list[int]:
+    """Images per class."""
+    return np.bincount(ds.labels, minlength=len(CLASSES)).tolist()
+
+
+def analysis_figures(analysis: Analysis, test: Dataset, out: Path) -> None:
+    """The error analysis's figures: reliability, human vs model confusion, clear errors, Grad-CAM, corruptions."""
+    from sklearn.metrics import confusion_matrix
+
+    result = analysis.result
+    cal = result["calibration"]
+    if "temperature" in cal:
+        reliability(cal["bins_before"], cal["bins_after"], cal["temperature"], out / "reliability.png")
+    if "skipped" not in result["human"]:
+        model_cm = confusion_matrix(test.labels, analysis.predictions, labels=range(len(CLASSES)), normalize="true")
+        human_vs_model(result["human"]["human_confusion"], model_cm.tolist(), out / "human_vs_model.png")
+        gallery(test.images, result["human"]["clear_errors"], out / "clear_errors.png",
+                title="Model errors on images people found clear (≥ 99% chose the true class)")
+    gallery(analysis.gradcam, analysis.gradcam_rows, out / "gradcam.png",
+            title="Grad-CAM for the predicted class on the worst errors (true → predicted)")
+    robustness(result["robustness"], out / "robustness.png")

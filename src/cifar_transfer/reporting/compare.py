@@ -7,9 +7,10 @@ import csv
 import json
 from pathlib import Path
 
-from . import atomic, figures, report
-from .errors import CifarTransferError
-from .recipe import Recipe
+from .. import atomic
+from ..errors import CifarTransferError
+from ..recipe import Recipe
+from . import figures, report
 
 
 class CompareError(CifarTransferError):
@@ -25,14 +26,19 @@ def load_run(folder: Path) -> dict:
     try:
         metrics = json.loads(files["metrics.json"].read_text())
         recipe = Recipe.from_dict(json.loads(files["recipe.json"].read_text())).to_dict()
-        with files["history.csv"].open(newline="") as f:
-            history = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        history = read_history(files["history.csv"])
     except (ValueError, KeyError) as e:
         raise CompareError(f"{folder}: unreadable run files ({e})") from None
     return {"name": str(folder), "metrics": metrics, "recipe": recipe, "history": history}
 
 
-def _number(text: str) -> float | str | bool:
+def read_history(path: Path) -> list[dict]:
+    """history.csv as rows of numbers (and the `shipped` flag)."""
+    with path.open(newline="") as f:
+        return [{k: _parse_cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _parse_cell(text: str) -> float | str | bool:
     if text in ("True", "False"):
         return text == "True"
     try:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 PAD = 4
 
 
-def to_device(images: np.ndarray, labels: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def as_tensors(images: np.ndarray, labels: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """N x 32 x 32 x 3 uint8 (numpy) -> N x 3 x 32 x 32 uint8 tensor on `device`, and int64 labels."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().to(device)
     return x, torch.from_numpy(labels).long().to(device)

@@ -1,0 +1,108 @@
+"""Error analysis that tests the original report's explanations: human ambiguity (CIFAR-10H), where the model
+looks (Grad-CAM, centre vs border), calibration (ECE, temperature scaling on the validation set), flip
+test-time augmentation, and robustness to common corruptions. It computes; `reporting.figures.analysis` draws.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.cifar import CLASSES, DataError, Dataset, balanced_indices
+from ..model.inference import logits_for
+from ..model.network import TransferNet
+from ..recipe import Recipe
+from . import attribution, robustness
+from .calibration import calibrate
+from .human import human_analysis, load_human
+
+
+@dataclass
+class Analysis:
+    """The analysis's numbers (JSON-ready `result`), and what its figures show beyond them."""
+
+    result: dict
+    predictions: np.ndarray  # the model's class for each test image
+    gradcam: np.ndarray  # Grad-CAM overlays of the worst errors (uint8 RGB), described by `gradcam_rows`
+    gradcam_rows: list[dict]
+
+
+def analyze(model: TransferNet, recipe: Recipe, val: Dataset, test: Dataset, human_dir: Path | None = None,
+            test_logits: np.ndarray | None = None, val_logits: np.ndarray | None = None) -> Analysis:
+    """Every analysis on `test` (the temperature is fitted on `val`).
+
+    `test_logits` and `val_logits`, when the caller has them already, save a pass over those sets.
+    """
+    if test_logits is None:
+        test_logits = logits_for(model, test.images, recipe)
+    losses = F.cross_entropy(torch.from_numpy(test_logits), torch.from_numpy(test.labels), reduction="none").numpy()
+    pred = test_logits.argmax(1)
+    result: dict = {}
+    if len(val):
+        if val_logits is None:
+            val_logits = logits_for(model, val.images, recipe)
+        result["calibration"] = calibrate(val_logits, val.labels, test_logits, test.labels)
+    else:
+        result["calibration"] = {"skipped": "no validation split (val_size=0) to fit a temperature on"}
+    result["tta"] = _flip_tta(model, recipe, test, test_logits)
+    result["human"] = _human(human_dir, test, pred, losses)
+    result["attribution"], overlays, rows = _attribution(model, recipe, test, pred, losses)
+    index = balanced_sample(test.labels, recipe.corruption_images, recipe.seed, test.source)
+    result["robustness"] = robustness.corruption_accuracy(
+        lambda images: logits_for(model, images, recipe).argmax(1), test.images[index], test.labels[index],
+        seed=recipe.seed)
+    return Analysis(result, pred, overlays, rows)
+
+
+def _flip_tta(model: TransferNet, recipe: Recipe, test: Dataset, test_logits: np.ndarray) -> dict:
+    """Accuracy with and without flip test-time augmentation on `tta_images` class-balanced test images."""
+    tta = balanced_sample(test.labels, recipe.tta_images, recipe.seed, test.source)
+    flipped = logits_for(model, test.images[tta], recipe, flip=True)
+    both = torch.from_numpy(test_logits[tta]).softmax(1) + torch.from_numpy(flipped).softmax(1)
+    plain = float((test_logits[tta].argmax(1) == test.labels[tta]).mean())
+    with_tta = float((both.argmax(1).numpy() == test.labels[tta]).mean())
+    return {"images": len(tta), "sampled": len(tta) < len(test), "accuracy": plain, "accuracy_flip_tta": with_tta,
+            "change": with_tta - plain}
+
+
+def balanced_sample(labels: np.ndarray, n: int, seed: int, name: str) -> np.ndarray:
+    """Sorted indices of about `n` class-balanced images (all of them when `n` covers the set)."""
+    if n >= len(labels):
+        return np.arange(len(labels))
+    per_class = min(max(n // len(CLASSES), 1), int(np.bincount(labels).min()))
+    return np.sort(balanced_indices(labels, per_class, np.random.default_rng(seed), name))
+
+
+def _human(human_dir: Path | None, test: Dataset, pred: np.ndarray, losses: np.ndarray) -> dict:
+    if human_dir is None:
+        return {"skipped": "no CIFAR-10H folder given (--human-labels DIR or $CIFAR_TRANSFER_HUMAN_LABELS)"}
+    try:
+        human = load_human(human_dir, test.labels)
+    except DataError as e:
+        return {"skipped": str(e)}
+    return human_analysis(human, test.labels, pred, losses)
+
+
+def _attribution(model: TransferNet, recipe: Recipe, test: Dataset, pred: np.ndarray,
+                 losses: np.ndarray) -> tuple[dict, np.ndarray, list[dict]]:
+    """Centre share of Grad-CAM for a sample of errors vs correct predictions, and the overlays of the worst
+    errors."""
+    rng = np.random.default_rng(recipe.seed)
+    wrong, right = np.flatnonzero(pred != test.labels), np.flatnonzero(pred == test.labels)
+    k = recipe.gradcam_images
+    errors = rng.choice(wrong, min(k, len(wrong)), replace=False)
+    correct = rng.choice(right, min(k, len(right)), replace=False)
+    share = {name: attribution.centre_share(attribution.grad_cam(model, test.images[idx], pred[idx]))
+             for name, idx in (("errors", errors), ("correct", correct))}
+    worst = wrong[np.argsort(-losses[wrong], kind="stable")][:16]
+    maps = attribution.grad_cam(model, test.images[worst], pred[worst])
+    rows = [{"index": i, "true": CLASSES[test.labels[w]], "predicted": CLASSES[pred[w]]} for i, w in enumerate(worst)]
+    result = {"layer": attribution.target_layer(model)[0], "images_per_group": k,
+              "centre_share_errors": float(share["errors"].mean()) if len(errors) else None,
+              "centre_share_correct": float(share["correct"].mean()) if len(correct) else None,
+              "uniform_centre_share": 0.25}
+    return result, attribution.overlays(test.images[worst], maps), rows

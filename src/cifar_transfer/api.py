@@ -1,0 +1,147 @@
+"""The Python API, the same calls the command line makes: one line for the common case, every layer below it
+reachable (`cifar_transfer.data`, `.model`, `.training`, `.analysis`, `.reporting`, `.serving`).
+
+    import cifar_transfer as ct
+    run = ct.run("smoke", out="runs/smoke")   # train, evaluate, analyse, report: a Run
+    run.metrics["test"]["accuracy"], run.history[-1]["val_acc"]
+    run.show("confusion_matrix")               # a figure, inline in a notebook
+    predictor = ct.load(run)                   # classify arrays of 32x32 RGB images
+    ct.evaluate(run, "photos/")                # another test set or a folder of photos: a Run
+
+Nothing heavy is imported until a call needs it: `import cifar_transfer` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from .recipe import Recipe, compose
+
+
+class Run:
+    """A folder a job wrote (a run, an evaluation, an analysis): its metrics, history, recipe and figures."""
+
+    def __init__(self, folder: str | Path, metrics_file: str = "metrics.json"):
+        self.dir = Path(folder)
+        self.metrics_file = metrics_file
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.dir)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.dir)
+
+    @property
+    def metrics(self) -> dict:
+        return json.loads((self.dir / self.metrics_file).read_text())
+
+    @property
+    def history(self) -> list[dict]:
+        """One row per epoch (history.csv); empty for folders that trained nothing."""
+        from .reporting.compare import read_history
+
+        path = self.dir / "history.csv"
+        return read_history(path) if path.is_file() else []
+
+    @property
+    def recipe(self) -> Recipe | None:
+        path = self.dir / "recipe.json"
+        return Recipe.from_dict(json.loads(path.read_text())) if path.is_file() else None
+
+    @property
+    def figures(self) -> dict[str, Path]:
+        """Every figure in the folder by name: "confusion_matrix", "learning_curves", "misclassified", ..."""
+        return {p.stem: p for p in sorted(self.dir.glob("*.png"))}
+
+    @property
+    def report(self) -> Path:
+        return self.dir / "report.html"
+
+    def show(self, name: str):
+        """A figure by name, as an image a notebook displays (its path outside IPython)."""
+        if name not in self.figures:
+            raise KeyError(f"{self.dir}: no figure {name!r} (there are: {', '.join(self.figures)})")
+        try:
+            from IPython.display import Image
+        except ImportError:
+            return self.figures[name]
+        return Image(filename=str(self.figures[name]))
+
+
+def choose_recipe(preset: str | Recipe = "auto", recipe_file: str | Path | None = None, overrides: Sequence[str] = (),
+           device: str = "auto") -> Recipe:
+    """A Recipe from a preset (`auto`: the one for this machine), a recipe file and `KEY=VALUE` overrides."""
+    if isinstance(preset, Recipe):
+        return preset.with_overrides(list(overrides))
+    from .jobs.run import resolve_preset
+
+    return compose(resolve_preset(preset, device)[0], recipe_file, overrides)
+
+
+def run(preset: str | Recipe = "auto", out: str | Path | None = None, *, overrides: Sequence[str] = (),
+        recipe_file: str | Path | None = None, resume: bool = False, data_dir: str | None = None,
+        weights: str | None = None, device: str = "auto", progress: bool = True, download: bool = True,
+        human_labels: str | Path | None = None) -> Run | None:
+    """Train a recipe, evaluate it on the 10,000 test images, analyse its errors and write the report into
+    `out` (default runs/<preset>-<time>; with `resume`, the interrupted run's folder). Under torchrun the
+    processes other than rank 0 (which writes the folder) get None."""
+    from .jobs.run import resolve_preset
+    from .jobs.run import run as run_job
+    from .machine import default_run_dir
+
+    chosen_by = None
+    if not isinstance(preset, Recipe):
+        preset, chosen_by = resolve_preset(preset, device)
+    chosen = choose_recipe(preset, recipe_file, overrides, device)
+    folder = Path(out) if out is not None else default_run_dir(chosen.name)
+    metrics = run_job(chosen, folder, data_dir=data_dir, weights=weights, device=device, resume=resume,
+                      progress=progress, download=download, human_labels=Path(human_labels) if human_labels else None,
+                      chosen_by=chosen_by)
+    return None if metrics is None else Run(folder)
+
+
+def load(run: str | Path | Run, device: str = "auto"):
+    """The run's model as a `serving.predictor.Predictor` (probabilities for uint8 N x 32 x 32 x 3 images)."""
+    from .serving.predictor import Predictor
+
+    return Predictor(Path(run), device)
+
+
+def evaluate(run: str | Path | Run, data: str | Path | None = None, *, tta: bool = False, device: str = "auto",
+             download: bool = True, progress: bool = True) -> Run:
+    """The run's model on the test set, an .npz, a CIFAR-10 folder or a folder of photos (one subfolder per class):
+    RUN/evaluations/<data>/."""
+    from .jobs.evaluate import evaluate as evaluate_job
+
+    _, folder = evaluate_job(Path(run), str(data) if data else None, device, download, tta, progress)
+    return Run(folder)
+
+
+def analyze(run: str | Path | Run, *, data_dir: str | None = None, human_labels: str | Path | None = None,
+            device: str = "auto", download: bool = True) -> Run:
+    """The error analysis of a saved run again: RUN/analysis/."""
+    from .jobs.evaluate import analyze as analyze_job
+
+    _, folder = analyze_job(Path(run), data_dir, Path(human_labels) if human_labels else None, device, download)
+    return Run(folder, "analysis.json")
+
+
+def repeat(preset: str | Recipe = "smoke", seeds: int = 3, out: str | Path | None = None, **run_args) -> dict:
+    """The recipe with seeds 0..seeds-1 into OUT/seed-K/: mean and spread of accuracy and leakage."""
+    from .jobs.run import repeat as repeat_job
+    from .machine import default_run_dir, default_weights
+
+    chosen = choose_recipe(preset, run_args.pop("recipe_file", None), run_args.pop("overrides", ()),
+                    run_args.get("device", "auto"))
+    folder = Path(out) if out is not None else default_run_dir(f"{chosen.name}-repeat")
+    run_args["weights"] = run_args.get("weights") or default_weights()
+    return repeat_job(chosen, seeds, folder, **run_args)
+
+
+def compare(runs: Sequence[str | Path | Run], out: str | Path) -> dict:
+    """Finished runs side by side: the recipe fields that differ, results, times, curves."""
+    from .reporting.compare import compare as compare_runs
+
+    return compare_runs([Path(r) for r in runs], Path(out))

@@ -1,0 +1,50 @@
+"""Inference in batches: logits for uint8 images or cached activations, under the recipe's precision."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..data.augment import to_input
+from ..recipe import Recipe
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@torch.inference_mode()
+def predict_logits(
+    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int, precision: str = "fp32",
+    desc: str | None = None, keep_dtype: bool = False,
+) -> torch.Tensor:
+    """Logits (float32, on x's device) for uint8 images or cached activations `x`, in batches.
+
+    `keep_dtype` returns the outputs in the precision they were computed in (to cache activations in bf16)."""
+    out = []
+    for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=desc is None, unit="batch", leave=False):
+        xb = x[i:i + batch_size]
+        with autocast(x.device, precision):
+            raw = forward(to_input(xb) if xb.dtype == torch.uint8 else xb)
+        y = raw if keep_dtype else raw.float()
+        out.append(y.clone() if y is raw else y)  # a CUDA-graph replay overwrites its output buffer: keep a copy
+    return torch.cat(out)
+
+
+def logits_for(model: nn.Module, images: np.ndarray, recipe: Recipe, flip: bool = False,
+               desc: str | None = None) -> np.ndarray:
+    """Logits (float32 numpy) for N x 32 x 32 x 3 uint8 images, on the model's device; `flip` mirrors them."""
+    device = next(model.parameters()).device
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(device)
+    return predict_logits(model.eval(), x.flip(-1) if flip else x, recipe.eval_batch_size, recipe.precision,
+                          desc).cpu().numpy()
+
+
+def tta_logits(model: nn.Module, images: np.ndarray, recipe: Recipe) -> np.ndarray:
+    """Flip test-time augmentation as logits: the log of the mean probability of each image and its mirror."""
+    both = [logits_for(model, images, recipe, flip=f) for f in (False, True)]
+    return np.log(np.mean([torch.from_numpy(b).softmax(1).numpy() for b in both], axis=0)).astype(np.float32)

@@ -1,0 +1,173 @@
+"""The network: torchvision's ResNet-50 with ImageNet weights, a small head, and the input preprocessing.
+
+The model takes float RGB images in [0, 1] at 32 x 32 (N x 3 x 32 x 32). Inside it they are normalised with
+the weights' own mean/std and, when the recipe's resolution is above 32, upsampled bilinearly — so the saved
+model, `predict`, the service and an ONNX export all share one definition of preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save
+from torch import nn
+from torchvision.models import ResNet, resnet50
+
+from .. import atomic
+from ..data.cifar import CLASSES
+from ..errors import CifarTransferError
+from ..recipe import STEPS, Recipe, step_name
+from .weights import Pretrained, WeightsError, read_safetensors
+
+FEATURES = 2048
+
+
+class DeviceError(CifarTransferError):
+    """The device asked for is not there."""
+
+
+class TransferNet(nn.Module):
+    """Normalise -> (upsample) -> ResNet-50 features -> head (2048 -> hidden... -> 10)."""
+
+    def __init__(self, recipe: Recipe, mean: tuple[float, ...], std: tuple[float, ...], stride_in_1x1: bool):
+        super().__init__()
+        self.resolution = recipe.resolution
+        self.stride_in_1x1 = stride_in_1x1
+        # fitted on the validation split after training: probabilities are softmax(logits / temperature)
+        self.temperature: float | None = None
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        self.backbone = _resnet50(stride_in_1x1)
+        layers: list[nn.Module] = []
+        width = FEATURES
+        for hidden in recipe.head_hidden:
+            layers += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
+            if recipe.dropout:
+                layers.append(nn.Dropout(recipe.dropout))
+            width = hidden
+        layers.append(nn.Linear(width, len(CLASSES)))
+        self.head = nn.Sequential(*layers)
+
+    def step(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One of STEPS ("stem", "layer3.2", "pool", "head"); "stem" takes images in [0, 1] and normalises and
+        upsamples them first."""
+        b = self.backbone
+        if name == "stem":
+            if b.conv1.weight.is_contiguous(memory_format=torch.channels_last):  # convert the small input once,
+                x = x.contiguous(memory_format=torch.channels_last)  # not conv1's upsampled one every batch
+            x = (x - self.mean) / self.std
+            if x.shape[-1] != self.resolution:
+                x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+            return b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        if name == "pool":
+            return torch.flatten(b.avgpool(x), 1)
+        return self.head(x) if name == "head" else self.block(name)(x)
+
+    def block(self, name: str) -> nn.Module:
+        """The residual block of a "layerN.k" step."""
+        stage, k = name.split(".")
+        return getattr(self.backbone, stage)[int(k)]
+
+    def run(self, x: torch.Tensor, start: str = "stem", stop: str | None = None) -> torch.Tensor:
+        """The steps from `start` up to, not including, `stop` (None: through the head, to the logits); a stage
+        name stands for its first block."""
+        first = STEPS.index(step_name(start))
+        for name in STEPS[first:STEPS.index(step_name(stop)) if stop else None]:
+            x = self.step(name, x)
+        return x
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, stop="head")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)
+
+
+class Part(nn.Module):
+    """The steps of a TransferNet from `start` up to `stop`, as a module (for torch.compile and evaluation)."""
+
+    def __init__(self, model: TransferNet, start: str = "stem", stop: str | None = None):
+        super().__init__()
+        self.model, self.start, self.stop = model, start, stop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.run(x, self.start, self.stop)
+
+
+def _resnet50(stride_in_1x1: bool) -> ResNet:
+    net = resnet50()
+    net.fc = nn.Identity()
+    if stride_in_1x1:
+        for layer in (net.layer2, net.layer3, net.layer4):
+            layer[0].conv1.stride, layer[0].conv2.stride = (2, 2), (1, 1)
+    return net
+
+
+def build_model(recipe: Recipe, pretrained: Pretrained) -> TransferNet:
+    """A TransferNet with the pretrained base and a freshly initialised head (seeded by the caller)."""
+    model = TransferNet(recipe, pretrained.mean, pretrained.std, pretrained.stride_in_1x1)
+    model.backbone.load_state_dict(pretrained.state_dict, strict=True)
+    return model
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"--device {name}: no CUDA device is available")
+    return torch.device(name)
+
+
+def channels_last(recipe: Recipe, device: torch.device) -> bool:
+    """The recipe's memory layout on `device`: "auto" is channels_last on CUDA only."""
+    return recipe.memory_format == "channels_last" or (recipe.memory_format == "auto" and device.type == "cuda")
+
+
+def place(model: TransferNet, recipe: Recipe, device: torch.device) -> TransferNet:
+    """Move to `device` in the recipe's memory layout (channels_last on CUDA unless the recipe says otherwise)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last(recipe, device) else model
+
+
+def save_model(model: TransferNet, recipe: Recipe, path: Path) -> Path:
+    """model.safetensors: every tensor, plus the recipe, classes and preprocessing needed to rebuild it."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {
+        "format": "cifar-transfer/1",
+        "recipe": recipe.dumps(),
+        "classes": json.dumps(CLASSES),
+        "stride_in_1x1": json.dumps(model.stride_in_1x1),
+        "temperature": json.dumps(model.temperature),
+        "input": "float32 RGB in [0, 1], N x 3 x 32 x 32; normalised (mean/std buffers) and resized inside",
+    }
+    return atomic.write_bytes(path, save(sd, metadata=meta))
+
+
+def load_model(path: Path) -> tuple[TransferNet, Recipe]:
+    """Rebuild a model saved by `save_model` (no pretrained weights needed)."""
+    sd, meta = read_safetensors(path, "model file")
+    if meta.get("format") != "cifar-transfer/1":
+        raise WeightsError(f"{path}: not a model saved by cifar-transfer (metadata format={meta.get('format')!r})")
+    recipe = Recipe.from_dict(json.loads(meta["recipe"]))
+    model = TransferNet(recipe, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), json.loads(meta["stride_in_1x1"]))
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise WeightsError(f"{path}: does not match the recipe's model ({e})") from None
+    model.temperature = _temperature(meta.get("temperature", "null"), path)  # older models have none
+    return model.eval(), recipe
+
+
+def _temperature(text: str, path: Path) -> float | None:
+    try:
+        t = json.loads(text)
+    except ValueError:
+        t = text
+    if t is not None and not (isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) and t > 0):
+        raise WeightsError(f"{path}: metadata temperature={text!r} is not a positive number")
+    return t
+
