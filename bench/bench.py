@@ -61,8 +61,14 @@ LADDER = [
 PLANS = {
     # one lent GPU, sized to finish within 8 minutes (estimated from the H100 figures in README; not yet run)
     "full": {
-        "throughput": [(32, 32, "bf16"), (32, 256, "bf16"), (128, 256, "bf16"), (224, 256, "bf16"),
-                       (224, 256, "fp32"), (224, 32, "bf16")],
+        "throughput": [
+            (32, 32, "bf16"),
+            (32, 256, "bf16"),
+            (128, 256, "bf16"),
+            (224, 256, "bf16"),
+            (224, 256, "fp32"),
+            (224, 32, "bf16"),
+        ],
         "steps": 10,
         "ladder": ("seed", ["head_epochs=5", "finetune_epochs=5"]),
         "presets": [("seed", []), ("lean", []), ("strong", [])],
@@ -72,16 +78,20 @@ PLANS = {
     "cpu": {
         "throughput": [(32, 32, "fp32"), (32, 32, "bf16"), (32, 256, "bf16"), (128, 32, "bf16")],
         "steps": 3,
-        "ladder": ("seed", ["train_size=2000", "val_size=500", "head_epochs=3", "finetune_epochs=2",
-                            "finetune_from=layer4"]),
+        "ladder": (
+            "seed",
+            ["train_size=2000", "val_size=500", "head_epochs=3", "finetune_epochs=2", "finetune_from=layer4"],
+        ),
         "presets": [("smoke", ["analysis=false"])],
         "test_images": 2000,
     },
     "smoke": {
         "throughput": [(32, 32, "fp32"), (32, 32, "bf16")],
         "steps": 2,
-        "ladder": ("seed", ["train_size=200", "val_size=100", "head_epochs=1", "finetune_epochs=1",
-                            "finetune_from=layer4.2"]),
+        "ladder": (
+            "seed",
+            ["train_size=200", "val_size=100", "head_epochs=1", "finetune_epochs=1", "finetune_from=layer4.2"],
+        ),
         "presets": [("smoke", ["analysis=false", "train_size=100", "val_size=100"])],
         "test_images": 500,
     },
@@ -144,13 +154,20 @@ def throughput(pretrained, resolution: int, batch: int, precision: str, device: 
         with torch.inference_mode(), autocast(device, precision):
             model(x)
 
-    return {"resolution": resolution, "batch": batch, "precision": precision, "train_img_s": train_ips,
-            "infer_img_s": median_rate(infer, batch, steps, device), "peak_gpu_mib": peak_mib(device)}
+    return {
+        "resolution": resolution,
+        "batch": batch,
+        "precision": precision,
+        "train_img_s": train_ips,
+        "infer_img_s": median_rate(infer, batch, steps, device),
+        "peak_gpu_mib": peak_mib(device),
+    }
 
 
 @contextmanager
 def checkpoints_in_place() -> Iterator[None]:
     """`fit` writes its checkpoints on the critical path: the baseline the background thread is measured by."""
+
     class InPlace(atomic.Background):
         def submit(self, path, write, then=None) -> None:
             atomic.write_with(path, write)
@@ -165,8 +182,9 @@ def checkpoints_in_place() -> Iterator[None]:
         atomic.Background = background
 
 
-def end_to_end(recipe: Recipe | None, base: Recipe, splits: Splits, pretrained, device: torch.device,
-               in_place: bool = False) -> dict:
+def end_to_end(
+    recipe: Recipe | None, base: Recipe, splits: Splits, pretrained, device: torch.device, in_place: bool = False
+) -> dict:
     """Train (both phases, as `run` does: checkpoints and history in a run folder) and test; `recipe=None` runs the
     plain reference loop on `base` instead."""
     free(device)
@@ -176,8 +194,11 @@ def end_to_end(recipe: Recipe | None, base: Recipe, splits: Splits, pretrained, 
     if recipe is None:
         torch.manual_seed(base.seed)
         model = build_model(base, pretrained).to(device)
-        train_plain(model, base.with_overrides(["precision=fp32"]),
-                    *as_tensors(splits.train.images, splits.train.labels, device))
+        train_plain(
+            model,
+            base.with_overrides(["precision=fp32"]),
+            *as_tensors(splits.train.images, splits.train.labels, device),
+        )
         accuracy = accuracy_plain(model, *test)
     else:
         with tempfile.TemporaryDirectory() as folder, checkpoints_in_place() if in_place else nullcontext():
@@ -204,23 +225,34 @@ def gains(base: Recipe, splits: Splits, pretrained, device: torch.device) -> lis
 
 def table(results: dict) -> str:
     env = results["environment"]
-    lines = [f"machine: {env['device_name']}; torch {env['versions']['torch']}", "",
-             f"{'px':>4} {'batch':>5} {'prec':>5} {'train img/s':>12} {'infer img/s':>12}   (median of {WINDOWS})"]
+    lines = [
+        f"machine: {env['device_name']}; torch {env['versions']['torch']}",
+        "",
+        f"{'px':>4} {'batch':>5} {'prec':>5} {'train img/s':>12} {'infer img/s':>12}   (median of {WINDOWS})",
+    ]
     for r in results["throughput"]:
-        lines.append(f"{r['resolution']:>4} {r['batch']:>5} {r['precision']:>5} {r['train_img_s']:>12,.0f} "
-                     f"{r['infer_img_s']:>12,.0f}")
+        lines.append(
+            f"{r['resolution']:>4} {r['batch']:>5} {r['precision']:>5} {r['train_img_s']:>12,.0f} "
+            f"{r['infer_img_s']:>12,.0f}"
+        )
     name, overrides = results["ladder_recipe"]
-    lines += ["", f"gains, one at a time: {' '.join([name, *overrides])} (train + test)",
-              f"{'step':<48} {'seconds':>8} {'test acc':>8} {'gain':>7} {'vs plain':>8} {'GPU MiB':>8}"]
+    lines += [
+        "",
+        f"gains, one at a time: {' '.join([name, *overrides])} (train + test)",
+        f"{'step':<48} {'seconds':>8} {'test acc':>8} {'gain':>7} {'vs plain':>8} {'GPU MiB':>8}",
+    ]
     for r in results["gains"]:
         mem = "-" if r["peak_gpu_mib"] is None else f"{r['peak_gpu_mib']:,.0f}"
-        lines.append(f"{r['step']:<48} {r['seconds']:>8.1f} {r['test_accuracy']:>8.2%} {r['gain']:>6.2f}x "
-                     f"{r['vs_plain']:>7.2f}x {mem:>8}")
+        lines.append(
+            f"{r['step']:<48} {r['seconds']:>8.1f} {r['test_accuracy']:>8.2%} {r['gain']:>6.2f}x "
+            f"{r['vs_plain']:>7.2f}x {mem:>8}"
+        )
     lines += ["", f"{'preset':<40} {'seconds':>8} {'test acc':>8} {'GPU MiB':>8}"]
     for r in results["presets"]:
         mem = "-" if r["peak_gpu_mib"] is None else f"{r['peak_gpu_mib']:,.0f}"
-        lines.append(f"{' '.join([r['preset'], *r['overrides']]):<40} {r['seconds']:>8.1f} "
-                     f"{r['test_accuracy']:>8.2%} {mem:>8}")
+        lines.append(
+            f"{' '.join([r['preset'], *r['overrides']]):<40} {r['seconds']:>8.1f} {r['test_accuracy']:>8.2%} {mem:>8}"
+        )
     return "\n".join(lines)
 
 
@@ -240,8 +272,15 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     pretrained = load_pretrained(args.weights)
-    results: dict = {"environment": machine.environment(device), "smoke": args.smoke, "windows": WINDOWS,
-                     "throughput": [], "ladder_recipe": plan["ladder"], "gains": [], "presets": []}
+    results: dict = {
+        "environment": machine.environment(device),
+        "smoke": args.smoke,
+        "windows": WINDOWS,
+        "throughput": [],
+        "ladder_recipe": plan["ladder"],
+        "gains": [],
+        "presets": [],
+    }
     for r, b, p in plan["throughput"]:
         results["throughput"].append(throughput(pretrained, r, b, p, device, plan["steps"]))
         print(f"throughput {results['throughput'][-1]}", flush=True)
@@ -255,8 +294,13 @@ def main() -> None:
     results["gains"] = gains(base, splits_for(base), pretrained, device)
     for name, overrides in plan["presets"]:
         recipe = preset(name).with_overrides(overrides)
-        results["presets"].append({"preset": name, "overrides": overrides,
-                                   **end_to_end(recipe, recipe, splits_for(recipe), pretrained, device)})
+        results["presets"].append(
+            {
+                "preset": name,
+                "overrides": overrides,
+                **end_to_end(recipe, recipe, splits_for(recipe), pretrained, device),
+            }
+        )
         print(f"preset {results['presets'][-1]}", flush=True)
     name = next(k for k, v in PLANS.items() if v is plan)
     path = args.json or Path("runs/bench") / f"bench-{name}.json"

@@ -29,7 +29,7 @@ def train_plain(model: TransferNet, recipe: Recipe, x: torch.Tensor, y: torch.Te
         for _ in range(epochs):
             perm = torch.randperm(len(y), generator=gen, device=x.device)
             for i in range(steps):
-                idx = perm[i * recipe.batch_size:(i + 1) * recipe.batch_size]
+                idx = perm[i * recipe.batch_size : (i + 1) * recipe.batch_size]
                 xb = augment(x[idx], recipe.augment, gen)
                 loss = F.cross_entropy(model(xb.float() / 255), y[idx], label_smoothing=recipe.label_smoothing)
                 opt.zero_grad()
@@ -41,12 +41,18 @@ def train_plain(model: TransferNet, recipe: Recipe, x: torch.Tensor, y: torch.Te
 
 
 def plain_optimizer(params: list[torch.nn.Parameter], phase: int, recipe: Recipe) -> torch.optim.Optimizer:
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": recipe.weight_decay},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": recipe.weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
     if (recipe.head_optimizer if phase == 1 else recipe.finetune_optimizer) == "adam":
         return torch.optim.Adam(groups, lr=recipe.head_lr if phase == 1 else recipe.finetune_lr, eps=1e-7)
-    return torch.optim.SGD(groups, lr=recipe.head_lr if phase == 1 else recipe.finetune_lr,
-                           momentum=recipe.momentum, nesterov=recipe.nesterov)
+    return torch.optim.SGD(
+        groups,
+        lr=recipe.head_lr if phase == 1 else recipe.finetune_lr,
+        momentum=recipe.momentum,
+        nesterov=recipe.nesterov,
+    )
 
 
 @torch.no_grad()
@@ -54,5 +60,5 @@ def accuracy_plain(model: TransferNet, x: torch.Tensor, y: torch.Tensor, batch_s
     model.eval()
     correct = 0
     for i in range(0, len(y), batch_size):
-        correct += (model(x[i:i + batch_size].float() / 255).argmax(1) == y[i:i + batch_size]).sum().item()
+        correct += (model(x[i : i + batch_size].float() / 255).argmax(1) == y[i : i + batch_size]).sum().item()
     return correct / len(y)

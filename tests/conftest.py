@@ -84,9 +84,27 @@ def smoke_run(cifar_dir: Path, weights_path: Path, tmp_path_factory: pytest.Temp
     with lock:
         if not (out / "metrics.json").is_file():
             done = subprocess.run(
-                [sys.executable, "-m", "cifar_transfer.cli", "run", "--preset", "smoke", "--data-dir",
-                 str(cifar_dir.parent), "--weights", str(weights_path), "--out", str(out), "--no-progress",
-                 "--human-labels", str(HUMAN)], capture_output=True, text=True, timeout=600)
+                [
+                    sys.executable,
+                    "-m",
+                    "cifar_transfer.cli",
+                    "run",
+                    "--preset",
+                    "smoke",
+                    "--data-dir",
+                    str(cifar_dir.parent),
+                    "--weights",
+                    str(weights_path),
+                    "--out",
+                    str(out),
+                    "--no-progress",
+                    "--human-labels",
+                    str(HUMAN),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             assert done.returncode == 0, done.stderr
             assert "test accuracy" in done.stdout
     return out
@@ -97,8 +115,14 @@ def smoke_copy(smoke_run: Path, tmp_path: Path) -> Path:
     """A copy of the smoke run for a test that adds to the folder (evaluations/, analysis/): tests running at the
     same time must not write into one folder. Files are hard links (outputs are replaced by renames, never
     rewritten in place, so the original stays as it was)."""
-    return Path(shutil.copytree(smoke_run, tmp_path / "smoke", copy_function=os.link,
-                                ignore=shutil.ignore_patterns("evaluations", "analysis")))
+    return Path(
+        shutil.copytree(
+            smoke_run,
+            tmp_path / "smoke",
+            copy_function=os.link,
+            ignore=shutil.ignore_patterns("evaluations", "analysis"),
+        )
+    )
 
 
 @pytest.fixture(scope="session")

@@ -102,8 +102,14 @@ def test_corruptions_change_images_reproducibly(cifar):
     assert set(CORRUPTIONS) >= {"gaussian_noise", "pixelate"}
 
 
-SECTIONS = ("# Error analysis", "## Calibration", "## Test-time augmentation", "## Human ambiguity (CIFAR-10H)",
-            "## Where the model looks (Grad-CAM)", "## Robustness to common corruptions")
+SECTIONS = (
+    "# Error analysis",
+    "## Calibration",
+    "## Test-time augmentation",
+    "## Human ambiguity (CIFAR-10H)",
+    "## Where the model looks (Grad-CAM)",
+    "## Robustness to common corruptions",
+)
 
 
 def test_the_smoke_report_contains_every_analysis(smoke_run):
@@ -120,8 +126,9 @@ def test_the_smoke_report_contains_every_analysis(smoke_run):
 
 @pytest.mark.slow
 def test_analyze_command_without_human_labels(smoke_copy, cifar_dir, run_cli):
-    done = run_cli("analyze", str(smoke_copy), "--data-dir", str(cifar_dir.parent), "--human-labels",
-                   str(smoke_copy / "nowhere"))
+    done = run_cli(
+        "analyze", str(smoke_copy), "--data-dir", str(cifar_dir.parent), "--human-labels", str(smoke_copy / "nowhere")
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads((smoke_copy / "analysis" / "analysis.json").read_text())
     first = json.loads((smoke_copy / "metrics.json").read_text())["analysis"]
@@ -133,11 +140,28 @@ def test_analyze_command_without_human_labels(smoke_copy, cifar_dir, run_cli):
 
 
 @pytest.mark.slow
-def test_repeat_reports_mean_and_spread_and_compare_sets_its_runs_side_by_side(run_cli, small_data, weights_path,
-                                                                               tmp_path):
+def test_repeat_reports_mean_and_spread_and_compare_sets_its_runs_side_by_side(
+    run_cli, small_data, weights_path, tmp_path
+):
     out = tmp_path / "rep"
-    done = run_cli("repeat", "--preset", "smoke", "--seeds", "2", "--set", "train_size=100", "--set", "val_size=100",
-                   "--data-dir", str(small_data), "--weights", str(weights_path), "--out", str(out), "--no-progress")
+    done = run_cli(
+        "repeat",
+        "--preset",
+        "smoke",
+        "--seeds",
+        "2",
+        "--set",
+        "train_size=100",
+        "--set",
+        "val_size=100",
+        "--data-dir",
+        str(small_data),
+        "--weights",
+        str(weights_path),
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads((out / "repeat.json").read_text())
     acc = result["summary"]["test accuracy"]
@@ -156,9 +180,10 @@ def test_repeat_reports_mean_and_spread_and_compare_sets_its_runs_side_by_side(r
     assert all(pct(a) in md for a in runs) and "cat → dog" in md
     assert (tmp_path / "cmp" / "learning_curves.png").is_file() and (tmp_path / "cmp" / "report.html").is_file()
     done = run_cli("compare", str(out / "seed-0"), str(tmp_path))
-    assert done.returncode == 1 and done.stderr == f"error: {tmp_path}: not a finished run (no metrics.json, " \
-                                                   "recipe.json, history.csv)\n"
-
+    assert (
+        done.returncode == 1
+        and done.stderr == f"error: {tmp_path}: not a finished run (no metrics.json, recipe.json, history.csv)\n"
+    )
 
 
 def test_flip_tta_on_a_class_balanced_sample(pretrained, cifar, tmp_path):
@@ -173,6 +198,7 @@ def test_flip_tta_on_a_class_balanced_sample(pretrained, cifar, tmp_path):
     tta = result["tta"]
     assert (tta["images"], tta["sampled"]) == (100, True)
     assert tta_scope(tta) == "100 class-balanced test images"
-    every = analyze(model, r.with_overrides(["tta_images=400"]), train_set.take(np.arange(50)),
-                    test.take(np.arange(400))).result["tta"]
+    every = analyze(
+        model, r.with_overrides(["tta_images=400"]), train_set.take(np.arange(50)), test.take(np.arange(400))
+    ).result["tta"]
     assert (every["images"], every["sampled"]) == (400, False) and tta_scope(every) == "the whole test set"

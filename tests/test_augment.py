@@ -14,7 +14,7 @@ def test_every_output_is_a_crop_of_the_padded_image_flipped_or_not():
         found = None
         for dy in range(2 * PAD + 1):
             for dx in range(2 * PAD + 1):
-                crop = padded[i, :, dy:dy + 32, dx:dx + 32]
+                crop = padded[i, :, dy : dy + 32, dx : dx + 32]
                 if torch.equal(out[i], crop):
                     found = (dy, dx, False)
                 elif torch.equal(out[i], crop.flip(-1)):

@@ -17,9 +17,24 @@ from bench import LADDER  # noqa: E402
 
 @pytest.mark.slow
 def test_bench_smoke_separates_each_gain_and_names_the_machine(tmp_path, cifar_dir, weights_path):
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--smoke", "--device", "cpu",
-                           "--data-dir", str(cifar_dir.parent), "--weights", str(weights_path),
-                           "--json", str(tmp_path / "bench.json")], capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bench.py"),
+            "--smoke",
+            "--device",
+            "cpu",
+            "--data-dir",
+            str(cifar_dir.parent),
+            "--weights",
+            str(weights_path),
+            "--json",
+            str(tmp_path / "bench.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["environment"]["cpu"]["model"] and result["environment"]["cpu"]["cores"] >= 1

@@ -18,10 +18,25 @@ from cifar_transfer.recipe import Recipe, preset
 from cifar_transfer.reporting import report
 from cifar_transfer.reporting.report import pct
 
-OUTPUTS = {"recipe.json", "history.csv", "metrics.json", "classification_report.txt", "samples.png",
-           "class_counts.png", "learning_curves.png", "confusion_matrix.png", "misclassified.png",
-           "model.safetensors", "report.md", "report.html", "reliability.png", "human_vs_model.png",
-           "clear_errors.png", "gradcam.png", "robustness.png"}
+OUTPUTS = {
+    "recipe.json",
+    "history.csv",
+    "metrics.json",
+    "classification_report.txt",
+    "samples.png",
+    "class_counts.png",
+    "learning_curves.png",
+    "confusion_matrix.png",
+    "misclassified.png",
+    "model.safetensors",
+    "report.md",
+    "report.html",
+    "reliability.png",
+    "human_vs_model.png",
+    "clear_errors.png",
+    "gradcam.png",
+    "robustness.png",
+}
 
 
 def test_a_run_writes_every_output_and_nothing_half_done(smoke_run):
@@ -48,16 +63,29 @@ def test_reports_show_the_numbers_in_metrics(smoke_run):
     t = m["test"]
     md = (smoke_run / "report.md").read_text()
     html = (smoke_run / "report.html").read_text()
-    expected = [pct(t["accuracy"]), f"{t['loss']:.4f}", f"{t['macro_f1']:.4f}",
-                *(f"{t['per_class'][c]['f1']:.4f}" for c in CLASSES),
-                *(pct(r["a_as_b"]) for r in t["leakage"]), *(pct(r["b_as_a"]) for r in t["leakage"]),
-                f"{m['final_epoch']['val_acc']:.4f}", t["misclassified"][0]["predicted"]]
+    expected = [
+        pct(t["accuracy"]),
+        f"{t['loss']:.4f}",
+        f"{t['macro_f1']:.4f}",
+        *(f"{t['per_class'][c]['f1']:.4f}" for c in CLASSES),
+        *(pct(r["a_as_b"]) for r in t["leakage"]),
+        *(pct(r["b_as_a"]) for r in t["leakage"]),
+        f"{m['final_epoch']['val_acc']:.4f}",
+        t["misclassified"][0]["predicted"],
+    ]
     for text in expected:
         assert text in md, text
         assert text in html, text
-    assert "<img" in html and 'src="data:image/png;base64,' in html and ".png\"" not in html  # self-contained
-    for section in ("What this run found", "Per-class precision", "Confusion matrix", "Class leakage",
-                    "Misclassified", "Learning curves", "Reproduce"):
+    assert "<img" in html and 'src="data:image/png;base64,' in html and '.png"' not in html  # self-contained
+    for section in (
+        "What this run found",
+        "Per-class precision",
+        "Confusion matrix",
+        "Class leakage",
+        "Misclassified",
+        "Learning curves",
+        "Reproduce",
+    ):
         assert section in md
 
 
@@ -89,8 +117,17 @@ def test_evaluate_on_an_npz(smoke_copy, cifar, tmp_path, run_cli):
 # What a user looks for in each command's help: its arguments and where its defaults come from
 HELP = {
     (): ["run", "analyze", "repeat", "eda", "evaluate", "lr-find", "tune", "compare", "predict", "serve", "export"],
-    ("run",): ["--preset", "--recipe", "--set", "--data-dir", "--weights", "--out", "--resume", "CIFAR_TRANSFER_DATA",
-               "CIFAR_TRANSFER_WEIGHTS"],
+    ("run",): [
+        "--preset",
+        "--recipe",
+        "--set",
+        "--data-dir",
+        "--weights",
+        "--out",
+        "--resume",
+        "CIFAR_TRANSFER_DATA",
+        "CIFAR_TRANSFER_WEIGHTS",
+    ],
     ("eda",): ["--out", "runs/eda", "--data-dir", "--preset", "--no-download"],
     ("evaluate",): ["RUN_DIR", "--data", "--tta", "--device", ".npz"],
 }
@@ -100,9 +137,11 @@ HELP = {
 def test_help_answers_at_once_with_each_commands_options(command):
     """--help exits 0 with the command's options, before torch is imported (so it answers in a fraction of a
     second)."""
-    probe = ("import sys; from cifar_transfer.cli import main\n"
-             "try:\n    main([*sys.argv[1:], '--help'])\nexcept SystemExit as e:\n"
-             "    print('torch imported' if 'torch' in sys.modules else 'light', e.code)")
+    probe = (
+        "import sys; from cifar_transfer.cli import main\n"
+        "try:\n    main([*sys.argv[1:], '--help'])\nexcept SystemExit as e:\n"
+        "    print('torch imported' if 'torch' in sys.modules else 'light', e.code)"
+    )
     done = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip().endswith("light 0"), done.stdout + done.stderr
     for option in HELP[command]:
@@ -152,9 +191,20 @@ def test_auto_runs_the_preset_that_reaches_the_claim_on_this_machine(cuda, chose
 def test_the_shipped_model_does_not_depend_on_test_labels(cifar, weights_path, tmp_path, monkeypatch):
     """Training and best_val selection never read test labels: shuffling them changes only the test score."""
     train_set, test = cifar
-    r = preset("lean").with_overrides(["resolution=32", "train_size=60", "val_size=40", "batch_size=16",
-                                       "head_epochs=2", "finetune_epochs=2", "finetune_from=layer4",
-                                       "analysis=false", "eval_batch_size=100", "precision=fp32"])
+    r = preset("lean").with_overrides(
+        [
+            "resolution=32",
+            "train_size=60",
+            "val_size=40",
+            "batch_size=16",
+            "head_epochs=2",
+            "finetune_epochs=2",
+            "finetune_from=layer4",
+            "analysis=false",
+            "eval_batch_size=100",
+            "precision=fp32",
+        ]
+    )
     sub = test.take(np.arange(200))
     shuffled = Dataset(sub.images, np.random.default_rng(1).permutation(sub.labels), sub.source)
     results = []
@@ -182,7 +232,7 @@ def test_tensorboard_holds_every_step_and_epoch(smoke_run):
     assert [e.step for e in losses] == list(range(per_epoch * len(history)))
     sizes = [r.batch_size] * (per_epoch - 1) + [r.train_size - r.batch_size * (per_epoch - 1)]
     for k, row in enumerate(history):  # each epoch's steps average to the epoch's training loss
-        values = [e.value for e in losses[k * per_epoch:(k + 1) * per_epoch]]
+        values = [e.value for e in losses[k * per_epoch : (k + 1) * per_epoch]]
         assert sum(v * s for v, s in zip(values, sizes)) / r.train_size == pytest.approx(row["train_loss"], rel=1e-5)
     assert all(e.value == pytest.approx(r.head_lr) for e in lrs[:per_epoch])
     assert all(e.value == pytest.approx(r.finetune_lr) for e in lrs[per_epoch:])

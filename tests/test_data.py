@@ -91,16 +91,19 @@ def batch(data: object, labels: object) -> bytes:
     return pickle.dumps({b"batch_label": b"x", b"data": data, b"labels": labels}, protocol=2)
 
 
-@pytest.mark.parametrize(("name", "content", "fragment"), [
-    ("data_batch_3", None, "data_batch_3: truncated or corrupt"),
-    ("test_batch", b"", "test_batch: truncated or corrupt"),
-    ("data_batch_2", batch(np.zeros((10_000, 100), np.uint8), [0] * 10_000), "N x 3072"),
-    ("data_batch_2", batch(np.zeros((10_000, 3072), np.float32), [0] * 10_000), "must be uint8"),
-    ("data_batch_4", batch(np.zeros((10_000, 3072), np.uint8), [12] * 10_000), "labels must be in 0..9"),
-    ("data_batch_5", batch(np.zeros((9_000, 3072), np.uint8), [0] * 9_000), "9000 images, batches.meta says"),
-    ("data_batch_1", pickle.dumps({b"labels": [1]}, protocol=2), "missing key 'data'"),
-    ("data_batch_1", pickle.dumps(Path("/etc/passwd")), "refusing to load pathlib"),
-])
+@pytest.mark.parametrize(
+    ("name", "content", "fragment"),
+    [
+        ("data_batch_3", None, "data_batch_3: truncated or corrupt"),
+        ("test_batch", b"", "test_batch: truncated or corrupt"),
+        ("data_batch_2", batch(np.zeros((10_000, 100), np.uint8), [0] * 10_000), "N x 3072"),
+        ("data_batch_2", batch(np.zeros((10_000, 3072), np.float32), [0] * 10_000), "must be uint8"),
+        ("data_batch_4", batch(np.zeros((10_000, 3072), np.uint8), [12] * 10_000), "labels must be in 0..9"),
+        ("data_batch_5", batch(np.zeros((9_000, 3072), np.uint8), [0] * 9_000), "9000 images, batches.meta says"),
+        ("data_batch_1", pickle.dumps({b"labels": [1]}, protocol=2), "missing key 'data'"),
+        ("data_batch_1", pickle.dumps(Path("/etc/passwd")), "refusing to load pathlib"),
+    ],
+)
 def test_bad_batch_files_are_named(cifar_dir, cifar_copy, name, content, fragment):
     if content is None:  # truncated: the first half of the real file
         content = (cifar_dir / name).read_bytes()[: (cifar_dir / name).stat().st_size // 2]
@@ -116,14 +119,17 @@ def test_missing_batch_file_is_named(cifar_copy):
         read_folder(folder)
 
 
-@pytest.mark.parametrize(("arrays", "fragment"), [
-    ({"pixels": np.zeros((2, 32, 32, 3), np.uint8), "labels": np.zeros(2, int)}, "no 'images'"),
-    ({"images": np.zeros((2, 32, 32, 3), np.uint8)}, "no 'labels'"),
-    ({"images": np.zeros((2, 3, 32, 32), np.uint8), "labels": np.zeros(2, int)}, "N x 32 x 32 x 3"),
-    ({"images": np.zeros((2, 32, 32, 3), np.float32), "labels": np.zeros(2, int)}, "uint8"),
-    ({"images": np.zeros((2, 32, 32, 3), np.uint8), "labels": np.zeros(3, int)}, "2 images but 3 labels"),
-    ({"images": np.zeros((2, 32, 32, 3), np.uint8), "labels": np.array([0, -1])}, "0..9"),
-])
+@pytest.mark.parametrize(
+    ("arrays", "fragment"),
+    [
+        ({"pixels": np.zeros((2, 32, 32, 3), np.uint8), "labels": np.zeros(2, int)}, "no 'images'"),
+        ({"images": np.zeros((2, 32, 32, 3), np.uint8)}, "no 'labels'"),
+        ({"images": np.zeros((2, 3, 32, 32), np.uint8), "labels": np.zeros(2, int)}, "N x 32 x 32 x 3"),
+        ({"images": np.zeros((2, 32, 32, 3), np.float32), "labels": np.zeros(2, int)}, "uint8"),
+        ({"images": np.zeros((2, 32, 32, 3), np.uint8), "labels": np.zeros(3, int)}, "2 images but 3 labels"),
+        ({"images": np.zeros((2, 32, 32, 3), np.uint8), "labels": np.array([0, -1])}, "0..9"),
+    ],
+)
 def test_bad_npz_is_named(tmp_path, arrays, fragment):
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)

@@ -23,10 +23,17 @@ from cifar_transfer.training.loop import fit
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # BatchNorm frozen and no augmentation: two processes must train what one does
-RECIPE = ["train_size=160", "val_size=40", "batch_size=32", "head_epochs=2", "finetune_epochs=1",
-          "finetune_from=layer4.2", "analysis=false"]
+RECIPE = [
+    "train_size=160",
+    "val_size=40",
+    "batch_size=32",
+    "head_epochs=2",
+    "finetune_epochs=1",
+    "finetune_from=layer4.2",
+    "analysis=false",
+]
 
-WORKER = '''
+WORKER = """
 import sys
 import numpy as np
 import torch
@@ -50,7 +57,7 @@ history = fit(model, recipe, train, val, progress=False, world=world)
 if world.main:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, sys.argv[4])
 leave(world)
-'''
+"""
 
 
 @pytest.mark.slow
@@ -60,9 +67,19 @@ def test_two_processes_take_the_steps_one_process_takes(small_data, pretrained, 
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     data = np.load(small_data / "train.npz")
-    done = subprocess.run([*TORCHRUN, str(script), str(small_data / "train.npz"), str(weights_path),
-                           " ".join(RECIPE), str(tmp_path / "ranks.safetensors")],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            *TORCHRUN,
+            str(script),
+            str(small_data / "train.npz"),
+            str(weights_path),
+            " ".join(RECIPE),
+            str(tmp_path / "ranks.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     recipe = preset("seed").with_overrides(RECIPE)
@@ -95,8 +112,9 @@ def assert_trained_alike(got: dict, want: dict) -> None:
         a, b = got[name].double(), weight.double()
         off = int((~torch.isclose(a, b, rtol=1e-4, atol=1e-6)).sum())
         if off > weight.numel() // 10_000:
-            torch.testing.assert_close(got[name], weight, rtol=1e-4, atol=1e-6,
-                                       msg=lambda report, name=name: f"{name}: {report}")
+            torch.testing.assert_close(
+                got[name], weight, rtol=1e-4, atol=1e-6, msg=lambda report, name=name: f"{name}: {report}"
+            )
 
 
 def test_a_batch_that_does_not_divide_is_refused(pretrained):
@@ -104,26 +122,46 @@ def test_a_batch_that_does_not_divide_is_refused(pretrained):
     x = torch.zeros(40, 3, 32, 32, dtype=torch.uint8)
     y = torch.zeros(40, dtype=torch.long)
     with pytest.raises(DistributedError, match="batch_size=30 is the global batch: it must divide among the 4 "):
-        fit(build_model(recipe, pretrained), recipe, (x, y), (x[:0], y[:0]), progress=False,
-            world=World(rank=0, size=4))
+        fit(
+            build_model(recipe, pretrained), recipe, (x, y), (x[:0], y[:0]), progress=False, world=World(rank=0, size=4)
+        )
 
 
 def files(folder: Path) -> list[str]:
     """Every file of a run folder; TensorBoard event files by folder (their names hold host, pid and time)."""
-    return sorted(str(p.relative_to(folder).parent / "events") if p.name.startswith("events.") else
-                  str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    return sorted(
+        str(p.relative_to(folder).parent / "events") if p.name.startswith("events.") else str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_file()
+    )
 
 
 def run_args(data: Path, weights: Path, out: Path) -> list[str]:
-    return ["run", "--preset", "smoke", *[a for f in RECIPE for a in ("--set", f)], "--data-dir", str(data),
-            "--weights", str(weights), "--out", str(out), "--no-progress", "--no-download"]
+    return [
+        "run",
+        "--preset",
+        "smoke",
+        *[a for f in RECIPE for a in ("--set", f)],
+        "--data-dir",
+        str(data),
+        "--weights",
+        str(weights),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-download",
+    ]
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_torchrun_writes_one_run_that_matches_one_process(small_data, weights_path, tmp_path, run_cli):
-    two = subprocess.run([*TORCHRUN, "-m", "cifar_transfer", *run_args(small_data, weights_path, tmp_path / "two")],
-                         capture_output=True, text=True, timeout=600)
+    two = subprocess.run(
+        [*TORCHRUN, "-m", "cifar_transfer", *run_args(small_data, weights_path, tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("test accuracy") == 1  # rank 0 reports
     one = run_cli(*run_args(small_data, weights_path, tmp_path / "one"))
@@ -140,8 +178,9 @@ def test_torchrun_writes_one_run_that_matches_one_process(small_data, weights_pa
 def ranks(torchrun: subprocess.Popen) -> dict[int, int]:
     """{rank: pid} of torchrun's worker processes."""
     found = {}
-    children = [c for task in Path(f"/proc/{torchrun.pid}/task").iterdir()
-                for c in (task / "children").read_text().split()]
+    children = [
+        c for task in Path(f"/proc/{torchrun.pid}/task").iterdir() for c in (task / "children").read_text().split()
+    ]
     for child in children:
         env = dict(kv.split("=", 1) for kv in Path(f"/proc/{child}/environ").read_text().split("\0") if "=" in kv)
         if "RANK" in env:
@@ -156,8 +195,9 @@ def test_killing_one_rank_ends_the_job_and_resume_finishes_it(small_data, weight
     args = run_args(small_data, weights_path, out)
     args[args.index("finetune_epochs=1")] = "finetune_epochs=3"
     args += ["--set", "cache=false"]  # phase 2 runs every frozen stage each step: slow enough to be caught
-    job = subprocess.Popen([*TORCHRUN, "-m", "cifar_transfer", *args], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(
+        [*TORCHRUN, "-m", "cifar_transfer", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 240
     while not ((out / "history.csv").is_file() and len((out / "history.csv").read_text().splitlines()) >= 3):
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
@@ -167,9 +207,23 @@ def test_killing_one_rank_ends_the_job_and_resume_finishes_it(small_data, weight
     done_before = len((out / "history.csv").read_text().splitlines()) - 1
     assert not (out / "metrics.json").exists() and (out / "checkpoint.pt").is_file()
 
-    resumed = subprocess.run([*TORCHRUN, "-m", "cifar_transfer", "run", "--resume", str(out), "--no-progress",
-                              "--data-dir", str(small_data), "--no-download"],
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [
+            *TORCHRUN,
+            "-m",
+            "cifar_transfer",
+            "run",
+            "--resume",
+            str(out),
+            "--no-progress",
+            "--data-dir",
+            str(small_data),
+            "--no-download",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["run"]["resumed"] and metrics["run"]["distributed"]["world_size"] == 2

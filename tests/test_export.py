@@ -15,8 +15,12 @@ from cifar_transfer.serving.predictor import Options, Predictor
 @pytest.mark.slow
 def test_onnx_export_matches_pytorch_and_returns_calibrated_probabilities(run_cli, smoke_run, cifar, tmp_path):
     out = tmp_path / "model.onnx"
-    done = subprocess.run([sys.executable, "-m", "cifar_transfer.cli", "export", str(smoke_run), "--onnx", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "cifar_transfer.cli", "export", str(smoke_run), "--onnx", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     assert f"wrote {out}" in done.stdout
     meta = metadata(out)

@@ -20,15 +20,47 @@ from cifar_transfer.training.checkpoint import load_checkpoint
 
 # smoke made smaller (200 training images, bf16), with augmentation so that phase 1 takes long enough to be
 # interrupted in; no error analysis (not what is tested here, and it would run five times)
-RECIPE = ["--set", "head_epochs=2", "--set", "finetune_epochs=2", "--set", "augment=true", "--set", "analysis=false",
-          "--set", "train_size=200", "--set", "val_size=100", "--set", "precision=bf16"]
+RECIPE = [
+    "--set",
+    "head_epochs=2",
+    "--set",
+    "finetune_epochs=2",
+    "--set",
+    "augment=true",
+    "--set",
+    "analysis=false",
+    "--set",
+    "train_size=200",
+    "--set",
+    "val_size=100",
+    "--set",
+    "precision=bf16",
+]
 
 
 def start(out: Path, *args: str, data: Path, weights: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "cifar_transfer.cli", "run", "--preset", "smoke", "--out", str(out), "--no-progress",
-         "--no-download", "--data-dir", str(data), "--weights", str(weights), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "cifar_transfer.cli",
+            "run",
+            "--preset",
+            "smoke",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-download",
+            "--data-dir",
+            str(data),
+            "--weights",
+            str(weights),
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen) -> None:
@@ -94,38 +126,55 @@ def batch(data: object, labels: object) -> bytes:
     return pickle.dumps({b"data": data, b"labels": labels}, protocol=2)
 
 
-@pytest.mark.parametrize(("name", "content", "fragments"), [
-    ("data_batch_3", "truncate", ("data_batch_3", "truncated or corrupt")),
-    ("data_batch_1", None, ("data_batch_1", "missing")),
-    ("data_batch_2", batch(np.zeros((10_000, 1024), np.uint8), [0] * 10_000), ("data_batch_2", "N x 3072")),
-    ("test_batch", batch(np.zeros((10_000, 3072), np.int16), [0] * 10_000), ("test_batch", "must be uint8")),
-    ("data_batch_5", batch(np.zeros((10_000, 3072), np.uint8), [10] * 10_000), ("data_batch_5", "0..9")),
-])
-def test_bad_data_is_one_line_naming_the_file(run_cli, cifar_dir, cifar_copy, weights_path, tmp_path, name, content,
-                                              fragments):
+@pytest.mark.parametrize(
+    ("name", "content", "fragments"),
+    [
+        ("data_batch_3", "truncate", ("data_batch_3", "truncated or corrupt")),
+        ("data_batch_1", None, ("data_batch_1", "missing")),
+        ("data_batch_2", batch(np.zeros((10_000, 1024), np.uint8), [0] * 10_000), ("data_batch_2", "N x 3072")),
+        ("test_batch", batch(np.zeros((10_000, 3072), np.int16), [0] * 10_000), ("test_batch", "must be uint8")),
+        ("data_batch_5", batch(np.zeros((10_000, 3072), np.uint8), [10] * 10_000), ("data_batch_5", "0..9")),
+    ],
+)
+def test_bad_data_is_one_line_naming_the_file(
+    run_cli, cifar_dir, cifar_copy, weights_path, tmp_path, name, content, fragments
+):
     if content == "truncate":
         content = (cifar_dir / name).read_bytes()[:5000]
     folder = cifar_copy(name, content)
-    done = run_cli("run", "--data-dir", str(folder), "--weights", str(weights_path), "--out", str(tmp_path / "r"),
-               "--no-download")
+    done = run_cli(
+        "run", "--data-dir", str(folder), "--weights", str(weights_path), "--out", str(tmp_path / "r"), "--no-download"
+    )
     assert_one_line(done, *fragments)
     assert (tmp_path / "r" / "error.txt").read_text().strip() == done.stderr.strip().removeprefix("error: ")
 
 
 def test_missing_folder(run_cli, tmp_path, weights_path):
-    done = run_cli("run", "--data-dir", str(tmp_path / "absent"), "--weights", str(weights_path), "--out",
-               str(tmp_path / "r"), "--no-download", cwd=tmp_path)
+    done = run_cli(
+        "run",
+        "--data-dir",
+        str(tmp_path / "absent"),
+        "--weights",
+        str(weights_path),
+        "--out",
+        str(tmp_path / "r"),
+        "--no-download",
+        cwd=tmp_path,
+    )
     assert_one_line(done, "CIFAR-10 not found in", "absent")
     done = run_cli("evaluate", str(tmp_path))
     assert_one_line(done, "model.safetensors")
     assert "Traceback" in run_cli("--debug", "evaluate", str(tmp_path)).stderr
 
 
-@pytest.mark.parametrize(("arrays", "fragment"), [
-    ({"images": np.zeros((3, 32, 32, 3), np.uint8)}, "no 'labels' array"),
-    ({"x": np.zeros(3)}, "no 'images' or 'labels' array"),
-    ({"images": np.zeros((3, 28, 28), np.uint8), "labels": np.zeros(3, np.int64)}, "N x 32 x 32 x 3"),
-])
+@pytest.mark.parametrize(
+    ("arrays", "fragment"),
+    [
+        ({"images": np.zeros((3, 32, 32, 3), np.uint8)}, "no 'labels' array"),
+        ({"x": np.zeros(3)}, "no 'images' or 'labels' array"),
+        ({"images": np.zeros((3, 28, 28), np.uint8), "labels": np.zeros(3, np.int64)}, "N x 32 x 32 x 3"),
+    ],
+)
 def test_bad_npz_is_one_line(run_cli, smoke_run, tmp_path, arrays, fragment):
     np.savez(tmp_path / "bad.npz", **arrays)
     assert_one_line(run_cli("evaluate", str(smoke_run), "--data", str(tmp_path / "bad.npz")), "bad.npz", fragment)
@@ -138,36 +187,59 @@ def weights_file(tmp_path: Path, change) -> Path:
     return tmp_path / "w.safetensors"
 
 
-@pytest.mark.parametrize(("make", "fragments"), [
-    (lambda p: weights_file(p, lambda sd: sd.pop("layer4.0.bn3.weight")), ("missing keys", "layer4.0.bn3.weight")),
-    (lambda p: weights_file(p, lambda sd: sd.update(head=torch.zeros(2))), ("unexpected keys", "head")),
-    (lambda p: weights_file(p, lambda sd: sd.update({"conv1.weight": torch.zeros(64, 3, 3, 3)})),
-     ("conv1.weight has shape (64, 3, 3, 3)",)),
-    (lambda p: weights_file(p, lambda sd: sd["fc.bias"].fill_(float("inf"))), ("fc.bias holds non-finite",)),
-    (lambda p: (torch.save({"state": {"a": 1}, "opt": "x"}, p / "w.pth"), p / "w.pth")[1],
-     ("expected a state_dict",)),
-    (lambda p: (p.joinpath("w.pth").write_bytes(pickle.dumps(Path("x"))), p / "w.pth")[1], ("weights_only=True",)),
-])
+@pytest.mark.parametrize(
+    ("make", "fragments"),
+    [
+        (lambda p: weights_file(p, lambda sd: sd.pop("layer4.0.bn3.weight")), ("missing keys", "layer4.0.bn3.weight")),
+        (lambda p: weights_file(p, lambda sd: sd.update(head=torch.zeros(2))), ("unexpected keys", "head")),
+        (
+            lambda p: weights_file(p, lambda sd: sd.update({"conv1.weight": torch.zeros(64, 3, 3, 3)})),
+            ("conv1.weight has shape (64, 3, 3, 3)",),
+        ),
+        (lambda p: weights_file(p, lambda sd: sd["fc.bias"].fill_(float("inf"))), ("fc.bias holds non-finite",)),
+        (
+            lambda p: (torch.save({"state": {"a": 1}, "opt": "x"}, p / "w.pth"), p / "w.pth")[1],
+            ("expected a state_dict",),
+        ),
+        (lambda p: (p.joinpath("w.pth").write_bytes(pickle.dumps(Path("x"))), p / "w.pth")[1], ("weights_only=True",)),
+    ],
+)
 def test_bad_weights_are_one_line(run_cli, tmp_path, cifar_dir, make, fragments):
     path = make(tmp_path)
-    done = run_cli("run", "--data-dir", str(cifar_dir), "--weights", str(path), "--out", str(tmp_path / "r"),
-               "--no-download")
+    done = run_cli(
+        "run", "--data-dir", str(cifar_dir), "--weights", str(path), "--out", str(tmp_path / "r"), "--no-download"
+    )
     assert_one_line(done, str(path), *fragments)
 
 
 def test_unwritable_output_fails_before_training(run_cli, tmp_path, cifar_dir, weights_path):
     (tmp_path / "a-file").write_text("x")
     started = time.monotonic()
-    done = run_cli("run", "--data-dir", str(cifar_dir), "--weights", str(weights_path), "--out",
-               str(tmp_path / "a-file" / "run"))
+    done = run_cli(
+        "run", "--data-dir", str(cifar_dir), "--weights", str(weights_path), "--out", str(tmp_path / "a-file" / "run")
+    )
     assert_one_line(done, "a-file/run", "not writable")
     assert time.monotonic() - started < 60
 
 
 def test_non_finite_loss_stops_with_phase_epoch_and_step(run_cli, tmp_path, cifar_dir, weights_path):
     out = tmp_path / "r"
-    done = run_cli("run", "--preset", "smoke", "--set", "head_lr=1e30", "--set", "head_epochs=2", "--data-dir",
-               str(cifar_dir), "--weights", str(weights_path), "--out", str(out), "--no-progress")
+    done = run_cli(
+        "run",
+        "--preset",
+        "smoke",
+        "--set",
+        "head_lr=1e30",
+        "--set",
+        "head_epochs=2",
+        "--data-dir",
+        str(cifar_dir),
+        "--weights",
+        str(weights_path),
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     assert_one_line(done, "phase 1 epoch", "step", "non-finite loss")
     assert not (out / "metrics.json").exists() and (out / "error.txt").is_file()
 
@@ -179,8 +251,16 @@ def test_resume_without_a_checkpoint(run_cli, tmp_path):
 
 def test_recipe_values_are_refused_before_anything_loads(run_cli, tmp_path):
     for assignment, fragment in (("seed=-1", "seed=-1"), ("warmup_epochs=inf", "warmup_epochs=inf")):
-        done = run_cli("run", "--set", assignment, "--data-dir", str(tmp_path / "absent"), "--no-download",
-                   "--out", str(tmp_path / "r"))
+        done = run_cli(
+            "run",
+            "--set",
+            assignment,
+            "--data-dir",
+            str(tmp_path / "absent"),
+            "--no-download",
+            "--out",
+            str(tmp_path / "r"),
+        )
         assert_one_line(done, "recipe field", fragment)  # not the missing data: the recipe is checked first
     assert not (tmp_path / "r").exists()
 
@@ -194,11 +274,14 @@ def test_corrupt_compressed_npz_names_the_file(run_cli, smoke_run, cifar, tmp_pa
     assert_one_line(run_cli("evaluate", str(smoke_run), "--data", str(path)), str(path), "not a readable .npz file")
 
 
-@pytest.mark.parametrize("content", [
-    b"not a checkpoint at all",
-    "truncated",
-    "pickle",  # torch.save of an object weights_only refuses: torch's message advises weights_only=False
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"not a checkpoint at all",
+        "truncated",
+        "pickle",  # torch.save of an object weights_only refuses: torch's message advises weights_only=False
+    ],
+)
 def test_a_corrupt_checkpoint_is_one_line_without_unsafe_advice(run_cli, tmp_path, content):
     path = tmp_path / "checkpoint.pt"
     if content == "truncated":
@@ -261,10 +344,11 @@ def small_disk(tmp_path: Path, megabytes: int, command: list[str]) -> subprocess
     """Run `command` with a `megabytes` tmpfs mounted at tmp_path/disk (a private mount namespace, no root)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    script = f"mount -t tmpfs -o size={megabytes}m tmpfs {disk} && exec \"$@\""
+    script = f'mount -t tmpfs -o size={megabytes}m tmpfs {disk} && exec "$@"'
     env = {k: v for k, v in os.environ.items() if not k.startswith("CIFAR_TRANSFER_")}
-    done = subprocess.run([*UNSHARE, "sh", "-c", script, "sh", *command], capture_output=True, text=True,
-                          timeout=300, env=env)
+    done = subprocess.run(
+        [*UNSHARE, "sh", "-c", script, "sh", *command], capture_output=True, text=True, timeout=300, env=env
+    )
     if "mount" in done.stderr and ("ermission" in done.stderr or "not permitted" in done.stderr):
         pytest.skip(f"cannot mount a small file system here: {done.stderr.strip()}")
     return done
@@ -274,16 +358,34 @@ def small_disk(tmp_path: Path, megabytes: int, command: list[str]) -> subprocess
 @pytest.mark.slow
 def test_a_full_disk_is_named_before_training_and_during_a_write(tmp_path, cifar_dir, weights_path):
     disk = tmp_path / "disk"
-    done = small_disk(tmp_path, 30, [sys.executable, "-m", "cifar_transfer.cli", "run", "--preset", "smoke",
-                                     "--data-dir", str(cifar_dir), "--weights", str(weights_path), "--out",
-                                     str(disk / "run"), "--no-progress"])
+    done = small_disk(
+        tmp_path,
+        30,
+        [
+            sys.executable,
+            "-m",
+            "cifar_transfer.cli",
+            "run",
+            "--preset",
+            "smoke",
+            "--data-dir",
+            str(cifar_dir),
+            "--weights",
+            str(weights_path),
+            "--out",
+            str(disk / "run"),
+            "--no-progress",
+        ],
+    )
     assert_one_line(done, f"{disk / 'run'}: no space left on device for the checkpoint", "MiB needed")
     assert not (disk / "run" / "history.csv").exists()  # refused before the data was even read
 
-    write = ("import sys, torch; from cifar_transfer import atomic\n"
-             "try: atomic.write_with(sys.argv[1], lambda f: torch.save(torch.zeros(2_000_000), f))\n"
-             "except atomic.DiskFullError as e: print(e)\n"
-             "import os; print(sorted(os.listdir(os.path.dirname(sys.argv[1]))))")
+    write = (
+        "import sys, torch; from cifar_transfer import atomic\n"
+        "try: atomic.write_with(sys.argv[1], lambda f: torch.save(torch.zeros(2_000_000), f))\n"
+        "except atomic.DiskFullError as e: print(e)\n"
+        "import os; print(sorted(os.listdir(os.path.dirname(sys.argv[1]))))"
+    )
     tmp_path.joinpath("disk2").mkdir()
     done = small_disk(tmp_path / "disk2", 4, [sys.executable, "-c", write, str(tmp_path / "disk2/disk/ckpt.pt")])
     first, listing = done.stdout.strip().splitlines()

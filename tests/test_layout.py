@@ -10,8 +10,18 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cifar_transfer"
 # Lowest first; a module may import its own layer and those below it.
-LAYERS = [{"errors", "atomic", "recipe", "machine"}, {"data"}, {"model"}, {"training"}, {"analysis"},
-          {"reporting"}, {"serving"}, {"jobs"}, {"api"}, {"cli", "__main__", "__init__"}]
+LAYERS = [
+    {"errors", "atomic", "recipe", "machine"},
+    {"data"},
+    {"model"},
+    {"training"},
+    {"analysis"},
+    {"reporting"},
+    {"serving"},
+    {"jobs"},
+    {"api"},
+    {"cli", "__main__", "__init__"},
+]
 
 
 def layer(name: str) -> int:
@@ -24,7 +34,7 @@ def imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level:
-            base = list(here[:len(here) - node.level])
+            base = list(here[: len(here) - node.level])
             target = [*base, *node.module.split(".")] if node.module else base
             found |= {".".join([*target, a.name]) if not node.module else ".".join(target) for a in node.names}
     return found

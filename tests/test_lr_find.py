@@ -30,8 +30,20 @@ def test_the_range_test_suggests_a_rate_stops_on_divergence_and_leaves_the_model
 
 def test_lr_find_command_writes_its_plot_and_suggestion(run_cli, cifar_dir, weights_path, tmp_path):
     out = tmp_path / "lr"
-    done = run_cli("lr-find", "--preset", "smoke", "--steps", "20", "--data-dir", str(cifar_dir), "--weights",
-                   str(weights_path), "--out", str(out), "--no-progress")
+    done = run_cli(
+        "lr-find",
+        "--preset",
+        "smoke",
+        "--steps",
+        "20",
+        "--data-dir",
+        str(cifar_dir),
+        "--weights",
+        str(weights_path),
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads((out / "lr_find.json").read_text())
     assert (out / "lr_find.png").is_file() and result["phase"] == 1 and result["optimizer"] == "adam"
@@ -42,7 +54,7 @@ def test_the_suggestion_on_curves_of_known_shape():
     lrs = [10 ** (-7 + 8 * i / 99) for i in range(100)]
     falling = [2.3 - 1.5 / (1 + math.exp(-4 * (math.log10(lr) + 3))) for lr in lrs]  # falls fastest at 1e-3
     assert suggest(lrs, falling)["suggestion"] == pytest.approx(1e-3, rel=0.25)
-    flat = [0.5] * 90 + [0.5 * 1.1 ** k for k in range(1, 11)]  # a trained model: flat, then it rises
+    flat = [0.5] * 90 + [0.5 * 1.1**k for k in range(1, 11)]  # a trained model: flat, then it rises
     result = suggest(lrs, flat)
     assert result["method"].startswith("a tenth of where the flat loss starts to rise")
     assert result["suggestion"] == pytest.approx(lrs[90] / 10)  # 0.55 is the first value above 1.05 * 0.5

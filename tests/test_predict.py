@@ -44,10 +44,13 @@ def test_a_32px_png_is_read_exactly(cifar):
     assert np.array_equal(read_image(encode(Image.fromarray(image), "PNG")), image)
 
 
-@pytest.mark.parametrize(("data", "fragment"), [
-    (b"", "empty"),
-    (b"hello, I am text", "not an image"),
-])
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (b"", "empty"),
+        (b"hello, I am text", "not an image"),
+    ],
+)
 def test_unreadable_bytes(data, fragment):
     with pytest.raises(ImageError, match=fragment):
         read_image(data, "upload")
@@ -79,17 +82,27 @@ def images(cifar, tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
     big = Image.fromarray(cifar[1].images[3]).resize((128, 128), Image.Resampling.BICUBIC)
     paths = []
-    for name, image, fmt in [("a.png", big, "PNG"), ("b.jpg", big, "JPEG"), ("c.webp", big, "WEBP"),
-                             ("d.bmp", big, "BMP"), ("e.png", big.convert("RGBA"), "PNG"),
-                             ("f.png", big.convert("L"), "PNG"), ("g.jpg", big.crop((0, 10, 128, 118)), "JPEG")]:
+    for name, image, fmt in [
+        ("a.png", big, "PNG"),
+        ("b.jpg", big, "JPEG"),
+        ("c.webp", big, "WEBP"),
+        ("d.bmp", big, "BMP"),
+        ("e.png", big.convert("RGBA"), "PNG"),
+        ("f.png", big.convert("L"), "PNG"),
+        ("g.jpg", big.crop((0, 10, 128, 118)), "JPEG"),
+    ]:
         image.save(folder / name, format=fmt)
         paths.append(folder / name)
     return paths
 
 
 def test_predict_command_on_several_formats(smoke_run, images):
-    done = subprocess.run([sys.executable, "-m", "cifar_transfer.cli", "predict", str(smoke_run),
-                           *map(str, images), "--json"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "cifar_transfer.cli", "predict", str(smoke_run), *map(str, images), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)
     predictor = Predictor(smoke_run, "cpu")
@@ -106,6 +119,7 @@ def test_predict_command_on_several_formats(smoke_run, images):
 @pytest.mark.slow
 def test_predict_command_reports_every_file_and_each_bad_one(smoke_run, images, tmp_path, run_cli):
     """One bad file among good ones: results for the good ones, one error line per bad one, exit status 1."""
+
     def predict(*args: str) -> subprocess.CompletedProcess:
         return run_cli("predict", str(smoke_run), *args)
 
@@ -118,7 +132,8 @@ def test_predict_command_reports_every_file_and_each_bad_one(smoke_run, images, 
     assert all(len(line.split(", ")) == 2 for line in lines)
     assert done.stderr.splitlines() == [
         f"error: {bad}: not an image Pillow can read (PNG, JPEG, WebP, BMP, ...)",
-        f"error: {missing}: cannot be read (No such file or directory)"]
+        f"error: {missing}: cannot be read (No such file or directory)",
+    ]
     results = json.loads(predict(str(bad), str(images[2]), "--json").stdout)
     assert [("error" in r, "top" in r) for r in results] == [(True, False), (False, True)]
     for top in ("0", "-1"):

@@ -40,8 +40,12 @@ def free_port() -> int:
 def service(smoke_run):
     """The service in its own process: (base URL, process)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cifar_transfer.cli", "serve", str(smoke_run), "--port",
-                             str(port), "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cifar_transfer.cli", "serve", str(smoke_run), "--port", str(port), "--device", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -72,7 +76,11 @@ def predictor(smoke_run):
 def test_health_and_docs(server, predictor):
     health = httpx.get(f"{server}/health").json()
     assert {k: health[k] for k in ("status", "model", "device", "temperature")} == {
-        "status": "ok", "model": predictor.model_id, "device": "cpu", "temperature": predictor.temperature}
+        "status": "ok",
+        "model": predictor.model_id,
+        "device": "cpu",
+        "temperature": predictor.temperature,
+    }
     spec = httpx.get(f"{server}/openapi.json").json()
     assert {"/predict", "/predict/batch", "/health"} <= set(spec["paths"])
     assert httpx.get(f"{server}/docs").status_code == 200
@@ -109,16 +117,23 @@ def bomb() -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize(("path", "files", "status", "fragment"), [
-    ("/predict", {"file": ("a.txt", b"just text", "text/plain")}, 400, "not an image"),
-    ("/predict", {"file": ("t.png", png(np.full((64, 64, 3), 9, np.uint8))[:60], "image/png")}, 400, "truncated"),
-    ("/predict", {"file": ("z.png", b"", "image/png")}, 400, "empty (0 bytes)"),
-    ("/predict", {"file": ("big.bin", b"\0" * (10_000_000 + 1), "image/png")}, 413, "larger than the limit"),
-    ("/predict", {"file": ("bomb.png", bomb(), "image/png")}, 400, "over the limit"),
-    ("/predict", {"image": ("x.png", png(np.zeros((32, 32, 3), np.uint8)), "image/png")}, 422, "file"),
-    ("/predict/batch", [("files", (f"{i}.png", png(np.zeros((32, 32, 3), np.uint8)), "image/png"))
-                        for i in range(33)], 413, "at most 32"),
-])
+@pytest.mark.parametrize(
+    ("path", "files", "status", "fragment"),
+    [
+        ("/predict", {"file": ("a.txt", b"just text", "text/plain")}, 400, "not an image"),
+        ("/predict", {"file": ("t.png", png(np.full((64, 64, 3), 9, np.uint8))[:60], "image/png")}, 400, "truncated"),
+        ("/predict", {"file": ("z.png", b"", "image/png")}, 400, "empty (0 bytes)"),
+        ("/predict", {"file": ("big.bin", b"\0" * (10_000_000 + 1), "image/png")}, 413, "larger than the limit"),
+        ("/predict", {"file": ("bomb.png", bomb(), "image/png")}, 400, "over the limit"),
+        ("/predict", {"image": ("x.png", png(np.zeros((32, 32, 3), np.uint8)), "image/png")}, 422, "file"),
+        (
+            "/predict/batch",
+            [("files", (f"{i}.png", png(np.zeros((32, 32, 3), np.uint8)), "image/png")) for i in range(33)],
+            413,
+            "at most 32",
+        ),
+    ],
+)
 def test_bad_input_gets_a_json_4xx_and_the_service_stays_up(server, path, files, status, fragment):
     r = httpx.post(f"{server}{path}", files=files, timeout=60)
     assert r.status_code == status, r.text
@@ -136,8 +151,11 @@ def test_bounded_load_has_no_failures_and_is_batched(server, cifar):
     def call(i: int) -> tuple[int, float]:
         t0 = time.perf_counter()
         try:  # a client that gives up after 5 ms: the request is queued or being classified when it leaves
-            r = httpx.post(f"{server}/predict", files={"file": ("x.png", bodies[i % 50], "image/png")},
-                           timeout=0.005 if i % 10 == 9 else 60)
+            r = httpx.post(
+                f"{server}/predict",
+                files={"file": ("x.png", bodies[i % 50], "image/png")},
+                timeout=0.005 if i % 10 == 9 else 60,
+            )
         except httpx.TimeoutException:
             return -1, time.perf_counter() - t0
         return r.status_code, time.perf_counter() - t0
@@ -151,9 +169,11 @@ def test_bounded_load_has_no_failures_and_is_batched(server, cifar):
     p50, p99 = statistics.median(latencies), latencies[int(0.99 * len(latencies)) - 1]
     after = httpx.get(f"{server}/health").json()["batches"]
     passes, images = after["count"] - before["count"], after["images"] - before["images"]
-    print(f"\nload: 500 requests (50 disconnecting), 8 concurrent, {wall:.1f} s, {500 / wall:.0f} req/s, "
-          f"p50 {1000 * p50:.0f} ms, p99 {1000 * p99:.0f} ms; {images} images in {passes} forward passes, "
-          f"largest {after['largest']}")
+    print(
+        f"\nload: 500 requests (50 disconnecting), 8 concurrent, {wall:.1f} s, {500 / wall:.0f} req/s, "
+        f"p50 {1000 * p50:.0f} ms, p99 {1000 * p99:.0f} ms; {images} images in {passes} forward passes, "
+        f"largest {after['largest']}"
+    )
     assert [s for _, s, _ in stayed] == [200] * 450
     assert passes < images and after["largest"] > 1  # batched under concurrency
     assert httpx.get(f"{server}/health", timeout=5).status_code == 200
@@ -161,6 +181,7 @@ def test_bounded_load_has_no_failures_and_is_batched(server, cifar):
 
 def test_a_cancelled_request_does_not_break_the_batcher():
     """A client that goes away cancels its future while its batch is in the model; the next batch still runs."""
+
     def slow_logits(images: np.ndarray) -> np.ndarray:
         time.sleep(0.3)
         return np.zeros((len(images), 10), np.float32)
@@ -196,8 +217,9 @@ def test_a_slow_batch_does_not_starve_health(smoke_run, monkeypatch, cifar):
         while not server.started:
             time.sleep(0.05)
         with ThreadPoolExecutor(1) as pool:
-            slow = pool.submit(httpx.post, f"{url}/predict", files={"file": ("x.png", png(cifar[1].images[0]))},
-                               timeout=60)
+            slow = pool.submit(
+                httpx.post, f"{url}/predict", files={"file": ("x.png", png(cifar[1].images[0]))}, timeout=60
+            )
             time.sleep(0.5)  # the prediction is in the model now
             t0 = time.perf_counter()
             assert httpx.get(f"{url}/health", timeout=5).status_code == 200
@@ -223,9 +245,18 @@ def test_upload_page_in_headless_chromium(server, predictor, cifar, tmp_path):
     path.write_bytes(png(image))
     expected = CLASSES[int(predictor.probabilities(image[None])[0].argmax())]
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         page = browser.new_page(viewport={"width": 900, "height": 760})
         page.goto(server)
         assert "What is in this picture?" in page.content()
@@ -278,8 +309,10 @@ def test_huge_uploads_neither_multiply_memory_nor_delay_small_requests(service, 
             health.append(timed_get())
         heavy_s = [f.result() for f in heavy]
     grown = peak_rss_mib(proc.pid) - rss_before
-    print(f"\nunder 8 huge uploads ({max(heavy_s):.1f} s): small request {1000 * quiet:.0f} ms quiet, worst "
-          f"{1000 * max(busy):.0f} ms busy; /health worst {1000 * max(health):.0f} ms; peak RSS +{grown:.0f} MiB")
+    print(
+        f"\nunder 8 huge uploads ({max(heavy_s):.1f} s): small request {1000 * quiet:.0f} ms quiet, worst "
+        f"{1000 * max(busy):.0f} ms busy; /health worst {1000 * max(health):.0f} ms; peak RSS +{grown:.0f} MiB"
+    )
     assert len(busy) >= 3, "the huge uploads finished before small requests could be timed"
     assert max(health) < 0.5
     assert max(busy) < max(1.0, 10 * quiet)
@@ -306,8 +339,10 @@ def raw_request(url: str, head: str, chunks: list[bytes] = ()) -> tuple[bytes, i
 
 def test_a_body_is_cut_off_at_the_limit_with_or_without_content_length(server):
     multipart = "multipart/form-data; boundary=xyz"
-    answer, _ = raw_request(server, f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {multipart}\r\n"
-                                    f"Content-Length: {20_000_000}\r\n\r\n")  # one image's limit is 10 MB
+    answer, _ = raw_request(
+        server,
+        f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {multipart}\r\nContent-Length: {20_000_000}\r\n\r\n",
+    )  # one image's limit is 10 MB
     assert answer.startswith(b"HTTP/1.1 413"), answer
     head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {multipart}\r\nTransfer-Encoding: chunked\r\n\r\n"
     part = b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\nContent-Type: image/png\r\n\r\n'
@@ -322,8 +357,24 @@ def test_a_busy_port_is_one_line_before_anything_is_printed(smoke_run):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = subprocess.run([sys.executable, "-m", "cifar_transfer.cli", "serve", str(smoke_run), "--port",
-                               str(port), "--device", "cpu"], capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cifar_transfer.cli",
+                "serve",
+                str(smoke_run),
+                "--port",
+                str(port),
+                "--device",
+                "cpu",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert done.returncode == 1 and done.stdout == "", done.stdout
-    assert done.stderr.strip().splitlines() == [f"error: cannot listen on 127.0.0.1:{port}: Address already in use "
-                                                "(another process is using it: choose one with --port)"]
+    assert done.stderr.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use "
+        "(another process is using it: choose one with --port)"
+    ]

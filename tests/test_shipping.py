@@ -19,8 +19,9 @@ PHOTOS = Path(__file__).parent / "fixtures" / "photos"
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cifar_transfer.cli", *args], capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "cifar_transfer.cli", *args], capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.slow
@@ -34,18 +35,20 @@ def test_the_validation_temperature_ships_with_the_model_and_calibrates_predicti
     assert predictor.temperature == fit_temperature(predictor.logits(val.images), val.labels)  # on validation only
     test = cifar[1]
     some = test.images[:200]
-    assert np.allclose(predictor.probabilities(some), softmax(predictor.logits(some), predictor.temperature),
-                       atol=1e-6)
-    assert np.allclose(predictor.probabilities(some, Options(calibrated=False)), softmax(predictor.logits(some)),
-                       atol=1e-6)
+    assert np.allclose(predictor.probabilities(some), softmax(predictor.logits(some), predictor.temperature), atol=1e-6)
+    assert np.allclose(
+        predictor.probabilities(some, Options(calibrated=False)), softmax(predictor.logits(some)), atol=1e-6
+    )
     sample = np.arange(0, len(test), 5)  # 2,000 test images: mean confidence and accuracy to about 1 point
     logits = predictor.logits(test.images[sample])
     calibrated, raw = predictor.combine(logits, Options()), predictor.combine(logits, Options(calibrated=False))
     accuracy = (calibrated.argmax(1) == test.labels[sample]).mean()
     assert (raw.argmax(1) == calibrated.argmax(1)).all()
     # the target: mean confidence within 0.05 of accuracy on the CIFAR-10 test set
-    print(f"\nsmoke model, T = {predictor.temperature:.3f}: accuracy {accuracy:.4f}, mean confidence "
-          f"{raw.max(1).mean():.4f} raw, {calibrated.max(1).mean():.4f} calibrated")
+    print(
+        f"\nsmoke model, T = {predictor.temperature:.3f}: accuracy {accuracy:.4f}, mean confidence "
+        f"{raw.max(1).mean():.4f} raw, {calibrated.max(1).mean():.4f} calibrated"
+    )
     assert abs(calibrated.max(1).mean() - accuracy) <= 0.05
     assert abs(calibrated.max(1).mean() - accuracy) < abs(raw.max(1).mean() - accuracy)
     assert "T = " in (smoke_run / "report.md").read_text().split("## Calibrated probabilities")[1]
@@ -59,8 +62,11 @@ def test_predict_says_how_its_probabilities_were_made(run_cli, smoke_run, cifar,
     Image.fromarray(image).save(path)
     predictor = Predictor(smoke_run, "cpu")
     x = read_image(path.read_bytes())[None]
-    for call, flags, options in ((cli, [], Options()), (run_cli, ["--no-calibration"], Options(calibrated=False)),
-                                 (run_cli, ["--tta"], Options(tta=True))):
+    for call, flags, options in (
+        (cli, [], Options()),
+        (run_cli, ["--no-calibration"], Options(calibrated=False)),
+        (run_cli, ["--tta"], Options(tta=True)),
+    ):
         done = call("predict", str(smoke_run), str(path), "--json", "--top", "10", *flags)
         assert done.returncode == 0, done.stderr
         (result,) = json.loads(done.stdout)
@@ -70,8 +76,9 @@ def test_predict_says_how_its_probabilities_were_made(run_cli, smoke_run, cifar,
         want = predictor.probabilities(x, options)[0]
         assert np.allclose([got[c] for c in CLASSES], want, atol=1e-5)
     mirrored = predictor.probabilities(x[:, :, ::-1])[0]
-    assert np.allclose(predictor.probabilities(x, Options(tta=True))[0], (predictor.probabilities(x)[0] + mirrored) / 2,
-                       atol=1e-6)
+    assert np.allclose(
+        predictor.probabilities(x, Options(tta=True))[0], (predictor.probabilities(x)[0] + mirrored) / 2, atol=1e-6
+    )
 
 
 def test_evaluate_with_tta_agrees_with_the_analysis(run_cli, smoke_copy, cifar, tmp_path):
@@ -121,10 +128,30 @@ def test_evaluate_on_a_folder_of_photos(run_cli, smoke_copy, tmp_path):
 @pytest.mark.slow
 def test_without_a_validation_split_calibration_is_skipped_and_said(run_cli, small_data, weights_path, tmp_path):
     out = tmp_path / "no-val"
-    done = run_cli("run", "--preset", "smoke", "--set", "val_size=0", "--set", "train_size=100", "--set",
-               "finetune_epochs=0", "--set", "tta_images=100", "--set", "corruption_images=10", "--set",
-               "gradcam_images=4", "--data-dir", str(small_data), "--weights", str(weights_path), "--out", str(out),
-               "--no-progress")
+    done = run_cli(
+        "run",
+        "--preset",
+        "smoke",
+        "--set",
+        "val_size=0",
+        "--set",
+        "train_size=100",
+        "--set",
+        "finetune_epochs=0",
+        "--set",
+        "tta_images=100",
+        "--set",
+        "corruption_images=10",
+        "--set",
+        "gradcam_images=4",
+        "--data-dir",
+        str(small_data),
+        "--weights",
+        str(weights_path),
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     assert done.returncode == 0, done.stderr
     m = json.loads((out / "metrics.json").read_text())
     assert m["calibration"]["temperature"] is None and "val_size=0" in m["calibration"]["skipped"]

@@ -18,8 +18,10 @@ TINY = ["train_size=40", "val_size=20", "batch_size=8", "head_epochs=2", "finetu
 @pytest.fixture(scope="module")
 def tiny_data(cifar):
     train_set, _ = cifar
-    return (as_tensors(train_set.images[:40], train_set.labels[:40], torch.device("cpu")),
-            as_tensors(train_set.images[40:60], train_set.labels[40:60], torch.device("cpu")))
+    return (
+        as_tensors(train_set.images[:40], train_set.labels[:40], torch.device("cpu")),
+        as_tensors(train_set.images[40:60], train_set.labels[40:60], torch.device("cpu")),
+    )
 
 
 def fresh(recipe, pretrained):
@@ -146,8 +148,9 @@ def test_cached_activations_give_the_full_forward_passes_outputs(pretrained, tin
 
 
 def test_only_the_chosen_stages_learn(pretrained, tiny_data):
-    r = preset("seed").with_overrides([*TINY, "head_epochs=1", "finetune_from=layer4", "finetune_bn=train",
-                                       "augment=flip", "finetune_lr=1e-3"])
+    r = preset("seed").with_overrides(
+        [*TINY, "head_epochs=1", "finetune_from=layer4", "finetune_bn=train", "augment=flip", "finetune_lr=1e-3"]
+    )
     model = fresh(r, pretrained)
     names = {n for n, p in model.named_parameters() if p in set(phases.set_phase(model, 2, r))}
     assert names and all(n.startswith(("backbone.layer4.", "head.")) for n in names)
@@ -194,7 +197,8 @@ def test_best_val_ships_the_best_validation_epoch(pretrained, tiny_data, tmp_pat
 
 
 def test_each_history_row_follows_its_checkpoint_and_write_errors_stop_training(
-        pretrained, tiny_data, tmp_path, monkeypatch):
+    pretrained, tiny_data, tmp_path, monkeypatch
+):
     """Checkpoints are written in the background; `on_saved` (history.csv in a run) runs once the epoch's
     checkpoint is in place, and a failed write surfaces in the training loop."""
     r = preset("seed").with_overrides(TINY)
@@ -229,8 +233,9 @@ def test_compile_builds_one_graph_per_phase_and_module_mode(pretrained, tiny_dat
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda module, mode=None: compile_(module, backend=counting))
     torch._dynamo.reset()
-    r = preset("seed").with_overrides([*TINY, "batch_size=24", "eval_batch_size=7", "finetune_from=layer4.2",
-                                       "compile=default"])
+    r = preset("seed").with_overrides(
+        [*TINY, "batch_size=24", "eval_batch_size=7", "finetune_from=layer4.2", "compile=default"]
+    )
     history = fit(fresh(r, pretrained), r, *tiny_data, progress=False)
     eager = fit(fresh(r, pretrained), r.with_overrides(["compile=off"]), *tiny_data, progress=False)
     assert len(graphs) == 4
@@ -244,15 +249,24 @@ def test_without_caching_the_frozen_stages_run_every_step_to_the_same_result(pre
     assert [h["val_loss"] for h in plain] == pytest.approx([h["val_loss"] for h in cached], rel=1e-4)
 
 
-@pytest.mark.parametrize(("mode", "precision"), [("default", "fp32"), ("reduce-overhead", "bf16"),
-                                                 ("max-autotune", "fp32")])
+@pytest.mark.parametrize(
+    ("mode", "precision"), [("default", "fp32"), ("reduce-overhead", "bf16"), ("max-autotune", "fp32")]
+)
 @pytest.mark.slow
 def test_inductor_compiled_training_matches_eager(pretrained, tiny_data, mode, precision):
     """Every compile mode the recipe accepts trains through inductor (which runs on the CPU too) to the eager
     loop's results, within the precision's tolerance. Phase 2 alone (a residual block and the head): phase 1's
     head is the same kind of graph, smaller, and each graph costs seconds of C++ compilation."""
-    r = preset("seed").with_overrides([*TINY, "head_epochs=0", "finetune_epochs=1", "finetune_from=layer4.2",
-                                       f"precision={precision}", f"compile={mode}"])
+    r = preset("seed").with_overrides(
+        [
+            *TINY,
+            "head_epochs=0",
+            "finetune_epochs=1",
+            "finetune_from=layer4.2",
+            f"precision={precision}",
+            f"compile={mode}",
+        ]
+    )
     torch._dynamo.reset()
     compiled = fit(fresh(r, pretrained), r, *tiny_data, progress=False)
     eager = fit(fresh(r, pretrained), r.with_overrides(["compile=off"]), *tiny_data, progress=False)

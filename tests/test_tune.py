@@ -28,14 +28,46 @@ from cifar_transfer.jobs.tune import SPACES, TuneError, check_space, open_study,
 from cifar_transfer.recipe import preset
 
 # A trial of a couple of seconds: 100 images, two head epochs and one fine-tuning epoch of the last block.
-TINY = ["--preset", "smoke", "--set", "train_size=100", "--set", "val_size=100", "--set", "head_epochs=2",
-        "--set", "finetune_epochs=1", "--set", "finetune_from=layer4.2", "--set", "analysis=false"]
+TINY = [
+    "--preset",
+    "smoke",
+    "--set",
+    "train_size=100",
+    "--set",
+    "val_size=100",
+    "--set",
+    "head_epochs=2",
+    "--set",
+    "finetune_epochs=1",
+    "--set",
+    "finetune_from=layer4.2",
+    "--set",
+    "analysis=false",
+]
 
 
 def worker(out: Path, data: Path, weights: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cifar_transfer", "tune", *TINY, "--out", str(out),
-                             "--data-dir", str(data), "--weights", str(weights), "--no-progress",
-                             "--no-download", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cifar_transfer",
+            "tune",
+            *TINY,
+            "--out",
+            str(out),
+            "--data-dir",
+            str(data),
+            "--weights",
+            str(weights),
+            "--no-progress",
+            "--no-download",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(*procs: subprocess.Popen) -> None:
@@ -78,17 +110,20 @@ def test_default_spaces_sample_valid_recipes() -> None:
             assert {k: getattr(recipe, k) for k in space} == fixed
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ('[head_lr]\nlow = 0.1\nhigh = 0.01\n', "field head_lr: low=0.1 must be below high=0.01"),
-    ('[head_lrr]\nlow = 0.1\nhigh = 1.0\n', "field head_lrr: not a recipe field"),
-    ('[head_lr]\nlow = 0.0\nhigh = 1.0\nlog = true\n', "field head_lr: a log scale needs low > 0"),
-    ('[batch_size]\nlow = 16.5\nhigh = 64\n', "field batch_size: an integer field needs integer low and high"),
-    ('[augment]\nlow = 0\nhigh = 1\n', "field augment: is not a number: give choices"),
-    ('[augment]\nchoices = []\n', "field augment: choices must be a non-empty list"),
-    ('[head_lr]\nlow = 0.001\nhigh = 0.1\nscale = "log"\n', "field head_lr: unknown keys scale"),
-    ('head_lr = 0.01\n', "field head_lr: expected a table"),
-    ('[head_lr\n', "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[head_lr]\nlow = 0.1\nhigh = 0.01\n", "field head_lr: low=0.1 must be below high=0.01"),
+        ("[head_lrr]\nlow = 0.1\nhigh = 1.0\n", "field head_lrr: not a recipe field"),
+        ("[head_lr]\nlow = 0.0\nhigh = 1.0\nlog = true\n", "field head_lr: a log scale needs low > 0"),
+        ("[batch_size]\nlow = 16.5\nhigh = 64\n", "field batch_size: an integer field needs integer low and high"),
+        ("[augment]\nlow = 0\nhigh = 1\n", "field augment: is not a number: give choices"),
+        ("[augment]\nchoices = []\n", "field augment: choices must be a non-empty list"),
+        ('[head_lr]\nlow = 0.001\nhigh = 0.1\nscale = "log"\n', "field head_lr: unknown keys scale"),
+        ("head_lr = 0.01\n", "field head_lr: expected a table"),
+        ("[head_lr\n", "not valid TOML"),
+    ],
+)
 def test_bad_space_files_are_refused_naming_the_field(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "space.toml"
     path.write_text(text)
@@ -99,7 +134,8 @@ def test_bad_space_files_are_refused_naming_the_field(tmp_path: Path, text: str,
 
 @pytest.mark.slow
 def test_two_sqlite_workers_share_one_study_without_the_test_set(
-        tmp_path: Path, no_test_set: Path, cifar, weights_path: Path) -> None:
+    tmp_path: Path, no_test_set: Path, cifar, weights_path: Path
+) -> None:
     out = tmp_path / "tune"
     a = worker(out, no_test_set, weights_path, "--trials", "4", "--sampler-seed", "1")
     b = worker(out, no_test_set, weights_path, "--trials", "4", "--sampler-seed", "2")
@@ -117,8 +153,9 @@ def test_two_sqlite_workers_share_one_study_without_the_test_set(
 
     # a third worker finds the study full: it trains nothing and leaves the count as it was
     finish(worker(out, no_test_set, weights_path, "--trials", "4"))
-    assert len(optuna.load_study(study_name="tune", storage=f"sqlite:///{out / 'study.db'}").trials) == \
-        len(study.trials)
+    assert len(optuna.load_study(study_name="tune", storage=f"sqlite:///{out / 'study.db'}").trials) == len(
+        study.trials
+    )
 
     # `run` re-trains the best recipe (against a 100-image test set: the validation accuracy is what is compared)
     data = tmp_path / "npz"
@@ -126,10 +163,28 @@ def test_two_sqlite_workers_share_one_study_without_the_test_set(
     np.savez(data / "train.npz", images=cifar[0].images, labels=cifar[0].labels)
     np.savez(data / "test.npz", images=cifar[1].images[:100], labels=cifar[1].labels[:100])
     rerun = tmp_path / "rerun"
-    done = subprocess.run([sys.executable, "-m", "cifar_transfer", "run", "--recipe", str(out / "best_recipe.json"),
-                           "--preset", "smoke", "--out", str(rerun), "--data-dir", str(data),
-                           "--weights", str(weights_path), "--no-progress"], capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cifar_transfer",
+            "run",
+            "--recipe",
+            str(out / "best_recipe.json"),
+            "--preset",
+            "smoke",
+            "--out",
+            str(rerun),
+            "--data-dir",
+            str(data),
+            "--weights",
+            str(weights_path),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     shipped = json.loads((rerun / "metrics.json").read_text())["shipped"]
     assert shipped["val_acc"] == pytest.approx(best.value)
@@ -138,8 +193,16 @@ def test_two_sqlite_workers_share_one_study_without_the_test_set(
 def _open_at_once(barrier, url: str) -> str:
     barrier.wait()
     try:
-        open_study(url, "s", heartbeat=60, pruner="median", sampler_seed=None, trials=4, base=preset("smoke"),
-                   space=SPACES["smoke"])
+        open_study(
+            url,
+            "s",
+            heartbeat=60,
+            pruner="median",
+            sampler_seed=None,
+            trials=4,
+            base=preset("smoke"),
+            space=SPACES["smoke"],
+        )
         return "ok"
     except TuneError as e:
         return str(e)
@@ -168,11 +231,19 @@ def test_unreachable_storage_is_named_without_its_password(tmp_path: Path, run_c
     with socket.socket() as bound:
         bound.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
         port = bound.getsockname()[1]
-        done = run_cli("tune", "--preset", "smoke", "--out", str(tmp_path), "--storage",
-                       f"postgresql://tuner:secret@127.0.0.1:{port}/study")
+        done = run_cli(
+            "tune",
+            "--preset",
+            "smoke",
+            "--out",
+            str(tmp_path),
+            "--storage",
+            f"postgresql://tuner:secret@127.0.0.1:{port}/study",
+        )
     assert done.returncode == 1
-    assert done.stderr.startswith(f"error: --storage postgresql://tuner:***@127.0.0.1:{port}/study: "
-                                  "cannot open the study storage (")
+    assert done.stderr.startswith(
+        f"error: --storage postgresql://tuner:***@127.0.0.1:{port}/study: cannot open the study storage ("
+    )
     assert "secret" not in done.stderr
 
 
@@ -194,10 +265,25 @@ def postgres() -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     data = home / "data"
-    subprocess.run([*as_user, bin_dir / "initdb", "-D", data, "-U", "postgres", "--auth=trust"], check=True,
-                   capture_output=True)
-    subprocess.run([*as_user, bin_dir / "pg_ctl", "-D", data, "-l", home / "log", "-w", "-o",
-                    f"-c listen_addresses=127.0.0.1 -p {port} -k {home}", "start"], check=True, capture_output=True)
+    subprocess.run(
+        [*as_user, bin_dir / "initdb", "-D", data, "-U", "postgres", "--auth=trust"], check=True, capture_output=True
+    )
+    subprocess.run(
+        [
+            *as_user,
+            bin_dir / "pg_ctl",
+            "-D",
+            data,
+            "-l",
+            home / "log",
+            "-w",
+            "-o",
+            f"-c listen_addresses=127.0.0.1 -p {port} -k {home}",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
@@ -220,7 +306,8 @@ def first_epoch_written(out: Path, proc: subprocess.Popen) -> Path:
 @pytest.mark.slow
 @pytest.mark.database
 def test_postgres_workers_survive_stopped_and_killed_workers(
-        tmp_path: Path, no_test_set: Path, weights_path: Path, postgres: str) -> None:
+    tmp_path: Path, no_test_set: Path, weights_path: Path, postgres: str
+) -> None:
     common = ["--storage", postgres, "--study", "shared", "--trials", "4", "--heartbeat", "1"]
 
     stopped = worker(tmp_path / "a", no_test_set, weights_path, *common)  # SIGTERM: failed at once
@@ -235,8 +322,10 @@ def test_postgres_workers_survive_stopped_and_killed_workers(
     killed.kill()
     killed.wait()
     time.sleep(2.5)  # the grace period: twice the heartbeat
-    finish(worker(tmp_path / "c", no_test_set, weights_path, *common),
-           worker(tmp_path / "d", no_test_set, weights_path, *common))
+    finish(
+        worker(tmp_path / "c", no_test_set, weights_path, *common),
+        worker(tmp_path / "d", no_test_set, weights_path, *common),
+    )
 
     study = optuna.load_study(study_name="shared", storage=postgres)
     failed = [t for t in check_study(study, 4) if not t.user_attrs.get("surplus")]

@@ -38,13 +38,19 @@ def main() -> None:
         t0, out = time.perf_counter(), []
         for i in range(0, len(x), 32):
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                out.append(model.run(x[i:i + 32].float() / 255, stop=stop).to(torch.bfloat16))
+                out.append(model.run(x[i : i + 32].float() / 255, stop=stop).to(torch.bfloat16))
         print(f"{len(x)} images {time.perf_counter() - t0:.1f} s", flush=True)
         return torch.cat(out)
 
-    cache = {"train": run(sp.train.images), "train_flip": run(sp.train.images, True), "val": run(sp.val.images),
-             "test": run(sp.test.images), "ytrain": torch.from_numpy(sp.train.labels),
-             "yval": torch.from_numpy(sp.val.labels), "ytest": torch.from_numpy(sp.test.labels)}
+    cache = {
+        "train": run(sp.train.images),
+        "train_flip": run(sp.train.images, True),
+        "val": run(sp.val.images),
+        "test": run(sp.test.images),
+        "ytrain": torch.from_numpy(sp.train.labels),
+        "yval": torch.from_numpy(sp.val.labels),
+        "ytest": torch.from_numpy(sp.test.labels),
+    }
     OUT.mkdir(exist_ok=True)
     torch.save(cache, OUT / f"cache{res}_s{seed}_b{block}.pt")
 

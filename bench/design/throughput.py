@@ -40,8 +40,9 @@ def frozen_stages(net: torch.nn.Module, layout: torch.memory_format, bf16: bool)
 
 def top_training(net: torch.nn.Module, layout: torch.memory_format, bf16: bool) -> float:
     """Images per second of a training step of layer4 + the 128-64 head on 8x8 layer3 activations (batch 64)."""
-    head = torch.nn.Sequential(torch.nn.Linear(2048, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),
-                               torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    head = torch.nn.Sequential(
+        torch.nn.Linear(2048, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)
+    )
     top = torch.nn.Sequential(net.layer4, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), head).train()
     top.to(memory_format=layout)
     opt = torch.optim.SGD(top.parameters(), lr=0.01, momentum=0.9)
@@ -62,9 +63,12 @@ def main() -> None:
     net = resnet50().eval()
     for layout, name in ((torch.contiguous_format, "contiguous"), (torch.channels_last, "channels-last")):
         for bf16 in (False, True):
-            print(f"128 px {'bf16' if bf16 else 'fp32'} {name}: frozen stages {frozen_stages(net, layout, bf16):.0f} "
-                  f"img/s (batch 32), layer4 + head training {top_training(net, layout, bf16):.0f} img/s "
-                  "(batch 64)", flush=True)
+            print(
+                f"128 px {'bf16' if bf16 else 'fp32'} {name}: frozen stages {frozen_stages(net, layout, bf16):.0f} "
+                f"img/s (batch 32), layer4 + head training {top_training(net, layout, bf16):.0f} img/s "
+                "(batch 64)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

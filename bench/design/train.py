@@ -40,7 +40,7 @@ def main() -> None:
     m = build_model(Recipe(resolution=128), load_pretrained(os.environ["CIFAR_TRANSFER_WEIGHTS"]))
     m = m.to(memory_format=torch.channels_last)
     head = m.head
-    body = torch.nn.Sequential(*m.backbone.layer3[a.blk:], *m.backbone.layer4)
+    body = torch.nn.Sequential(*m.backbone.layer3[a.blk :], *m.backbone.layer4)
     g = torch.Generator().manual_seed(0)
     xt, xf, yt = c["train"], c["train_flip"], c["ytrain"]
     n = len(yt)
@@ -50,7 +50,7 @@ def main() -> None:
 
     def batches(bs: int) -> list[torch.Tensor]:
         p = torch.randperm(n, generator=g)
-        return [p[i:i + bs] for i in range(0, n, bs)]
+        return [p[i : i + bs] for i in range(0, n, bs)]
 
     def shift(x: torch.Tensor, p: int) -> torch.Tensor:
         k, _, h, w = x.shape
@@ -70,7 +70,7 @@ def main() -> None:
         out = []
         for i in range(0, len(x), batch):
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                out.append(fwd(x[i:i + batch]).float())
+                out.append(fwd(x[i : i + batch]).float())
         return torch.cat(out)
 
     def accuracy(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -93,13 +93,20 @@ def main() -> None:
         with torch.inference_mode():
             print(f"head epoch {e + 1}: val {(head(pooled[2]).argmax(1) == c['yval']).float().mean():.4f}", flush=True)
     params = list(body.parameters()) + list(head.parameters())
-    opt = torch.optim.SGD([{"params": [p for p in params if p.ndim > 1], "weight_decay": a.wd},
-                           {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0}],
-                          lr=a.lr, momentum=0.9, nesterov=True)
+    opt = torch.optim.SGD(
+        [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": a.wd},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0},
+        ],
+        lr=a.lr,
+        momentum=0.9,
+        nesterov=True,
+    )
     steps = math.ceil(n / a.bs)
     total, warm = a.epochs * steps, round(a.warmup * steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
-                                              0.5 * (1 + math.cos(math.pi * (s - warm) / max(total - warm, 1))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(total - warm, 1)))
+    )
     for e in range(a.epochs):
         t0 = time.perf_counter()
         body.train()

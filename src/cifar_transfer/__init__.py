@@ -10,9 +10,20 @@ from __future__ import annotations
 
 import importlib
 
-_NAMES = {"run": "api", "load": "api", "evaluate": "api", "analyze": "api", "repeat": "api", "compare": "api",
-          "choose_recipe": "api", "Run": "api", "Recipe": "recipe", "preset": "recipe", "PRESETS": "recipe",
-          "Predictor": "serving.predictor"}
+_NAMES = {
+    "run": "api",
+    "load": "api",
+    "evaluate": "api",
+    "analyze": "api",
+    "repeat": "api",
+    "compare": "api",
+    "choose_recipe": "api",
+    "Run": "api",
+    "Recipe": "recipe",
+    "preset": "recipe",
+    "PRESETS": "recipe",
+    "Predictor": "serving.predictor",
+}
 __all__ = sorted(_NAMES)
 
 

@@ -70,8 +70,12 @@ class Run:
         return Image(filename=str(self.figures[name]))
 
 
-def choose_recipe(preset: str | Recipe = "auto", recipe_file: str | Path | None = None, overrides: Sequence[str] = (),
-           device: str = "auto") -> Recipe:
+def choose_recipe(
+    preset: str | Recipe = "auto",
+    recipe_file: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    device: str = "auto",
+) -> Recipe:
     """A Recipe from a preset (`auto`: the one for this machine), a recipe file and `KEY=VALUE` overrides."""
     if isinstance(preset, Recipe):
         return preset.with_overrides(list(overrides))
@@ -80,10 +84,20 @@ def choose_recipe(preset: str | Recipe = "auto", recipe_file: str | Path | None 
     return compose(resolve_preset(preset, device)[0], recipe_file, overrides)
 
 
-def run(preset: str | Recipe = "auto", out: str | Path | None = None, *, overrides: Sequence[str] = (),
-        recipe_file: str | Path | None = None, resume: bool = False, data_dir: str | None = None,
-        weights: str | None = None, device: str = "auto", progress: bool = True, download: bool = True,
-        human_labels: str | Path | None = None) -> Run | None:
+def run(
+    preset: str | Recipe = "auto",
+    out: str | Path | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    recipe_file: str | Path | None = None,
+    resume: bool = False,
+    data_dir: str | None = None,
+    weights: str | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    download: bool = True,
+    human_labels: str | Path | None = None,
+) -> Run | None:
     """Train a recipe, evaluate it on the 10,000 test images, analyse its errors and write the report into
     `out` (default runs/<preset>-<time>; with `resume`, the interrupted run's folder). Under torchrun the
     processes other than rank 0 (which writes the folder) get None."""
@@ -96,9 +110,18 @@ def run(preset: str | Recipe = "auto", out: str | Path | None = None, *, overrid
         preset, chosen_by = resolve_preset(preset, device)
     chosen = choose_recipe(preset, recipe_file, overrides, device)
     folder = Path(out) if out is not None else default_run_dir(chosen.name)
-    metrics = run_job(chosen, folder, data_dir=data_dir, weights=weights, device=device, resume=resume,
-                      progress=progress, download=download, human_labels=Path(human_labels) if human_labels else None,
-                      chosen_by=chosen_by)
+    metrics = run_job(
+        chosen,
+        folder,
+        data_dir=data_dir,
+        weights=weights,
+        device=device,
+        resume=resume,
+        progress=progress,
+        download=download,
+        human_labels=Path(human_labels) if human_labels else None,
+        chosen_by=chosen_by,
+    )
     return None if metrics is None else Run(folder)
 
 
@@ -109,8 +132,15 @@ def load(run: str | Path | Run, device: str = "auto"):
     return Predictor(Path(run), device)
 
 
-def evaluate(run: str | Path | Run, data: str | Path | None = None, *, tta: bool = False, device: str = "auto",
-             download: bool = True, progress: bool = True) -> Run:
+def evaluate(
+    run: str | Path | Run,
+    data: str | Path | None = None,
+    *,
+    tta: bool = False,
+    device: str = "auto",
+    download: bool = True,
+    progress: bool = True,
+) -> Run:
     """The run's model on the test set, an .npz, a CIFAR-10 folder or a folder of photos (one subfolder per class):
     RUN/evaluations/<data>/."""
     from .jobs.evaluate import evaluate as evaluate_job
@@ -119,8 +149,14 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, tta: bool
     return Run(folder)
 
 
-def analyze(run: str | Path | Run, *, data_dir: str | None = None, human_labels: str | Path | None = None,
-            device: str = "auto", download: bool = True) -> Run:
+def analyze(
+    run: str | Path | Run,
+    *,
+    data_dir: str | None = None,
+    human_labels: str | Path | None = None,
+    device: str = "auto",
+    download: bool = True,
+) -> Run:
     """The error analysis of a saved run again: RUN/analysis/."""
     from .jobs.evaluate import analyze as analyze_job
 
@@ -133,8 +169,9 @@ def repeat(preset: str | Recipe = "smoke", seeds: int = 3, out: str | Path | Non
     from .jobs.run import repeat as repeat_job
     from .machine import default_run_dir, default_weights
 
-    chosen = choose_recipe(preset, run_args.pop("recipe_file", None), run_args.pop("overrides", ()),
-                    run_args.get("device", "auto"))
+    chosen = choose_recipe(
+        preset, run_args.pop("recipe_file", None), run_args.pop("overrides", ()), run_args.get("device", "auto")
+    )
     folder = Path(out) if out is not None else default_run_dir(f"{chosen.name}-repeat")
     run_args["weights"] = run_args.get("weights") or default_weights()
     return repeat_job(chosen, seeds, folder, **run_args)

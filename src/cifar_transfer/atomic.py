@@ -81,8 +81,9 @@ def ensure_free(folder: Path, needed: int, what: str) -> None:
     """Refuse to start work whose outputs cannot fit: better now than after an hour of training."""
     free = free_mib(folder)
     if free * MiB < needed:
-        raise DiskFullError(f"{folder}: no space left on device for {what}: about {needed / MiB:,.0f} MiB "
-                            f"needed, {free:,.0f} MiB free")
+        raise DiskFullError(
+            f"{folder}: no space left on device for {what}: about {needed / MiB:,.0f} MiB needed, {free:,.0f} MiB free"
+        )
 
 
 def remove_stale(folder: Path) -> None:

@@ -20,8 +20,10 @@ from .recipe import PRESETS
 EPILOG = """Data is looked for in --data-dir, then $CIFAR_TRANSFER_DATA, then ./data (the official
 cifar-10-batches-py/ folder, cifar-10-python.tar.gz, or train.npz + test.npz), and downloaded into ./data
 if none holds it. Weights: --weights, else $CIFAR_TRANSFER_WEIGHTS, else torchvision's (downloaded)."""
-PRESET_HELP = ("auto: strong with CUDA, lean without; seed: the literal original recipe; strong: 224 px, for a "
-               "GPU; lean: the original claim on a CPU; smoke: a one-minute check")
+PRESET_HELP = (
+    "auto: strong with CUDA, lean without; seed: the literal original recipe; strong: 224 px, for a "
+    "GPU; lean: the original claim on a CPU; smoke: a one-minute check"
+)
 
 
 def _options() -> dict[str, argparse.ArgumentParser]:
@@ -34,21 +36,39 @@ def _options() -> dict[str, argparse.ArgumentParser]:
     device.add_argument("--device", default="auto", help="auto, cpu or cuda")
     training = argparse.ArgumentParser(add_help=False)
     group = training.add_argument_group("training")
-    group.add_argument("--weights", help="'imagenet' (torchvision, downloaded), a .safetensors or a .pth state_dict "
-                                         "in torchvision's key names; default $CIFAR_TRANSFER_WEIGHTS, else "
-                                         "imagenet (with --resume: the weights the run started from)")
+    group.add_argument(
+        "--weights",
+        help="'imagenet' (torchvision, downloaded), a .safetensors or a .pth state_dict "
+        "in torchvision's key names; default $CIFAR_TRANSFER_WEIGHTS, else "
+        "imagenet (with --resume: the weights the run started from)",
+    )
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
     group.add_argument("--out", type=Path, help="output folder (default runs/<preset>-<time>)")
     recipe = argparse.ArgumentParser(add_help=False)
     group = recipe.add_argument_group("recipe (preset, then --recipe FILE, then each --set)")
-    group.add_argument("--recipe", type=Path, metavar="FILE",
-                       help="recipe fields from a file: JSON (a run's recipe.json) or TOML, any subset")
-    group.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a recipe field, e.g. --set finetune_epochs=5 (repeatable); applied last")
+    group.add_argument(
+        "--recipe",
+        type=Path,
+        metavar="FILE",
+        help="recipe fields from a file: JSON (a run's recipe.json) or TOML, any subset",
+    )
+    group.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set finetune_epochs=5 (repeatable); applied last",
+    )
     human = argparse.ArgumentParser(add_help=False)
-    human.add_argument("--human-labels", type=Path, default=os.environ.get("CIFAR_TRANSFER_HUMAN_LABELS"),
-                       metavar="DIR", help="CIFAR-10H folder (cifar10h-probs.npy) for the human-ambiguity "
-                                           "analysis; default $CIFAR_TRANSFER_HUMAN_LABELS; without it: skipped")
+    human.add_argument(
+        "--human-labels",
+        type=Path,
+        default=os.environ.get("CIFAR_TRANSFER_HUMAN_LABELS"),
+        metavar="DIR",
+        help="CIFAR-10H folder (cifar10h-probs.npy) for the human-ambiguity "
+        "analysis; default $CIFAR_TRANSFER_HUMAN_LABELS; without it: skipped",
+    )
     return {"data": data, "device": device, "training": training, "recipe": recipe, "human": human}
 
 
@@ -63,8 +83,11 @@ def _top(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cifar-transfer", epilog=EPILOG, description=(
-        "Fine-tune an ImageNet ResNet-50 on CIFAR-10 in two phases and report where it fails."))
+    p = argparse.ArgumentParser(
+        prog="cifar-transfer",
+        epilog=EPILOG,
+        description=("Fine-tune an ImageNet ResNet-50 on CIFAR-10 in two phases and report where it fails."),
+    )
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = p.add_subparsers(dest="command", required=True)
     o = _options()
@@ -75,88 +98,153 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _training_commands(sub, o: dict) -> None:
     train = [o["recipe"], o["data"], o["device"], o["training"]]
-    r = sub.add_parser("run", parents=[*train, o["human"]], epilog=EPILOG, help="train, evaluate, write a report",
-                       description="Train a recipe, evaluate it on the 10,000 test images and write "
-                                   "runs/<name>/ with metrics, figures and a report.")
+    r = sub.add_parser(
+        "run",
+        parents=[*train, o["human"]],
+        epilog=EPILOG,
+        help="train, evaluate, write a report",
+        description="Train a recipe, evaluate it on the 10,000 test images and write "
+        "runs/<name>/ with metrics, figures and a report.",
+    )
     _preset(r)
     r.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
-    rp = sub.add_parser("repeat", parents=train, help="a recipe with several seeds: mean and spread",
-                        description="Runs the recipe with seeds 0..N-1 into OUT/seed-K/; OUT/repeat.json, report.")
+    rp = sub.add_parser(
+        "repeat",
+        parents=train,
+        help="a recipe with several seeds: mean and spread",
+        description="Runs the recipe with seeds 0..N-1 into OUT/seed-K/; OUT/repeat.json, report.",
+    )
     _preset(rp, "smoke")
     rp.add_argument("--seeds", type=int, default=3, help="how many runs (default 3)")
-    lr = sub.add_parser("lr-find", parents=train, help="learning-rate range test for phase 1 or 2",
-                        description="Grow the learning rate exponentially over training batches on a copy of the "
-                                    "model until the smoothed loss exceeds 4x its best; lr_find.json and .png.")
+    lr = sub.add_parser(
+        "lr-find",
+        parents=train,
+        help="learning-rate range test for phase 1 or 2",
+        description="Grow the learning rate exponentially over training batches on a copy of the "
+        "model until the smoothed loss exceeds 4x its best; lr_find.json and .png.",
+    )
     _preset(lr)
     lr.add_argument("--phase", type=int, choices=(1, 2), default=1, help="1: the head; 2: the fine-tune")
-    lr.add_argument("--from", dest="start_from", type=Path, metavar="RUN_DIR",
-                    help="start from a saved run's model (the sensible start for --phase 2)")
+    lr.add_argument(
+        "--from",
+        dest="start_from",
+        type=Path,
+        metavar="RUN_DIR",
+        help="start from a saved run's model (the sensible start for --phase 2)",
+    )
     lr.add_argument("--steps", type=int, default=100, help="most optimizer steps (default 100)")
     lr.add_argument("--start", type=float, default=1e-7, help="first learning rate (default 1e-7)")
     lr.add_argument("--end", type=float, default=10.0, help="last learning rate (default 10)")
-    t = sub.add_parser("tune", parents=train, epilog=EPILOG, help="an Optuna study scored on validation accuracy",
-                       description="Train sampled recipes as OUT/trial-NNNN (the test set is never read), prune "
-                                   "poor trials, write best_recipe.json, study.json and a report. Workers giving "
-                                   "the same --storage and --study share one study.")
+    t = sub.add_parser(
+        "tune",
+        parents=train,
+        epilog=EPILOG,
+        help="an Optuna study scored on validation accuracy",
+        description="Train sampled recipes as OUT/trial-NNNN (the test set is never read), prune "
+        "poor trials, write best_recipe.json, study.json and a report. Workers giving "
+        "the same --storage and --study share one study.",
+    )
     _preset(t)
     study = t.add_argument_group("study")
     study.add_argument("--space", type=Path, metavar="FILE", help="search space, TOML or JSON (default: preset's)")
     study.add_argument("--trials", type=int, default=20, help="the study's total trials, all workers (default 20)")
     study.add_argument("--study", help="study name; workers giving the same name join one study (default: OUT's)")
-    study.add_argument("--storage", metavar="URL", help="default sqlite:///OUT/study.db; for several machines "
-                                                        "postgresql://USER:PASSWORD@HOST/DB")
+    study.add_argument(
+        "--storage",
+        metavar="URL",
+        help="default sqlite:///OUT/study.db; for several machines postgresql://USER:PASSWORD@HOST/DB",
+    )
     study.add_argument("--pruner", default="median", choices=["median", "asha", "none"], help="default median")
-    study.add_argument("--heartbeat", type=int, default=60, metavar="SECONDS",
-                       help="a dead worker's trials are marked failed after twice this (default 60)")
+    study.add_argument(
+        "--heartbeat",
+        type=int,
+        default=60,
+        metavar="SECONDS",
+        help="a dead worker's trials are marked failed after twice this (default 60)",
+    )
     study.add_argument("--sampler-seed", type=int, help="seed of the TPE sampler (give each worker its own)")
-    e = sub.add_parser("eda", parents=[o["data"]], epilog=EPILOG, help="sample images and class counts",
-                       description="Write samples.png and class_counts.png for a preset's split.")
+    e = sub.add_parser(
+        "eda",
+        parents=[o["data"]],
+        epilog=EPILOG,
+        help="sample images and class counts",
+        description="Write samples.png and class_counts.png for a preset's split.",
+    )
     e.add_argument("--out", type=Path, default=Path("runs/eda"), help="folder for the figures (default runs/eda)")
     e.add_argument("--preset", default="seed", choices=list(PRESETS), help="whose split sizes and seed to use")
 
 
 def _saved_run_commands(sub, o: dict) -> None:
-    a = sub.add_parser("analyze", parents=[o["data"], o["device"], o["human"]], help="error analysis of a saved run",
-                       description="Calibration, flip TTA, human ambiguity (CIFAR-10H), Grad-CAM and corruptions; "
-                                   "written to RUN_DIR/analysis/.")
+    a = sub.add_parser(
+        "analyze",
+        parents=[o["data"], o["device"], o["human"]],
+        help="error analysis of a saved run",
+        description="Calibration, flip TTA, human ambiguity (CIFAR-10H), Grad-CAM and corruptions; "
+        "written to RUN_DIR/analysis/.",
+    )
     a.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    v = sub.add_parser("evaluate", parents=[o["device"]], help="re-evaluate a saved run on the test set or other data",
-                       description="Evaluate RUN_DIR/model.safetensors; results go to RUN_DIR/evaluations/<data>/.")
+    v = sub.add_parser(
+        "evaluate",
+        parents=[o["device"]],
+        help="re-evaluate a saved run on the test set or other data",
+        description="Evaluate RUN_DIR/model.safetensors; results go to RUN_DIR/evaluations/<data>/.",
+    )
     v.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    v.add_argument("--data", help="an .npz (images N x 32 x 32 x 3 uint8, labels), a CIFAR-10 folder, or a folder of "
-                                  "photos with one subfolder per class name (airplane/, cat/, ...); default: the "
-                                  "CIFAR-10 test set")
+    v.add_argument(
+        "--data",
+        help="an .npz (images N x 32 x 32 x 3 uint8, labels), a CIFAR-10 folder, or a folder of "
+        "photos with one subfolder per class name (airplane/, cat/, ...); default: the "
+        "CIFAR-10 test set",
+    )
     v.add_argument("--tta", action="store_true", help="average each prediction with the mirror image's")
     v.add_argument("--no-download", action="store_true", help="never download CIFAR-10; fail if not found")
-    c = sub.add_parser("compare", help="finished runs side by side: recipe differences, results, curves",
-                       description="The recipe fields that differ, results, times, machines, leakage and "
-                                   "learning curves of finished runs. Markdown, HTML and PNG.")
+    c = sub.add_parser(
+        "compare",
+        help="finished runs side by side: recipe differences, results, curves",
+        description="The recipe fields that differ, results, times, machines, leakage and "
+        "learning curves of finished runs. Markdown, HTML and PNG.",
+    )
     c.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
     c.add_argument("--out", type=Path, help="folder for the comparison (default runs/compare-<time>)")
 
 
 def _model_commands(sub, o: dict) -> None:
     calibration = argparse.ArgumentParser(add_help=False)
-    calibration.add_argument("--no-calibration", action="store_true",
-                             help="raw softmax probabilities, without the temperature fitted on validation")
-    pr = sub.add_parser("predict", parents=[calibration], help="classify image files with a trained model",
-                        description="Classify images (PNG, JPEG, WebP, BMP, ...; any size): each is centre-cropped "
-                                    "to a square and downscaled (Lanczos) to 32x32 RGB, as CIFAR-10 was made.")
+    calibration.add_argument(
+        "--no-calibration",
+        action="store_true",
+        help="raw softmax probabilities, without the temperature fitted on validation",
+    )
+    pr = sub.add_parser(
+        "predict",
+        parents=[calibration],
+        help="classify image files with a trained model",
+        description="Classify images (PNG, JPEG, WebP, BMP, ...; any size): each is centre-cropped "
+        "to a square and downscaled (Lanczos) to 32x32 RGB, as CIFAR-10 was made.",
+    )
     pr.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     pr.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
     pr.add_argument("--top", type=_top, default=3, help=f"how many classes to show, 1-{len(CLASSES)} (default 3)")
     pr.add_argument("--json", action="store_true", help="print JSON for machines")
     pr.add_argument("--tta", action="store_true", help="average with the mirror image (flip test-time augmentation)")
-    s = sub.add_parser("serve", parents=[o["device"]], help="serve a trained model over HTTP, with an upload page",
-                       description="POST /predict, POST /predict/batch, GET /health, GET /docs and a page at /.")
+    s = sub.add_parser(
+        "serve",
+        parents=[o["device"]],
+        help="serve a trained model over HTTP, with an upload page",
+        description="POST /predict, POST /predict/batch, GET /health, GET /docs and a page at /.",
+    )
     s.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--max-bytes", type=int, default=10_000_000, help="largest accepted image (default 10 MB)")
     s.add_argument("--max-images", type=int, default=32, help="most images in one /predict/batch request")
-    x = sub.add_parser("export", parents=[calibration], help="export a trained model to ONNX",
-                       description="Export RUN_DIR/model.safetensors to ONNX, written only if ONNX Runtime "
-                                   "reproduces PyTorch's logits within 1e-4.")
+    x = sub.add_parser(
+        "export",
+        parents=[calibration],
+        help="export a trained model to ONNX",
+        description="Export RUN_DIR/model.safetensors to ONNX, written only if ONNX Runtime "
+        "reproduces PyTorch's logits within 1e-4.",
+    )
     x.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     x.add_argument("--onnx", type=Path, required=True, metavar="OUT.onnx", help="where to write the model")
 
@@ -188,8 +276,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     out = args.resume or _out(args, _recipe(args).name)  # --resume: the checkpoint's recipe replaces the one given
     args.folder = out
-    run = api.run(args.preset, out, overrides=args.overrides, recipe_file=args.recipe, resume=bool(args.resume),
-                  human_labels=args.human_labels, **_training_args(args))
+    run = api.run(
+        args.preset,
+        out,
+        overrides=args.overrides,
+        recipe_file=args.recipe,
+        resume=bool(args.resume),
+        human_labels=args.human_labels,
+        **_training_args(args),
+    )
     if run is not None:  # under torchrun, rank 0 reports
         m = run.metrics
         print(f"test accuracy {m['test']['accuracy']:.4f} ({m['timings']['total_s']:.0f} s); report: {run.report}")
@@ -223,8 +318,16 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     out = _out(args, f"lr-find-{recipe.name}")
     training = _training_args(args)
     training.pop("progress")
-    result = lr_find_job(recipe, out, phase=args.phase, start_from=args.start_from, steps=args.steps,
-                         start=args.start, end=args.end, **training)
+    result = lr_find_job(
+        recipe,
+        out,
+        phase=args.phase,
+        start_from=args.start_from,
+        steps=args.steps,
+        start=args.start,
+        end=args.end,
+        **training,
+    )
     found = f"{result['suggestion']:.2e} ({result['method']})" if result["suggestion"] else result["method"]
     print(f"suggested learning rate {found} after {result['steps']} steps; plot: {out / 'lr_find.png'}")
     return 0
@@ -235,14 +338,24 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     recipe = _recipe(args)
     out = _out(args, f"tune-{recipe.name}")
-    result = tune(recipe, out, space=read_space(args.space) if args.space else None, storage=args.storage,
-                  study_name=args.study, trials=args.trials, pruner=args.pruner, heartbeat=args.heartbeat,
-                  sampler_seed=args.sampler_seed, **_training_args(args))
+    result = tune(
+        recipe,
+        out,
+        space=read_space(args.space) if args.space else None,
+        storage=args.storage,
+        study_name=args.study,
+        trials=args.trials,
+        pruner=args.pruner,
+        heartbeat=args.heartbeat,
+        sampler_seed=args.sampler_seed,
+        **_training_args(args),
+    )
     best = result["best"]
     found = "no trial completed"
     if best:
-        found = (f"best validation accuracy {best['value']:.4f} (trial {best['number']}); best recipe: "
-                 f"{best['recipe_file']}")
+        found = (
+            f"best validation accuracy {best['value']:.4f} (trial {best['number']}); best recipe: {best['recipe_file']}"
+        )
     print(f"{found}; report: {out / 'report.html'}")
     return 0
 
@@ -264,8 +377,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for line in skipped:
         print(f"skipped: {line}", file=sys.stderr)
     note = f" ({len(skipped)} skipped)" if skipped else ""
-    print(f"accuracy {metrics['test']['accuracy']:.4f} on {metrics['test']['n']} images{note}; report: "
-          f"{result.report}")
+    print(f"accuracy {metrics['test']['accuracy']:.4f} on {metrics['test']['n']} images{note}; report: {result.report}")
     return 0
 
 
@@ -282,8 +394,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .serving.predictor import Options, predict_files
 
-    results = predict_files(args.run_dir, args.images, args.top,
-                            Options(calibrated=not args.no_calibration, tta=args.tta))
+    results = predict_files(
+        args.run_dir, args.images, args.top, Options(calibrated=not args.no_calibration, tta=args.tta)
+    )
     if args.json:
         print(json.dumps(results, indent=2))
     for r in results:
@@ -309,9 +422,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "repeat": cmd_repeat, "eda": cmd_eda, "lr-find": cmd_lr_find, "tune": cmd_tune,
-            "analyze": cmd_analyze, "evaluate": cmd_evaluate, "compare": cmd_compare, "predict": cmd_predict,
-            "serve": cmd_serve, "export": cmd_export}
+COMMANDS = {
+    "run": cmd_run,
+    "repeat": cmd_repeat,
+    "eda": cmd_eda,
+    "lr-find": cmd_lr_find,
+    "tune": cmd_tune,
+    "analyze": cmd_analyze,
+    "evaluate": cmd_evaluate,
+    "compare": cmd_compare,
+    "predict": cmd_predict,
+    "serve": cmd_serve,
+    "export": cmd_export,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,8 +22,12 @@ def cpu_model() -> dict:
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     flags = set(fields.get("flags", "").split())
     bf16 = "AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags else "none"
-    return {"model": fields.get("model name", platform.processor() or platform.machine()),
-            "cores": os.cpu_count(), "threads": torch.get_num_threads(), "bf16_units": bf16}
+    return {
+        "model": fields.get("model name", platform.processor() or platform.machine()),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "bf16_units": bf16,
+    }
 
 
 def peak_rss_gib() -> float:
@@ -39,10 +43,19 @@ def environment(device: torch.device) -> dict:
         gpu = {"name": name, "memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30}
     else:
         name, gpu = f"CPU: {cpu['model']} ({cpu['threads']} threads, bf16 units: {cpu['bf16_units']})", None
-    return {"device": str(device), "device_name": name, "cpu": cpu, "gpu": gpu,
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "torchvision": torchvision.__version__, "numpy": np.__version__,
-                         "scikit-learn": sklearn.__version__}}
+    return {
+        "device": str(device),
+        "device_name": name,
+        "cpu": cpu,
+        "gpu": gpu,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "numpy": np.__version__,
+            "scikit-learn": sklearn.__version__,
+        },
+    }
 
 
 def default_run_dir(name: str) -> Path:

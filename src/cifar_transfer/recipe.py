@@ -93,10 +93,19 @@ class Recipe:
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name])
         ranges = {  # field: (lowest, highest), both allowed; None: unbounded
-            "seed": (0, 2**32 - 1), "train_size": (10, 50_000), "val_size": (0, 50_000), "resolution": (32, 1024),
-            "batch_size": (1, None), "eval_batch_size": (1, None), "head_epochs": (0, None),
-            "finetune_epochs": (0, None), "momentum": (0, 0.999), "weight_decay": (0, None),
-            "warmup_epochs": (0, self.finetune_epochs), "tta_images": (1, None), "corruption_images": (1, None),
+            "seed": (0, 2**32 - 1),
+            "train_size": (10, 50_000),
+            "val_size": (0, 50_000),
+            "resolution": (32, 1024),
+            "batch_size": (1, None),
+            "eval_batch_size": (1, None),
+            "head_epochs": (0, None),
+            "finetune_epochs": (0, None),
+            "momentum": (0, 0.999),
+            "weight_decay": (0, None),
+            "warmup_epochs": (0, self.finetune_epochs),
+            "tta_images": (1, None),
+            "corruption_images": (1, None),
             "gradcam_images": (1, None),
         }
         for name, (low, high) in ranges.items():
@@ -119,12 +128,16 @@ class Recipe:
             if not 0 <= getattr(self, name) < 1:
                 raise RecipeError(f"recipe field {name}={getattr(self, name)}: must be in [0, 1)")
         if self.finetune_from not in FINETUNE_FROM:
-            raise RecipeError(f"recipe field finetune_from={self.finetune_from!r}: must be stem, a stage "
-                              f"(layer1..layer4) or a block (layer1.0 .. layer4.{BLOCKS[-1] - 1})")
+            raise RecipeError(
+                f"recipe field finetune_from={self.finetune_from!r}: must be stem, a stage "
+                f"(layer1..layer4) or a block (layer1.0 .. layer4.{BLOCKS[-1] - 1})"
+            )
         if self.cache and self.finetune_from != "stem" and self.augment == "crop+flip":
-            raise RecipeError(f"recipe fields finetune_from={self.finetune_from!r} and augment='crop+flip': "
-                              "activations of frozen stages are cached once, so random crops cannot be drawn "
-                              "every step; use augment=flip (or none), or cache=false")
+            raise RecipeError(
+                f"recipe fields finetune_from={self.finetune_from!r} and augment='crop+flip': "
+                "activations of frozen stages are cached once, so random crops cannot be drawn "
+                "every step; use augment=flip (or none), or cache=false"
+            )
         if self.keep == "best_val" and self.val_size == 0:
             raise RecipeError("recipe field keep='best_val' needs a validation split (val_size > 0)")
 
@@ -225,11 +238,28 @@ def _parse(key: str, value: str, kind: object) -> object:
 
 # The fine-tune that reaches the claim, shared by `strong` and `lean`: SGD nesterov with a half-epoch warm-up
 # and cosine decay, light weight decay, bf16 autocast, and the best validation epoch shipped.
-SGD_FINETUNE = {"finetune_optimizer": "sgd", "finetune_lr": 0.01, "nesterov": True, "weight_decay": 5e-5,
-                "schedule": "cosine", "warmup_epochs": 0.5, "precision": "bf16", "keep": "best_val"}
+SGD_FINETUNE = {
+    "finetune_optimizer": "sgd",
+    "finetune_lr": 0.01,
+    "nesterov": True,
+    "weight_decay": 5e-5,
+    "schedule": "cosine",
+    "warmup_epochs": 0.5,
+    "precision": "bf16",
+    "keep": "best_val",
+}
 
-STRONG = {"resolution": 224, "augment": "crop+flip", "label_smoothing": 0.1, "batch_size": 128, "head_epochs": 1,
-          "finetune_epochs": 20, **SGD_FINETUNE, "finetune_bn": "train", "eval_batch_size": 256}
+STRONG = {
+    "resolution": 224,
+    "augment": "crop+flip",
+    "label_smoothing": 0.1,
+    "batch_size": 128,
+    "head_epochs": 1,
+    "finetune_epochs": 20,
+    **SGD_FINETUNE,
+    "finetune_bn": "train",
+    "eval_batch_size": 256,
+}
 
 # Presets are data: each is a set of field values applied to the defaults (which are the seed's).
 PRESETS: dict[str, dict] = {
@@ -259,8 +289,15 @@ PRESETS: dict[str, dict] = {
         "gradcam_images": 100,
     },
     # A tiny run through every step, about a minute on 2 CPU cores.
-    "smoke": {"train_size": 500, "val_size": 500, "head_epochs": 1, "finetune_epochs": 1, "gradcam_images": 32,
-              "corruption_images": 50, "tta_images": 1000},
+    "smoke": {
+        "train_size": 500,
+        "val_size": 500,
+        "head_epochs": 1,
+        "finetune_epochs": 1,
+        "gradcam_images": 32,
+        "corruption_images": 50,
+        "tta_images": 1000,
+    },
 }
 
 
@@ -281,4 +318,3 @@ def compose(preset_name: str, recipe_file: str | Path | None = None, overrides: 
     if recipe_file is not None:
         recipe = recipe.with_file(recipe_file)
     return recipe.with_overrides(list(overrides))
-

@@ -31,8 +31,15 @@ class Analysis:
     gradcam_rows: list[dict]
 
 
-def analyze(model: TransferNet, recipe: Recipe, val: Dataset, test: Dataset, human_dir: Path | None = None,
-            test_logits: np.ndarray | None = None, val_logits: np.ndarray | None = None) -> Analysis:
+def analyze(
+    model: TransferNet,
+    recipe: Recipe,
+    val: Dataset,
+    test: Dataset,
+    human_dir: Path | None = None,
+    test_logits: np.ndarray | None = None,
+    val_logits: np.ndarray | None = None,
+) -> Analysis:
     """Every analysis on `test` (the temperature is fitted on `val`).
 
     `test_logits` and `val_logits`, when the caller has them already, save a pass over those sets.
@@ -53,8 +60,11 @@ def analyze(model: TransferNet, recipe: Recipe, val: Dataset, test: Dataset, hum
     result["attribution"], overlays, rows = _attribution(model, recipe, test, pred, losses)
     index = balanced_sample(test.labels, recipe.corruption_images, recipe.seed, test.source)
     result["robustness"] = robustness.corruption_accuracy(
-        lambda images: logits_for(model, images, recipe).argmax(1), test.images[index], test.labels[index],
-        seed=recipe.seed)
+        lambda images: logits_for(model, images, recipe).argmax(1),
+        test.images[index],
+        test.labels[index],
+        seed=recipe.seed,
+    )
     return Analysis(result, pred, overlays, rows)
 
 
@@ -65,8 +75,13 @@ def _flip_tta(model: TransferNet, recipe: Recipe, test: Dataset, test_logits: np
     both = torch.from_numpy(test_logits[tta]).softmax(1) + torch.from_numpy(flipped).softmax(1)
     plain = float((test_logits[tta].argmax(1) == test.labels[tta]).mean())
     with_tta = float((both.argmax(1).numpy() == test.labels[tta]).mean())
-    return {"images": len(tta), "sampled": len(tta) < len(test), "accuracy": plain, "accuracy_flip_tta": with_tta,
-            "change": with_tta - plain}
+    return {
+        "images": len(tta),
+        "sampled": len(tta) < len(test),
+        "accuracy": plain,
+        "accuracy_flip_tta": with_tta,
+        "change": with_tta - plain,
+    }
 
 
 def balanced_sample(labels: np.ndarray, n: int, seed: int, name: str) -> np.ndarray:
@@ -87,8 +102,9 @@ def _human(human_dir: Path | None, test: Dataset, pred: np.ndarray, losses: np.n
     return human_analysis(human, test.labels, pred, losses)
 
 
-def _attribution(model: TransferNet, recipe: Recipe, test: Dataset, pred: np.ndarray,
-                 losses: np.ndarray) -> tuple[dict, np.ndarray, list[dict]]:
+def _attribution(
+    model: TransferNet, recipe: Recipe, test: Dataset, pred: np.ndarray, losses: np.ndarray
+) -> tuple[dict, np.ndarray, list[dict]]:
     """Centre share of Grad-CAM for a sample of errors vs correct predictions, and the overlays of the worst
     errors."""
     rng = np.random.default_rng(recipe.seed)
@@ -96,13 +112,18 @@ def _attribution(model: TransferNet, recipe: Recipe, test: Dataset, pred: np.nda
     k = recipe.gradcam_images
     errors = rng.choice(wrong, min(k, len(wrong)), replace=False)
     correct = rng.choice(right, min(k, len(right)), replace=False)
-    share = {name: attribution.centre_share(attribution.grad_cam(model, test.images[idx], pred[idx]))
-             for name, idx in (("errors", errors), ("correct", correct))}
+    share = {
+        name: attribution.centre_share(attribution.grad_cam(model, test.images[idx], pred[idx]))
+        for name, idx in (("errors", errors), ("correct", correct))
+    }
     worst = wrong[np.argsort(-losses[wrong], kind="stable")][:16]
     maps = attribution.grad_cam(model, test.images[worst], pred[worst])
     rows = [{"index": i, "true": CLASSES[test.labels[w]], "predicted": CLASSES[pred[w]]} for i, w in enumerate(worst)]
-    result = {"layer": attribution.target_layer(model)[0], "images_per_group": k,
-              "centre_share_errors": float(share["errors"].mean()) if len(errors) else None,
-              "centre_share_correct": float(share["correct"].mean()) if len(correct) else None,
-              "uniform_centre_share": 0.25}
+    result = {
+        "layer": attribution.target_layer(model)[0],
+        "images_per_group": k,
+        "centre_share_errors": float(share["errors"].mean()) if len(errors) else None,
+        "centre_share_correct": float(share["correct"].mean()) if len(correct) else None,
+        "uniform_centre_share": 0.25,
+    }
     return result, attribution.overlays(test.images[worst], maps), rows

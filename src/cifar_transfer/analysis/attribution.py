@@ -23,8 +23,10 @@ def target_layer(model: TransferNet) -> tuple[str, torch.nn.Module]:
     """The deepest of layer1..layer4 whose output is at least MIN_SIDE x MIN_SIDE for this model's input."""
     sides: dict[str, int] = {}
     last = {name: getattr(model.backbone, name)[-1] for name in ("layer1", "layer2", "layer3", "layer4")}
-    hooks = [block.register_forward_hook(lambda m, i, o, name=name: sides.__setitem__(name, o.shape[-1]))
-             for name, block in last.items()]  # a stage's output is its last block's
+    hooks = [
+        block.register_forward_hook(lambda m, i, o, name=name: sides.__setitem__(name, o.shape[-1]))
+        for name, block in last.items()
+    ]  # a stage's output is its last block's
     with torch.no_grad():
         model(torch.zeros(1, 3, 32, 32, device=model.mean.device))
     for h in hooks:
@@ -40,10 +42,11 @@ def grad_cam(model: TransferNet, images: np.ndarray, classes: np.ndarray, batch_
     maps = []
     with GradCAM(model=model.eval(), target_layers=[layer]) as cam:
         for i in range(0, len(images), batch_size):
-            x = to_input(torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).contiguous().to(device))
+            x = to_input(torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2).contiguous().to(device))
             x.requires_grad_(True)  # so activations carry gradients even when the base is frozen (phase 1 only)
-            maps.append(cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c))
-                                                     for c in classes[i:i + batch_size]]))
+            maps.append(
+                cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in classes[i : i + batch_size]])
+            )
     return np.concatenate(maps) if maps else np.zeros((0, 32, 32))
 
 
@@ -56,5 +59,8 @@ def centre_share(maps: np.ndarray) -> np.ndarray:
 
 def overlays(images: np.ndarray, maps: np.ndarray) -> np.ndarray:
     """Heat maps over the images, as uint8 RGB."""
-    return np.stack([show_cam_on_image(im.astype(np.float32) / 255, m, use_rgb=True)
-                     for im, m in zip(images, maps)]) if len(images) else images
+    return (
+        np.stack([show_cam_on_image(im.astype(np.float32) / 255, m, use_rgb=True) for im, m in zip(images, maps)])
+        if len(images)
+        else images
+    )

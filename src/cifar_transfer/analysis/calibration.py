@@ -20,8 +20,13 @@ def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict:
     mean_conf = np.bincount(index, weights=conf, minlength=bins) / np.maximum(count, 1)
     accuracy = np.bincount(index, weights=correct, minlength=bins) / np.maximum(count, 1)
     ece = float(np.sum(count / len(labels) * np.abs(accuracy - mean_conf)))
-    return {"ece": ece, "edges": edges.tolist(), "confidence": mean_conf.tolist(), "accuracy": accuracy.tolist(),
-            "count": count.tolist()}
+    return {
+        "ece": ece,
+        "edges": edges.tolist(),
+        "confidence": mean_conf.tolist(),
+        "accuracy": accuracy.tolist(),
+        "count": count.tolist(),
+    }
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
@@ -49,26 +54,40 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return torch.from_numpy(logits).double().div(temperature).softmax(1).numpy()
 
 
-def shipped_temperature(val_logits: np.ndarray | None, val_labels: np.ndarray, test_logits: np.ndarray,
-                        test_labels: np.ndarray) -> dict:
+def shipped_temperature(
+    val_logits: np.ndarray | None, val_labels: np.ndarray, test_logits: np.ndarray, test_labels: np.ndarray
+) -> dict:
     """The temperature a model ships with (fitted on validation), and what it changes on the test set: the mean
     top-class probability, before and after, beside the accuracy. Without a validation split: none, and why."""
     if val_logits is None or not len(val_logits):
-        return {"temperature": None, "skipped": "no validation split (val_size=0) to fit a temperature on: "
-                                                "predict and serve return uncalibrated probabilities"}
+        return {
+            "temperature": None,
+            "skipped": "no validation split (val_size=0) to fit a temperature on: "
+            "predict and serve return uncalibrated probabilities",
+        }
     t = fit_temperature(val_logits, val_labels)
-    return {"temperature": t, "validation_images": len(val_labels),
-            "test": {"accuracy": float((test_logits.argmax(1) == test_labels).mean()),
-                     "mean_confidence_before": float(softmax(test_logits).max(1).mean()),
-                     "mean_confidence_after": float(softmax(test_logits, t).max(1).mean())}}
+    return {
+        "temperature": t,
+        "validation_images": len(val_labels),
+        "test": {
+            "accuracy": float((test_logits.argmax(1) == test_labels).mean()),
+            "mean_confidence_before": float(softmax(test_logits).max(1).mean()),
+            "mean_confidence_after": float(softmax(test_logits, t).max(1).mean()),
+        },
+    }
 
 
-def calibrate(val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray,
-              test_labels: np.ndarray) -> dict:
+def calibrate(val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray, test_labels: np.ndarray) -> dict:
     """ECE and NLL on the test set before and after a temperature fitted on the validation set."""
     t = fit_temperature(val_logits, val_labels)
     before = reliability(softmax(test_logits), test_labels)
     after = reliability(softmax(test_logits, t), test_labels)
-    return {"temperature": t, "ece_before": before["ece"], "ece_after": after["ece"],
-            "nll_before": nll(test_logits, test_labels), "nll_after": nll(test_logits, test_labels, t),
-            "bins_before": before, "bins_after": after}
+    return {
+        "temperature": t,
+        "ece_before": before["ece"],
+        "ece_after": after["ece"],
+        "nll_before": nll(test_logits, test_labels),
+        "nll_after": nll(test_logits, test_labels, t),
+        "bins_before": before,
+        "bins_after": after,
+    }

@@ -31,8 +31,9 @@ def load_human(folder: Path, labels: np.ndarray) -> np.ndarray:
     return probs
 
 
-def human_analysis(human: np.ndarray, labels: np.ndarray, pred: np.ndarray, losses: np.ndarray,
-                   top_k: int = 16) -> dict:
+def human_analysis(
+    human: np.ndarray, labels: np.ndarray, pred: np.ndarray, losses: np.ndarray, top_k: int = 16
+) -> dict:
     """Human vs model confusion, the leakage split by human ambiguity, and errors on human-clear images."""
     n = len(CLASSES)
     human_cm = np.zeros((n, n))
@@ -46,22 +47,31 @@ def human_analysis(human: np.ndarray, labels: np.ndarray, pred: np.ndarray, loss
             i, j = CLASSES.index(src), CLASSES.index(dst)
             errors = (labels == i) & (pred == j)
             amb = int((errors & ambiguous).sum())
-            pairs.append({"true": src, "predicted": dst, "errors": int(errors.sum()), "on_ambiguous": amb,
-                          "on_clear": int(errors.sum()) - amb,
-                          "share_ambiguous": amb / max(int(errors.sum()), 1),
-                          "ambiguous_rate_in_class": float(ambiguous[labels == i].mean()) if (labels == i).any()
-                          else 0.0})
+            pairs.append(
+                {
+                    "true": src,
+                    "predicted": dst,
+                    "errors": int(errors.sum()),
+                    "on_ambiguous": amb,
+                    "on_clear": int(errors.sum()) - amb,
+                    "share_ambiguous": amb / max(int(errors.sum()), 1),
+                    "ambiguous_rate_in_class": float(ambiguous[labels == i].mean()) if (labels == i).any() else 0.0,
+                }
+            )
     wrong = pred != labels
     clear_errors = np.flatnonzero(wrong & (p_true >= CLEAR_FROM))
     clear_errors = clear_errors[np.argsort(-losses[clear_errors], kind="stable")][:top_k]
     return {
-        "ambiguous_below": AMBIGUOUS_BELOW, "clear_from": CLEAR_FROM,
+        "ambiguous_below": AMBIGUOUS_BELOW,
+        "clear_from": CLEAR_FROM,
         "human_confusion": human_cm.round(6).tolist(),
         "ambiguous_images": int(ambiguous.sum()),
         "errors": int(wrong.sum()),
         "errors_on_ambiguous": int((wrong & ambiguous).sum()),
         "errors_on_clear": int((wrong & (p_true >= CLEAR_FROM)).sum()),
         "leakage": pairs,
-        "clear_errors": [{"index": int(i), "true": CLASSES[labels[i]], "predicted": CLASSES[pred[i]],
-                          "human_true": float(p_true[i])} for i in clear_errors],
+        "clear_errors": [
+            {"index": int(i), "true": CLASSES[labels[i]], "predicted": CLASSES[pred[i]], "human_true": float(p_true[i])}
+            for i in clear_errors
+        ],
     }

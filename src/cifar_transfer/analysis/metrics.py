@@ -32,8 +32,12 @@ def score_predictions(logits: np.ndarray, labels: np.ndarray, top_k: int = 24) -
         "loss": float(losses.mean()),
         "errors": len(wrong),
         "per_class": {
-            c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                "support": int(support[i])}
+            c: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
             for i, c in enumerate(CLASSES)
         },
         "macro_f1": float(f1[support > 0].mean()),  # over the classes present (a photo set may lack some)
@@ -42,13 +46,19 @@ def score_predictions(logits: np.ndarray, labels: np.ndarray, top_k: int = 24) -
         "leakage": leakage(cm),
         "most_confused": most_confused(cm),
         "misclassified": [
-            {"index": int(i), "true": CLASSES[labels[i]], "predicted": CLASSES[pred[i]],
-             "confidence": float(probs[i, pred[i]]), "true_probability": float(probs[i, labels[i]]),
-             "loss": float(losses[i])}
+            {
+                "index": int(i),
+                "true": CLASSES[labels[i]],
+                "predicted": CLASSES[pred[i]],
+                "confidence": float(probs[i, pred[i]]),
+                "true_probability": float(probs[i, labels[i]]),
+                "loss": float(losses[i]),
+            }
             for i in worst
         ],
         "classification_report": classification_report(
-            labels, pred, labels=ks, target_names=list(CLASSES), digits=4, zero_division=0),
+            labels, pred, labels=ks, target_names=list(CLASSES), digits=4, zero_division=0
+        ),
     }
 
 
@@ -58,8 +68,16 @@ def leakage(cm: np.ndarray) -> list[dict]:
     out = []
     for a, b in LEAKAGE_PAIRS:
         i, j = CLASSES.index(a), CLASSES.index(b)
-        out.append({"a": a, "b": b, "a_as_b": float(cm[i, j] / max(rows[i], 1)), "a_as_b_count": int(cm[i, j]),
-                    "b_as_a": float(cm[j, i] / max(rows[j], 1)), "b_as_a_count": int(cm[j, i])})
+        out.append(
+            {
+                "a": a,
+                "b": b,
+                "a_as_b": float(cm[i, j] / max(rows[i], 1)),
+                "a_as_b_count": int(cm[i, j]),
+                "b_as_a": float(cm[j, i] / max(rows[j], 1)),
+                "b_as_a_count": int(cm[j, i]),
+            }
+        )
     return out
 
 
@@ -68,5 +86,7 @@ def most_confused(cm: np.ndarray, k: int = 5) -> list[dict]:
     n = len(cm)
     pairs = [(int(cm[i, j] + cm[j, i]), i, j) for i in range(n) for j in range(i + 1, n)]
     pairs.sort(key=lambda t: (-t[0], t[1], t[2]))
-    return [{"a": CLASSES[i], "b": CLASSES[j], "errors": total, "a_as_b": int(cm[i, j]), "b_as_a": int(cm[j, i])}
-            for total, i, j in pairs[:k]]
+    return [
+        {"a": CLASSES[i], "b": CLASSES[j], "errors": total, "a_as_b": int(cm[i, j]), "b_as_a": int(cm[j, i])}
+        for total, i, j in pairs[:k]
+    ]

@@ -8,8 +8,16 @@ from collections.abc import Callable
 import numpy as np
 
 # Corruptions of ImageNet-C / CIFAR-10-C that run on 32 x 32 images with current numpy and scikit-image.
-CORRUPTIONS = ("gaussian_noise", "impulse_noise", "defocus_blur", "motion_blur", "snow", "contrast", "pixelate",
-               "jpeg_compression")
+CORRUPTIONS = (
+    "gaussian_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "motion_blur",
+    "snow",
+    "contrast",
+    "pixelate",
+    "jpeg_compression",
+)
 SEVERITIES = (1, 2, 3, 4, 5)
 
 
@@ -32,16 +40,27 @@ def corrupt_all(images: np.ndarray, name: str, severity: int, seed: int) -> np.n
         rng = np.random.default_rng(seed)
         return np.stack([impulse_noise(im, severity, rng) for im in images])
     np.random.seed(seed)  # the other corruptions draw from numpy's global generator
-    return np.stack([np.asarray(corrupt(im, corruption_name=name, severity=severity), dtype=np.uint8)
-                     for im in images])
+    return np.stack([np.asarray(corrupt(im, corruption_name=name, severity=severity), dtype=np.uint8) for im in images])
 
 
-def corruption_accuracy(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, labels: np.ndarray,
-                        names: tuple[str, ...] = CORRUPTIONS, seed: int = 0) -> dict:
+def corruption_accuracy(
+    predict: Callable[[np.ndarray], np.ndarray],
+    images: np.ndarray,
+    labels: np.ndarray,
+    names: tuple[str, ...] = CORRUPTIONS,
+    seed: int = 0,
+) -> dict:
     """Accuracy on clean images and on each corruption at severities 1-5."""
     clean = float((predict(images) == labels).mean())
-    table = {name: [float((predict(corrupt_all(images, name, s, seed)) == labels).mean()) for s in SEVERITIES]
-             for name in names}
+    table = {
+        name: [float((predict(corrupt_all(images, name, s, seed)) == labels).mean()) for s in SEVERITIES]
+        for name in names
+    }
     every = [a for accs in table.values() for a in accs]
-    return {"images": len(labels), "clean": clean, "severities": list(SEVERITIES), "accuracy": table,
-            "mean_corrupted": float(np.mean(every)) if every else clean}
+    return {
+        "images": len(labels),
+        "clean": clean,
+        "severities": list(SEVERITIES),
+        "accuracy": table,
+        "mean_corrupted": float(np.mean(every)) if every else clean,
+    }

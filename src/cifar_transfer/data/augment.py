@@ -30,8 +30,7 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = PAD
     pad=0: flips only."""
     n, _, h, w = x.shape
     padded = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect").to(x.dtype)
-    dy, dx = (torch.randint(0, 2 * pad + 1, (2, n), generator=generator, device=generator.device)
-              .to(x.device))
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=generator, device=generator.device).to(x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # n x h x 1
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # n x 1 x w
     flip = torch.rand(n, generator=generator, device=generator.device).to(x.device) < 0.5

@@ -134,9 +134,7 @@ def _read_official(open_member, where: str, test: bool = True) -> tuple[Dataset,
     for n, p in zip(names, parts):
         if len(p) != per_batch:
             raise DataError(f"{where}/{n}: {len(p)} images, batches.meta says {per_batch}")
-    train = Dataset(
-        np.concatenate([p.images for p in parts[:5]]), np.concatenate([p.labels for p in parts[:5]]), where
-    )
+    train = Dataset(np.concatenate([p.images for p in parts[:5]]), np.concatenate([p.labels for p in parts[:5]]), where)
     return train, Dataset(parts[5].images, parts[5].labels, f"{where}/{TEST_BATCH}") if test else None
 
 
@@ -144,8 +142,10 @@ def read_folder(folder: Path, test: bool = True) -> tuple[Dataset, Dataset | Non
     def open_member(name: str) -> IO[bytes]:
         path = folder / name
         if not path.is_file():
-            raise DataError(f"{path}: missing (the official {FOLDER} layout has {', '.join(TRAIN_BATCHES)}, "
-                            f"{TEST_BATCH} and batches.meta)")
+            raise DataError(
+                f"{path}: missing (the official {FOLDER} layout has {', '.join(TRAIN_BATCHES)}, "
+                f"{TEST_BATCH} and batches.meta)"
+            )
         try:
             return open(path, "rb")
         except OSError as e:
@@ -233,7 +233,11 @@ def download(root: Path, url: str = CIFAR_URL, md5: str = CIFAR_MD5) -> Path:
 
 
 def load_cifar10(
-    data_dir: str | Path | None = None, *, allow_download: bool = True, url: str = CIFAR_URL, md5: str = CIFAR_MD5,
+    data_dir: str | Path | None = None,
+    *,
+    allow_download: bool = True,
+    url: str = CIFAR_URL,
+    md5: str = CIFAR_MD5,
     test: bool = True,
 ) -> tuple[Dataset, Dataset | None]:
     """Return (train, test) from the first place that holds CIFAR-10, downloading into ./data if none does.

@@ -101,8 +101,7 @@ def read_image_folder(folder: Path) -> tuple[Dataset, list[str], list[str]]:
             continue
         files = sorted(p for p in entry.rglob("*") if p.is_file() and not p.name.startswith("."))
         if entry.name.lower() not in CLASSES:
-            skipped.append(f"{entry}: not a CIFAR-10 class name ({', '.join(CLASSES)}); its {len(files)} files "
-                           "skipped")
+            skipped.append(f"{entry}: not a CIFAR-10 class name ({', '.join(CLASSES)}); its {len(files)} files skipped")
             continue
         for f in files:
             try:
@@ -116,6 +115,7 @@ def read_image_folder(folder: Path) -> tuple[Dataset, list[str], list[str]]:
             labels.append(CLASSES.index(entry.name.lower()))
             paths.append(str(f))
     if not images:
-        raise DataError(f"{folder}: no readable images in subfolders named after CIFAR-10 classes "
-                        f"({', '.join(CLASSES)})")
+        raise DataError(
+            f"{folder}: no readable images in subfolders named after CIFAR-10 classes ({', '.join(CLASSES)})"
+        )
     return Dataset(np.stack(images), np.array(labels, dtype=np.int64), str(folder)), paths, skipped

@@ -33,12 +33,21 @@ DIVERGED = 4.0  # stop when the smoothed loss exceeds this multiple of its best
 FLAT = 0.05  # a smoothed loss that never falls 5% below its start has no descent to suggest from
 
 
-def lr_find(model: TransferNet, recipe: Recipe, images: torch.Tensor, labels: torch.Tensor, phase: int = 1,
-            start: float = 1e-7, end: float = 10.0, steps: int = 100) -> dict:
+def lr_find(
+    model: TransferNet,
+    recipe: Recipe,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    phase: int = 1,
+    start: float = 1e-7,
+    end: float = 10.0,
+    steps: int = 100,
+) -> dict:
     """The range test on (images, labels) (uint8 on the model's device) for `phase`'s trainable parameters."""
     if not (0 < start < end and math.isfinite(end)) or steps < 3:
-        raise RecipeError(f"lr-find: needs 0 < start < end and at least 3 steps (got start={start}, end={end}, "
-                          f"steps={steps})")
+        raise RecipeError(
+            f"lr-find: needs 0 < start < end and at least 3 steps (got start={start}, end={end}, steps={steps})"
+        )
     model = copy.deepcopy(model)
     params = set_phase(model, phase, recipe)
     opt = make_optimizer(params, phase, recipe)
@@ -68,9 +77,17 @@ def lr_find(model: TransferNet, recipe: Recipe, images: torch.Tensor, labels: to
         best = min(best, smoothed[-1])
         if smoothed[-1] > DIVERGED * best:
             break
-    return {"phase": phase, "optimizer": recipe.head_optimizer if phase == 1 else recipe.finetune_optimizer,
-            "start": start, "end": end, "steps": len(lrs), "lrs": lrs, "losses": losses, "smoothed": smoothed,
-            **suggest(lrs, smoothed)}
+    return {
+        "phase": phase,
+        "optimizer": recipe.head_optimizer if phase == 1 else recipe.finetune_optimizer,
+        "start": start,
+        "end": end,
+        "steps": len(lrs),
+        "lrs": lrs,
+        "losses": losses,
+        "smoothed": smoothed,
+        **suggest(lrs, smoothed),
+    }
 
 
 def suggest(lrs: list[float], smoothed: list[float]) -> dict:
@@ -81,27 +98,45 @@ def suggest(lrs: list[float], smoothed: list[float]) -> dict:
     low = min(smoothed)
     if smoothed[0] - low < FLAT * smoothed[0]:
         rises = next((lr for lr, s in zip(lrs, smoothed) if s > (1 + FLAT) * low), lrs[-1])
-        return {"suggestion": rises / 10, "method": f"a tenth of where the flat loss starts to rise ({rises:.1e})",
-                "minimum_over_10": lrs[int(np.argmin(smoothed))] / 10}
+        return {
+            "suggestion": rises / 10,
+            "method": f"a tenth of where the flat loss starts to rise ({rises:.1e})",
+            "minimum_over_10": lrs[int(np.argmin(smoothed))] / 10,
+        }
     slopes = np.gradient(np.asarray(smoothed), np.log(np.asarray(lrs)))
     # ignore the first and last tenth: the average is still settling at the start and the loss turns up at the end
     skip = len(slopes) // 10
-    steepest = lrs[skip + int(np.argmin(slopes[skip:len(slopes) - skip]))]
-    return {"suggestion": steepest, "method": "steepest descent of the smoothed loss",
-            "minimum_over_10": lrs[int(np.argmin(smoothed))] / 10}
+    steepest = lrs[skip + int(np.argmin(slopes[skip : len(slopes) - skip]))]
+    return {
+        "suggestion": steepest,
+        "method": "steepest descent of the smoothed loss",
+        "minimum_over_10": lrs[int(np.argmin(smoothed))] / 10,
+    }
 
 
-def lr_find_job(recipe: Recipe, out: Path, *, phase: int = 1, start_from: Path | None = None,
-                    data_dir: str | None = None, weights: str | None = None, device: str = "auto",
-                    download: bool = True, steps: int = 100, start: float = 1e-7, end: float = 10.0) -> dict:
+def lr_find_job(
+    recipe: Recipe,
+    out: Path,
+    *,
+    phase: int = 1,
+    start_from: Path | None = None,
+    data_dir: str | None = None,
+    weights: str | None = None,
+    device: str = "auto",
+    download: bool = True,
+    steps: int = 100,
+    start: float = 1e-7,
+    end: float = 10.0,
+) -> dict:
     """`lr-find`: the range test on the recipe's training split (never validation or test images), from the
     pretrained weights with a fresh head, or from a saved run's model (`start_from`, the sensible start for phase
     2); writes lr_find.json and lr_find.png into `out`."""
     dev = pick_device(device)
     if start_from is not None:
         model, saved = load_model(start_from / "model.safetensors")  # the saved network's shape wins
-        recipe = dataclasses.replace(recipe, resolution=saved.resolution, head_hidden=saved.head_hidden,
-                                     dropout=saved.dropout)
+        recipe = dataclasses.replace(
+            recipe, resolution=saved.resolution, head_hidden=saved.head_hidden, dropout=saved.dropout
+        )
     else:
         torch.manual_seed(recipe.seed)
         model = build_model(recipe, load_pretrained(weights or default_weights()))

@@ -38,9 +38,19 @@ def resolve_preset(name: str, device: str = "auto") -> tuple[str, str | None]:
     return chosen, f"--preset auto on {'a CUDA device' if kind == 'cuda' else 'a machine without CUDA'}"
 
 
-def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str | None = None,
-        device: str = "auto", resume: bool = False, progress: bool = True, download: bool = True,
-        human_labels: Path | None = None, chosen_by: str | None = None) -> dict | None:
+def run(
+    recipe: Recipe,
+    out: Path,
+    *,
+    data_dir: str | None = None,
+    weights: str | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    progress: bool = True,
+    download: bool = True,
+    human_labels: Path | None = None,
+    chosen_by: str | None = None,
+) -> dict | None:
     """Train and evaluate one recipe; write everything into `out`; return metrics.json's content.
 
     `weights`: None means the default (on resume: the weights the run was started from). `chosen_by` says why
@@ -66,13 +76,24 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
         if world.main:
             (out / "error.txt").unlink(missing_ok=True)
             figures.data_figures(splits, out, recipe.seed)
-        model, history, train_s = train_to_folder(recipe, out, splits, pretrained, dev, resume_state=state,
-                                                  progress=progress, meta={"network": pretrained.identity()},
-                                                  world=world)
+        model, history, train_s = train_to_folder(
+            recipe,
+            out,
+            splits,
+            pretrained,
+            dev,
+            resume_state=state,
+            progress=progress,
+            meta={"network": pretrained.identity()},
+            world=world,
+        )
         if world.main:
             figures.learning_curves(history, out / "learning_curves.png", recipe.finetune_from)
-        timings = {"phase1_s": sum(h["seconds"] for h in history if h["phase"] == 1),
-                   "phase2_s": sum(h["seconds"] for h in history if h["phase"] == 2), "train_s": train_s}
+        timings = {
+            "phase1_s": sum(h["seconds"] for h in history if h["phase"] == 1),
+            "phase2_s": sum(h["seconds"] for h in history if h["phase"] == 2),
+            "train_s": train_s,
+        }
         t0 = time.perf_counter()
         logits = shared_logits(model, test.images, recipe, world, "test" if progress and world.main else None)
         timings["eval_s"] = time.perf_counter() - t0
@@ -80,18 +101,27 @@ def run(recipe: Recipe, out: Path, *, data_dir: str | None = None, weights: str 
         val_logits = shared_logits(model, splits.val.images, recipe, world) if len(splits.val) else None
         if not world.main:
             return None
-        metrics = {"test": report.write_test_results(logits, test, out),
-                   "calibration": shipped_temperature(val_logits, splits.val.labels, logits, test.labels)}
+        metrics = {
+            "test": report.write_test_results(logits, test, out),
+            "calibration": shipped_temperature(val_logits, splits.val.labels, logits, test.labels),
+        }
         model.temperature = metrics["calibration"]["temperature"]
         timings["calibration_s"] = time.perf_counter() - t0
         save_model(model, recipe, out / "model.safetensors")
-        metrics = {"run": _run_facts(out, recipe, train_full.source, pretrained.source, resume, chosen_by, dev,
-                                     world),
-                   "timings": timings, "data": {"counts": {"train": figures.counts(splits.train),
-                                                           "validation": figures.counts(splits.val),
-                                                           "test": figures.counts(test)}},
-                   "final_epoch": history[-1] if history else {}, "shipped": shipped_epoch(history, recipe),
-                   **metrics}
+        metrics = {
+            "run": _run_facts(out, recipe, train_full.source, pretrained.source, resume, chosen_by, dev, world),
+            "timings": timings,
+            "data": {
+                "counts": {
+                    "train": figures.counts(splits.train),
+                    "validation": figures.counts(splits.val),
+                    "test": figures.counts(test),
+                }
+            },
+            "final_epoch": history[-1] if history else {},
+            "shipped": shipped_epoch(history, recipe),
+            **metrics,
+        }
         if recipe.analysis:
             metrics["analysis"] = _analysis(model, recipe, splits, out, human_labels, logits, val_logits, timings)
         timings["total_s"] = time.perf_counter() - t_start
@@ -109,19 +139,45 @@ def _resume_state(out: Path) -> dict:
     return load_checkpoint(out / CHECKPOINT)
 
 
-def _run_facts(out: Path, recipe: Recipe, data_source: str, weights: str, resumed: bool, chosen_by: str | None,
-               dev: torch.device, world: World) -> dict:
+def _run_facts(
+    out: Path,
+    recipe: Recipe,
+    data_source: str,
+    weights: str,
+    resumed: bool,
+    chosen_by: str | None,
+    dev: torch.device,
+    world: World,
+) -> dict:
     """What metrics.json says about the run: its command, sources, machine and processes."""
-    return {"name": out.name, "command": shlex.join(["cifar-transfer", *sys.argv[1:]]),
-            "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "data_source": data_source,
-            "weights": weights, "resumed": resumed, "preset": recipe.name,
-            "chosen_by": None if resumed else chosen_by, **environment(dev),
-            "distributed": {**world.describe(), "device_of_rank_0": str(dev),
-                            "processes_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", 1))}}
+    return {
+        "name": out.name,
+        "command": shlex.join(["cifar-transfer", *sys.argv[1:]]),
+        "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "data_source": data_source,
+        "weights": weights,
+        "resumed": resumed,
+        "preset": recipe.name,
+        "chosen_by": None if resumed else chosen_by,
+        **environment(dev),
+        "distributed": {
+            **world.describe(),
+            "device_of_rank_0": str(dev),
+            "processes_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+        },
+    }
 
 
-def _analysis(model: TransferNet, recipe: Recipe, splits: Splits, out: Path, human_labels: Path | None,
-              logits: np.ndarray, val_logits: np.ndarray | None, timings: dict) -> dict:
+def _analysis(
+    model: TransferNet,
+    recipe: Recipe,
+    splits: Splits,
+    out: Path,
+    human_labels: Path | None,
+    logits: np.ndarray,
+    val_logits: np.ndarray | None,
+    timings: dict,
+) -> dict:
     """The error analysis and its figures, timed."""
     from ..analysis.analyze import analyze  # Grad-CAM and the corruptions load only for runs that analyse
 
@@ -132,8 +188,9 @@ def _analysis(model: TransferNet, recipe: Recipe, splits: Splits, out: Path, hum
     return analysis.result
 
 
-def shared_logits(model: TransferNet, images: np.ndarray, recipe: Recipe, world: World,
-                  desc: str | None = None) -> np.ndarray:
+def shared_logits(
+    model: TransferNet, images: np.ndarray, recipe: Recipe, world: World, desc: str | None = None
+) -> np.ndarray:
     """Logits for `images`, each rank predicting its share, gathered on every rank (one process: all of them)."""
     mine = logits_for(model, images[world.rows(len(images))], recipe, desc=desc)
     if world.size == 1:
@@ -145,21 +202,26 @@ def shared_logits(model: TransferNet, images: np.ndarray, recipe: Recipe, world:
 def repeat(recipe: Recipe, seeds: int, out: Path, **run_args: object) -> dict:
     """Run the recipe with seeds 0..seeds-1 (subsample and initialisation); mean and std of the results."""
     atomic.check_writable(out)
-    runs = [run(dataclasses.replace(recipe, seed=k, analysis=False), out / f"seed-{k}", **run_args)["test"]
-            for k in range(seeds)]
+    runs = [
+        run(dataclasses.replace(recipe, seed=k, analysis=False), out / f"seed-{k}", **run_args)["test"]
+        for k in range(seeds)
+    ]
     values = {"test accuracy": [r["accuracy"] for r in runs]}
     for i, pair in enumerate(runs[0]["leakage"]):  # every run lists the same pairs in the same order
         values[f"{pair['a']} → {pair['b']}"] = [r["leakage"][i]["a_as_b"] for r in runs]
         values[f"{pair['b']} → {pair['a']}"] = [r["leakage"][i]["b_as_a"] for r in runs]
-    summary = {name: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
-                      "values": v} for name, v in values.items()}
+    summary = {
+        name: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "values": v}
+        for name, v in values.items()
+    }
     result = {"recipe": recipe.to_dict(), "seeds": list(range(seeds)), "summary": summary}
     atomic.write_json(out / "repeat.json", result)
     figures.spread(summary, out / "repeat.png")
     base = preset(recipe.name).to_dict() if recipe.name in PRESETS else {}
     changed = {k: v for k, v in recipe.to_dict().items() if k != "seed" and base.get(k) != v}
-    report.write(out, report.repeat_markdown(recipe.name, seeds, changed, summary),
-                 f"cifar-transfer repeat: {recipe.name}")
+    report.write(
+        out, report.repeat_markdown(recipe.name, seeds, changed, summary), f"cifar-transfer repeat: {recipe.name}"
+    )
     return result
 
 

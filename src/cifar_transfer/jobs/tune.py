@@ -47,10 +47,18 @@ LOG = {"log": True}
 SPACES: dict[str, dict[str, dict]] = {
     "seed": {"head_lr": {"low": 1e-4, "high": 1e-2, **LOG}, "finetune_lr": {"low": 1e-6, "high": 1e-4, **LOG}},
     "smoke": {"head_lr": {"low": 1e-4, "high": 1e-2, **LOG}, "finetune_lr": {"low": 1e-6, "high": 1e-3, **LOG}},
-    "lean": {"head_lr": {"low": 3e-4, "high": 1e-2, **LOG}, "finetune_lr": {"low": 3e-3, "high": 5e-2, **LOG},
-             "label_smoothing": {"low": 0.0, "high": 0.2}, "weight_decay": {"low": 1e-5, "high": 1e-3, **LOG}},
-    "strong": {"finetune_lr": {"low": 3e-3, "high": 5e-2, **LOG}, "label_smoothing": {"low": 0.0, "high": 0.2},
-               "weight_decay": {"low": 1e-5, "high": 1e-3, **LOG}, "warmup_epochs": {"low": 0.0, "high": 2.0}},
+    "lean": {
+        "head_lr": {"low": 3e-4, "high": 1e-2, **LOG},
+        "finetune_lr": {"low": 3e-3, "high": 5e-2, **LOG},
+        "label_smoothing": {"low": 0.0, "high": 0.2},
+        "weight_decay": {"low": 1e-5, "high": 1e-3, **LOG},
+    },
+    "strong": {
+        "finetune_lr": {"low": 3e-3, "high": 5e-2, **LOG},
+        "label_smoothing": {"low": 0.0, "high": 0.2},
+        "weight_decay": {"low": 1e-5, "high": 1e-3, **LOG},
+        "warmup_epochs": {"low": 0.0, "high": 2.0},
+    },
 }
 SPACES["full"] = SPACES["strong"]
 
@@ -126,11 +134,13 @@ def sample(trial: optuna.Trial, base: Recipe, space: dict[str, dict]) -> Recipe:
         if "choices" in spec:
             values[name] = trial.suggest_categorical(name, spec["choices"])
         elif hints[name] is int:
-            values[name] = trial.suggest_int(name, spec["low"], spec["high"], step=spec.get("step", 1),
-                                             log=spec.get("log", False))
+            values[name] = trial.suggest_int(
+                name, spec["low"], spec["high"], step=spec.get("step", 1), log=spec.get("log", False)
+            )
         else:
-            values[name] = trial.suggest_float(name, spec["low"], spec["high"], step=spec.get("step"),
-                                               log=spec.get("log", False))
+            values[name] = trial.suggest_float(
+                name, spec["low"], spec["high"], step=spec.get("step"), log=spec.get("log", False)
+            )
     return dataclasses.replace(base, **values)
 
 
@@ -162,8 +172,17 @@ def with_driver(url: str) -> str:
     return url
 
 
-def open_study(storage: str, name: str, *, heartbeat: int, pruner: str, sampler_seed: int | None, trials: int,
-               base: Recipe, space: dict[str, dict]) -> optuna.Study:
+def open_study(
+    storage: str,
+    name: str,
+    *,
+    heartbeat: int,
+    pruner: str,
+    sampler_seed: int | None,
+    trials: int,
+    base: Recipe,
+    space: dict[str, dict],
+) -> optuna.Study:
     """Create the study or join it; a study started with another base recipe or space is refused."""
     from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
@@ -181,14 +200,20 @@ def open_study(storage: str, name: str, *, heartbeat: int, pruner: str, sampler_
             break
     if rdb is None:
         detail = " ".join(str(failure).split())[:300]
-        raise TuneError(f"--storage {redact(storage)}: cannot open the study storage ({type(failure).__name__}: "
-                        f"{detail})")
-    pruners = {"median": optuna.pruners.MedianPruner(n_startup_trials=2),
-               "asha": optuna.pruners.SuccessiveHalvingPruner(), "none": optuna.pruners.NopPruner()}
-    sampler = optuna.samplers.TPESampler(seed=sampler_seed, multivariate=True, constant_liar=True,
-                                         n_startup_trials=min(10, max(2, trials // 3)))
-    study = optuna.create_study(storage=rdb, study_name=name, direction="maximize", load_if_exists=True,
-                                sampler=sampler, pruner=pruners[pruner])
+        raise TuneError(
+            f"--storage {redact(storage)}: cannot open the study storage ({type(failure).__name__}: {detail})"
+        )
+    pruners = {
+        "median": optuna.pruners.MedianPruner(n_startup_trials=2),
+        "asha": optuna.pruners.SuccessiveHalvingPruner(),
+        "none": optuna.pruners.NopPruner(),
+    }
+    sampler = optuna.samplers.TPESampler(
+        seed=sampler_seed, multivariate=True, constant_liar=True, n_startup_trials=min(10, max(2, trials // 3))
+    )
+    study = optuna.create_study(
+        storage=rdb, study_name=name, direction="maximize", load_if_exists=True, sampler=sampler, pruner=pruners[pruner]
+    )
     mine = {"base_recipe": base.to_dict(), "space": space}
     for key, value in mine.items():
         found = study.user_attrs.get(key)
@@ -199,15 +224,18 @@ def open_study(storage: str, name: str, *, heartbeat: int, pruner: str, sampler_
         if found != stored:
             differ = sorted(k for k in set(found) | set(stored) if found.get(k) != stored.get(k))
             what = "base recipe" if key == "base_recipe" else "search space"
-            raise TuneError(f"study {name!r} in {redact(storage)} was started with another {what} (differs in: "
-                            f"{', '.join(differ)}): join it with the same --preset/--recipe/--set/--space, or "
-                            "start a new --study")
+            raise TuneError(
+                f"study {name!r} in {redact(storage)} was started with another {what} (differs in: "
+                f"{', '.join(differ)}): join it with the same --preset/--recipe/--set/--space, or "
+                "start a new --study"
+            )
     return study
 
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM (what schedulers and `kill` send) ends the trial as Ctrl-C does: Optuna marks it failed."""
+
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
@@ -218,10 +246,23 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def tune(base: Recipe, out: Path, *, space: dict[str, dict] | None = None, storage: str | None = None,
-         study_name: str | None = None, trials: int = 20, pruner: str = "median", heartbeat: int = 60,
-         sampler_seed: int | None = None, data_dir: str | None = None, weights: str | None = None,
-         device: str = "auto", download: bool = True, progress: bool = True) -> dict:
+def tune(
+    base: Recipe,
+    out: Path,
+    *,
+    space: dict[str, dict] | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+    trials: int = 20,
+    pruner: str = "median",
+    heartbeat: int = 60,
+    sampler_seed: int | None = None,
+    data_dir: str | None = None,
+    weights: str | None = None,
+    device: str = "auto",
+    download: bool = True,
+    progress: bool = True,
+) -> dict:
     """Run trials of the study until it holds `trials` (across every worker); then write the study's summary."""
     if base.val_size == 0:
         raise TuneError("tune scores trials on the validation split: the recipe needs val_size > 0")
@@ -238,13 +279,29 @@ def tune(base: Recipe, out: Path, *, space: dict[str, dict] | None = None, stora
     storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     with warnings.catch_warnings():  # heartbeats and stale-trial checks are marked experimental in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study = open_study(storage, name, heartbeat=heartbeat, pruner=pruner, sampler_seed=sampler_seed,
-                           trials=trials, base=base, space=space)
+        study = open_study(
+            storage,
+            name,
+            heartbeat=heartbeat,
+            pruner=pruner,
+            sampler_seed=sampler_seed,
+            trials=trials,
+            base=base,
+            space=space,
+        )
         optuna.storages.fail_stale_trials(study)  # trials of workers killed since the last one ran
         if taken(study) < trials:
             dev = pick_device(device)
-            worker = Worker(base, space, out, trials, dev, load_pretrained(weights or default_weights()),
-                            load_cifar10(data_dir, allow_download=download, test=False)[0], progress)
+            worker = Worker(
+                base,
+                space,
+                out,
+                trials,
+                dev,
+                load_pretrained(weights or default_weights()),
+                load_cifar10(data_dir, allow_download=download, test=False)[0],
+                progress,
+            )
 
             def stop_when_full(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
                 if taken(study) >= trials:
@@ -293,8 +350,9 @@ class Worker:
         splits = split(self.images, None, recipe.train_size, recipe.val_size, recipe.seed)
         t0 = time.perf_counter()
         try:
-            model, history, train_s = train_to_folder(recipe, run_dir, splits, self.pretrained, self.device,
-                                                      progress=self.progress, on_epoch=report_epoch)
+            model, history, train_s = train_to_folder(
+                recipe, run_dir, splits, self.pretrained, self.device, progress=self.progress, on_epoch=report_epoch
+            )
         except TrainingError as e:  # a diverged loss is an outcome of the sampled rates, not a broken worker
             trial.set_user_attr("diverged", str(e).split(";")[0])  # its advice is about resuming runs
             raise optuna.TrialPruned(f"diverged: {e}") from None
@@ -303,14 +361,24 @@ class Worker:
         figures.learning_curves(history, run_dir / "learning_curves.png", recipe.finetune_from)
         save_model(model, recipe, run_dir / "model.safetensors")
         kept = shipped_epoch(history, recipe)
-        atomic.write_json(run_dir / "metrics.json", {
-            "run": {"name": run_dir.name, "study": trial.study.study_name, "trial": trial.number,
-                    "data_source": self.images.source, "weights": self.pretrained.source,
-                    "preset": recipe.name, **environment(self.device)},
-            "timings": {"train_s": train_s, "total_s": time.perf_counter() - t0},
-            "final_epoch": history[-1], "shipped": kept,
-            "validation": {"accuracy": kept["val_acc"], "epoch": kept["epoch"], "n": len(splits.val)},
-        })
+        atomic.write_json(
+            run_dir / "metrics.json",
+            {
+                "run": {
+                    "name": run_dir.name,
+                    "study": trial.study.study_name,
+                    "trial": trial.number,
+                    "data_source": self.images.source,
+                    "weights": self.pretrained.source,
+                    "preset": recipe.name,
+                    **environment(self.device),
+                },
+                "timings": {"train_s": train_s, "total_s": time.perf_counter() - t0},
+                "final_epoch": history[-1],
+                "shipped": kept,
+                "validation": {"accuracy": kept["val_acc"], "epoch": kept["epoch"], "n": len(splits.val)},
+            },
+        )
         return kept["val_acc"]
 
 
@@ -319,21 +387,43 @@ def write_summary(study: optuna.Study, base: Recipe, out: Path, cap: int) -> dic
     rows = []
     for t in study.get_trials(deepcopy=False):
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
-        rows.append({"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-                     "epochs": len(t.intermediate_values), "seconds": seconds, "host": t.user_attrs.get("host"),
-                     "run_dir": t.user_attrs.get("run_dir"),
-                     "note": next((f"{k}: {t.user_attrs[k]}" for k in ("diverged", "invalid") if k in t.user_attrs),
-                                  "surplus (created after the cap)" if t.user_attrs.get("surplus") else "")})
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "value": t.value,
+                "params": t.params,
+                "epochs": len(t.intermediate_values),
+                "seconds": seconds,
+                "host": t.user_attrs.get("host"),
+                "run_dir": t.user_attrs.get("run_dir"),
+                "note": next(
+                    (f"{k}: {t.user_attrs[k]}" for k in ("diverged", "invalid") if k in t.user_attrs),
+                    "surplus (created after the cap)" if t.user_attrs.get("surplus") else "",
+                ),
+            }
+        )
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    result = {"study": study.study_name, "trials_cap": cap, "base_recipe": base.to_dict(),
-              "space": study.user_attrs.get("space"), "trials": rows,
-              "counts": {s.name: sum(r["state"] == s.name for r in rows) for s in TrialState}, "best": None}
+    result = {
+        "study": study.study_name,
+        "trials_cap": cap,
+        "base_recipe": base.to_dict(),
+        "space": study.user_attrs.get("space"),
+        "trials": rows,
+        "counts": {s.name: sum(r["state"] == s.name for r in rows) for s in TrialState},
+        "best": None,
+    }
     if complete:
         best = study.best_trial
         recipe = dataclasses.replace(base, **best.params)
         atomic.write_text(out / "best_recipe.json", recipe.dumps() + "\n")
-        result["best"] = {"number": best.number, "value": best.value, "params": best.params,
-                          "run_dir": best.user_attrs.get("run_dir"), "recipe_file": str(out / "best_recipe.json")}
+        result["best"] = {
+            "number": best.number,
+            "value": best.value,
+            "params": best.params,
+            "run_dir": best.user_attrs.get("run_dir"),
+            "recipe_file": str(out / "best_recipe.json"),
+        }
         result["plots"] = plots(study, out)
     atomic.write_json(out / "study.json", result)
     report.write(out, report.tune_markdown(result), f"cifar-transfer tune: {study.study_name}")
@@ -346,8 +436,11 @@ def plots(study: optuna.Study, out: Path) -> dict[str, str]:
     from optuna.visualization import matplotlib as ovm
 
     drawn = {}
-    for name, draw in (("history", ovm.plot_optimization_history), ("importances", ovm.plot_param_importances),
-                       ("intermediate", ovm.plot_intermediate_values)):
+    for name, draw in (
+        ("history", ovm.plot_optimization_history),
+        ("importances", ovm.plot_param_importances),
+        ("intermediate", ovm.plot_intermediate_values),
+    ):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the matplotlib backend is marked experimental
             try:

@@ -19,15 +19,19 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
 
 @torch.inference_mode()
 def predict_logits(
-    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int, precision: str = "fp32",
-    desc: str | None = None, keep_dtype: bool = False,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    batch_size: int,
+    precision: str = "fp32",
+    desc: str | None = None,
+    keep_dtype: bool = False,
 ) -> torch.Tensor:
     """Logits (float32, on x's device) for uint8 images or cached activations `x`, in batches.
 
     `keep_dtype` returns the outputs in the precision they were computed in (to cache activations in bf16)."""
     out = []
     for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=desc is None, unit="batch", leave=False):
-        xb = x[i:i + batch_size]
+        xb = x[i : i + batch_size]
         with autocast(x.device, precision):
             raw = forward(to_input(xb) if xb.dtype == torch.uint8 else xb)
         y = raw if keep_dtype else raw.float()
@@ -35,13 +39,17 @@ def predict_logits(
     return torch.cat(out)
 
 
-def logits_for(model: nn.Module, images: np.ndarray, recipe: Recipe, flip: bool = False,
-               desc: str | None = None) -> np.ndarray:
+def logits_for(
+    model: nn.Module, images: np.ndarray, recipe: Recipe, flip: bool = False, desc: str | None = None
+) -> np.ndarray:
     """Logits (float32 numpy) for N x 32 x 32 x 3 uint8 images, on the model's device; `flip` mirrors them."""
     device = next(model.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(device)
-    return predict_logits(model.eval(), x.flip(-1) if flip else x, recipe.eval_batch_size, recipe.precision,
-                          desc).cpu().numpy()
+    return (
+        predict_logits(model.eval(), x.flip(-1) if flip else x, recipe.eval_batch_size, recipe.precision, desc)
+        .cpu()
+        .numpy()
+    )
 
 
 def tta_logits(model: nn.Module, images: np.ndarray, recipe: Recipe) -> np.ndarray:

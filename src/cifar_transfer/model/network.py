@@ -76,7 +76,7 @@ class TransferNet(nn.Module):
         """The steps from `start` up to, not including, `stop` (None: through the head, to the logits); a stage
         name stands for its first block."""
         first = STEPS.index(step_name(start))
-        for name in STEPS[first:STEPS.index(step_name(stop)) if stop else None]:
+        for name in STEPS[first : STEPS.index(step_name(stop)) if stop else None]:
             x = self.step(name, x)
         return x
 
@@ -170,4 +170,3 @@ def _temperature(text: str, path: Path) -> float | None:
     if t is not None and not (isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) and t > 0):
         raise WeightsError(f"{path}: metadata temperature={text!r} is not a positive number")
     return t
-

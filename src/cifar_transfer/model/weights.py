@@ -34,9 +34,13 @@ class Pretrained:
 
     def identity(self) -> dict:
         """What defines the network these weights make: a resumed run must be given the same."""
-        return {"weights": IMAGENET if self.source == "torchvision" else self.source,
-                "sha256": digest(self.state_dict), "stride_in_1x1": self.stride_in_1x1,
-                "mean": list(self.mean), "std": list(self.std)}
+        return {
+            "weights": IMAGENET if self.source == "torchvision" else self.source,
+            "sha256": digest(self.state_dict),
+            "stride_in_1x1": self.stride_in_1x1,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
 
 
 def digest(state: dict[str, torch.Tensor]) -> str:
@@ -67,13 +71,15 @@ def load_pretrained(weights: str | Path, url: str | None = None) -> Pretrained:
     default = ResNet50_Weights.IMAGENET1K_V1
     if str(weights) == IMAGENET:
         try:
-            sd = torch.hub.load_state_dict_from_url(url or default.url, progress=True, check_hash=True,
-                                                    weights_only=True)
+            sd = torch.hub.load_state_dict_from_url(
+                url or default.url, progress=True, check_hash=True, weights_only=True
+            )
         except Exception as e:  # network and hash failures come in many types
             raise WeightsError(
                 f"could not download torchvision's ResNet-50 ImageNet weights from {url or default.url} "
                 f"({type(e).__name__}: {e}); pass --weights FILE (.safetensors or .pth) or set "
-                f"$CIFAR_TRANSFER_WEIGHTS") from None
+                f"$CIFAR_TRANSFER_WEIGHTS"
+            ) from None
         return Pretrained(_checked(sd, str(url or default.url)), *_torchvision_norm(), False, "torchvision")
     path = Path(weights)
     if not path.is_file():
@@ -93,8 +99,9 @@ def load_pretrained(weights: str | Path, url: str | None = None) -> Pretrained:
             warnings.simplefilter("ignore")  # torch warns about old pickle protocols before refusing them
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses arbitrary pickles with UnpicklingError; corrupt files vary
-        raise WeightsError(f"{path}: not a plain state_dict loadable with weights_only=True "
-                           f"({first_line(e)})") from None
+        raise WeightsError(
+            f"{path}: not a plain state_dict loadable with weights_only=True ({first_line(e)})"
+        ) from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{path}: expected a state_dict (a dict of tensors), found {type(sd).__name__}")
     return Pretrained(_checked(sd, str(path)), *_torchvision_norm(), False, str(path))
@@ -128,17 +135,21 @@ def _checked(sd: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:
-        parts = [f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}" if missing else "",
-                 f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}" if unexpected else ""]
-        raise WeightsError(f"{where}: not ResNet-50 weights in torchvision's key names: "
-                           + "; ".join(p for p in parts if p))
+        parts = [
+            f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}" if missing else "",
+            f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}" if unexpected else "",
+        ]
+        raise WeightsError(
+            f"{where}: not ResNet-50 weights in torchvision's key names: " + "; ".join(p for p in parts if p)
+        )
     out = {}
     for k, v in sd.items():
         if v.shape != expected[k].shape:
             raise WeightsError(f"{where}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
         if expected[k].is_floating_point() and not v.is_floating_point():  # counters may be of any dtype
-            raise WeightsError(f"{where}: {k} has dtype {str(v.dtype).removeprefix('torch.')}, expected a "
-                               "floating-point tensor")
+            raise WeightsError(
+                f"{where}: {k} has dtype {str(v.dtype).removeprefix('torch.')}, expected a floating-point tensor"
+            )
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise WeightsError(f"{where}: {k} holds non-finite values")
         if k.endswith("running_var") and (v < 0).any():

@@ -53,11 +53,23 @@ def summary(runs: list[dict]) -> dict:
     rows = []
     for r in runs:
         m, t = r["metrics"], r["metrics"]["timings"]
-        leakage = {name: share for p in m["test"]["leakage"]
-                   for name, share in ((f"{p['a']} → {p['b']}", p["a_as_b"]), (f"{p['b']} → {p['a']}", p["b_as_a"]))}
-        rows.append({"run": r["name"], "recipe": {k: r["recipe"][k] for k in fields},
-                     "accuracy": m["test"]["accuracy"], "loss": m["test"]["loss"], "leakage": leakage,
-                     "train_s": t["train_s"], "total_s": t["total_s"], "machine": m["run"]["device_name"]})
+        leakage = {
+            name: share
+            for p in m["test"]["leakage"]
+            for name, share in ((f"{p['a']} → {p['b']}", p["a_as_b"]), (f"{p['b']} → {p['a']}", p["b_as_a"]))
+        }
+        rows.append(
+            {
+                "run": r["name"],
+                "recipe": {k: r["recipe"][k] for k in fields},
+                "accuracy": m["test"]["accuracy"],
+                "loss": m["test"]["loss"],
+                "leakage": leakage,
+                "train_s": t["train_s"],
+                "total_s": t["total_s"],
+                "machine": m["run"]["device_name"],
+            }
+        )
     return {"differing_fields": fields, "runs": rows}
 
 

@@ -103,8 +103,12 @@ def lr_find(result: dict, path: Path) -> Path:
     ax.plot(result["lrs"], result["losses"], color="lightgrey", label="loss per step")
     ax.plot(result["lrs"], result["smoothed"], label="smoothed")
     if result["suggestion"]:
-        ax.axvline(result["suggestion"], color="C3", linestyle="--",
-                   label=f"suggested {result['suggestion']:.1e} ({result['method']})")
+        ax.axvline(
+            result["suggestion"],
+            color="C3",
+            linestyle="--",
+            label=f"suggested {result['suggestion']:.1e} ({result['method']})",
+        )
     ax.set_xscale("log")
     ax.set_ylim(min(result["smoothed"]) * 0.9, 4 * min(result["smoothed"]))  # up to where the test stops
     ax.set_xlabel("learning rate")
@@ -125,14 +129,22 @@ def confusion(cm: list[list[int]], path: Path) -> Path:
     return save(fig, path)
 
 
-def class_matrix(ax: plt.Axes, shade: np.ndarray, values: np.ndarray, fmt: str, cmap: str, xlabel: str,
-                 title: str) -> None:
+def class_matrix(
+    ax: plt.Axes, shade: np.ndarray, values: np.ndarray, fmt: str, cmap: str, xlabel: str, title: str
+) -> None:
     """A 10 x 10 class heat map, coloured by `shade` (in [0, 1]) and annotated with `values`."""
     ax.imshow(shade, cmap=cmap, vmin=0, vmax=1)
     for i in range(len(CLASSES)):
         for j in range(len(CLASSES)):
-            ax.text(j, i, format(values[i, j], fmt), ha="center", va="center", fontsize=7,
-                    color="white" if shade[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                format(values[i, j], fmt),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if shade[i, j] > 0.5 else "black",
+            )
     ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(CLASSES)), CLASSES, fontsize=8)
     ax.set_xlabel(xlabel)
@@ -217,8 +229,10 @@ def spread(summary: dict[str, dict], path: Path) -> Path:
 def data_figures(splits: Splits, out: Path, seed: int = 0) -> None:
     """The data's figures: random samples of each class and the class counts of each split."""
     sample_grid(splits.train, out / "samples.png", seed=seed)
-    class_counts({"train": counts(splits.train), "validation": counts(splits.val), "test": counts(splits.test)},
-                 out / "class_counts.png")
+    class_counts(
+        {"train": counts(splits.train), "validation": counts(splits.val), "test": counts(splits.test)},
+        out / "class_counts.png",
+    )
 
 
 def counts(ds: Dataset) -> list[int]:
@@ -237,8 +251,16 @@ def analysis_figures(analysis: Analysis, test: Dataset, out: Path) -> None:
     if "skipped" not in result["human"]:
         model_cm = confusion_matrix(test.labels, analysis.predictions, labels=range(len(CLASSES)), normalize="true")
         human_vs_model(result["human"]["human_confusion"], model_cm.tolist(), out / "human_vs_model.png")
-        gallery(test.images, result["human"]["clear_errors"], out / "clear_errors.png",
-                title="Model errors on images people found clear (≥ 99% chose the true class)")
-    gallery(analysis.gradcam, analysis.gradcam_rows, out / "gradcam.png",
-            title="Grad-CAM for the predicted class on the worst errors (true → predicted)")
+        gallery(
+            test.images,
+            result["human"]["clear_errors"],
+            out / "clear_errors.png",
+            title="Model errors on images people found clear (≥ 99% chose the true class)",
+        )
+    gallery(
+        analysis.gradcam,
+        analysis.gradcam_rows,
+        out / "gradcam.png",
+        title="Grad-CAM for the predicted class on the worst errors (true → predicted)",
+    )
     robustness(result["robustness"], out / "robustness.png")

@@ -33,28 +33,40 @@ def table(header: list[str], rows: list[list[object]]) -> str:
 def findings(metrics: dict, history: list[dict]) -> list[str]:
     """Plain-language observations, each computed from the numbers."""
     test = metrics["test"]
-    out = [f"Test accuracy is **{pct(test['accuracy'])}** on {test['n']:,} test images "
-           f"({test['errors']:,} errors), mean cross-entropy {test['loss']:.4f}."]
+    out = [
+        f"Test accuracy is **{pct(test['accuracy'])}** on {test['n']:,} test images "
+        f"({test['errors']:,} errors), mean cross-entropy {test['loss']:.4f}."
+    ]
     if history:
         last = history[-1]
         gap = last["train_acc"] - last["val_acc"]
-        verdict = "the model memorises its training subset" if gap > 0.15 else (
-            "a moderate generalisation gap" if gap > 0.05 else "little overfitting")
-        out.append(f"After the last epoch, training accuracy is {pct(last['train_acc'])} and validation accuracy "
-                   f"{pct(last['val_acc'])}: a gap of {100 * gap:.1f} points, {verdict}.")
+        verdict = (
+            "the model memorises its training subset"
+            if gap > 0.15
+            else ("a moderate generalisation gap" if gap > 0.05 else "little overfitting")
+        )
+        out.append(
+            f"After the last epoch, training accuracy is {pct(last['train_acc'])} and validation accuracy "
+            f"{pct(last['val_acc'])}: a gap of {100 * gap:.1f} points, {verdict}."
+        )
         best = max(history, key=lambda h: h["val_acc"])
         if best["epoch"] != last["epoch"]:
-            out.append(f"Validation accuracy peaked at {pct(best['val_acc'])} in epoch {best['epoch']} "
-                       f"(phase {best['phase']}), above the last epoch's.")
+            out.append(
+                f"Validation accuracy peaked at {pct(best['val_acc'])} in epoch {best['epoch']} "
+                f"(phase {best['phase']}), above the last epoch's."
+            )
     per = test["per_class"]
     worst = min(CLASSES, key=lambda c: per[c]["f1"])
     best_c = max(CLASSES, key=lambda c: per[c]["f1"])
-    out.append(f"Hardest class: **{worst}** (F1 {per[worst]['f1']:.3f}); easiest: **{best_c}** "
-               f"(F1 {per[best_c]['f1']:.3f}).")
+    out.append(
+        f"Hardest class: **{worst}** (F1 {per[worst]['f1']:.3f}); easiest: **{best_c}** (F1 {per[best_c]['f1']:.3f})."
+    )
     top = test["most_confused"][0]
-    out.append(f"The most confused pair is {top['a']}↔{top['b']} with {top['errors']} errors "
-               f"({top['a_as_b']} {top['a']} taken for {top['b']}, {top['b_as_a']} the other way): "
-               f"{100 * top['errors'] / max(test['errors'], 1):.1f}% of all errors.")
+    out.append(
+        f"The most confused pair is {top['a']}↔{top['b']} with {top['errors']} errors "
+        f"({top['a_as_b']} {top['a']} taken for {top['b']}, {top['b_as_a']} the other way): "
+        f"{100 * top['errors'] / max(test['errors'], 1):.1f}% of all errors."
+    )
     return out
 
 
@@ -62,11 +74,16 @@ def headline(metrics: dict, recipe: dict) -> str:
     """The report's first lines: this run's accuracy beside the original claim and the literal recipe's result."""
     acc = metrics["test"]["accuracy"]
     verdict = "reaches" if acc >= CLAIM else "falls short of"
-    literal = ("This run *is* that literal recipe." if recipe["name"] == "seed" else
-               f"That literal recipe (preset `seed`) measured **{pct(LITERAL['accuracy'])}** in this project "
-               f"(`{LITERAL['command']}` on {LITERAL['machine']}).")
-    return (f"**Test accuracy {pct(acc)}** on {metrics['test']['n']:,} test images — it {verdict} the "
-            f"{pct(CLAIM)} the original report claimed for its recipe. {literal}")
+    literal = (
+        "This run *is* that literal recipe."
+        if recipe["name"] == "seed"
+        else f"That literal recipe (preset `seed`) measured **{pct(LITERAL['accuracy'])}** in this project "
+        f"(`{LITERAL['command']}` on {LITERAL['machine']})."
+    )
+    return (
+        f"**Test accuracy {pct(acc)}** on {metrics['test']['n']:,} test images — it {verdict} the "
+        f"{pct(CLAIM)} the original report claimed for its recipe. {literal}"
+    )
 
 
 def run_line(metrics: dict, preset: str) -> str:
@@ -77,15 +94,19 @@ def run_line(metrics: dict, preset: str) -> str:
     if "analysis_s" in t:
         times += f", error analysis {t['analysis_s']:.0f} s"
     memory = f" · peak memory {metrics['peak_rss_gib']:.1f} GiB" if "peak_rss_gib" in metrics else ""
-    return (f"Preset **{preset}**{chosen} · {run['device_name']} · {t['total_s']:.0f} s in all ({times}){memory} · "
-            f"{run['finished']}")
+    return (
+        f"Preset **{preset}**{chosen} · {run['device_name']} · {t['total_s']:.0f} s in all ({times}){memory} · "
+        f"{run['finished']}"
+    )
 
 
 def shipped_markdown(s: dict) -> str:
     if not s:
         return ""
-    return (f"The shipped weights are those of epoch {s['epoch']} (phase {s['phase']}, validation accuracy "
-            f"{pct(s['val_acc'])}): {s['why']}. The test set was not used to choose them.")
+    return (
+        f"The shipped weights are those of epoch {s['epoch']} (phase {s['phase']}, validation accuracy "
+        f"{pct(s['val_acc'])}): {s['why']}. The test set was not used to choose them."
+    )
 
 
 def calibration_markdown(c: dict) -> str:
@@ -93,77 +114,114 @@ def calibration_markdown(c: dict) -> str:
     if c.get("temperature") is None:
         return f"Probabilities are not calibrated: {c.get('skipped', 'no temperature was fitted')}."
     t = c["test"]
-    return (f"The model ships with temperature **T = {c['temperature']:.3f}**, fitted on the "
-            f"{c['validation_images']:,} validation images: `predict`, `serve` and the ONNX export return "
-            "softmax(logits / T) unless told not to. On the test set it moves the mean top-class probability from "
-            f"{pct(t['mean_confidence_before'])} to {pct(t['mean_confidence_after'])}, beside an accuracy of "
-            f"{pct(t['accuracy'])}; predictions (the arg-max) do not change.")
+    return (
+        f"The model ships with temperature **T = {c['temperature']:.3f}**, fitted on the "
+        f"{c['validation_images']:,} validation images: `predict`, `serve` and the ONNX export return "
+        "softmax(logits / T) unless told not to. On the test set it moves the mean top-class probability from "
+        f"{pct(t['mean_confidence_before'])} to {pct(t['mean_confidence_after'])}, beside an accuracy of "
+        f"{pct(t['accuracy'])}; predictions (the arg-max) do not change."
+    )
 
 
 def results_markdown(test: dict, pictures: dict[str, str]) -> str:
     """The test-set sections: per-class scores, confusion, leakage, misclassified images."""
     per = test["per_class"]
-    rows = [[c, f"{per[c]['precision']:.4f}", f"{per[c]['recall']:.4f}", f"{per[c]['f1']:.4f}", per[c]["support"]]
-            for c in CLASSES if per[c]["support"]]  # the classes present
-    leak = [[f"{r['a']} ↔ {r['b']}", f"{pct(r['a_as_b'])} ({r['a_as_b_count']})",
-             f"{pct(r['b_as_a'])} ({r['b_as_a_count']})"] for r in test["leakage"]]
+    rows = [
+        [c, f"{per[c]['precision']:.4f}", f"{per[c]['recall']:.4f}", f"{per[c]['f1']:.4f}", per[c]["support"]]
+        for c in CLASSES
+        if per[c]["support"]
+    ]  # the classes present
+    leak = [
+        [
+            f"{r['a']} ↔ {r['b']}",
+            f"{pct(r['a_as_b'])} ({r['a_as_b_count']})",
+            f"{pct(r['b_as_a'])} ({r['b_as_a_count']})",
+        ]
+        for r in test["leakage"]
+    ]
     confused = [[f"{r['a']} ↔ {r['b']}", r["errors"], r["a_as_b"], r["b_as_a"]] for r in test["most_confused"]]
-    wrong = [[r["index"], r["true"], r["predicted"], f"{r['confidence']:.3f}", f"{r['loss']:.3f}"]
-             for r in test["misclassified"][:12]]
-    return "\n\n".join([
-        "## Per-class precision, recall and F1",
-        table(["class", "precision", "recall", "F1", "support"], rows),
-        f"Macro-averaged F1: {test['macro_f1']:.4f}.",
-        "## Confusion matrix",
-        f"![Confusion matrix]({pictures['confusion']})",
-        "## Class leakage between look-alike classes",
-        "Share of each class predicted as the other (count in brackets), in both directions.",
-        table(["pair (a ↔ b)", "a predicted as b", "b predicted as a"], leak),
-        "Most-confused pairs overall (errors in both directions):",
-        table(["pair (a ↔ b)", "errors", "a as b", "b as a"], confused),
-        "## Misclassified images with the highest loss",
-        f"![Misclassified]({pictures['gallery']})",
-        table(["test index", "true", "predicted", "confidence", "loss"], wrong),
-    ])
+    wrong = [
+        [r["index"], r["true"], r["predicted"], f"{r['confidence']:.3f}", f"{r['loss']:.3f}"]
+        for r in test["misclassified"][:12]
+    ]
+    return "\n\n".join(
+        [
+            "## Per-class precision, recall and F1",
+            table(["class", "precision", "recall", "F1", "support"], rows),
+            f"Macro-averaged F1: {test['macro_f1']:.4f}.",
+            "## Confusion matrix",
+            f"![Confusion matrix]({pictures['confusion']})",
+            "## Class leakage between look-alike classes",
+            "Share of each class predicted as the other (count in brackets), in both directions.",
+            table(["pair (a ↔ b)", "a predicted as b", "b predicted as a"], leak),
+            "Most-confused pairs overall (errors in both directions):",
+            table(["pair (a ↔ b)", "errors", "a as b", "b as a"], confused),
+            "## Misclassified images with the highest loss",
+            f"![Misclassified]({pictures['gallery']})",
+            table(["test index", "true", "predicted", "confidence", "loss"], wrong),
+        ]
+    )
 
 
 def run_markdown(metrics: dict, history: list[dict], recipe: dict) -> str:
     run, data = metrics["run"], metrics["data"]
-    hist = [[h["epoch"], h["phase"], f"{h['lr']:.2g}", f"{h['train_loss']:.4f}", f"{h['train_acc']:.4f}",
-             f"{h['val_loss']:.4f}", f"{h['val_acc']:.4f}", f"{h['seconds']:.1f}", "✓" if h.get("shipped") else ""]
-            for h in history]
+    hist = [
+        [
+            h["epoch"],
+            h["phase"],
+            f"{h['lr']:.2g}",
+            f"{h['train_loss']:.4f}",
+            f"{h['train_acc']:.4f}",
+            f"{h['val_loss']:.4f}",
+            f"{h['val_acc']:.4f}",
+            f"{h['seconds']:.1f}",
+            "✓" if h.get("shipped") else "",
+        ]
+        for h in history
+    ]
     counts = [[split, f"{sum(c):,}", min(c), max(c)] for split, c in data["counts"].items()]
-    return "\n\n".join([
-        f"# cifar-transfer report: {run['name']}",
-        headline(metrics, recipe),
-        run_line(metrics, recipe["name"]),
-        "## What this run found",
-        "\n".join(f"- {f}" for f in findings(metrics, history)),
-        "## Data",
-        f"CIFAR-10 from `{run['data_source']}`. Training images are a class-balanced subsample (seed "
-        f"{recipe['seed']}); validation images come from the training images *not* in it; the test set is used "
-        "only for the final evaluation.",
-        table(["split", "images", "fewest per class", "most per class"], counts),
-        "![Images per class](class_counts.png)",
-        "![Sample images](samples.png)",
-        "## Recipe",
-        f"Weights: `{run['weights']}`. Labels are class indices with cross-entropy, the same mathematics as "
-        "one-hot categorical cross-entropy.",
-        table(["field", "value"], [[k, f"`{v}`"] for k, v in recipe.items()]),
-        "## Training",
-        "![Learning curves](learning_curves.png)",
-        shipped_markdown(metrics.get("shipped", {})),
-        "Training loss includes label smoothing when the recipe sets it; validation loss is plain cross-entropy.",
-        table(["epoch", "phase", "lr", "train loss", "train acc", "val loss", "val acc", "seconds", "shipped"], hist),
-        f"# Test set: {pct(metrics['test']['accuracy'])} accuracy",
-        results_markdown(metrics["test"], {"confusion": "confusion_matrix.png", "gallery": "misclassified.png"}),
-        "## Calibrated probabilities",
-        calibration_markdown(metrics["calibration"]) if "calibration" in metrics else "",
-        analysis_markdown(metrics["analysis"]) if "analysis" in metrics else "",
-        "## Reproduce",
-        f"```\n{run['command']}\n```\n\ntorch {run['versions']['torch']}, torchvision "
-        f"{run['versions']['torchvision']}, Python {run['versions']['python']}.",
-    ]) + "\n"
+    return (
+        "\n\n".join(
+            [
+                f"# cifar-transfer report: {run['name']}",
+                headline(metrics, recipe),
+                run_line(metrics, recipe["name"]),
+                "## What this run found",
+                "\n".join(f"- {f}" for f in findings(metrics, history)),
+                "## Data",
+                f"CIFAR-10 from `{run['data_source']}`. Training images are a class-balanced subsample (seed "
+                f"{recipe['seed']}); validation images come from the training images *not* in it; the test set is used "
+                "only for the final evaluation.",
+                table(["split", "images", "fewest per class", "most per class"], counts),
+                "![Images per class](class_counts.png)",
+                "![Sample images](samples.png)",
+                "## Recipe",
+                f"Weights: `{run['weights']}`. Labels are class indices with cross-entropy, the same mathematics as "
+                "one-hot categorical cross-entropy.",
+                table(["field", "value"], [[k, f"`{v}`"] for k, v in recipe.items()]),
+                "## Training",
+                "![Learning curves](learning_curves.png)",
+                shipped_markdown(metrics.get("shipped", {})),
+                "Training loss includes label smoothing when the recipe sets it; "
+                "validation loss is plain cross-entropy.",
+                table(
+                    ["epoch", "phase", "lr", "train loss", "train acc", "val loss", "val acc", "seconds", "shipped"],
+                    hist,
+                ),
+                f"# Test set: {pct(metrics['test']['accuracy'])} accuracy",
+                results_markdown(
+                    metrics["test"], {"confusion": "confusion_matrix.png", "gallery": "misclassified.png"}
+                ),
+                "## Calibrated probabilities",
+                calibration_markdown(metrics["calibration"]) if "calibration" in metrics else "",
+                analysis_markdown(metrics["analysis"]) if "analysis" in metrics else "",
+                "## Reproduce",
+                f"```\n{run['command']}\n```\n\ntorch {run['versions']['torch']}, torchvision "
+                f"{run['versions']['torchvision']}, Python {run['versions']['python']}.",
+            ]
+        )
+        + "\n"
+    )
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;
@@ -181,28 +239,40 @@ def to_html(md: str, folder: Path, title: str) -> str:
         return f'src="data:image/png;base64,{data}"'
 
     body = re.sub(r'src="([^":]+\.png)"', inline, body)
-    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>"
-            f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n")
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n"
+    )
 
 
 def evaluation_markdown(run_dir: Path, metrics: dict) -> str:
     """The report of `evaluate`: accuracy (beside the CIFAR-10 test accuracy when the set is another), what was
     skipped, then the test-set sections."""
     test, ref, skipped = metrics["test"], metrics["cifar10_test_accuracy"], metrics["skipped"]
-    parts = [f"# Evaluation of `{run_dir}` on `{metrics['run']['data_source']}`",
-             f"Accuracy **{pct(test['accuracy'])}** on {test['n']:,} images"
-             + (" with flip test-time augmentation" if metrics["run"]["tta"] else "")
-             + f", mean cross-entropy {test['loss']:.4f}."]
+    parts = [
+        f"# Evaluation of `{run_dir}` on `{metrics['run']['data_source']}`",
+        f"Accuracy **{pct(test['accuracy'])}** on {test['n']:,} images"
+        + (" with flip test-time augmentation" if metrics["run"]["tta"] else "")
+        + f", mean cross-entropy {test['loss']:.4f}.",
+    ]
     if ref is not None:
-        parts.append(f"On the CIFAR-10 test set this model scored {pct(ref)}: a drop of "
-                     f"**{100 * (ref - test['accuracy']):.1f} points** on this set.")
+        parts.append(
+            f"On the CIFAR-10 test set this model scored {pct(ref)}: a drop of "
+            f"**{100 * (ref - test['accuracy']):.1f} points** on this set."
+        )
     if skipped:
         parts.append(f"{len(skipped)} skipped:\n\n" + "\n".join(f"- {s}" for s in skipped))
     parts.append(results_markdown(test, {"confusion": "confusion_matrix.png", "gallery": "misclassified.png"}))
     if any("file" in r for r in test["misclassified"]):
-        parts.append(table(["file", "true", "predicted", "confidence"],
-                           [[f"`{r['file']}`", r["true"], r["predicted"], f"{r['confidence']:.3f}"]
-                            for r in test["misclassified"]]))
+        parts.append(
+            table(
+                ["file", "true", "predicted", "confidence"],
+                [
+                    [f"`{r['file']}`", r["true"], r["predicted"], f"{r['confidence']:.3f}"]
+                    for r in test["misclassified"]
+                ],
+            )
+        )
     return "\n\n".join(parts) + "\n"
 
 
@@ -211,20 +281,27 @@ def compare_markdown(s: dict) -> str:
     the curves."""
     fields, runs = s["differing_fields"], s["runs"]
     rows = [[f"`{k}`", *(f"`{r['recipe'][k]}`" for r in runs)] for k in fields]
-    rows += [["**test accuracy**", *(f"**{pct(r['accuracy'])}**" for r in runs)],
-             ["test loss", *(f"{r['loss']:.4f}" for r in runs)],
-             *([f"leakage {p}", *(pct(r["leakage"][p]) for r in runs)] for p in runs[0]["leakage"]),
-             ["training (s)", *(f"{r['train_s']:.0f}" for r in runs)],
-             ["total (s)", *(f"{r['total_s']:.0f}" for r in runs)],
-             ["machine", *(r["machine"] for r in runs)]]
-    return "\n\n".join([
-        f"# Comparison of {len(runs)} runs",
-        "Recipe fields that differ: " + (", ".join(f"`{k}`" for k in fields) or "none") + ". Leakage is the "
-        "share of the first class of a pair predicted as the second.",
-        table(["", *(f"`{r['run']}`" for r in runs)], rows),
-        "## Learning curves",
-        "![Learning curves](learning_curves.png)",
-    ]) + "\n"
+    rows += [
+        ["**test accuracy**", *(f"**{pct(r['accuracy'])}**" for r in runs)],
+        ["test loss", *(f"{r['loss']:.4f}" for r in runs)],
+        *([f"leakage {p}", *(pct(r["leakage"][p]) for r in runs)] for p in runs[0]["leakage"]),
+        ["training (s)", *(f"{r['train_s']:.0f}" for r in runs)],
+        ["total (s)", *(f"{r['total_s']:.0f}" for r in runs)],
+        ["machine", *(r["machine"] for r in runs)],
+    ]
+    return (
+        "\n\n".join(
+            [
+                f"# Comparison of {len(runs)} runs",
+                "Recipe fields that differ: " + (", ".join(f"`{k}`" for k in fields) or "none") + ". Leakage is the "
+                "share of the first class of a pair predicted as the second.",
+                table(["", *(f"`{r['run']}`" for r in runs)], rows),
+                "## Learning curves",
+                "![Learning curves](learning_curves.png)",
+            ]
+        )
+        + "\n"
+    )
 
 
 def write_test_results(logits: np.ndarray, test: Dataset, out: Path) -> dict:
@@ -248,8 +325,9 @@ def analysis_markdown(a: dict) -> str:
     parts = [
         "# Error analysis",
         "## Calibration",
-        f"Skipped: {cal['skipped']}." if "skipped" in cal else
-        f"Expected calibration error (15 equal-width bins) on the test set: **{cal['ece_before']:.4f}** as "
+        f"Skipped: {cal['skipped']}."
+        if "skipped" in cal
+        else f"Expected calibration error (15 equal-width bins) on the test set: **{cal['ece_before']:.4f}** as "
         f"trained, **{cal['ece_after']:.4f}** after temperature scaling with T = {cal['temperature']:.3f} "
         f"(fitted on the validation set, never the test set). Mean cross-entropy {cal['nll_before']:.4f} → "
         f"{cal['nll_after']:.4f}. T > 1 means the model was over-confident. The temperature is saved with the "
@@ -263,8 +341,17 @@ def analysis_markdown(a: dict) -> str:
     if "skipped" in human:
         parts.append(f"Skipped: {human['skipped']}.")
     else:
-        rows = [[f"{r['true']} → {r['predicted']}", r["errors"], r["on_ambiguous"], r["on_clear"],
-                 pct(r["share_ambiguous"]), pct(r["ambiguous_rate_in_class"])] for r in human["leakage"]]
+        rows = [
+            [
+                f"{r['true']} → {r['predicted']}",
+                r["errors"],
+                r["on_ambiguous"],
+                r["on_clear"],
+                pct(r["share_ambiguous"]),
+                pct(r["ambiguous_rate_in_class"]),
+            ]
+            for r in human["leakage"]
+        ]
         parts += [
             f"An image is *ambiguous* when fewer than {human['ambiguous_below']:.0%} of about 51 people chose its "
             f"true class: {human['ambiguous_images']:,} test images are. Of the model's {human['errors']:,} errors, "
@@ -273,29 +360,50 @@ def analysis_markdown(a: dict) -> str:
             f"{human['clear_from']:.0%} of people labelled correctly.",
             "Leakage split by human ambiguity: if the look-alike confusions came from genuinely ambiguous "
             "images, the share on ambiguous images would far exceed the class's base rate.",
-            table(["true → predicted", "model errors", "on ambiguous", "on the rest", "share ambiguous",
-                    "ambiguous rate in the class"], rows),
+            table(
+                [
+                    "true → predicted",
+                    "model errors",
+                    "on ambiguous",
+                    "on the rest",
+                    "share ambiguous",
+                    "ambiguous rate in the class",
+                ],
+                rows,
+            ),
             "![Human and model confusion](human_vs_model.png)",
             "![Errors on human-clear images](clear_errors.png)",
         ]
     e, c = att["centre_share_errors"], att["centre_share_correct"]
-    parts += ["## Where the model looks (Grad-CAM)",
-              f"Grad-CAM for the predicted class at `{att['layer']}`, the deepest stage with at least 4 × 4 "
-              f"positions at this resolution."]
+    parts += [
+        "## Where the model looks (Grad-CAM)",
+        f"Grad-CAM for the predicted class at `{att['layer']}`, the deepest stage with at least 4 × 4 "
+        f"positions at this resolution.",
+    ]
     if e is not None and c is not None:
-        verdict = ("errors put less attribution on the centre than correct predictions — consistent with the "
-                   "original report's 'background-dominant samples' explanation" if e < c - 0.02 else
-                   "errors do not look at the background more than correct predictions do — no support for the "
-                   "original report's 'background-dominant samples' explanation")
-        parts.append(f"Share of attribution in the central quarter of the image, over {att['images_per_group']} "
-                     f"images per group: errors **{e:.3f}**, correct predictions **{c:.3f}** (a uniform map gives "
-                     f"0.25): {verdict}.")
-    parts += ["![Grad-CAM on the worst errors](gradcam.png)", "## Robustness to common corruptions",
-              f"Accuracy on {rob['images']:,} class-balanced test images (clean: {pct(rob['clean'])}; mean over all "
-              f"corruptions and severities: {pct(rob['mean_corrupted'])}).",
-              table(["corruption", *(f"severity {s}" for s in rob["severities"])],
-                     [[k.replace("_", " "), *(pct(v) for v in accs)] for k, accs in rob["accuracy"].items()]),
-              "![Accuracy under corruptions](robustness.png)"]
+        verdict = (
+            "errors put less attribution on the centre than correct predictions — consistent with the "
+            "original report's 'background-dominant samples' explanation"
+            if e < c - 0.02
+            else "errors do not look at the background more than correct predictions do — no support for the "
+            "original report's 'background-dominant samples' explanation"
+        )
+        parts.append(
+            f"Share of attribution in the central quarter of the image, over {att['images_per_group']} "
+            f"images per group: errors **{e:.3f}**, correct predictions **{c:.3f}** (a uniform map gives "
+            f"0.25): {verdict}."
+        )
+    parts += [
+        "![Grad-CAM on the worst errors](gradcam.png)",
+        "## Robustness to common corruptions",
+        f"Accuracy on {rob['images']:,} class-balanced test images (clean: {pct(rob['clean'])}; mean over all "
+        f"corruptions and severities: {pct(rob['mean_corrupted'])}).",
+        table(
+            ["corruption", *(f"severity {s}" for s in rob["severities"])],
+            [[k.replace("_", " "), *(pct(v) for v in accs)] for k, accs in rob["accuracy"].items()],
+        ),
+        "![Accuracy under corruptions](robustness.png)",
+    ]
     return "\n\n".join(parts)
 
 
@@ -307,14 +415,19 @@ def tta_scope(tta: dict) -> str:
 
 def repeat_markdown(name: str, seeds: int, changed: dict, summary: dict[str, dict]) -> str:
     """The report of `repeat`: mean, std and per-seed values of each measure."""
-    rows = [[measure, pct(s["mean"]), f"{100 * s['std']:.2f} points", ", ".join(pct(x) for x in s["values"])]
-            for measure, s in summary.items()]
+    rows = [
+        [measure, pct(s["mean"]), f"{100 * s['std']:.2f} points", ", ".join(pct(x) for x in s["values"])]
+        for measure, s in summary.items()
+    ]
     fields = ", ".join(f"`{k}={v}`" for k, v in changed.items())
-    return (f"# {name}: {seeds} runs with seeds 0–{seeds - 1}\n\n"
-            + (f"Preset `{name}` with {fields}. " if fields else f"Preset `{name}`. ")
-            + "Each run draws its own training subsample and head initialisation; mean ± standard deviation "
-            "across runs.\n\n" + table(["measure", "mean", "std", "per seed"], rows)
-            + "\n\n![Spread across seeds](repeat.png)\n")
+    return (
+        f"# {name}: {seeds} runs with seeds 0–{seeds - 1}\n\n"
+        + (f"Preset `{name}` with {fields}. " if fields else f"Preset `{name}`. ")
+        + "Each run draws its own training subsample and head initialisation; mean ± standard deviation "
+        "across runs.\n\n"
+        + table(["measure", "mean", "std", "per seed"], rows)
+        + "\n\n![Spread across seeds](repeat.png)\n"
+    )
 
 
 def tune_markdown(s: dict) -> str:
@@ -322,26 +435,45 @@ def tune_markdown(s: dict) -> str:
     counts = ", ".join(f"{n} {state.lower()}" for state, n in s["counts"].items() if n)
     best = s["best"]
     space = ", ".join(f"`{k}`" for k in s["space"] or {})
-    parts = [f"# Study `{s['study']}`",
-             f"{counts} (cap: {s['trials_cap']} trials, counted across every worker). Each trial is scored on "
-             "the validation accuracy of the epoch it ships; the test set is never read while tuning. Fields tuned: "
-             f"{space}; the others are the base recipe's (`{s['base_recipe']['name']}`)."]
+    parts = [
+        f"# Study `{s['study']}`",
+        f"{counts} (cap: {s['trials_cap']} trials, counted across every worker). Each trial is scored on "
+        "the validation accuracy of the epoch it ships; the test set is never read while tuning. Fields tuned: "
+        f"{space}; the others are the base recipe's (`{s['base_recipe']['name']}`).",
+    ]
     if best is None:
         parts.append("No trial has completed yet.")
     else:
-        params = ", ".join(f"`{k}={v:.4g}`" if isinstance(v, float) else f"`{k}={v}`"
-                           for k, v in best["params"].items())
-        parts += [f"**Best: trial {best['number']}, validation accuracy {pct(best['value'])}** with {params}. Its "
-                  f"recipe: `{best['recipe_file']}`; train it and measure it on the test set with "
-                  f"`cifar-transfer run --recipe {best['recipe_file']}`."]
-    rows = [[t["number"], t["state"].lower(), pct(t["value"]) if t["value"] is not None else "",
-             ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items()),
-             t["epochs"], f"{t['seconds']:.0f}" if t["seconds"] is not None else "", t["host"] or "",
-             t["note"]] for t in s["trials"]]
-    parts += ["## Trials", table(["trial", "state", "validation accuracy", "fields", "epochs reported", "seconds",
-                                  "host", "note"], rows)]
-    for name, title in (("history", "Optimisation history"), ("importances", "Field importances"),
-                        ("intermediate", "Validation accuracy per epoch (pruned trials stop early)")):
+        params = ", ".join(
+            f"`{k}={v:.4g}`" if isinstance(v, float) else f"`{k}={v}`" for k, v in best["params"].items()
+        )
+        parts += [
+            f"**Best: trial {best['number']}, validation accuracy {pct(best['value'])}** with {params}. Its "
+            f"recipe: `{best['recipe_file']}`; train it and measure it on the test set with "
+            f"`cifar-transfer run --recipe {best['recipe_file']}`."
+        ]
+    rows = [
+        [
+            t["number"],
+            t["state"].lower(),
+            pct(t["value"]) if t["value"] is not None else "",
+            ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items()),
+            t["epochs"],
+            f"{t['seconds']:.0f}" if t["seconds"] is not None else "",
+            t["host"] or "",
+            t["note"],
+        ]
+        for t in s["trials"]
+    ]
+    parts += [
+        "## Trials",
+        table(["trial", "state", "validation accuracy", "fields", "epochs reported", "seconds", "host", "note"], rows),
+    ]
+    for name, title in (
+        ("history", "Optimisation history"),
+        ("importances", "Field importances"),
+        ("intermediate", "Validation accuracy per epoch (pruned trials stop early)"),
+    ):
         drawn = s.get("plots", {}).get(name)
         if drawn:
             parts += [f"## {title}", f"![{title}]({drawn})" if drawn.endswith(".png") else drawn.capitalize() + "."]

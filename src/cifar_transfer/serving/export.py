@@ -16,9 +16,11 @@ from ..errors import CifarTransferError
 from ..model.network import load_model
 
 TOLERANCE = 1e-4
-PREPROCESSING = ("input 'image': float32 RGB in [0, 1], N x 3 x 32 x 32 (centre-crop to square, Lanczos "
-                 "downscale to 32x32); normalisation and any upsampling happen inside the graph; outputs "
-                 "'logits': N x 10, and 'probabilities': N x 10, softmax(logits / temperature)")
+PREPROCESSING = (
+    "input 'image': float32 RGB in [0, 1], N x 3 x 32 x 32 (centre-crop to square, Lanczos "
+    "downscale to 32x32); normalisation and any upsampling happen inside the graph; outputs "
+    "'logits': N x 10, and 'probabilities': N x 10, softmax(logits / temperature)"
+)
 
 
 class ExportError(CifarTransferError):
@@ -45,15 +47,28 @@ def export_onnx(run_dir: Path, out: Path, calibrated: bool = True, opset: int = 
     temperature = model.temperature if calibrated and model.temperature is not None else None
     net = WithProbabilities(model, temperature or 1.0).eval()
     example = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    program = torch.onnx.export(net, (example,), input_names=["image"], output_names=["logits", "probabilities"],
-                                dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset,
-                                dynamo=True, verbose=False)
+    program = torch.onnx.export(
+        net,
+        (example,),
+        input_names=["image"],
+        output_names=["logits", "probabilities"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        opset_version=opset,
+        dynamo=True,
+        verbose=False,
+    )
     proto = program.model_proto
-    meta = {"classes": json.dumps(CLASSES), "preprocessing": PREPROCESSING,
-            "mean": json.dumps([round(v, 6) for v in model.mean.flatten().tolist()]),
-            "std": json.dumps([round(v, 6) for v in model.std.flatten().tolist()]),
-            "calibrated": json.dumps(temperature is not None), "temperature": json.dumps(temperature),
-            "resolution": str(recipe.resolution), "recipe": recipe.dumps(), "source": str(run_dir)}
+    meta = {
+        "classes": json.dumps(CLASSES),
+        "preprocessing": PREPROCESSING,
+        "mean": json.dumps([round(v, 6) for v in model.mean.flatten().tolist()]),
+        "std": json.dumps([round(v, 6) for v in model.std.flatten().tolist()]),
+        "calibrated": json.dumps(temperature is not None),
+        "temperature": json.dumps(temperature),
+        "resolution": str(recipe.resolution),
+        "recipe": recipe.dumps(),
+        "source": str(run_dir),
+    }
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
     data = proto.SerializeToString()

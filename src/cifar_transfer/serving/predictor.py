@@ -59,15 +59,19 @@ class Predictor:
     def combine(self, logits: np.ndarray, options: Options) -> np.ndarray:
         """Logits of `views(images)` -> N x 10 probabilities: softmax(logits / T), the mean of both views' with TTA."""
         p = softmax(logits, self.temperature if self.calibrated(options) else 1.0).astype(np.float32)
-        return (p[:len(p) // 2] + p[len(p) // 2:]) / 2 if options.tta else p
+        return (p[: len(p) // 2] + p[len(p) // 2 :]) / 2 if options.tta else p
 
     def calibrated(self, options: Options) -> bool:
         return options.calibrated and self.temperature is not None
 
     def describe(self, options: Options) -> dict:
         """What every response says about how its probabilities were made."""
-        return {"model": self.model_id, "calibrated": self.calibrated(options),
-                "temperature": self.temperature if self.calibrated(options) else None, "tta": options.tta}
+        return {
+            "model": self.model_id,
+            "calibrated": self.calibrated(options),
+            "temperature": self.temperature if self.calibrated(options) else None,
+            "tta": options.tta,
+        }
 
     def probabilities(self, images: np.ndarray, options: Options = Options()) -> np.ndarray:
         """N x 32 x 32 x 3 uint8 -> N x 10 class probabilities."""
@@ -90,7 +94,13 @@ def predict_files(run_dir: Path, paths: list[Path], top: int = 3, options: Optio
         except ImageError as e:
             errors[i] = str(e)
     results = dict(zip(images, predictor.predict(np.stack(list(images.values())), options))) if images else {}
-    return [{"image": str(p), "error": errors[i]} if i in errors else
-            {"image": str(p), **predictor.describe(options),
-             "top": [{"class": c, "probability": round(q, 6)} for c, q in results[i].top(top)]}
-            for i, p in enumerate(paths)]
+    return [
+        {"image": str(p), "error": errors[i]}
+        if i in errors
+        else {
+            "image": str(p),
+            **predictor.describe(options),
+            "top": [{"class": c, "probability": round(q, 6)} for c, q in results[i].top(top)],
+        }
+        for i, p in enumerate(paths)
+    ]

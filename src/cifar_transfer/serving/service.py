@@ -38,8 +38,13 @@ LARGE_PIXELS = 1_000_000  # a decode above this many pixels waits for one of the
 LARGE_DECODES = 2
 FORM_OVERHEAD = 65_536  # multipart headers and boundaries around the image bytes
 TopK = Annotated[int, Query(ge=1, le=len(CLASSES), description="how many classes to list, best first")]
-Calibrated = Annotated[bool, Query(description="divide the logits by the model's temperature (fitted on the "
-                                               "validation split) before the softmax; false: raw probabilities")]
+Calibrated = Annotated[
+    bool,
+    Query(
+        description="divide the logits by the model's temperature (fitted on the "
+        "validation split) before the softmax; false: raw probabilities"
+    ),
+]
 TTA = Annotated[bool, Query(description="average the probabilities of the image and its mirror image")]
 
 
@@ -82,7 +87,7 @@ class Batcher:
             start = 0
             for images, future in items:
                 if not future.done():
-                    future.set_result(logits[start:start + len(images)])
+                    future.set_result(logits[start : start + len(images)])
                 start += len(images)
 
 
@@ -142,14 +147,23 @@ class BodyLimit:
 
 async def _too_large(send: Send, detail: str) -> None:
     body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(run_dir: Path, max_bytes: int = MAX_BYTES, max_images: int = MAX_IMAGES,
-               device: str = "auto") -> FastAPI:
+def create_app(
+    run_dir: Path, max_bytes: int = MAX_BYTES, max_images: int = MAX_IMAGES, device: str = "auto"
+) -> FastAPI:
     predictor = Predictor(run_dir, device)
     batcher = Batcher(predictor.logits)
     decoder = Decoder()
@@ -160,16 +174,21 @@ def create_app(run_dir: Path, max_bytes: int = MAX_BYTES, max_images: int = MAX_
         yield
         task.cancel()
 
-    app = FastAPI(title="cifar-transfer", lifespan=lifespan, version="1",
-                  description=f"CIFAR-10 classifier `{predictor.model_id}`. Classes: {', '.join(CLASSES)}.")
+    app = FastAPI(
+        title="cifar-transfer",
+        lifespan=lifespan,
+        version="1",
+        description=f"CIFAR-10 classifier `{predictor.model_id}`. Classes: {', '.join(CLASSES)}.",
+    )
 
-    app.add_middleware(BodyLimit, limits={"/predict": max_bytes + FORM_OVERHEAD,
-                                          "/predict/batch": max_bytes * max_images + FORM_OVERHEAD})
+    app.add_middleware(
+        BodyLimit,
+        limits={"/predict": max_bytes + FORM_OVERHEAD, "/predict/batch": max_bytes * max_images + FORM_OVERHEAD},
+    )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}"
-                             for e in exc.errors())
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}" for e in exc.errors())
         hint = "upload the image as multipart/form-data field 'file' (or 'files' for /predict/batch)"
         return JSONResponse({"detail": f"{problems} ({hint})"}, status_code=422)
 
@@ -184,36 +203,49 @@ def create_app(run_dir: Path, max_bytes: int = MAX_BYTES, max_images: int = MAX_
 
     def result(probs: np.ndarray, top: int) -> dict:
         order = np.argsort(-probs)[:top]
-        return {"top": [{"class": CLASSES[i], "probability": float(probs[i])} for i in order],
-                "probabilities": {c: float(p) for c, p in zip(CLASSES, probs)}}
+        return {
+            "top": [{"class": CLASSES[i], "probability": float(probs[i])} for i in order],
+            "probabilities": {c: float(p) for c, p in zip(CLASSES, probs)},
+        }
 
     async def classify(images: np.ndarray, options: Options) -> np.ndarray:
         return predictor.combine(await batcher.classify(predictor.views(images, options)), options)
 
     @app.post("/predict", summary="Classify one image (multipart field 'file')")
-    async def predict(file: Annotated[UploadFile, File()], top: TopK = 3, calibrated: Calibrated = True,
-                      tta: TTA = False) -> dict:
+    async def predict(
+        file: Annotated[UploadFile, File()], top: TopK = 3, calibrated: Calibrated = True, tta: TTA = False
+    ) -> dict:
         options = Options(calibrated, tta)
         probs = await classify((await decode(file))[None], options)
         return {**predictor.describe(options), **result(probs[0], top)}
 
     @app.post("/predict/batch", summary="Classify several images (multipart fields 'files')")
-    async def predict_batch(files: Annotated[list[UploadFile], File()], top: TopK = 3, calibrated: Calibrated = True,
-                            tta: TTA = False) -> dict:
+    async def predict_batch(
+        files: Annotated[list[UploadFile], File()], top: TopK = 3, calibrated: Calibrated = True, tta: TTA = False
+    ) -> dict:
         if len(files) > max_images:
             raise HTTPException(413, f"{len(files)} images in one request; at most {max_images}")
         options = Options(calibrated, tta)
         probs = await classify(np.stack([await decode(f) for f in files]), options)
-        return {**predictor.describe(options),
-                "results": [{"filename": f.filename, **result(p, top)} for f, p in zip(files, probs)]}
+        return {
+            **predictor.describe(options),
+            "results": [{"filename": f.filename, **result(p, top)} for f, p in zip(files, probs)],
+        }
 
     @app.get("/health", summary="Liveness, the model's id and temperature, and how requests were batched")
     async def health() -> dict:
         sizes = batcher.sizes
-        return {"status": "ok", "model": predictor.model_id, "device": str(predictor.device),
-                "temperature": predictor.temperature,
-                "batches": {"count": sum(sizes.values()), "images": sum(k * n for k, n in sizes.items()),
-                            "largest": max(sizes, default=0)}}
+        return {
+            "status": "ok",
+            "model": predictor.model_id,
+            "device": str(predictor.device),
+            "temperature": predictor.temperature,
+            "batches": {
+                "count": sum(sizes.values()),
+                "images": sum(k * n for k, n in sizes.items()),
+                "largest": max(sizes, default=0),
+            },
+        }
 
     page = resources.files("cifar_transfer.serving").joinpath("static/index.html").read_text(encoding="utf-8")
 

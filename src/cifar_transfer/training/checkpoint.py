@@ -47,8 +47,9 @@ class Progress:
             self.best = {"epoch": row["epoch"], "val_acc": row["val_acc"], "model": weights}
 
 
-def restore(state: dict, model: TransferNet, recipe: Recipe, order: torch.Generator, augmentation: torch.Generator,
-            world: World) -> Progress:
+def restore(
+    state: dict, model: TransferNet, recipe: Recipe, order: torch.Generator, augmentation: torch.Generator, world: World
+) -> Progress:
     """Put the model and every random generator back as `state` (a checkpoint) had them; where training stood."""
     if Recipe.from_dict(state["recipe"]) != recipe:  # as recipes: fields added since take their defaults
         raise TrainingError("checkpoint was written by a different recipe")
@@ -68,8 +69,9 @@ class Checkpointer:
     it is in place. Without a path (ranks other than 0) nothing is written. On leaving the `with` block the last
     write is waited for, and its error raised."""
 
-    def __init__(self, path: Path | None, meta: dict | None, on_saved: Callable[[list[dict]], None] | None,
-                 world: World):
+    def __init__(
+        self, path: Path | None, meta: dict | None, on_saved: Callable[[list[dict]], None] | None, world: World
+    ):
         self.path, self.meta, self.on_saved, self.world = path, meta or {}, on_saved, world
         self.writer = atomic.Background()
 
@@ -83,8 +85,16 @@ class Checkpointer:
         finally:
             self.writer.close()
 
-    def save(self, at: Progress, recipe: Recipe, model: TransferNet, opt: torch.optim.Optimizer, sched,
-             order: torch.Generator, augmentation: torch.Generator) -> None:
+    def save(
+        self,
+        at: Progress,
+        recipe: Recipe,
+        model: TransferNet,
+        opt: torch.optim.Optimizer,
+        sched,
+        order: torch.Generator,
+        augmentation: torch.Generator,
+    ) -> None:
         saved = None if self.on_saved is None else functools.partial(self.on_saved, list(at.history))
         ranks = None  # each rank's augmentation stream, for a resume with the same number of processes
         if self.world.size > 1:  # a collective: every rank takes part
@@ -95,10 +105,20 @@ class Checkpointer:
             return
         self.writer.wait()  # one checkpoint in flight: at most one host copy of the state at a time
         cuda = order.device.type == "cuda"
-        state = {"recipe": recipe.to_dict(), "phase": at.phase, "epoch": at.epoch, "history": list(at.history),
-                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "generator": order.get_state(), "torch_rng": torch.get_rng_state(), "meta": self.meta,
-                 "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None, "rank_generators": ranks}
+        state = {
+            "recipe": recipe.to_dict(),
+            "phase": at.phase,
+            "epoch": at.epoch,
+            "history": list(at.history),
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "generator": order.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "meta": self.meta,
+            "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None,
+            "rank_generators": ranks,
+        }
         # `best` is a clone that is replaced, never changed: saved as it is, not copied again
         self.writer.submit(self.path, host_copy(state, unchanging={"best": at.best}), then=saved)
 
@@ -109,8 +129,9 @@ def host_copy(state: dict, unchanging: dict) -> Callable[[IO[bytes]], None]:
 
     On CUDA the copies go to pinned memory without blocking; the write waits for them (an event)."""
     cuda = any(t.is_cuda for t in tree_leaves(state) if isinstance(t, torch.Tensor))
-    copy = tree_map(lambda t: t.detach().to("cpu", copy=True, non_blocking=cuda) if isinstance(t, torch.Tensor)
-                    else t, state)
+    copy = tree_map(
+        lambda t: t.detach().to("cpu", copy=True, non_blocking=cuda) if isinstance(t, torch.Tensor) else t, state
+    )
     copied = torch.cuda.Event() if cuda else None
     if copied is not None:
         copied.record()
@@ -126,13 +147,16 @@ def host_copy(state: dict, unchanging: dict) -> Callable[[IO[bytes]], None]:
 def checkpoint_bytes(model: TransferNet, recipe: Recipe) -> int:
     """About how large `fit`'s checkpoint grows: the model, the optimizer's state for what trains in phase 2
     (Adam keeps two moments, SGD with momentum one) and, with keep=best_val, the best epoch's weights."""
+
     def size(params) -> int:
         return sum(p.numel() * p.element_size() for p in params)
 
     trainable = [p for m in [*trainable_stages(model, 2, recipe), model.head] for p in m.parameters()]
     moments = {"adam": 2, "sgd": 1 if recipe.momentum else 0}
-    optimizer = max(moments[recipe.head_optimizer] * size(model.head.parameters()),
-                    moments[recipe.finetune_optimizer] * size(trainable))
+    optimizer = max(
+        moments[recipe.head_optimizer] * size(model.head.parameters()),
+        moments[recipe.finetune_optimizer] * size(trainable),
+    )
     model_size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return model_size * (2 if recipe.keep == "best_val" else 1) + optimizer
 
@@ -142,9 +166,11 @@ def check_same_network(recorded: dict, given: dict, path: Path) -> None:
     differ = [k for k in ("sha256", "stride_in_1x1", "mean", "std") if recorded.get(k) != given.get(k)]
     if differ:
         names = ", ".join("the tensors" if k == "sha256" else k for k in differ)
-        raise TrainingError(f"{path}: the run was started from weights {recorded.get('weights')}; the weights given "
-                            f"({given.get('weights')}) differ in {names}: resume with --weights "
-                            f"{recorded.get('weights')} (or without --weights)")
+        raise TrainingError(
+            f"{path}: the run was started from weights {recorded.get('weights')}; the weights given "
+            f"({given.get('weights')}) differ in {names}: resume with --weights "
+            f"{recorded.get('weights')} (or without --weights)"
+        )
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -61,8 +61,10 @@ def join(device: str = "auto") -> World:
     cuda = device != "cpu" and torch.cuda.is_available()
     if cuda:
         if local_rank >= torch.cuda.device_count():
-            raise DistributedError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible): "
-                                   "give torchrun --nproc_per_node at most the number of GPUs")
+            raise DistributedError(
+                f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible): "
+                "give torchrun --nproc_per_node at most the number of GPUs"
+            )
         torch.cuda.set_device(local_rank)
     backend = "nccl" if cuda else "gloo"
     dist.init_process_group(backend)
@@ -82,10 +84,10 @@ def gather(x: torch.Tensor, world: World) -> torch.Tensor:
     dist.all_gather(counts, torch.tensor([len(x)], device=x.device))
     most = int(max(c.item() for c in counts))
     padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    padded[:len(x)] = x
+    padded[: len(x)] = x
     parts = [torch.empty_like(padded) for _ in range(world.size)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[:int(c.item())] for p, c in zip(parts, counts)])
+    return torch.cat([p[: int(c.item())] for p, c in zip(parts, counts)])
 
 
 def total(x: torch.Tensor, world: World) -> torch.Tensor:

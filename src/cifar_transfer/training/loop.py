@@ -43,10 +43,18 @@ LOG_EVERY = 25  # steps between progress-bar refreshes and loss checks (each one
 
 
 def fit(
-    model: TransferNet, recipe: Recipe, train: Pair, val: Pair, *, checkpoint: Path | None = None,
-    resume: dict | None = None, progress: bool = True,
+    model: TransferNet,
+    recipe: Recipe,
+    train: Pair,
+    val: Pair,
+    *,
+    checkpoint: Path | None = None,
+    resume: dict | None = None,
+    progress: bool = True,
     on_epoch: Callable[[list[dict], list[float], list[float]], None] | None = None,
-    on_saved: Callable[[list[dict]], None] | None = None, meta: dict | None = None, world: World = ALONE,
+    on_saved: Callable[[list[dict]], None] | None = None,
+    meta: dict | None = None,
+    world: World = ALONE,
 ) -> list[dict]:
     """Train `model` in place through both phases (the head on the frozen base, then the base from
     `finetune_from` on); return the per-epoch history.
@@ -64,20 +72,22 @@ def fit(
     Only the rank given a `checkpoint` writes one.
     """
     if recipe.batch_size % world.size:
-        raise DistributedError(f"recipe field batch_size={recipe.batch_size} is the global batch: it must divide "
-                               f"among the {world.size} processes (give a multiple of {world.size})")
+        raise DistributedError(
+            f"recipe field batch_size={recipe.batch_size} is the global batch: it must divide "
+            f"among the {world.size} processes (give a multiple of {world.size})"
+        )
     device = train[0].device
     order = torch.Generator(device=device).manual_seed(recipe.seed)  # the same on every rank
-    augmentation = order if world.size == 1 else torch.Generator(device=device).manual_seed(
-        recipe.seed + 7919 * world.rank)  # each rank its own
+    augmentation = (
+        order if world.size == 1 else torch.Generator(device=device).manual_seed(recipe.seed + 7919 * world.rank)
+    )  # each rank its own
     torch.manual_seed(recipe.seed)  # dropout
     if world.size > 1 and recipe.sync_bn and recipe.finetune_bn == "train" and device.type == "cuda":
         nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)  # statistics of the global batch
     at = Progress() if resume is None else restore(resume, model, recipe, order, augmentation, world)
     inputs = PhaseInputs(model, recipe, train[0], val[0], world, progress)
     with Checkpointer(checkpoint, meta, on_saved, world) as saver:
-        run = _Fit(model, recipe, (train[1], val[1]), inputs, order, augmentation, at, saver, world, progress,
-                   on_epoch)
+        run = _Fit(model, recipe, (train[1], val[1]), inputs, order, augmentation, at, saver, world, progress, on_epoch)
         for phase, epochs in ((1, recipe.head_epochs), (2, recipe.finetune_epochs)):
             first = at.first_epoch(phase, epochs)
             if first is not None:
@@ -131,8 +141,10 @@ class _Fit:
             row["seconds"] = time.perf_counter() - t0
             self.at.record(row, self.model, keep_best=self.recipe.keep == "best_val")
             if self.progress:
-                tqdm.write(f"{desc}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
-                           f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} | {row['seconds']:.1f}s")
+                tqdm.write(
+                    f"{desc}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
+                    f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} | {row['seconds']:.1f}s"
+                )
             self.saver.save(self.at, self.recipe, self.model, opt, sched, self.order, self.augmentation)
             if self.on_epoch is not None:
                 self.on_epoch(self.at.history, step_losses, step_lrs)
@@ -142,12 +154,30 @@ class _Fit:
         lr = opt.param_groups[0]["lr"]
         set_phase(self.model, phase, self.recipe)
         train_loss, train_acc, step_losses, step_lrs = _run_epoch(
-            learn, xs[0], self.labels[0], opt, sched, self.order, self.augmentation, self.recipe, desc,
-            self.progress, self.world)
+            learn,
+            xs[0],
+            self.labels[0],
+            opt,
+            sched,
+            self.order,
+            self.augmentation,
+            self.recipe,
+            desc,
+            self.progress,
+            self.world,
+        )
         self.model.eval()
         val_loss, val_acc = _validate(forward, xs[1], self.labels[1], self.recipe, self.world)
-        row = {"phase": phase, "epoch": len(self.at.history) + 1, "phase_epoch": epoch + 1, "lr": lr,
-               "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc}
+        row = {
+            "phase": phase,
+            "epoch": len(self.at.history) + 1,
+            "phase_epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+        }
         return row, step_losses, step_lrs
 
 
@@ -155,8 +185,9 @@ class PhaseInputs:
     """What each phase trains and validates on: the uint8 images, or what the frozen steps make of them,
     computed once (the activations entering `finetune_from`, and phase 1's base features from those)."""
 
-    def __init__(self, model: TransferNet, recipe: Recipe, train: torch.Tensor, val: torch.Tensor, world: World,
-                 progress: bool):
+    def __init__(
+        self, model: TransferNet, recipe: Recipe, train: torch.Tensor, val: torch.Tensor, world: World, progress: bool
+    ):
         self.model, self.recipe, self.images, self.world, self.progress = model, recipe, (train, val), world, progress
         self.views = 2 if recipe.augment == "flip" else 1
         self.frozen: tuple[Views, Views] | None = None  # activations entering `finetune_from`, for train and val
@@ -165,8 +196,9 @@ class PhaseInputs:
         """(training inputs, validation inputs) and the step they enter the model at."""
         r = self.recipe
         if r.cache and r.finetune_from != "stem" and self.frozen is None:
-            self.frozen = self.cache(self.images, "stem", r.finetune_from,
-                                     f"caching activations entering {r.finetune_from}")
+            self.frozen = self.cache(
+                self.images, "stem", r.finetune_from, f"caching activations entering {r.finetune_from}"
+            )
         xs, at = (self.frozen, r.finetune_from) if self.frozen else (self.images, "stem")
         if not r.cache or (phase == 1 and r.augment == "crop+flip"):  # the full forward pass
             return xs, "stem"
@@ -176,8 +208,9 @@ class PhaseInputs:
         return xs, begin
 
     def cache(self, xs: tuple, start: str, stop: str, desc: str) -> tuple[Views, Views]:
-        train = cache_activations(self.model, xs[0], start, stop, self.recipe, self.views,
-                                  desc if self.progress else None, self.world)
+        train = cache_activations(
+            self.model, xs[0], start, stop, self.recipe, self.views, desc if self.progress else None, self.world
+        )
         return train, cache_activations(self.model, xs[1], start, stop, self.recipe, world=self.world)
 
 
@@ -188,8 +221,9 @@ def modules(model: TransferNet, begin: str, recipe: Recipe, world: World) -> tup
     if world.size == 1:
         return forward, forward
     cuda = model.mean.is_cuda
-    ddp = DistributedDataParallel(Part(model, begin), device_ids=[model.mean.device] if cuda else None,
-                                  broadcast_buffers=False)
+    ddp = DistributedDataParallel(
+        Part(model, begin), device_ids=[model.mean.device] if cuda else None, broadcast_buffers=False
+    )
     return forward, compiled(ddp, recipe.compile)
 
 
@@ -204,8 +238,17 @@ def _batch(x: torch.Tensor | Views, idx: torch.Tensor, gen: torch.Generator, rec
 
 
 def _run_epoch(
-    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor | Views, y: torch.Tensor, opt, sched,
-    gen: torch.Generator, aug: torch.Generator, recipe: Recipe, desc: str, progress: bool, world: World,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor | Views,
+    y: torch.Tensor,
+    opt,
+    sched,
+    gen: torch.Generator,
+    aug: torch.Generator,
+    recipe: Recipe,
+    desc: str,
+    progress: bool,
+    world: World,
 ) -> tuple[float, float, list[float], list[float]]:
     """One pass over (x, y) in shuffled batches; returns mean loss and accuracy, and each step's loss and
     learning rate (read back once, at the end).
@@ -220,7 +263,7 @@ def _run_epoch(
     correct = torch.zeros(steps, device=y.device)
     bar = tqdm(range(steps), desc=desc, unit="batch", disable=not progress, leave=False)
     for i in bar:
-        idx = perm[i * bs:(i + 1) * bs]
+        idx = perm[i * bs : (i + 1) * bs]
         idx = idx[world.rows(len(idx))]
         xb, yb = _batch(x, idx, aug, recipe), y[idx]
         with autocast(y.device, recipe.precision):
@@ -236,20 +279,24 @@ def _run_epoch(
         if i + 1 == steps:  # every rank's sums, in every rank
             loss_sums, correct = total(loss_sums, world), total(correct, world)
         if (progress and (i + 1) % LOG_EVERY == 0) or i + 1 == steps:  # without a bar: one host sync an epoch
-            bad = (~torch.isfinite(loss_sums[:i + 1])).nonzero()
+            bad = (~torch.isfinite(loss_sums[: i + 1])).nonzero()
             if len(bad):
-                raise TrainingError(f"{desc}, step {int(bad[0]) + 1}: non-finite loss; the last good checkpoint "
-                                    "(if any) is kept: lower the learning rate, or resume with --resume")
+                raise TrainingError(
+                    f"{desc}, step {int(bad[0]) + 1}: non-finite loss; the last good checkpoint "
+                    "(if any) is kept: lower the learning rate, or resume with --resume"
+                )
             seen = min(n, (i + 1) * bs)
-            bar.set_postfix(loss=f"{loss_sums[:i + 1].sum().item() / seen:.4f}",
-                            acc=f"{correct[:i + 1].sum().item() / seen:.4f}")
+            bar.set_postfix(
+                loss=f"{loss_sums[: i + 1].sum().item() / seen:.4f}", acc=f"{correct[: i + 1].sum().item() / seen:.4f}"
+            )
     sizes = torch.full((steps,), float(bs), device=y.device)
     sizes[-1] = n - (steps - 1) * bs
     return loss_sums.sum().item() / n, correct.sum().item() / n, (loss_sums / sizes).tolist(), lrs
 
 
-def _validate(forward, x: torch.Tensor | Views, y: torch.Tensor, recipe: Recipe,
-              world: World = ALONE) -> tuple[float, float]:
+def _validate(
+    forward, x: torch.Tensor | Views, y: torch.Tensor, recipe: Recipe, world: World = ALONE
+) -> tuple[float, float]:
     """Loss and accuracy on the validation images, each rank predicting its share."""
     if len(y) == 0:
         return math.nan, math.nan
@@ -258,8 +305,16 @@ def _validate(forward, x: torch.Tensor | Views, y: torch.Tensor, recipe: Recipe,
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
-def cache_activations(model: TransferNet, x: torch.Tensor | Views, start: str, stop: str, recipe: Recipe,
-                      views: int = 1, desc: str | None = None, world: World = ALONE) -> Views:
+def cache_activations(
+    model: TransferNet,
+    x: torch.Tensor | Views,
+    start: str,
+    stop: str,
+    recipe: Recipe,
+    views: int = 1,
+    desc: str | None = None,
+    world: World = ALONE,
+) -> Views:
     """What the frozen steps from `start` up to `stop` make of `x`, computed once (each rank its share, then
     gathered: every rank holds all of it).
 
@@ -269,8 +324,17 @@ def cache_activations(model: TransferNet, x: torch.Tensor | Views, start: str, s
     if isinstance(x, torch.Tensor):
         x = (x, x.flip(-1))[:views]
     part = Part(model, start, stop)
-    return tuple(gather(predict_logits(part, v[world.rows(len(v))], recipe.eval_batch_size, recipe.precision, desc,
-                                       keep_dtype=True), world) if len(v) else v for v in x)
+    return tuple(
+        gather(
+            predict_logits(
+                part, v[world.rows(len(v))], recipe.eval_batch_size, recipe.precision, desc, keep_dtype=True
+            ),
+            world,
+        )
+        if len(v)
+        else v
+        for v in x
+    )
 
 
 def compiled(part: nn.Module, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -22,9 +22,8 @@ def trainable_stages(model: TransferNet, phase: int, recipe: Recipe) -> list[nn.
     if phase == 1:
         return []
     b = model.backbone
-    names = STEPS[STEPS.index(step_name(recipe.finetune_from)):STEPS.index("pool")]
-    return [m for name in names
-            for m in ([b.conv1, b.bn1] if name == "stem" else [model.block(name)])]
+    names = STEPS[STEPS.index(step_name(recipe.finetune_from)) : STEPS.index("pool")]
+    return [m for name in names for m in ([b.conv1, b.bn1] if name == "stem" else [model.block(name)])]
 
 
 def set_phase(model: TransferNet, phase: int, recipe: Recipe) -> list[nn.Parameter]:
@@ -44,8 +43,10 @@ def set_phase(model: TransferNet, phase: int, recipe: Recipe) -> list[nn.Paramet
 
 def make_optimizer(params: list[nn.Parameter], phase: int, recipe: Recipe) -> torch.optim.Optimizer:
     """Adam or SGD; weight decay on weights only, not on norms and biases."""
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": recipe.weight_decay},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": recipe.weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
     kind = recipe.head_optimizer if phase == 1 else recipe.finetune_optimizer
     lr = recipe.head_lr if phase == 1 else recipe.finetune_lr
     fused = params[0].is_cuda  # one kernel for all parameters; on CPU the default (foreach) is used

@@ -38,16 +38,27 @@ def shipped_epoch(history: list[dict], recipe: Recipe) -> dict:
     row = next((h for h in history if h["shipped"]), None)  # `fit` marks exactly one row
     if row is None:
         return {}
-    why = ("the best validation accuracy (keep=best_val; ties go to the earlier epoch)" if recipe.keep == "best_val"
-           else "the last epoch (keep=last)")
-    return {"epoch": row["epoch"], "phase": row["phase"], "val_acc": row["val_acc"], "keep": recipe.keep,
-            "why": why}
+    why = (
+        "the best validation accuracy (keep=best_val; ties go to the earlier epoch)"
+        if recipe.keep == "best_val"
+        else "the last epoch (keep=last)"
+    )
+    return {"epoch": row["epoch"], "phase": row["phase"], "val_acc": row["val_acc"], "keep": recipe.keep, "why": why}
 
 
-def train_to_folder(recipe: Recipe, out: Path, splits: Splits, pretrained: Pretrained, dev: torch.device, *,
-          resume_state: dict | None = None, progress: bool = True, meta: dict | None = None,
-          on_epoch: Callable[[list[dict]], None] | None = None,
-          world: World = ALONE) -> tuple[TransferNet, list[dict], float]:
+def train_to_folder(
+    recipe: Recipe,
+    out: Path,
+    splits: Splits,
+    pretrained: Pretrained,
+    dev: torch.device,
+    *,
+    resume_state: dict | None = None,
+    progress: bool = True,
+    meta: dict | None = None,
+    on_epoch: Callable[[list[dict]], None] | None = None,
+    world: World = ALONE,
+) -> tuple[TransferNet, list[dict], float]:
     """Both phases on `splits`' training and validation images, into `out`: the checkpoint, history.csv and
     TensorBoard events after every epoch, and recipe.json. The test set is not touched.
 
@@ -59,8 +70,11 @@ def train_to_folder(recipe: Recipe, out: Path, splits: Splits, pretrained: Pretr
     torch.manual_seed(recipe.seed)  # the head's initialisation
     model = place(build_model(recipe, pretrained), recipe, dev)
     if world.main:
-        atomic.ensure_free(out, checkpoint_bytes(model, recipe) * (1 if resume_state else 2) + 32 * atomic.MiB,
-                           "the checkpoint (an atomic save holds the old and the new one)")
+        atomic.ensure_free(
+            out,
+            checkpoint_bytes(model, recipe) * (1 if resume_state else 2) + 32 * atomic.MiB,
+            "the checkpoint (an atomic save holds the old and the new one)",
+        )
     t_train = time.perf_counter()
     logbook = Logbook(out / "tensorboard") if world.main else None
 
@@ -70,12 +84,19 @@ def train_to_folder(recipe: Recipe, out: Path, splits: Splits, pretrained: Pretr
             on_epoch(history)
 
     try:  # history.csv gains a row once the checkpoint holding that epoch is in place: a row means it can resume
-        history = fit(model, recipe, as_tensors(splits.train.images, splits.train.labels, dev),
-                      as_tensors(splits.val.images, splits.val.labels, dev),
-                      checkpoint=out / CHECKPOINT if world.main else None, resume=resume_state,
-                      progress=progress and world.main, on_epoch=after_epoch if world.main else None,
-                      on_saved=(lambda rows: write_history(rows, out / "history.csv")) if world.main else None,
-                      meta=meta, world=world)
+        history = fit(
+            model,
+            recipe,
+            as_tensors(splits.train.images, splits.train.labels, dev),
+            as_tensors(splits.val.images, splits.val.labels, dev),
+            checkpoint=out / CHECKPOINT if world.main else None,
+            resume=resume_state,
+            progress=progress and world.main,
+            on_epoch=after_epoch if world.main else None,
+            on_saved=(lambda rows: write_history(rows, out / "history.csv")) if world.main else None,
+            meta=meta,
+            world=world,
+        )
     finally:
         if logbook is not None:
             logbook.close()
