@@ -69,8 +69,9 @@ def run(
         recipe = Recipe.from_dict(state["recipe"]) if state else recipe
         started_from = (state or {}).get("meta", {}).get("network")
         pretrained = load_pretrained(weights or (started_from or {}).get("weights") or default_weights())
+        network = pretrained.identity()  # hashes every tensor: once
         if started_from is not None:
-            check_same_network(started_from, pretrained.identity(), out / CHECKPOINT)
+            check_same_network(started_from, network, out / CHECKPOINT)
         train_full, test = load_cifar10(data_dir, allow_download=download)
         splits = split(train_full, test, recipe.train_size, recipe.val_size, recipe.seed)
         if world.main:
@@ -84,7 +85,7 @@ def run(
             dev,
             resume_state=state,
             progress=progress,
-            meta={"network": pretrained.identity()},
+            meta={"network": network},
             world=world,
         )
         if world.main:
