@@ -19,12 +19,13 @@ endif
 PRESET ?= auto
 
 .PHONY: setup chromium postgresql run test check lint bench bench-smoke bench-gpu-pack bench-gpu clean
+# every optional group (analysis, serve, export, tune) and the test tools
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[all,dev]'
 	touch $@
 
 run: setup

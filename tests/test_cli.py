@@ -242,3 +242,21 @@ def test_tensorboard_holds_every_step_and_epoch(smoke_run):
 def pipeline_history(run: Path) -> list[dict]:
     with (run / "history.csv").open() as f:
         return [{k: float(v) if k != "shipped" else v for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize(
+    ("argv", "hidden", "group"),
+    [
+        (["serve", "RUN"], "fastapi", "serve"),
+        (["export", "RUN", "--onnx", "m.onnx"], "onnxruntime", "export"),
+        (["tune", "--preset", "smoke", "--trials", "1"], "optuna", "tune"),
+    ],
+)
+def test_a_missing_optional_group_is_named_with_its_pip_command(argv, hidden, group, run_cli, monkeypatch, tmp_path):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == hidden else find_spec(name, *a))
+    result = run_cli(*[str(tmp_path) if a == "RUN" else a for a in argv], cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == f"error: {hidden} not installed: pip install 'cifar-transfer[{group}]'"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 
 _NAMES = {
+    "eda": "api",
     "run": "api",
     "load": "api",
     "evaluate": "api",

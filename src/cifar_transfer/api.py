@@ -2,6 +2,7 @@
 reachable (`cifar_transfer.data`, `.model`, `.training`, `.analysis`, `.reporting`, `.serving`).
 
     import cifar_transfer as ct
+    ct.eda("smoke").show("samples")             # the data first: a row of images per class
     run = ct.run("smoke", out="runs/smoke")   # train, evaluate, analyse, report: a Run
     run.metrics["test"]["accuracy"], run.history[-1]["val_acc"]
     run.show("confusion_matrix")               # a figure, inline in a notebook
@@ -123,6 +124,16 @@ def run(
         chosen_by=chosen_by,
     )
     return None if metrics is None else Run(folder)
+
+
+def eda(
+    preset: str | Recipe = "smoke", out: str | Path = "runs/eda", *, data_dir: str | None = None, download: bool = True
+) -> Run:
+    """The data before any training: a labelled row of images per class and the images per class in each split."""
+    from .jobs.run import eda as eda_job
+
+    chosen = choose_recipe(preset)
+    return Run(eda_job(chosen, Path(out), data_dir, download))
 
 
 def load(run: str | Path | Run, device: str = "auto"):

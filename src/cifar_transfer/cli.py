@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 
 from .data.cifar import CLASSES
-from .errors import CifarTransferError
+from .errors import CifarTransferError, require
 from .recipe import PRESETS
 
 EPILOG = """Data is looked for in --data-dir, then $CIFAR_TRANSFER_DATA, then ./data (the official
@@ -334,6 +334,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    require("tune", "optuna")
     from .jobs.tune import read_space, tune
 
     recipe = _recipe(args)
@@ -408,6 +409,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    require("serve", "fastapi", "uvicorn", "multipart")
     from .serving.service import serve
 
     serve(args.run_dir, args.host, args.port, args.max_bytes, args.max_images, args.device)
@@ -415,6 +417,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    require("export", "onnx", "onnxscript", "onnxruntime")
     from .serving.export import export_onnx
 
     diff = export_onnx(args.run_dir, args.onnx, calibrated=not args.no_calibration)

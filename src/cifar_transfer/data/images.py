@@ -8,7 +8,10 @@ centre-cropped to a square; and downscaled to 32x32 with Lanczos resampling, whi
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
+import os
+import stat
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +28,7 @@ SIZE = 32
 # still passes if its reduced decode fits.
 MAX_PIXELS = 16_000_000
 DRAFT = 4 * SIZE  # JPEG decoding stops at the smallest scale that keeps at least this many pixels a side
+MAX_FILE_BYTES = 100_000_000  # an image file larger than this is refused unread (/dev/zero would never end)
 
 
 class ImageError(CifarTransferError, ValueError):
@@ -90,27 +94,72 @@ def read_image(data: bytes, name: str = "image") -> np.ndarray:
     return decode(open_image(data, name), name)
 
 
+def read_file(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """A regular file's bytes, at most `max_bytes`: a FIFO, a device or a folder is refused, never waited on."""
+    path = Path(path)
+    try:
+        # O_NONBLOCK: opening a FIFO with no writer returns at once instead of hanging; fstat then refuses it
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageError(f"{path}: a symbolic link loop") from None
+        raise ImageError(f"{path}: cannot be read ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+            raise ImageError(f"{path}: {kind}, not an image file")
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise ImageError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if len(data) > max_bytes:
+        raise ImageError(f"{path}: over the size limit of {max_bytes:,} bytes")
+    return data
+
+
+def read_image_file(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> np.ndarray:
+    """An image file -> 32 x 32 x 3 uint8 RGB; anything that is not a readable image is an ImageError naming it."""
+    return read_image(read_file(path, max_bytes), str(path))
+
+
+def _class_files(folder: Path, skipped: list[str]) -> list[Path]:
+    """Every entry under a class folder that is not a folder, in order; what cannot be walked becomes a `skipped`
+    line (an unreadable folder, a symbolic link to a folder, which is not followed so a loop cannot trap us)."""
+    files = []
+
+    def unreadable(e: OSError) -> None:
+        skipped.append(f"{e.filename}: cannot be read ({e.strerror or e}); skipped")
+
+    for root, dirs, names in os.walk(folder, onerror=unreadable):
+        for d in sorted(dirs):
+            if Path(root, d).is_symlink():
+                skipped.append(f"{Path(root, d)}: a symbolic link to a folder, not followed; skipped")
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not Path(root, d).is_symlink())
+        files += [Path(root, n) for n in sorted(names) if not n.startswith(".")]
+    return files
+
+
 def read_image_folder(folder: Path) -> tuple[Dataset, list[str], list[str]]:
     """A folder with one subfolder per CIFAR-10 class name (torchvision's ImageFolder layout), each image prepared
     as `predict` prepares it. Returns the dataset, each image's path, and one line per thing skipped (a folder
-    that is not a class name, a file outside the class folders, a file that is not a readable image)."""
+    that is not a class name, a file outside the class folders, anything that is not a readable image)."""
+    folder = Path(folder)
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise DataError(f"{folder}: a folder that cannot be read (permission denied)")
     images, labels, paths, skipped = [], [], [], []
-    for entry in sorted(p for p in Path(folder).iterdir() if not p.name.startswith(".")):
+    for entry in sorted(p for p in folder.iterdir() if not p.name.startswith(".")):
         if not entry.is_dir():
             skipped.append(f"{entry}: not inside a class folder; skipped")
             continue
-        files = sorted(p for p in entry.rglob("*") if p.is_file() and not p.name.startswith("."))
         if entry.name.lower() not in CLASSES:
-            skipped.append(f"{entry}: not a CIFAR-10 class name ({', '.join(CLASSES)}); its {len(files)} files skipped")
+            skipped.append(f"{entry}: not a CIFAR-10 class name ({', '.join(CLASSES)}); skipped")
             continue
-        for f in files:
+        for f in _class_files(entry, skipped):
             try:
-                images.append(read_image(f.read_bytes(), str(f)))
+                images.append(read_image_file(f))
             except ImageError as e:
                 skipped.append(f"{e}; skipped")
-                continue
-            except OSError as e:
-                skipped.append(f"{f}: cannot be read ({e.strerror or e}); skipped")
                 continue
             labels.append(CLASSES.index(entry.name.lower()))
             paths.append(str(f))

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..analysis.calibration import softmax
 from ..data.cifar import CLASSES
-from ..data.images import ImageError, read_image
+from ..data.images import ImageError, read_image_file
 from ..model.inference import logits_for
 from ..model.network import load_model, pick_device, place
 from ..model.weights import digest
@@ -80,6 +80,10 @@ class Predictor:
     def predict(self, images: np.ndarray, options: Options = Options()) -> list[Prediction]:
         return [Prediction({c: float(p) for c, p in zip(CLASSES, row)}) for row in self.probabilities(images, options)]
 
+    def predict_file(self, path: str | Path, options: Options = Options()) -> Prediction:
+        """One image file of any format and size, brought to 32x32 as CIFAR-10's images were."""
+        return self.predict(read_image_file(path)[None], options)[0]
+
 
 def predict_files(run_dir: Path, paths: list[Path], top: int = 3, options: Options = Options()) -> list[dict]:
     """What `cifar-transfer predict` shows, one entry per path in order: its top classes, or `error` saying why
@@ -88,9 +92,7 @@ def predict_files(run_dir: Path, paths: list[Path], top: int = 3, options: Optio
     images, errors = {}, {}
     for i, p in enumerate(paths):
         try:
-            images[i] = read_image(Path(p).read_bytes(), str(p))
-        except OSError as e:
-            errors[i] = f"{p}: cannot be read ({e.strerror or e})"
+            images[i] = read_image_file(p)
         except ImageError as e:
             errors[i] = str(e)
     results = dict(zip(images, predictor.predict(np.stack(list(images.values())), options))) if images else {}
