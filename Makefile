@@ -18,7 +18,7 @@ endif
 
 PRESET ?= auto
 
-.PHONY: setup chromium postgresql run test check lint bench bench-smoke bench-gpu-pack bench-gpu clean
+.PHONY: setup chromium postgresql imagemagick run test check lint bench bench-smoke bench-gpu-pack bench-gpu clean
 # every optional group (analysis, serve, export, tune) and the test tools
 setup: $(VENV)/.installed
 
@@ -35,12 +35,16 @@ run: setup
 chromium:
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
+# CIFAR-10-C's motion blur is checked against ImageMagick (through Wand), as the benchmark's generator made it.
+imagemagick:
+	@ldconfig -p | grep -q libMagickWand || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libmagickwand-dev >/dev/null; }
+
 # tune's multi-worker test starts a throwaway PostgreSQL cluster of its own with Debian's server binaries.
 postgresql:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 
 # The whole suite on two pytest-xdist workers (one thread each): the 25 slowest tests are listed at the end.
-test: setup chromium postgresql lint
+test: setup chromium postgresql imagemagick lint
 	$(BIN)/pytest -n 2
 
 # The inner loop: lint and the fast tests (no training past a few seconds, no torchrun, browser or database).

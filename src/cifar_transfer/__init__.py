@@ -17,6 +17,7 @@ _NAMES = {
     "evaluate": "api",
     "analyze": "api",
     "repeat": "api",
+    "robustness": "api",
     "compare": "api",
     "choose_recipe": "api",
     "Run": "api",

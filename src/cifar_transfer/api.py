@@ -175,6 +175,22 @@ def analyze(
     return Run(folder, "analysis.json")
 
 
+def robustness(
+    run: str | Path | Run,
+    *,
+    images: int = 1000,
+    held_out: bool = True,
+    data_dir: str | None = None,
+    device: str = "auto",
+    download: bool = True,
+) -> Run:
+    """CIFAR-10-C's corruptions at its own strength on `images` class-balanced test images: RUN/robustness/."""
+    from .jobs.evaluate import robustness_job
+
+    _, folder = robustness_job(Path(run), images, held_out, data_dir, device, download)
+    return Run(folder)
+
+
 def repeat(preset: str | Recipe = "smoke", seeds: int = 3, out: str | Path | None = None, **run_args) -> dict:
     """The recipe with seeds 0..seeds-1 into OUT/seed-K/: mean and spread of accuracy and leakage."""
     from .jobs.run import repeat as repeat_job

@@ -76,10 +76,18 @@ def _preset(p: argparse.ArgumentParser, default: str = "auto") -> None:
     p.add_argument("--preset", default=default, choices=[*PRESETS, "auto"], help=f"{PRESET_HELP} (default {default})")
 
 
-def _top(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= len(CLASSES):
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number from 1 to {len(CLASSES)}")
-    return int(text)
+def _whole_number(low: int, high: int):
+    """An argparse type: a whole number in [low, high], or a usage error saying so."""
+
+    def parse(text: str) -> int:
+        if not text.isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number from {low} to {high}")
+        return int(text)
+
+    return parse
+
+
+_top = _whole_number(1, len(CLASSES))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,12 +200,27 @@ def _saved_run_commands(sub, o: dict) -> None:
     v.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     v.add_argument(
         "--data",
-        help="an .npz (images N x 32 x 32 x 3 uint8, labels), a CIFAR-10 folder, or a folder of "
-        "photos with one subfolder per class name (airplane/, cat/, ...); default: the "
-        "CIFAR-10 test set",
+        help="an .npz (images N x 32 x 32 x 3 uint8, labels), a CIFAR-10 folder, a CIFAR-10-C folder "
+        "(gaussian_noise.npy, ..., labels.npy), or a folder of photos with one subfolder per class name "
+        "(airplane/, cat/, ...); default: the CIFAR-10 test set",
     )
     v.add_argument("--tta", action="store_true", help="average each prediction with the mirror image's")
     v.add_argument("--no-download", action="store_true", help="never download CIFAR-10; fail if not found")
+    r = sub.add_parser(
+        "robustness",
+        parents=[o["data"], o["device"]],
+        help="CIFAR-10-C's corruptions at its own strength on a saved run",
+        description="Accuracy under the 15 benchmark and 4 held-out corruptions of CIFAR-10-C, severities 1-5, "
+        "drawn by this tool with the generator's constants; written to RUN_DIR/robustness/.",
+    )
+    r.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    r.add_argument(
+        "--images",
+        type=_whole_number(1, 10_000),
+        default=1000,
+        help="class-balanced test images per corruption and severity (default 1000; 10000: all)",
+    )
+    r.add_argument("--benchmark-only", action="store_true", help="leave out the 4 held-out corruptions")
     c = sub.add_parser(
         "compare",
         help="finished runs side by side: recipe differences, results, curves",
@@ -374,11 +397,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = api.evaluate(args.run_dir, args.data, tta=args.tta, device=args.device, download=not args.no_download)
     metrics = result.metrics
+    if "robustness" in metrics:
+        print(f"{_robustness_line(metrics['robustness'])}; report: {result.report}")
+        return 0
     skipped = metrics["skipped"]
     for line in skipped:
         print(f"skipped: {line}", file=sys.stderr)
     note = f" ({len(skipped)} skipped)" if skipped else ""
     print(f"accuracy {metrics['test']['accuracy']:.4f} on {metrics['test']['n']} images{note}; report: {result.report}")
+    return 0
+
+
+def _robustness_line(rob: dict) -> str:
+    if rob["mean_corrupted"] is None:
+        return f"no benchmark corruption found; held-out mean {rob['mean_held_out']:.4f}"
+    return (
+        f"CIFAR-10-C mean accuracy {rob['mean_corrupted']:.4f} ± {rob['margin_95']:.4f} over "
+        f"{rob['benchmark_corruptions']} corruptions x 5 severities on {rob['images']:,} images"
+    )
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from . import api
+
+    result = api.robustness(
+        args.run_dir,
+        images=args.images,
+        held_out=not args.benchmark_only,
+        device=args.device,
+        **_data_args(args),
+    )
+    print(f"{_robustness_line(result.metrics['robustness'])}; report: {result.report}")
     return 0
 
 
@@ -429,6 +478,7 @@ COMMANDS = {
     "run": cmd_run,
     "repeat": cmd_repeat,
     "eda": cmd_eda,
+    "robustness": cmd_robustness,
     "lr-find": cmd_lr_find,
     "tune": cmd_tune,
     "analyze": cmd_analyze,

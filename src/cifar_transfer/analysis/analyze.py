@@ -1,10 +1,11 @@
 """Error analysis that tests the original report's explanations: human ambiguity (CIFAR-10H), where the model
 looks (Grad-CAM, centre vs border), calibration (ECE, temperature scaling on the validation set), flip
-test-time augmentation, and robustness to common corruptions. It computes; `reporting.figures.analysis` draws.
+test-time augmentation, and robustness to CIFAR-10-C's corruptions. It computes; `reporting.figures.analysis` draws.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data import corruptions
 from ..data.cifar import CLASSES, DataError, Dataset, balanced_indices
 from ..model.inference import logits_for
 from ..model.network import TransferNet
@@ -57,15 +59,35 @@ def analyze(
         result["calibration"] = {"skipped": "no validation split (val_size=0) to fit a temperature on"}
     result["tta"] = _flip_tta(model, recipe, test, test_logits)
     result["human"] = _human(human_dir, test, pred, losses)
-    result["attribution"], overlays, rows = _attribution(model, recipe, test, pred, losses)
-    index = balanced_sample(test.labels, recipe.corruption_images, recipe.seed, test.source)
-    result["robustness"] = robustness.corruption_accuracy(
-        lambda images: logits_for(model, images, recipe).argmax(1),
+    if importlib.util.find_spec("pytorch_grad_cam") is None:
+        result["attribution"] = {"skipped": "grad-cam is not installed: pip install 'cifar-transfer[analysis]'"}
+        overlays, rows = np.zeros((0, 32, 32, 3), np.uint8), []
+    else:
+        result["attribution"], overlays, rows = _attribution(model, recipe, test, pred, losses)
+    result["robustness"] = corruption_robustness(model, recipe, test, pred, recipe.corruption_images)
+    return Analysis(result, pred, overlays, rows)
+
+
+def corruption_robustness(
+    model: TransferNet,
+    recipe: Recipe,
+    test: Dataset,
+    pred: np.ndarray | None,
+    images: int,
+    names: tuple[str, ...] = corruptions.BENCHMARK,
+) -> dict:
+    """CIFAR-10-C's corruptions on `images` class-balanced test images (`pred`: the clean predictions, if known)."""
+    if (why := robustness.missing_dependency()) is not None:
+        return {"skipped": why}
+    index = balanced_sample(test.labels, images, recipe.seed, test.source)
+    return robustness.corruption_accuracy(
+        lambda batch: logits_for(model, batch, recipe).argmax(1),
         test.images[index],
         test.labels[index],
+        names=names,
         seed=recipe.seed,
+        clean_predictions=None if pred is None else pred[index],
     )
-    return Analysis(result, pred, overlays, rows)
 
 
 def _flip_tta(model: TransferNet, recipe: Recipe, test: Dataset, test_logits: np.ndarray) -> dict:

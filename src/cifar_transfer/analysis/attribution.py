@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.image import show_cam_on_image
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from ..data.augment import to_input
 from ..model.network import TransferNet
@@ -37,6 +34,9 @@ def target_layer(model: TransferNet) -> tuple[str, torch.nn.Module]:
 
 def grad_cam(model: TransferNet, images: np.ndarray, classes: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """N x 32 x 32 Grad-CAM maps in [0, 1] for uint8 images (N x 32 x 32 x 3), explaining `classes`."""
+    from pytorch_grad_cam import GradCAM  # the analysis extra: imported only when used
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
     _, layer = target_layer(model)
     device = model.mean.device
     maps = []
@@ -59,6 +59,8 @@ def centre_share(maps: np.ndarray) -> np.ndarray:
 
 def overlays(images: np.ndarray, maps: np.ndarray) -> np.ndarray:
     """Heat maps over the images, as uint8 RGB."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
     return (
         np.stack([show_cam_on_image(im.astype(np.float32) / 255, m, use_rgb=True) for im, m in zip(images, maps)])
         if len(images)

@@ -9,12 +9,18 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from .. import atomic
+from ..analysis import robustness
+from ..data import corruptions
 from ..data.cifar import find_source, load_cifar10, load_test_set, split
 from ..data.images import read_image_folder
+from ..errors import CifarTransferError
 from ..machine import environment
 from ..model.inference import logits_for, tta_logits
-from ..model.network import load_model, pick_device, place
+from ..model.network import TransferNet, load_model, pick_device, place
+from ..recipe import Recipe
 from ..reporting import figures, report
 
 
@@ -30,15 +36,18 @@ def evaluate(
     subfolder per class; with `tta`, predictions average each image with its mirror. Results go to
     RUN_DIR/evaluations/<data>/; returns the metrics and that folder."""
     model, recipe = load_model(run_dir / "model.safetensors")
+    name = (Path(data).stem or Path(data).resolve().name) if data else "cifar10-test"
+    out = run_dir / "evaluations" / name
+    dev = pick_device(device)
+    if data and Path(data).is_dir() and corruptions.is_official_folder(Path(data)):
+        atomic.check_writable(out)
+        return _evaluate_cifar10c(place(model, recipe, dev), recipe, Path(data), out, run_dir), out
     paths, skipped = None, []
     if data and Path(data).is_dir() and find_source(Path(data)) is None:  # photos, one folder per class
         test, paths, skipped = read_image_folder(Path(data))
     else:
         test = load_test_set(data) if data else load_cifar10(None, allow_download=download)[1]
-    name = (Path(data).stem or Path(data).resolve().name) if data else "cifar10-test"
-    out = run_dir / "evaluations" / name
     atomic.check_writable(out)
-    dev = pick_device(device)
     model = place(model, recipe, dev)
     t0 = time.perf_counter()
     logits = (
@@ -68,6 +77,60 @@ def evaluate(
     atomic.write_json(out / "metrics.json", metrics)
     report.write(out, report.evaluation_markdown(run_dir, metrics), f"cifar-transfer evaluation: {name}")
     return metrics, out
+
+
+def _evaluate_cifar10c(model: TransferNet, recipe: Recipe, folder: Path, out: Path, run_dir: Path) -> dict:
+    """Accuracy on each corruption and severity of a folder in CIFAR-10-C's released layout."""
+    t0 = time.perf_counter()
+    table: dict[str, list[float]] = {}
+    sizes = set()
+    for name, _, ds in corruptions.read_official(folder):
+        predictions = logits_for(model, ds.images, recipe).argmax(1)
+        table.setdefault(name, []).append(float((predictions == ds.labels).mean()))
+        sizes.add(len(ds))
+    origin = f"the released CIFAR-10-C files in `{folder}`"
+    trained = run_dir / "metrics.json"
+    clean = json.loads(trained.read_text())["test"]["accuracy"] if trained.is_file() else float("nan")
+    result = robustness.summarise(table, clean, min(sizes), origin)
+    seconds = time.perf_counter() - t0
+    return _write_robustness(out, result, seconds, f"evaluation on {folder.name}", model.mean.device)
+
+
+def robustness_job(
+    run_dir: Path,
+    images: int = 1000,
+    held_out: bool = True,
+    data_dir: str | None = None,
+    device: str = "auto",
+    download: bool = True,
+) -> tuple[dict, Path]:
+    """CIFAR-10-C's corruptions at its strength on `images` class-balanced test images (10,000: all of them), the
+    held-out four too unless told not to, into RUN_DIR/robustness/."""
+    from ..analysis.analyze import corruption_robustness
+
+    model, recipe = load_model(run_dir / "model.safetensors")
+    test = load_cifar10(data_dir, allow_download=download)[1]
+    out = run_dir / "robustness"
+    atomic.check_writable(out)
+    names = (*corruptions.BENCHMARK, *corruptions.HELD_OUT) if held_out else corruptions.BENCHMARK
+    t0 = time.perf_counter()
+    dev = pick_device(device)
+    result = corruption_robustness(place(model, recipe, dev), recipe, test, None, images, names)
+    if "skipped" in result:
+        raise CifarTransferError(f"robustness: {result['skipped']}")
+    return _write_robustness(out, result, time.perf_counter() - t0, f"robustness of {run_dir.name}", dev), out
+
+
+def _write_robustness(out: Path, result: dict, seconds: float, title: str, device: torch.device) -> dict:
+    metrics = {
+        "run": {"command": shlex.join(["cifar-transfer", *sys.argv[1:]]), **environment(device)},
+        "timings": {"robustness_s": seconds},
+        "robustness": result,
+    }
+    figures.robustness(result, out / "robustness.png")
+    atomic.write_json(out / "metrics.json", metrics)
+    report.write(out, report.robustness_markdown(result) + "\n", f"cifar-transfer {title}")
+    return metrics
 
 
 def analyze(

@@ -196,16 +196,20 @@ def human_vs_model(human: list[list[float]], model: list[list[float]], path: Pat
 
 
 def robustness(result: dict, path: Path) -> Path:
-    """Accuracy against corruption severity, one line per corruption."""
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    for name, accs in result["accuracy"].items():
-        ax.plot(result["severities"], accs, "o-", label=name.replace("_", " "))
-    ax.axhline(result["clean"], color="black", linestyle="--", label="clean")
+    """Accuracy against corruption severity, one line per corruption (held-out ones dashed)."""
+    from ..data.corruptions import HELD_OUT
+
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    colours = plt.get_cmap("tab20").colors
+    for i, (name, accs) in enumerate(result["accuracy"].items()):
+        style = "o--" if name in HELD_OUT else "o-"
+        ax.plot(result["severities"], accs, style, color=colours[i % 20], label=name.replace("_", " "), ms=3)
+    ax.axhline(result["clean"], color="black", linestyle=":", label="clean")
     ax.set_xlabel("severity")
     ax.set_ylabel("accuracy")
     ax.set_xticks(result["severities"])
-    ax.set_title(f"Accuracy under common corruptions ({result['images']:,} test images)", fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"Accuracy under CIFAR-10-C's corruptions ({result['images']:,} test images)", fontsize=10)
+    ax.legend(fontsize=6, ncol=2, loc="lower left")
     ax.grid(alpha=0.3)
     return save(fig, path)
 
@@ -257,10 +261,12 @@ def analysis_figures(analysis: Analysis, test: Dataset, out: Path) -> None:
             out / "clear_errors.png",
             title="Model errors on images people found clear (≥ 99% chose the true class)",
         )
-    gallery(
-        analysis.gradcam,
-        analysis.gradcam_rows,
-        out / "gradcam.png",
-        title="Grad-CAM for the predicted class on the worst errors (true → predicted)",
-    )
-    robustness(result["robustness"], out / "robustness.png")
+    if "skipped" not in result["attribution"]:
+        gallery(
+            analysis.gradcam,
+            analysis.gradcam_rows,
+            out / "gradcam.png",
+            title="Grad-CAM for the predicted class on the worst errors (true → predicted)",
+        )
+    if "skipped" not in result["robustness"]:
+        robustness(result["robustness"], out / "robustness.png")

@@ -321,90 +321,126 @@ def write(folder: Path, md: str, title: str) -> None:
 
 def analysis_markdown(a: dict) -> str:
     """The error-analysis sections: calibration, flip TTA, human ambiguity, Grad-CAM, corruptions."""
-    cal, tta, human, att, rob = a["calibration"], a["tta"], a["human"], a["attribution"], a["robustness"]
-    parts = [
-        "# Error analysis",
-        "## Calibration",
-        f"Skipped: {cal['skipped']}."
-        if "skipped" in cal
-        else f"Expected calibration error (15 equal-width bins) on the test set: **{cal['ece_before']:.4f}** as "
-        f"trained, **{cal['ece_after']:.4f}** after temperature scaling with T = {cal['temperature']:.3f} "
-        f"(fitted on the validation set, never the test set). Mean cross-entropy {cal['nll_before']:.4f} → "
-        f"{cal['nll_after']:.4f}. T > 1 means the model was over-confident. The temperature is saved with the "
-        "model: `predict`, `serve` and the ONNX export return these calibrated probabilities unless told not to.",
-        "" if "skipped" in cal else "![Reliability diagram](reliability.png)",
-        "## Test-time augmentation",
-        f"Averaging each prediction with that of the horizontally flipped image, on {tta_scope(tta)}: "
-        f"accuracy {pct(tta['accuracy'])} → {pct(tta['accuracy_flip_tta'])} ({100 * tta['change']:+.2f} points).",
-        "## Human ambiguity (CIFAR-10H)",
+    sections = [
+        _calibration_section(a["calibration"]),
+        _tta_section(a["tta"]),
+        _human_section(a["human"]),
+        _attribution_section(a["attribution"]),
+        robustness_markdown(a["robustness"]),
     ]
+    return "\n\n".join(["# Error analysis", *sections])
+
+
+def _calibration_section(cal: dict) -> str:
+    if "skipped" in cal:
+        return f"## Calibration\n\nSkipped: {cal['skipped']}."
+    return (
+        "## Calibration\n\n"
+        f"Expected calibration error (15 equal-width bins) on the test set: **{cal['ece_before']:.4f}** as trained, "
+        f"**{cal['ece_after']:.4f}** after temperature scaling with T = {cal['temperature']:.3f} (fitted on the "
+        f"validation set, never the test set). Mean cross-entropy {cal['nll_before']:.4f} → {cal['nll_after']:.4f}. "
+        "T > 1 means the model was over-confident. The temperature is saved with the model: `predict`, `serve` "
+        "and the ONNX export return these calibrated probabilities unless told not to.\n\n"
+        "![Reliability diagram](reliability.png)"
+    )
+
+
+def _tta_section(tta: dict) -> str:
+    return (
+        "## Test-time augmentation\n\n"
+        f"Averaging each prediction with that of the horizontally flipped image, on {tta_scope(tta)}: "
+        f"accuracy {pct(tta['accuracy'])} → {pct(tta['accuracy_flip_tta'])} ({100 * tta['change']:+.2f} points)."
+    )
+
+
+def _human_section(human: dict) -> str:
     if "skipped" in human:
-        parts.append(f"Skipped: {human['skipped']}.")
-    else:
-        rows = [
-            [
-                f"{r['true']} → {r['predicted']}",
-                r["errors"],
-                r["on_ambiguous"],
-                r["on_clear"],
-                pct(r["share_ambiguous"]),
-                pct(r["ambiguous_rate_in_class"]),
-            ]
-            for r in human["leakage"]
+        return f"## Human ambiguity (CIFAR-10H)\n\nSkipped: {human['skipped']}."
+    rows = [
+        [
+            f"{r['true']} → {r['predicted']}",
+            r["errors"],
+            r["on_ambiguous"],
+            r["on_clear"],
+            pct(r["share_ambiguous"]),
+            pct(r["ambiguous_rate_in_class"]),
         ]
-        parts += [
-            f"An image is *ambiguous* when fewer than {human['ambiguous_below']:.0%} of about 51 people chose its "
-            f"true class: {human['ambiguous_images']:,} test images are. Of the model's {human['errors']:,} errors, "
-            f"{human['errors_on_ambiguous']:,} ({pct(human['errors_on_ambiguous'] / max(human['errors'], 1))}) "
-            f"fall on ambiguous images, and {human['errors_on_clear']:,} on images at least "
-            f"{human['clear_from']:.0%} of people labelled correctly.",
-            "Leakage split by human ambiguity: if the look-alike confusions came from genuinely ambiguous "
-            "images, the share on ambiguous images would far exceed the class's base rate.",
-            table(
-                [
-                    "true → predicted",
-                    "model errors",
-                    "on ambiguous",
-                    "on the rest",
-                    "share ambiguous",
-                    "ambiguous rate in the class",
-                ],
-                rows,
-            ),
-            "![Human and model confusion](human_vs_model.png)",
-            "![Errors on human-clear images](clear_errors.png)",
-        ]
-    e, c = att["centre_share_errors"], att["centre_share_correct"]
-    parts += [
+        for r in human["leakage"]
+    ]
+    header = ["true → predicted", "model errors", "on ambiguous", "on the rest", "share ambiguous"]
+    parts = [
+        "## Human ambiguity (CIFAR-10H)",
+        f"An image is *ambiguous* when fewer than {human['ambiguous_below']:.0%} of about 51 people chose its "
+        f"true class: {human['ambiguous_images']:,} test images are. Of the model's {human['errors']:,} errors, "
+        f"{human['errors_on_ambiguous']:,} ({pct(human['errors_on_ambiguous'] / max(human['errors'], 1))}) "
+        f"fall on ambiguous images, and {human['errors_on_clear']:,} on images at least "
+        f"{human['clear_from']:.0%} of people labelled correctly.",
+        "Leakage split by human ambiguity: if the look-alike confusions came from genuinely ambiguous "
+        "images, the share on ambiguous images would far exceed the class's base rate.",
+        table([*header, "ambiguous rate in the class"], rows),
+        "![Human and model confusion](human_vs_model.png)",
+        "![Errors on human-clear images](clear_errors.png)",
+    ]
+    return "\n\n".join(parts)
+
+
+def _attribution_section(att: dict) -> str:
+    if "skipped" in att:
+        return f"## Where the model looks (Grad-CAM)\n\nSkipped: {att['skipped']}."
+    parts = [
         "## Where the model looks (Grad-CAM)",
         f"Grad-CAM for the predicted class at `{att['layer']}`, the deepest stage with at least 4 × 4 "
-        f"positions at this resolution.",
+        "positions at this resolution.",
     ]
+    e, c = att["centre_share_errors"], att["centre_share_correct"]
     if e is not None and c is not None:
-        verdict = (
-            "errors put less attribution on the centre than correct predictions — consistent with the "
-            "original report's 'background-dominant samples' explanation"
-            if e < c - 0.02
-            else "errors do not look at the background more than correct predictions do — no support for the "
-            "original report's 'background-dominant samples' explanation"
-        )
+        if e < c - 0.02:
+            verdict = (
+                "errors put less attribution on the centre than correct predictions — consistent with the "
+                "original report's 'background-dominant samples' explanation"
+            )
+        else:
+            verdict = (
+                "errors do not look at the background more than correct predictions do — no support for the "
+                "original report's 'background-dominant samples' explanation"
+            )
         parts.append(
             f"Share of attribution in the central quarter of the image, over {att['images_per_group']} "
             f"images per group: errors **{e:.3f}**, correct predictions **{c:.3f}** (a uniform map gives "
             f"0.25): {verdict}."
         )
-    parts += [
-        "![Grad-CAM on the worst errors](gradcam.png)",
-        "## Robustness to common corruptions",
-        f"Accuracy on {rob['images']:,} class-balanced test images (clean: {pct(rob['clean'])}; mean over all "
-        f"corruptions and severities: {pct(rob['mean_corrupted'])}).",
-        table(
-            ["corruption", *(f"severity {s}" for s in rob["severities"])],
-            [[k.replace("_", " "), *(pct(v) for v in accs)] for k, accs in rob["accuracy"].items()],
-        ),
-        "![Accuracy under corruptions](robustness.png)",
-    ]
+    parts.append("![Grad-CAM on the worst errors](gradcam.png)")
     return "\n\n".join(parts)
+
+
+def robustness_markdown(rob: dict) -> str:
+    """CIFAR-10-C: the benchmark mean with its margin, the table corruption x severity, the figure."""
+    if "skipped" in rob:
+        return f"## Robustness (CIFAR-10-C)\n\nSkipped: {rob['skipped']}."
+    mean = rob["mean_corrupted"]
+    summary = (
+        f"Mean accuracy over the {rob['benchmark_corruptions']} benchmark corruptions × 5 severities: "
+        f"**{pct(mean)}** ± {100 * rob['margin_95']:.1f} points (95%, from the sample of {rob['images']:,} "
+        f"class-balanced test images); mean corruption error {pct(rob['mean_corruption_error'])}; clean accuracy on "
+        f"the same images {pct(rob['clean'])}."
+        if mean is not None
+        else f"Clean accuracy on {rob['images']:,} images: {pct(rob['clean'])}."
+    )
+    if rob.get("mean_held_out") is not None:
+        summary += f" The held-out corruptions (not in the mean): {pct(rob['mean_held_out'])}."
+    rows = [
+        [k.replace("_", " "), *(pct(v) for v in accs), pct(sum(accs) / len(accs))]
+        for k, accs in rob["accuracy"].items()
+    ]
+    return "\n\n".join(
+        [
+            "## Robustness (CIFAR-10-C)",
+            f"The corruptions: {rob['origin']}.",
+            summary,
+            table(["corruption", *(f"severity {s}" for s in rob["severities"]), "mean"], rows),
+            "![Accuracy under corruptions](robustness.png)",
+        ]
+    )
 
 
 def tta_scope(tta: dict) -> str:
