@@ -19,6 +19,7 @@ from cifar_transfer.reporting import report
 from cifar_transfer.reporting.report import pct
 
 OUTPUTS = {
+    ".lock",  # the run folder's lock (runfolder.py): kept, so a later run can take it safely
     "recipe.json",
     "history.csv",
     "metrics.json",

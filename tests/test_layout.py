@@ -11,7 +11,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cifar_transfer"
 # Lowest first; a module may import its own layer and those below it.
 LAYERS = [
-    {"errors", "atomic", "recipe", "machine"},
+    {"errors", "atomic", "runfolder", "recipe", "machine"},
     {"data"},
     {"model"},
     {"training"},

@@ -92,6 +92,7 @@ def run(
     overrides: Sequence[str] = (),
     recipe_file: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     data_dir: str | None = None,
     weights: str | None = None,
     device: str = "auto",
@@ -100,7 +101,8 @@ def run(
     human_labels: str | Path | None = None,
 ) -> Run | None:
     """Train a recipe, evaluate it on the 10,000 test images, analyse its errors and write the report into
-    `out` (default runs/<preset>-<time>; with `resume`, the interrupted run's folder). Under torchrun the
+    `out` (default runs/<preset>-<time>; with `resume`, the interrupted run's folder; a folder holding another run
+    is refused unless `overwrite`). Under torchrun the
     processes other than rank 0 (which writes the folder) get None."""
     from .jobs.run import resolve_preset
     from .jobs.run import run as run_job
@@ -118,6 +120,7 @@ def run(
         weights=weights,
         device=device,
         resume=resume,
+        overwrite=overwrite,
         progress=progress,
         download=download,
         human_labels=Path(human_labels) if human_labels else None,

@@ -31,6 +31,8 @@ class DiskFullError(OutputError):
 
 def check_writable(folder: Path) -> None:
     """Fail before any work if `folder` cannot be written."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         write_bytes(folder / ".write-test", b"ok")

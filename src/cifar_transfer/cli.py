@@ -16,6 +16,7 @@ from pathlib import Path
 from .data.cifar import CLASSES
 from .errors import CifarTransferError, require
 from .recipe import PRESETS
+from .runfolder import FolderInUse
 
 EPILOG = """Data is looked for in --data-dir, then $CIFAR_TRANSFER_DATA, then ./data (the official
 cifar-10-batches-py/ folder, cifar-10-python.tar.gz, or train.npz + test.npz), and downloaded into ./data
@@ -33,7 +34,7 @@ def _options() -> dict[str, argparse.ArgumentParser]:
     group.add_argument("--data-dir", help="folder holding CIFAR-10 (see below)")
     group.add_argument("--no-download", action="store_true", help="never download CIFAR-10; fail if not found")
     device = argparse.ArgumentParser(add_help=False)
-    device.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    device.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
     training = argparse.ArgumentParser(add_help=False)
     group = training.add_argument_group("training")
     group.add_argument(
@@ -90,6 +91,13 @@ def _whole_number(low: int, high: int):
 _top = _whole_number(1, len(CLASSES))
 
 
+def _device(text: str) -> str:
+    kind, _, index = text.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be auto, cpu, cuda or cuda:N")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cifar-transfer",
@@ -115,7 +123,13 @@ def _training_commands(sub, o: dict) -> None:
         "runs/<name>/ with metrics, figures and a report.",
     )
     _preset(r)
-    r.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    resuming = r.add_mutually_exclusive_group()
+    resuming.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint"
+    )
+    resuming.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in --out (refused without it)"
+    )
     rp = sub.add_parser(
         "repeat",
         parents=train,
@@ -123,7 +137,7 @@ def _training_commands(sub, o: dict) -> None:
         description="Runs the recipe with seeds 0..N-1 into OUT/seed-K/; OUT/repeat.json, report.",
     )
     _preset(rp, "smoke")
-    rp.add_argument("--seeds", type=int, default=3, help="how many runs (default 3)")
+    rp.add_argument("--seeds", type=_whole_number(1, 1000), default=3, help="how many runs (default 3)")
     lr = sub.add_parser(
         "lr-find",
         parents=train,
@@ -258,9 +272,13 @@ def _model_commands(sub, o: dict) -> None:
     )
     s.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    s.add_argument("--max-bytes", type=int, default=10_000_000, help="largest accepted image (default 10 MB)")
-    s.add_argument("--max-images", type=int, default=32, help="most images in one /predict/batch request")
+    s.add_argument("--port", type=_whole_number(0, 65535), default=8000, help="port, 0-65535 (default 8000)")
+    s.add_argument(
+        "--max-bytes", type=_whole_number(1, 2**40), default=10_000_000, help="largest accepted image (default 10 MB)"
+    )
+    s.add_argument(
+        "--max-images", type=_whole_number(1, 10_000), default=32, help="most images in one /predict/batch request"
+    )
     x = sub.add_parser(
         "export",
         parents=[calibration],
@@ -305,6 +323,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         recipe_file=args.recipe,
         resume=bool(args.resume),
+        overwrite=args.overwrite,
         human_labels=args.human_labels,
         **_training_args(args),
     )
@@ -436,8 +455,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     out = _out(args, "compare")
     result = api.compare(args.run_dirs, out)
-    best = max(result["runs"], key=lambda r: r["accuracy"])
-    print(f"best test accuracy {best['accuracy']:.4f} ({best['run']}); report: {out / 'report.html'}")
+    for r in result["runs"]:
+        for lack in r["lacks"]:
+            print(f"note: {r['run']} has no {lack}", file=sys.stderr)
+    tested = [r for r in result["runs"] if r["accuracy"] is not None]
+    if tested:
+        best = max(tested, key=lambda r: r["accuracy"])
+        print(f"best test accuracy {best['accuracy']:.4f} ({best['run']}); report: {out / 'report.html'}")
+    else:
+        best = max(result["runs"], key=lambda r: r["best_val_acc"] or 0)
+        print(f"best validation accuracy {best['best_val_acc']:.4f} ({best['run']}); report: {out / 'report.html'}")
     return 0
 
 
@@ -449,12 +476,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps(results, indent=2))
+    elif described := next((r for r in results if "error" not in r), None):
+        print(_probabilities_line(described))
     for r in results:
         if "error" in r:
             print(f"error: {r['error']}", file=sys.stderr)
         elif not args.json:
             print(f"{r['image']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]))
     return 1 if any("error" in r for r in results) else 0
+
+
+def _probabilities_line(described: dict) -> str:
+    """Once per call: whether the probabilities below are calibrated, and how."""
+    how = f"calibrated (T = {described['temperature']:.3g})" if described["calibrated"] else "not calibrated"
+    return f"probabilities {how}{', flip TTA' if described['tta'] else ''}:"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -504,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
-        _record(getattr(args, "folder", None), f"{e}\n")
+        if not isinstance(e, FolderInUse):  # that folder belongs to another run: leave it as it is
+            _record(getattr(args, "folder", None), f"{e}\n")
         return 1
     except Exception as e:  # a bug: keep the traceback
         trace = traceback.format_exc()

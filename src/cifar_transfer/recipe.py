@@ -27,6 +27,10 @@ def step_name(where: str) -> str:
     return f"{where}.0" if where in ("layer1", "layer2", "layer3", "layer4") else where
 
 
+MAX_WIDTH = 65_536  # a head layer wider than this is a typo (2048 x 1e9 weights would ask for 8 TB)
+MAX_LAYERS = 16
+
+
 class RecipeError(CifarTransferError, ValueError):
     """A recipe field has a value it cannot take."""
 
@@ -97,16 +101,17 @@ class Recipe:
             "train_size": (10, 50_000),
             "val_size": (0, 50_000),
             "resolution": (32, 1024),
-            "batch_size": (1, None),
-            "eval_batch_size": (1, None),
-            "head_epochs": (0, None),
-            "finetune_epochs": (0, None),
+            # sizes that set memory or time are bounded, so a typo is refused here, not after loading data
+            "batch_size": (1, 65_536),
+            "eval_batch_size": (1, 65_536),
+            "head_epochs": (0, 10_000),
+            "finetune_epochs": (0, 10_000),
             "momentum": (0, 0.999),
             "weight_decay": (0, None),
             "warmup_epochs": (0, self.finetune_epochs),
-            "tta_images": (1, None),
-            "corruption_images": (1, None),
-            "gradcam_images": (1, None),
+            "tta_images": (1, 10_000),
+            "corruption_images": (1, 10_000),
+            "gradcam_images": (1, 10_000),
         }
         for name, (low, high) in ranges.items():
             value = getattr(self, name)
@@ -117,8 +122,11 @@ class Recipe:
         for name in ("head_lr", "finetune_lr"):
             if getattr(self, name) <= 0:
                 raise RecipeError(f"recipe field {name}={getattr(self, name)!r}: must be > 0")
-        if any(h < 1 for h in self.head_hidden):
-            raise RecipeError(f"recipe field head_hidden={self.head_hidden!r}: layer widths must be >= 1")
+        if any(h < 1 or h > MAX_WIDTH for h in self.head_hidden) or len(self.head_hidden) > MAX_LAYERS:
+            raise RecipeError(
+                f"recipe field head_hidden={self.head_hidden!r}: at most {MAX_LAYERS} layers, "
+                f"each 1 to {MAX_WIDTH:,} wide"
+            )
         if self.train_size % 10 or self.val_size % 10:
             raise RecipeError("recipe fields train_size and val_size must be multiples of 10 (class-balanced)")
         if self.train_size + self.val_size > 50_000:
@@ -150,7 +158,7 @@ class Recipe:
         if unknown:
             raise RecipeError(f"unknown recipe fields: {', '.join(sorted(unknown))}")
         d = dict(d)
-        if "head_hidden" in d:
+        if isinstance(d.get("head_hidden"), list):  # JSON has lists, the dataclass a tuple; anything else is refused
             d["head_hidden"] = tuple(d["head_hidden"])
         return cls(**d)
 
@@ -192,6 +200,8 @@ def read_table(path: Path, error: type[Exception]) -> object:
         raise error(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise error(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({e})") from None
+    except RecursionError:  # e.g. a JSON list nested 100,000 deep
+        raise error(f"{path}: nested too deeply to be a recipe") from None
 
 
 LEGACY_AUGMENT = {True: "crop+flip", False: "none", "true": "crop+flip", "false": "none"}

@@ -66,8 +66,8 @@ def _image_errors(name: str) -> Iterator[None]:
         raise ImageError(f"{name}: refused as a decompression bomb ({e})") from None
     except ImageError:
         raise
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
-        raise ImageError(f"{name}: truncated or corrupt image ({e})") from None
+    except Exception as e:  # any decoder failure is a bad image: OSError, SyntaxError, AVIF's RuntimeError, ...
+        raise ImageError(f"{name}: truncated or corrupt image ({e or type(e).__name__})") from None
 
 
 def open_image(data: bytes, name: str = "image") -> Image.Image:
@@ -82,11 +82,24 @@ def open_image(data: bytes, name: str = "image") -> Image.Image:
         return image
 
 
+def eight_bit(image: Image.Image, name: str = "image") -> Image.Image:
+    """16-bit greyscale as the 8-bit file of the same picture would hold it (v * 257 -> v); 32-bit integer and
+    floating-point images, whose range no file states, are refused by name."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.int64)
+        if image.mode == "I" and (values.min() < 0 or values.max() > 65535):
+            raise ImageError(f"{name}: 32-bit integer pixels ({values.min()}..{values.max()}): save it as 8-bit")
+        return Image.fromarray(np.round(values / 257).astype(np.uint8), mode="L")
+    if image.mode == "F":
+        raise ImageError(f"{name}: floating-point pixels, whose range the file does not state: save it as 8-bit")
+    return image
+
+
 def decode(image: Image.Image, name: str = "image") -> np.ndarray:
     """Decode an image `open_image` returned and convert it with `to_cifar`."""
     with _image_errors(name), image:
         image.load()
-        return to_cifar(image)
+        return to_cifar(eight_bit(image, name))
 
 
 def read_image(data: bytes, name: str = "image") -> np.ndarray:

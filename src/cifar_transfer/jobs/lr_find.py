@@ -131,6 +131,7 @@ def lr_find_job(
     """`lr-find`: the range test on the recipe's training split (never validation or test images), from the
     pretrained weights with a fresh head, or from a saved run's model (`start_from`, the sensible start for phase
     2); writes lr_find.json and lr_find.png into `out`."""
+    atomic.check_writable(out)  # before minutes of work
     dev = pick_device(device)
     if start_from is not None:
         model, saved = load_model(start_from / "model.safetensors")  # the saved network's shape wins

@@ -3,6 +3,7 @@ with, analyse its errors and write the report. Also `repeat` (several seeds) and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shlex
@@ -23,6 +24,7 @@ from ..model.network import TransferNet, pick_device, save_model
 from ..model.weights import load_pretrained
 from ..recipe import AUTO, PRESETS, Recipe, preset
 from ..reporting import figures, report
+from ..runfolder import run_folder
 from ..training.checkpoint import check_same_network, load_checkpoint
 from ..training.distributed import World, device_for, gather, joined
 from ..training.phases import TrainingError
@@ -46,6 +48,7 @@ def run(
     weights: str | None = None,
     device: str = "auto",
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     download: bool = True,
     human_labels: Path | None = None,
@@ -55,11 +58,11 @@ def run(
 
     `weights`: None means the default (on resume: the weights the run was started from). `chosen_by` says why
     this recipe was run (e.g. `--preset auto`); the report repeats it. Under torchrun every process trains and
-    tests its share; rank 0 writes and returns the metrics, the others return None."""
-    with joined(device) as world:
+    tests its share; rank 0 writes and returns the metrics, the others return None. Rank 0 holds the folder's
+    lock for the whole run; a folder in use, or holding another run (unless `resume` or `overwrite`), is refused."""
+    with joined(device) as world, _claim(world, out, resume, overwrite):
         t_start = time.perf_counter()
         if world.main:
-            atomic.check_writable(out)
             atomic.remove_stale(out)  # e.g. the half-written checkpoint of a run killed while saving
         dev = device_for(world, pick_device(device))
         if dev.type == "cuda":  # fixed input shapes: cuDNN picks its fastest kernels; TF32 for fp32 matmuls/convs
@@ -131,6 +134,10 @@ def run(
         report.write(out, report.run_markdown(metrics, history, recipe.to_dict()), f"cifar-transfer: {out.name}")
         (out / CHECKPOINT).unlink()  # the run is complete: model.safetensors holds what is worth keeping
         return metrics
+
+
+def _claim(world: World, out: Path, resume: bool, overwrite: bool) -> contextlib.AbstractContextManager:
+    return run_folder(out, resume, overwrite) if world.main else contextlib.nullcontext()
 
 
 def _resume_state(out: Path) -> dict:

@@ -117,9 +117,15 @@ def build_model(recipe: Recipe, pretrained: Pretrained) -> TransferNet:
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"--device {name}: must be auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"--device {name}: this tool runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"--device {name}: no CUDA device is available")
-    return torch.device(name)
+    return device
 
 
 def channels_last(recipe: Recipe, device: torch.device) -> bool:
@@ -152,14 +158,27 @@ def load_model(path: Path) -> tuple[TransferNet, Recipe]:
     sd, meta = read_safetensors(path, "model file")
     if meta.get("format") != "cifar-transfer/1":
         raise WeightsError(f"{path}: not a model saved by cifar-transfer (metadata format={meta.get('format')!r})")
-    recipe = Recipe.from_dict(json.loads(meta["recipe"]))
-    model = TransferNet(recipe, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), json.loads(meta["stride_in_1x1"]))
+    recipe = Recipe.from_dict(_metadata_json(meta, "recipe", dict, path))
+    model = TransferNet(recipe, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), _metadata_json(meta, "stride_in_1x1", bool, path))
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         raise WeightsError(f"{path}: does not match the recipe's model ({e})") from None
     model.temperature = _temperature(meta.get("temperature", "null"), path)  # older models have none
     return model.eval(), recipe
+
+
+def _metadata_json(meta: dict[str, str], key: str, kind: type, path: Path) -> object:
+    """A metadata entry that must hold JSON of one type; a missing or tampered one is named."""
+    if key not in meta:
+        raise WeightsError(f"{path}: metadata has no {key!r} (not a complete cifar-transfer model)")
+    try:
+        value = json.loads(meta[key])
+    except (ValueError, RecursionError):
+        raise WeightsError(f"{path}: metadata {key!r} is not valid JSON") from None
+    if not isinstance(value, kind):
+        raise WeightsError(f"{path}: metadata {key!r} must be a JSON {kind.__name__}, got {type(value).__name__}")
+    return value
 
 
 def _temperature(text: str, path: Path) -> float | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,10 +123,15 @@ def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], di
         raise WeightsError(f"{path}: not a readable {what} ({e})") from None
 
 
+# torch.load's refusal explains itself around one informative line, and advises loading unsafely: never shown
+_ADVICE = re.compile(r"weights_only|arbitrary code|trusted source|load failed|documentation|PyTorch 2\.6", re.I)
+
+
 def first_line(e: Exception) -> str:
-    """The informative line of torch.load's long weights_only error (never its advice to load unsafely)."""
+    """The informative line of torch.load's long weights_only error, without its advice to load unsafely."""
     text = str(e).split("WeightsUnpickler error:", 1)[-1]
-    return next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+    lines = [s.strip() for line in text.splitlines() for s in re.split(r"(?<=\.) ", line) if s.strip()]
+    return next((s for s in lines if not _ADVICE.search(s)), f"refused by torch.load ({type(e).__name__})")
 
 
 def _checked(sd: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:

@@ -48,29 +48,33 @@ def _parse_cell(text: str) -> float | str | bool:
 
 
 def summary(runs: list[dict]) -> dict:
-    """The comparison's numbers: the recipe fields that differ, and per run its results, times and machine."""
+    """The comparison's numbers: the recipe fields that differ, and per run its results, times and machine.
+    A run without a test evaluation (a `tune` trial reads validation only) has None there, and says so."""
     fields = [k for k in runs[0]["recipe"] if len({json.dumps(r["recipe"][k]) for r in runs}) > 1]
-    rows = []
-    for r in runs:
-        m, t = r["metrics"], r["metrics"]["timings"]
-        leakage = {
-            name: share
-            for p in m["test"]["leakage"]
-            for name, share in ((f"{p['a']} → {p['b']}", p["a_as_b"]), (f"{p['b']} → {p['a']}", p["b_as_a"]))
-        }
-        rows.append(
-            {
-                "run": r["name"],
-                "recipe": {k: r["recipe"][k] for k in fields},
-                "accuracy": m["test"]["accuracy"],
-                "loss": m["test"]["loss"],
-                "leakage": leakage,
-                "train_s": t["train_s"],
-                "total_s": t["total_s"],
-                "machine": m["run"]["device_name"],
-            }
-        )
-    return {"differing_fields": fields, "runs": rows}
+    return {"differing_fields": fields, "runs": [_row(r, fields) for r in runs]}
+
+
+def _row(r: dict, fields: list[str]) -> dict:
+    m, t = r["metrics"], r["metrics"].get("timings", {})
+    test = m.get("test", {})
+    leakage = {
+        name: share
+        for p in test.get("leakage", [])
+        for name, share in ((f"{p['a']} → {p['b']}", p["a_as_b"]), (f"{p['b']} → {p['a']}", p["b_as_a"]))
+    }
+    val = [h["val_acc"] for h in r["history"] if isinstance(h.get("val_acc"), float)]
+    return {
+        "run": r["name"],
+        "recipe": {k: r["recipe"][k] for k in fields},
+        "accuracy": test.get("accuracy"),
+        "loss": test.get("loss"),
+        "best_val_acc": max(val, default=None),
+        "leakage": leakage,
+        "train_s": t.get("train_s"),
+        "total_s": t.get("total_s"),
+        "machine": m.get("run", {}).get("device_name"),
+        "lacks": [] if "test" in m else ["a test evaluation (a tune trial is scored on validation only)"],
+    }
 
 
 def compare(run_dirs: list[Path], out: Path) -> dict:
@@ -78,6 +82,7 @@ def compare(run_dirs: list[Path], out: Path) -> dict:
     if len(run_dirs) < 2:
         raise CompareError("compare needs at least two run folders")
     runs = [load_run(Path(d)) for d in run_dirs]
+    atomic.check_writable(out)
     result = summary(runs)
     atomic.write_json(out / "compare.json", result)
     figures.overlaid_curves({r["name"]: r["history"] for r in runs}, out / "learning_curves.png")

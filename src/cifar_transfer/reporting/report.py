@@ -281,13 +281,16 @@ def compare_markdown(s: dict) -> str:
     the curves."""
     fields, runs = s["differing_fields"], s["runs"]
     rows = [[f"`{k}`", *(f"`{r['recipe'][k]}`" for r in runs)] for k in fields]
+    pairs = dict.fromkeys(p for r in runs for p in r["leakage"])
     rows += [
-        ["**test accuracy**", *(f"**{pct(r['accuracy'])}**" for r in runs)],
-        ["test loss", *(f"{r['loss']:.4f}" for r in runs)],
-        *([f"leakage {p}", *(pct(r["leakage"][p]) for r in runs)] for p in runs[0]["leakage"]),
-        ["training (s)", *(f"{r['train_s']:.0f}" for r in runs)],
-        ["total (s)", *(f"{r['total_s']:.0f}" for r in runs)],
-        ["machine", *(r["machine"] for r in runs)],
+        ["**test accuracy**", *(f"**{_maybe(r['accuracy'], pct)}**" for r in runs)],
+        ["test loss", *(_maybe(r["loss"], "{:.4f}".format) for r in runs)],
+        ["best validation accuracy", *(_maybe(r.get("best_val_acc"), pct) for r in runs)],
+        *([f"leakage {p}", *(_maybe(r["leakage"].get(p), pct) for r in runs)] for p in pairs),
+        ["training (s)", *(_maybe(r["train_s"], "{:.0f}".format) for r in runs)],
+        ["total (s)", *(_maybe(r["total_s"], "{:.0f}".format) for r in runs)],
+        ["machine", *(r["machine"] or "—" for r in runs)],
+        ["lacks", *("; ".join(r.get("lacks", [])) or "—" for r in runs)],
     ]
     return (
         "\n\n".join(
@@ -302,6 +305,10 @@ def compare_markdown(s: dict) -> str:
         )
         + "\n"
     )
+
+
+def _maybe(value: float | None, show) -> str:
+    return "—" if value is None else show(value)
 
 
 def write_test_results(logits: np.ndarray, test: Dataset, out: Path) -> dict:

@@ -43,6 +43,10 @@ def export_onnx(run_dir: Path, out: Path, calibrated: bool = True, opset: int = 
     """Write `out` and return the largest |ONNX - PyTorch| difference (logits and probabilities) on a check batch.
 
     The probabilities use the model's temperature unless `calibrated` is false (or the model has none)."""
+    out = Path(out)
+    if out.is_dir():
+        raise ExportError(f"{out}: a folder; --onnx takes a file name, e.g. {out / 'model.onnx'}")
+    atomic.check_writable(out.parent)  # before the export's minute of work, not after
     model, recipe = load_model(Path(run_dir) / "model.safetensors")
     temperature = model.temperature if calibrated and model.temperature is not None else None
     net = WithProbabilities(model, temperature or 1.0).eval()

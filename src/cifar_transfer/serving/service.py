@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import html
 import json
 import os
 import socket
@@ -25,6 +26,7 @@ import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..data.cifar import CLASSES
@@ -161,12 +163,69 @@ async def _too_large(send: Send, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class Problem(BaseModel):
+    """Every refusal: what was wrong, in one sentence naming the file or field."""
+
+    detail: str
+
+
+class Top(BaseModel):
+    class_: str = Field(alias="class")
+    probability: float
+
+
+class Described(BaseModel):
+    """How the probabilities were made."""
+
+    model: str
+    calibrated: bool
+    temperature: float | None
+    tta: bool
+
+
+class Prediction(Described):
+    top: list[Top]
+    probabilities: dict[str, float]
+
+
+class ImageResult(BaseModel):
+    """One image of a batch: its classes, or why it could not be classified."""
+
+    filename: str | None
+    top: list[Top] | None = None
+    probabilities: dict[str, float] | None = None
+    error: str | None = None
+
+
+class BatchPrediction(Described):
+    results: list[ImageResult]
+
+
+REFUSALS = {
+    400: {
+        "model": Problem,
+        "description": "not an image this service can read (empty, truncated, not an image, a "
+        "decompression bomb), or two images sent to /predict",
+    },
+    413: {"model": Problem, "description": "a body, image or image count over the service's limits"},
+    422: {"model": Problem, "description": "the request's form or query does not match this schema"},
+}
+
+
+def check_limits(max_bytes: int, max_images: int) -> None:
+    """Limits that would refuse every request are refused at start."""
+    if max_bytes < 1:
+        raise ServiceError(f"--max-bytes {max_bytes}: must be at least 1")
+    if max_images < 1:
+        raise ServiceError(f"--max-images {max_images}: must be at least 1")
+
+
 def create_app(
     run_dir: Path, max_bytes: int = MAX_BYTES, max_images: int = MAX_IMAGES, device: str = "auto"
 ) -> FastAPI:
+    check_limits(max_bytes, max_images)
     predictor = Predictor(run_dir, device)
     batcher = Batcher(predictor.logits)
-    decoder = Decoder()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -180,18 +239,33 @@ def create_app(
         version="1",
         description=f"CIFAR-10 classifier `{predictor.model_id}`. Classes: {', '.join(CLASSES)}.",
     )
+    batch_limit = max_bytes * max_images + FORM_OVERHEAD * max_images
+    app.add_middleware(BodyLimit, limits={"/predict": max_bytes + FORM_OVERHEAD, "/predict/batch": batch_limit})
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    _prediction_routes(app, predictor, batcher, Decoder(), max_bytes, max_images)
+    _page_routes(app, predictor, batcher)
+    _files_are_never_empty(app.openapi())  # cached by FastAPI: what /openapi.json serves
+    return app
 
-    app.add_middleware(
-        BodyLimit,
-        limits={"/predict": max_bytes + FORM_OVERHEAD, "/predict/batch": max_bytes * max_images + FORM_OVERHEAD},
-    )
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}" for e in exc.errors())
-        hint = "upload the image as multipart/form-data field 'file' (or 'files' for /predict/batch)"
-        return JSONResponse({"detail": f"{problems} ({hint})"}, status_code=422)
+def _files_are_never_empty(schema: dict) -> None:
+    """Document what /predict checks: its one file holds at least one byte (an empty one is a 400). In a batch an
+    empty file is one image's error among the others' results, so there it stays valid."""
+    for body in schema["components"]["schemas"].values():
+        for field in body.get("properties", {}).values():
+            if "contentMediaType" in field:
+                field["minLength"] = 1
 
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}" for e in exc.errors())
+    hint = "upload the image as multipart/form-data field 'file' (or 'files' for /predict/batch)"
+    return JSONResponse({"detail": f"{problems} ({hint})"}, status_code=422)
+
+
+def _prediction_routes(
+    app: FastAPI, predictor: Predictor, batcher: Batcher, decoder: Decoder, max_bytes: int, max_images: int
+) -> None:
     async def decode(upload: UploadFile) -> np.ndarray:
         data = await upload.read(max_bytes + 1)
         if len(data) > max_bytes:
@@ -201,37 +275,54 @@ def create_app(
         except ImageError as e:
             raise HTTPException(400, str(e)) from None
 
-    def result(probs: np.ndarray, top: int) -> dict:
-        order = np.argsort(-probs)[:top]
-        return {
-            "top": [{"class": CLASSES[i], "probability": float(probs[i])} for i in order],
-            "probabilities": {c: float(p) for c, p in zip(CLASSES, probs)},
-        }
-
     async def classify(images: np.ndarray, options: Options) -> np.ndarray:
         return predictor.combine(await batcher.classify(predictor.views(images, options)), options)
 
-    @app.post("/predict", summary="Classify one image (multipart field 'file')")
+    @app.post("/predict", summary="Classify one image (multipart field 'file')", responses=REFUSALS)
     async def predict(
-        file: Annotated[UploadFile, File()], top: TopK = 3, calibrated: Calibrated = True, tta: TTA = False
-    ) -> dict:
+        request: Request,
+        file: Annotated[UploadFile, File()],
+        top: TopK = 3,
+        calibrated: Calibrated = True,
+        tta: TTA = False,
+    ) -> Prediction:
+        if (parts := len((await request.form()).getlist("file"))) > 1:
+            raise HTTPException(400, f"{parts} 'file' parts: /predict classifies one image; use /predict/batch")
         options = Options(calibrated, tta)
         probs = await classify((await decode(file))[None], options)
-        return {**predictor.describe(options), **result(probs[0], top)}
+        return Prediction(**predictor.describe(options), **_classes(probs[0], top))
 
-    @app.post("/predict/batch", summary="Classify several images (multipart fields 'files')")
+    @app.post("/predict/batch", summary="Classify several images (multipart fields 'files')", responses=REFUSALS)
     async def predict_batch(
-        files: Annotated[list[UploadFile], File()], top: TopK = 3, calibrated: Calibrated = True, tta: TTA = False
-    ) -> dict:
+        files: Annotated[list[UploadFile], File(min_length=1)],
+        top: TopK = 3,
+        calibrated: Calibrated = True,
+        tta: TTA = False,
+    ) -> BatchPrediction:
         if len(files) > max_images:
             raise HTTPException(413, f"{len(files)} images in one request; at most {max_images}")
         options = Options(calibrated, tta)
-        probs = await classify(np.stack([await decode(f) for f in files]), options)
-        return {
-            **predictor.describe(options),
-            "results": [{"filename": f.filename, **result(p, top)} for f, p in zip(files, probs)],
-        }
+        images, results = {}, [ImageResult(filename=f.filename) for f in files]
+        for i, f in enumerate(files):  # one bad image gets its error; the others their classes
+            try:
+                images[i] = await decode(f)
+            except HTTPException as e:
+                results[i].error = e.detail
+        if images:
+            for i, probs in zip(images, await classify(np.stack(list(images.values())), options)):
+                results[i] = ImageResult(filename=files[i].filename, **_classes(probs, top))
+        return BatchPrediction(**predictor.describe(options), results=results)
 
+
+def _classes(probs: np.ndarray, top: int) -> dict:
+    order = np.argsort(-probs)[:top]
+    return {
+        "top": [Top(**{"class": CLASSES[i], "probability": float(probs[i])}) for i in order],
+        "probabilities": {c: float(p) for c, p in zip(CLASSES, probs)},
+    }
+
+
+def _page_routes(app: FastAPI, predictor: Predictor, batcher: Batcher) -> None:
     @app.get("/health", summary="Liveness, the model's id and temperature, and how requests were batched")
     async def health() -> dict:
         sizes = batcher.sizes
@@ -248,12 +339,15 @@ def create_app(
         }
 
     page = resources.files("cifar_transfer.serving").joinpath("static/index.html").read_text(encoding="utf-8")
+    page = page.replace("{{MODEL}}", html.escape(predictor.model_id))  # a run folder's name is the user's text
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
-        return page.replace("{{MODEL}}", predictor.model_id)
+        return page
 
-    return app
+
+class ServiceError(CifarTransferError, ValueError):
+    """The service's options would refuse every request."""
 
 
 class PortError(CifarTransferError, OSError):
