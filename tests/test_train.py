@@ -169,7 +169,7 @@ def test_best_val_ships_the_best_validation_epoch(pretrained, tiny_data, tmp_pat
     r = preset("seed").with_overrides([*TINY, "keep=best_val", "finetune_lr=1e-3"])
     scripted = iter([0.2, 0.6, 0.4, 0.5])  # epoch 2 (the last of phase 1) is the best
     validate = loop._validate
-    monkeypatch.setattr(loop, "_validate", lambda *a: (validate(*a)[0], next(scripted)))
+    monkeypatch.setattr(loop, "_validate", lambda *a: (lambda v: (v[0], next(scripted), v[2]))(validate(*a)))
     saved = []
     write_with = atomic.write_with
 
@@ -186,6 +186,10 @@ def test_best_val_ships_the_best_validation_epoch(pretrained, tiny_data, tmp_pat
     for k, v in model.state_dict().items():
         assert torch.equal(v, at_epoch_2[k]), k
     assert any(not torch.equal(v, last[k]) for k, v in model.state_dict().items())
+    # the shipped epoch's validation logits are kept, so calibration needs no second pass: they are the model's
+    with torch.inference_mode():
+        fresh_pass = model(to_input(tiny_data[1][0]))
+    torch.testing.assert_close(model.val_logits, fresh_pass, rtol=1e-4, atol=1e-4)
 
     # resumed after epoch 3, the run still remembers epoch 2 as the best and ships it
     scripted = iter([0.5])
@@ -194,6 +198,7 @@ def test_best_val_ships_the_best_validation_epoch(pretrained, tiny_data, tmp_pat
     assert [x["shipped"] for x in h] == [False, True, False, False]
     for k, v in resumed.state_dict().items():
         assert torch.equal(v, at_epoch_2[k]), k
+    assert resumed.val_logits is None  # computed before the resume: the run makes one more pass instead
 
 
 def test_each_history_row_follows_its_checkpoint_and_write_errors_stop_training(

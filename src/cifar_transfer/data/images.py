@@ -166,7 +166,8 @@ def read_image_folder(folder: Path) -> tuple[Dataset, list[str], list[str]]:
             skipped.append(f"{entry}: not inside a class folder; skipped")
             continue
         if entry.name.lower() not in CLASSES:
-            skipped.append(f"{entry}: not a CIFAR-10 class name ({', '.join(CLASSES)}); skipped")
+            files = sum(1 for p in entry.rglob("*") if p.is_file())
+            skipped.append(f"{entry}: not a CIFAR-10 class name ({', '.join(CLASSES)}); its {files} files skipped")
             continue
         for f in _class_files(entry, skipped):
             try:

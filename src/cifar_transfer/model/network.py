@@ -39,6 +39,8 @@ class TransferNet(nn.Module):
         self.stride_in_1x1 = stride_in_1x1
         # fitted on the validation split after training: probabilities are softmax(logits / temperature)
         self.temperature: float | None = None
+        # the shipped epoch's validation logits, kept by training so calibration needs no second pass
+        self.val_logits: torch.Tensor | None = None
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         self.backbone = _resnet50(stride_in_1x1)

@@ -33,18 +33,24 @@ class Progress:
     best: dict | None = None
     phase: int = 1
     epoch: int = 0
+    # the validation logits of the epoch that will ship (not checkpointed: after a resume they may be unknown),
+    # so the temperature is fitted without another pass over the validation images
+    shipped_val_logits: torch.Tensor | None = None
 
     def first_epoch(self, phase: int, epochs: int) -> int | None:
         """The epoch of `phase` to start at; None when the phase is done."""
         first = self.epoch if phase == self.phase else 0
         return None if phase < self.phase or first >= epochs else first
 
-    def record(self, row: dict, model: TransferNet, keep_best: bool) -> None:
+    def record(self, row: dict, model: TransferNet, keep_best: bool, val_logits: torch.Tensor | None = None) -> None:
         self.history.append(row)
         self.phase, self.epoch = row["phase"], row["phase_epoch"]
-        if keep_best and (self.best is None or row["val_acc"] > self.best["val_acc"]):
+        if not keep_best:
+            self.shipped_val_logits = val_logits
+        elif self.best is None or row["val_acc"] > self.best["val_acc"]:
             weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
             self.best = {"epoch": row["epoch"], "val_acc": row["val_acc"], "model": weights}
+            self.shipped_val_logits = val_logits
 
 
 def restore(

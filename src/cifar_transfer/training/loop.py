@@ -104,6 +104,7 @@ def ship(model: TransferNet, at: Progress) -> None:
     shipped = best["epoch"] if best is not None else len(at.history)
     for row in at.history:
         row["shipped"] = row["epoch"] == shipped
+    model.val_logits = at.shipped_val_logits  # None when unknown (the shipped epoch ran before a resume)
     model.eval()
 
 
@@ -137,9 +138,9 @@ class _Fit:
         for epoch in range(first, epochs):
             t0 = started if epoch == first else time.perf_counter()
             desc = f"phase {phase} epoch {epoch + 1}/{epochs}"
-            row, step_losses, step_lrs = self.epoch(phase, epoch, desc, xs, forward, learn, opt, sched)
+            row, val_logits, step_losses, step_lrs = self.epoch(phase, epoch, desc, xs, forward, learn, opt, sched)
             row["seconds"] = time.perf_counter() - t0
-            self.at.record(row, self.model, keep_best=self.recipe.keep == "best_val")
+            self.at.record(row, self.model, keep_best=self.recipe.keep == "best_val", val_logits=val_logits)
             if self.progress:
                 tqdm.write(
                     f"{desc}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
@@ -167,7 +168,7 @@ class _Fit:
             self.world,
         )
         self.model.eval()
-        val_loss, val_acc = _validate(forward, xs[1], self.labels[1], self.recipe, self.world)
+        val_loss, val_acc, val_logits = _validate(forward, xs[1], self.labels[1], self.recipe, self.world)
         row = {
             "phase": phase,
             "epoch": len(self.at.history) + 1,
@@ -178,7 +179,7 @@ class _Fit:
             "val_loss": val_loss,
             "val_acc": val_acc,
         }
-        return row, step_losses, step_lrs
+        return row, val_logits, step_losses, step_lrs
 
 
 class PhaseInputs:
@@ -296,13 +297,13 @@ def _run_epoch(
 
 def _validate(
     forward, x: torch.Tensor | Views, y: torch.Tensor, recipe: Recipe, world: World = ALONE
-) -> tuple[float, float]:
-    """Loss and accuracy on the validation images, each rank predicting its share."""
+) -> tuple[float, float, torch.Tensor | None]:
+    """Loss, accuracy and logits on the validation images, each rank predicting its share."""
     if len(y) == 0:
-        return math.nan, math.nan
+        return math.nan, math.nan, None
     x = x[0] if isinstance(x, tuple) else x
     logits = gather(predict_logits(forward, x[world.rows(len(x))], recipe.eval_batch_size, recipe.precision), world)
-    return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+    return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item(), logits
 
 
 def cache_activations(
