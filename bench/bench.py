@@ -14,6 +14,8 @@ Plans: `full` on a GPU (sized for 8 minutes on one H100/H200: not yet run on one
    compiled cold (inductor's caches are off here, so every run pays the compilation a first `run` pays). Each
    row's gain is over the row above it.
 3. presets: end to end with test accuracy and peak GPU memory.
+On a CPU it first measures the machine's own matmul and convolution rates (bench/roofline.py, which also reads a
+finished run's passes against them).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reference import accuracy_plain, train_plain
+from roofline import machine_rates
 
 from cifar_transfer import atomic, machine
 from cifar_transfer.data.augment import as_tensors
@@ -225,8 +228,11 @@ def gains(base: Recipe, splits: Splits, pretrained, device: torch.device) -> lis
 
 def table(results: dict) -> str:
     env = results["environment"]
-    lines = [
-        f"machine: {env['device_name']}; torch {env['versions']['torch']}",
+    lines = [f"machine: {env['device_name']}; torch {env['versions']['torch']}"]
+    if results["machine"]:
+        rates = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in results["machine"].items())
+        lines.append(f"roofline (TFLOP/s): {rates}; a run's passes against it: bench/roofline.py RUN_DIR")
+    lines += [
         "",
         f"{'px':>4} {'batch':>5} {'prec':>5} {'train img/s':>12} {'infer img/s':>12}   (median of {WINDOWS})",
     ]
@@ -274,6 +280,7 @@ def main() -> None:
     pretrained = load_pretrained(args.weights)
     results: dict = {
         "environment": machine.environment(device),
+        "machine": machine_rates() if device.type == "cpu" else None,  # the CPU roofline the passes are read against
         "smoke": args.smoke,
         "windows": WINDOWS,
         "throughput": [],
