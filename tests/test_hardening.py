@@ -215,7 +215,7 @@ def test_compare_says_what_tune_trials_lack(smoke_run, tmp_path, run_cli):
     done = run_cli("compare", *trials, "--out", str(tmp_path / "cmp"))
     assert done.returncode == 0, done.stderr
     assert "best validation accuracy" in done.stdout
-    assert done.stderr.count("has no a test evaluation") == 2
+    assert done.stderr.count("lacks a test evaluation") == 2
     assert "| lacks |" in (tmp_path / "cmp" / "report.md").read_text()
 
 
@@ -225,6 +225,16 @@ def test_export_checks_its_target_first(smoke_run, tmp_path, run_cli):
     started = time.monotonic()
     one_line(run_cli("export", str(smoke_run), "--onnx", str(tmp_path / "f" / "x.onnx")), "f: a file, not a folder")
     assert time.monotonic() - started < 10  # refused before the export, not after
+
+
+@pytest.mark.parametrize("command", ["compare", "lr-find"])
+def test_compare_and_lr_find_check_their_output_folder_first(command, smoke_run, tmp_path, run_cli):
+    (tmp_path / "f").write_text("x")
+    target = str(tmp_path / "f" / "out")
+    args = [str(smoke_run), str(smoke_run)] if command == "compare" else ["--preset", "smoke"]
+    started = time.monotonic()
+    one_line(run_cli(command, *args, "--out", target), f"{target}: output folder is not writable")
+    assert time.monotonic() - started < 10  # before reading data or training a step
 
 
 @pytest.mark.parametrize(

@@ -138,6 +138,20 @@ def _training_commands(sub, o: dict) -> None:
     )
     _preset(rp, "smoke")
     rp.add_argument("--seeds", type=_whole_number(1, 1000), default=3, help="how many runs (default 3)")
+    _lr_find_command(sub, train)
+    _tune_command(sub, train)
+    e = sub.add_parser(
+        "eda",
+        parents=[o["data"]],
+        epilog=EPILOG,
+        help="sample images and class counts",
+        description="Write samples.png and class_counts.png for a preset's split.",
+    )
+    e.add_argument("--out", type=Path, default=Path("runs/eda"), help="folder for the figures (default runs/eda)")
+    e.add_argument("--preset", default="seed", choices=list(PRESETS), help="whose split sizes and seed to use")
+
+
+def _lr_find_command(sub, train: list) -> None:
     lr = sub.add_parser(
         "lr-find",
         parents=train,
@@ -157,6 +171,9 @@ def _training_commands(sub, o: dict) -> None:
     lr.add_argument("--steps", type=int, default=100, help="most optimizer steps (default 100)")
     lr.add_argument("--start", type=float, default=1e-7, help="first learning rate (default 1e-7)")
     lr.add_argument("--end", type=float, default=10.0, help="last learning rate (default 10)")
+
+
+def _tune_command(sub, train: list) -> None:
     t = sub.add_parser(
         "tune",
         parents=train,
@@ -185,15 +202,6 @@ def _training_commands(sub, o: dict) -> None:
         help="a dead worker's trials are marked failed after twice this (default 60)",
     )
     study.add_argument("--sampler-seed", type=int, help="seed of the TPE sampler (give each worker its own)")
-    e = sub.add_parser(
-        "eda",
-        parents=[o["data"]],
-        epilog=EPILOG,
-        help="sample images and class counts",
-        description="Write samples.png and class_counts.png for a preset's split.",
-    )
-    e.add_argument("--out", type=Path, default=Path("runs/eda"), help="folder for the figures (default runs/eda)")
-    e.add_argument("--preset", default="seed", choices=list(PRESETS), help="whose split sizes and seed to use")
 
 
 def _saved_run_commands(sub, o: dict) -> None:
@@ -457,7 +465,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     result = api.compare(args.run_dirs, out)
     for r in result["runs"]:
         for lack in r["lacks"]:
-            print(f"note: {r['run']} has no {lack}", file=sys.stderr)
+            print(f"note: {r['run']} lacks {lack}", file=sys.stderr)
     tested = [r for r in result["runs"] if r["accuracy"] is not None]
     if tested:
         best = max(tested, key=lambda r: r["accuracy"])

@@ -17,11 +17,11 @@ import torch
 
 from .. import atomic
 from ..analysis.calibration import shipped_temperature
-from ..data.cifar import Splits, load_cifar10, split
+from ..data.cifar import Dataset, Splits, load_cifar10, split
 from ..machine import default_weights, environment, peak_rss_gib
 from ..model.inference import logits_for
 from ..model.network import TransferNet, pick_device, save_model
-from ..model.weights import load_pretrained
+from ..model.weights import Pretrained, load_pretrained
 from ..recipe import AUTO, PRESETS, Recipe, preset
 from ..reporting import figures, report
 from ..runfolder import run_folder
@@ -62,78 +62,108 @@ def run(
     lock for the whole run; a folder in use, or holding another run (unless `resume` or `overwrite`), is refused."""
     with joined(device) as world, _claim(world, out, resume, overwrite):
         t_start = time.perf_counter()
-        if world.main:
-            atomic.remove_stale(out)  # e.g. the half-written checkpoint of a run killed while saving
-        dev = device_for(world, pick_device(device))
-        if dev.type == "cuda":  # fixed input shapes: cuDNN picks its fastest kernels; TF32 for fp32 matmuls/convs
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        dev = _start(out, device, world)
         state = _resume_state(out) if resume else None
         recipe = Recipe.from_dict(state["recipe"]) if state else recipe
-        started_from = (state or {}).get("meta", {}).get("network")
-        pretrained = load_pretrained(weights or (started_from or {}).get("weights") or default_weights())
-        network = pretrained.identity()  # hashes every tensor: once
-        if started_from is not None:
-            check_same_network(started_from, network, out / CHECKPOINT)
+        pretrained, network = _pretrained(weights, state, out)
         train_full, test = load_cifar10(data_dir, allow_download=download)
         splits = split(train_full, test, recipe.train_size, recipe.val_size, recipe.seed)
         if world.main:
-            (out / "error.txt").unlink(missing_ok=True)
             figures.data_figures(splits, out, recipe.seed)
-        model, history, train_s = train_to_folder(
-            recipe,
-            out,
-            splits,
-            pretrained,
-            dev,
-            resume_state=state,
-            progress=progress,
-            meta={"network": network},
-            world=world,
-        )
-        if world.main:
-            figures.learning_curves(history, out / "learning_curves.png", recipe.finetune_from)
+        trained = {"resume_state": state, "progress": progress, "meta": {"network": network}, "world": world}
+        model, history, train_s = train_to_folder(recipe, out, splits, pretrained, dev, **trained)
         timings = {
             "phase1_s": sum(h["seconds"] for h in history if h["phase"] == 1),
             "phase2_s": sum(h["seconds"] for h in history if h["phase"] == 2),
             "train_s": train_s,
         }
-        t0 = time.perf_counter()
-        logits = shared_logits(model, test.images, recipe, world, "test" if progress and world.main else None)
-        timings["eval_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        val_logits = _validation_logits(model, splits, recipe, world)
+        logits, val_logits = _test(model, recipe, splits, world, progress, timings)
         if not world.main:
             return None
         metrics = {
-            "test": report.write_test_results(logits, test, out),
-            "calibration": shipped_temperature(val_logits, splits.val.labels, logits, test.labels),
-        }
-        model.temperature = metrics["calibration"]["temperature"]
-        timings["calibration_s"] = time.perf_counter() - t0
-        save_model(model, recipe, out / "model.safetensors")
-        metrics = {
             "run": _run_facts(out, recipe, train_full.source, pretrained.source, resume, chosen_by, dev, world),
             "timings": timings,
-            "data": {
-                "counts": {
-                    "train": figures.counts(splits.train),
-                    "validation": figures.counts(splits.val),
-                    "test": figures.counts(test),
-                }
-            },
+            "data": {"counts": {name: figures.counts(ds) for name, ds in _named_sets(splits)}},
             "final_epoch": history[-1] if history else {},
             "shipped": shipped_epoch(history, recipe),
-            **metrics,
+            **_ship(model, recipe, splits, logits, val_logits, out, timings),
         }
         if recipe.analysis:
             metrics["analysis"] = _analysis(model, recipe, splits, out, human_labels, logits, val_logits, timings)
         timings["total_s"] = time.perf_counter() - t_start
         metrics["peak_rss_gib"] = peak_rss_gib()
-        atomic.write_json(out / "metrics.json", metrics)
-        report.write(out, report.run_markdown(metrics, history, recipe.to_dict()), f"cifar-transfer: {out.name}")
-        (out / CHECKPOINT).unlink()  # the run is complete: model.safetensors holds what is worth keeping
+        _finish(out, metrics, history, recipe)
         return metrics
+
+
+def _start(out: Path, device: str, world: World) -> torch.device:
+    """Tidy the folder (rank 0) and choose the device."""
+    if world.main:
+        atomic.remove_stale(out)  # e.g. the half-written checkpoint of a run killed while saving
+        (out / "error.txt").unlink(missing_ok=True)
+    dev = device_for(world, pick_device(device))
+    if dev.type == "cuda":  # fixed input shapes: cuDNN picks its fastest kernels; TF32 for fp32 matmuls/convs
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return dev
+
+
+def _pretrained(weights: str | None, state: dict | None, out: Path) -> tuple[Pretrained, dict]:
+    """The weights to start from (on resume: those the run started from, unless others are given, which must make
+    the same network) and their identity."""
+    started_from = (state or {}).get("meta", {}).get("network")
+    pretrained = load_pretrained(weights or (started_from or {}).get("weights") or default_weights())
+    network = pretrained.identity()  # hashes every tensor: once
+    if started_from is not None:
+        check_same_network(started_from, network, out / CHECKPOINT)
+    return pretrained, network
+
+
+def _named_sets(splits: Splits) -> list[tuple[str, Dataset]]:
+    return [("train", splits.train), ("validation", splits.val), ("test", splits.test)]
+
+
+def _test(
+    model: TransferNet, recipe: Recipe, splits: Splits, world: World, progress: bool, timings: dict
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The shipped model's test logits (timed) and its validation logits."""
+    t0 = time.perf_counter()
+    desc = "test" if progress and world.main else None
+    logits = shared_logits(model, splits.test.images, recipe, world, desc)
+    timings["eval_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    val_logits = _validation_logits(model, splits, recipe, world)
+    timings["calibration_s"] = time.perf_counter() - t0
+    return logits, val_logits
+
+
+def _ship(
+    model: TransferNet,
+    recipe: Recipe,
+    splits: Splits,
+    logits: np.ndarray,
+    val_logits: np.ndarray | None,
+    out: Path,
+    timings: dict,
+) -> dict:
+    """The test results and the temperature fitted on validation; the model saved with it."""
+    t0 = time.perf_counter()
+    test = splits.test
+    results = {
+        "test": report.write_test_results(logits, test, out),
+        "calibration": shipped_temperature(val_logits, splits.val.labels, logits, test.labels),
+    }
+    model.temperature = results["calibration"]["temperature"]
+    timings["calibration_s"] += time.perf_counter() - t0
+    save_model(model, recipe, out / "model.safetensors")
+    return results
+
+
+def _finish(out: Path, metrics: dict, history: list[dict], recipe: Recipe) -> None:
+    figures.learning_curves(history, out / "learning_curves.png", recipe.finetune_from)
+    atomic.write_json(out / "metrics.json", metrics)
+    report.write(out, report.run_markdown(metrics, history, recipe.to_dict()), f"cifar-transfer: {out.name}")
+    (out / CHECKPOINT).unlink()  # the run is complete: model.safetensors holds what is worth keeping
 
 
 def _claim(world: World, out: Path, resume: bool, overwrite: bool) -> contextlib.AbstractContextManager:
