@@ -127,7 +127,8 @@ def test_predict_command_reports_every_file_and_each_bad_one(smoke_run, images, 
     bad, missing = tmp_path / "notes.txt", tmp_path / "absent.png"
     done = predict(str(images[0]), str(bad), str(images[1]), str(missing), "--top", "2")
     assert done.returncode == 1
-    lines = done.stdout.splitlines()
+    header, *lines = done.stdout.splitlines()  # once: how the probabilities were made
+    assert header.startswith("probabilities calibrated (T = ")
     assert [line.split(": ")[0] for line in lines] == [str(images[0]), str(images[1])]
     assert all(len(line.split(", ")) == 2 for line in lines)
     assert done.stderr.splitlines() == [

@@ -51,7 +51,7 @@ def test_overrides_are_parsed_by_field_type():
         ("finetune_lr=inf", "finetune_lr=inf: must be a finite number"),
         ("warmup_epochs=inf", "warmup_epochs=inf"),
         ("warmup_epochs=11", "warmup_epochs=11.0: must be in \\[0, 10\\]"),
-        ("head_hidden=-5", "head_hidden=\\(-5,\\): layer widths must be >= 1"),
+        ("head_hidden=-5", "head_hidden=\\(-5,\\): at most 16 layers, each 1 to 65,536 wide"),
         ("momentum=1", "momentum=1.0"),
         ("resolution=100000", "resolution=100000"),
         ("label_smoothing=nan", "label_smoothing=nan"),
