@@ -47,7 +47,9 @@ class Recipe:
     resolution: int = 32
     # "flip": horizontal flips only, which frozen-stage caching can serve (it caches each image and its mirror);
     # "crop+flip": random crops (reflect-padded by 4) as well, computed afresh every step
-    augment: Literal["none", "flip", "crop+flip"] = "none"
+    # "flip+noise": also a copy of each image under CIFAR-10-C-strength Gaussian noise or low contrast (cached
+    # once beside the image and its mirror; each step draws one of the three)
+    augment: Literal["none", "flip", "crop+flip", "flip+noise"] = "none"
     # model
     head_hidden: tuple[int, ...] = (128, 64)
     dropout: float = 0.0

@@ -39,8 +39,33 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = PAD
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
+# CIFAR-10-C's Gaussian-noise sigmas and contrast factors, severities 1-5: the shifts `lean` is weakest under
+NOISE_SIGMA = (0.04, 0.06, 0.08, 0.09, 0.10)
+CONTRAST = (0.75, 0.5, 0.4, 0.3, 0.15)
+
+
+def shifted(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """uint8 images under Gaussian noise or reduced contrast (half each), at a severity from 1 to 5 drawn per
+    image: the shift the `flip+noise` augmentation trains on."""
+    n, device = len(x), generator.device
+    severity = torch.randint(0, 5, (n,), generator=generator, device=device).to(x.device)
+    sigma = torch.tensor(NOISE_SIGMA, device=x.device)[severity].view(-1, 1, 1, 1)
+    factor = torch.tensor(CONTRAST, device=x.device)[severity].view(-1, 1, 1, 1)
+    noise = torch.randn(x.shape, generator=generator, device=device).to(x.device)
+    is_noise = (torch.rand(n, generator=generator, device=device) < 0.5).to(x.device).view(-1, 1, 1, 1)
+    image = x.float() / 255
+    means = image.mean((2, 3), keepdim=True)
+    out = torch.where(is_noise, image + noise * sigma, (image - means) * factor + means)
+    return (out.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def augment(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
-    """A recipe's `augment` applied to uint8 images: "none", "flip" or "crop+flip"."""
+    """A recipe's `augment` applied to uint8 images: "none", "flip", "crop+flip", or "flip+noise" (a flip, then a
+    third of the images replaced by their `shifted` copy)."""
     if kind == "none":
         return x
-    return random_crop_flip(x, generator, pad=PAD if kind == "crop+flip" else 0)
+    x = random_crop_flip(x, generator, pad=PAD if kind == "crop+flip" else 0)
+    if kind != "flip+noise":
+        return x
+    pick = (torch.rand(len(x), generator=generator, device=generator.device) < 1 / 3).to(x.device)
+    return torch.where(pick.view(-1, 1, 1, 1), shifted(x, generator), x)

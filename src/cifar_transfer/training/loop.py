@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..data.augment import augment, to_input
+from ..data.augment import augment, shifted, to_input
 from ..model.inference import autocast, predict_logits
 from ..model.network import Part, TransferNet
 from ..recipe import Recipe
@@ -190,7 +190,7 @@ class PhaseInputs:
         self, model: TransferNet, recipe: Recipe, train: torch.Tensor, val: torch.Tensor, world: World, progress: bool
     ):
         self.model, self.recipe, self.images, self.world, self.progress = model, recipe, (train, val), world, progress
-        self.views = 2 if recipe.augment == "flip" else 1
+        self.views = 2 if recipe.augment in ("flip", "flip+noise") else 1
         self.frozen: tuple[Views, Views] | None = None  # activations entering `finetune_from`, for train and val
 
     def for_phase(self, phase: int) -> tuple[tuple, str]:
@@ -209,8 +209,13 @@ class PhaseInputs:
         return xs, begin
 
     def cache(self, xs: tuple, start: str, stop: str, desc: str) -> tuple[Views, Views]:
+        images = xs[0]
+        if isinstance(images, torch.Tensor) and self.recipe.augment == "flip+noise":
+            # the shifted copy is drawn once, from the seed (the same on every rank), and cached as a third view
+            draw = torch.Generator(device=images.device).manual_seed(self.recipe.seed + 104729)
+            images = (images, images.flip(-1), shifted(images, draw))
         train = cache_activations(
-            self.model, xs[0], start, stop, self.recipe, self.views, desc if self.progress else None, self.world
+            self.model, images, start, stop, self.recipe, self.views, desc if self.progress else None, self.world
         )
         return train, cache_activations(self.model, xs[1], start, stop, self.recipe, world=self.world)
 
@@ -233,6 +238,9 @@ def _batch(x: torch.Tensor | Views, idx: torch.Tensor, gen: torch.Generator, rec
     if isinstance(x, tuple):
         if len(x) == 1:
             return x[0][idx]
+        if len(x) == 3:  # image, mirror, shifted copy: one each step, a third each
+            view = torch.randint(0, 3, (len(idx),), generator=gen, device=gen.device).to(idx.device)
+            return torch.stack([v[idx] for v in x])[view, torch.arange(len(idx), device=idx.device)]
         mirror = torch.rand(len(idx), generator=gen, device=gen.device).to(idx.device) < 0.5
         return torch.where(mirror.view(-1, *[1] * (x[0].ndim - 1)), x[1][idx], x[0][idx])
     return to_input(augment(x[idx], recipe.augment, gen))
