@@ -5,6 +5,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from cifar_transfer.model.inference import autocast, computes_in_bf16, native_bf16
 from cifar_transfer.model.network import build_model, load_model, place, save_model
 from cifar_transfer.model.weights import IMAGENET, WeightsError, load_pretrained
 from cifar_transfer.recipe import preset
@@ -139,3 +140,19 @@ def test_loading_a_file_that_is_not_ours(tmp_path):
     save_file({"x": torch.zeros(1)}, tmp_path / "m.safetensors")
     with pytest.raises(WeightsError, match="not a model saved by cifar-transfer"):
         load_model(tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize(("amx", "avx512_bf16"), [(False, False), (True, False), (False, True)])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch, amx, avx512_bf16):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    native_bf16.cache_clear()
+    try:
+        cpu = torch.device("cpu")
+        assert computes_in_bf16(cpu, "auto") == (amx or avx512_bf16)
+        assert computes_in_bf16(cpu, "bf16") and not computes_in_bf16(cpu, "fp32")
+        with autocast(cpu, "auto"):
+            assert torch.is_autocast_enabled("cpu") == (amx or avx512_bf16)
+    finally:
+        native_bf16.cache_clear()  # the next test sees the real CPU
+    assert preset("lean").precision == preset("strong").precision == "auto"

@@ -1,11 +1,13 @@
 import errno
 import itertools
+import math
 
 import pytest
 import torch
 
 from cifar_transfer import atomic
 from cifar_transfer.data.augment import as_tensors, to_input
+from cifar_transfer.model import inference
 from cifar_transfer.model.network import Part, build_model
 from cifar_transfer.recipe import preset
 from cifar_transfer.training import checkpoint, loop, phases
@@ -145,6 +147,22 @@ def test_cached_activations_give_the_full_forward_passes_outputs(pretrained, tin
     (feats,) = loop.cache_activations(model, (plain,), "layer3", "head", r)
     with torch.no_grad():
         assert torch.allclose(feats, model.features(to_input(images)), atol=1e-5)
+
+
+def test_auto_precision_without_bf16_hardware_computes_in_fp32_and_caches_in_bf16(pretrained, tiny_data, monkeypatch):
+    monkeypatch.setattr(inference, "native_bf16", lambda device_type: False)  # e.g. an Ice Lake Xeon
+    r = preset("seed").with_overrides([*TINY, "resolution=64", "finetune_from=layer3", "precision=auto"])
+    model = fresh(r, pretrained).eval()
+    images = tiny_data[0][0][:12]
+    (cached,) = loop.cache_activations(model, images, "stem", "layer3", r)
+    with torch.no_grad():
+        exact = Part(model, "stem", "layer3")(to_input(images))  # fp32, no autocast
+        logits, full = Part(model, "layer3")(cached), model(to_input(images))
+    # computed in fp32 and rounded once (bf16 autocast would round after every block: further off)
+    assert cached.dtype == torch.bfloat16 and torch.allclose(cached.float(), exact, rtol=2**-8, atol=1e-6)
+    assert logits.dtype == torch.float32 and torch.allclose(logits, full, atol=1e-2)
+    history = fit(model, r, *tiny_data, progress=False)  # the fp32 blocks train on the bf16 cache
+    assert len(history) == 4 and all(math.isfinite(h["val_loss"]) for h in history)
 
 
 def test_only_the_chosen_stages_learn(pretrained, tiny_data):

@@ -19,7 +19,7 @@ from .. import atomic
 from ..analysis.calibration import shipped_temperature
 from ..data.cifar import Dataset, Splits, load_cifar10, split
 from ..machine import default_weights, environment, peak_rss_gib
-from ..model.inference import logits_for
+from ..model.inference import computes_in_bf16, logits_for
 from ..model.network import TransferNet, pick_device, save_model
 from ..model.weights import Pretrained, load_pretrained
 from ..recipe import AUTO, PRESETS, Recipe, preset
@@ -197,6 +197,7 @@ def _run_facts(
         "resumed": resumed,
         "preset": recipe.name,
         "chosen_by": None if resumed else chosen_by,
+        "computed_in": "bf16" if computes_in_bf16(dev, recipe.precision) else "fp32",
         **environment(dev),
         "distributed": {
             **world.describe(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -14,7 +15,21 @@ from ..recipe import Recipe
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=computes_in_bf16(device, precision))
+
+
+def computes_in_bf16(device: torch.device, precision: str) -> bool:
+    """The recipe's precision on `device`: "auto" is bf16 where the hardware computes it, fp32 elsewhere."""
+    return precision == "bf16" or (precision == "auto" and native_bf16(device.type))
+
+
+@functools.cache
+def native_bf16(device_type: str) -> bool:
+    """Whether the device computes bf16 in hardware: a CUDA GPU with bf16 units, a CPU with AMX or AVX-512 BF16.
+    Elsewhere it is emulated: on an Ice Lake Xeon (AVX-512 without BF16) lean's passes ran at half fp32's speed."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
 
 @torch.inference_mode()

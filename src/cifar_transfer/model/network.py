@@ -77,6 +77,8 @@ class TransferNet(nn.Module):
     def run(self, x: torch.Tensor, start: str = "stem", stop: str | None = None) -> torch.Tensor:
         """The steps from `start` up to, not including, `stop` (None: through the head, to the logits); a stage
         name stands for its first block."""
+        if x.dtype == torch.bfloat16 and not torch.is_autocast_enabled(x.device.type):
+            x = x.float()  # activations cached in bf16, computed on in fp32
         first = STEPS.index(step_name(start))
         for name in STEPS[first : STEPS.index(step_name(stop)) if stop else None]:
             x = self.step(name, x)

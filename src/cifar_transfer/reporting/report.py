@@ -94,9 +94,10 @@ def run_line(metrics: dict, preset: str) -> str:
     if "analysis_s" in t:
         times += f", error analysis {t['analysis_s']:.0f} s"
     memory = f" · peak memory {metrics['peak_rss_gib']:.1f} GiB" if "peak_rss_gib" in metrics else ""
+    computed_in = f" in {run['computed_in']}" if "computed_in" in run else ""
     return (
-        f"Preset **{preset}**{chosen} · {run['device_name']} · {t['total_s']:.0f} s in all ({times}){memory} · "
-        f"{run['finished']}"
+        f"Preset **{preset}**{chosen} · {run['device_name']}{computed_in} · {t['total_s']:.0f} s in all "
+        f"({times}){memory} · {run['finished']}"
     )
 
 

@@ -328,16 +328,19 @@ def cache_activations(
     gathered: every rank holds all of it).
 
     `x` is uint8 images (with views=2 their mirror images are cached too) or the views a previous call made.
-    Activations keep the precision they are computed in (bf16 under bf16 autocast: half the memory).
+    The blocks' activations are kept in bf16 unless the recipe's precision is fp32: half the memory (lean's are
+    3.3 GB so); where "auto" computes in fp32 they are rounded once, as bf16 autocast rounds every block's output.
+    The base features entering the head keep the precision they were computed in.
     """
     if isinstance(x, torch.Tensor):
         x = (x, x.flip(-1))[:views]
     part = Part(model, start, stop)
+    kept = torch.bfloat16 if stop != "head" and recipe.precision != "fp32" else None  # None: as computed
     return tuple(
         gather(
             predict_logits(
                 part, v[world.rows(len(v))], recipe.eval_batch_size, recipe.precision, desc, keep_dtype=True
-            ),
+            ).to(kept),
             world,
         )
         if len(v)
