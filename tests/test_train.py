@@ -143,10 +143,11 @@ def test_cached_activations_give_the_full_forward_passes_outputs(pretrained, tin
     for cached, expected in ((plain, full), (mirror, mirrored)):
         with torch.no_grad():
             assert torch.allclose(Part(model, "layer3")(cached), expected, atol=1e-5)
-    # phase 1's features, computed from the cached activations, are the base's features
+    # phase 1's features, computed from the cached activations, are the base's features (up to fp32 rounding:
+    # the cached steps run with their BatchNorm folded into the convolutions)
     (feats,) = loop.cache_activations(model, (plain,), "layer3", "head", r)
     with torch.no_grad():
-        assert torch.allclose(feats, model.features(to_input(images)), atol=1e-5)
+        assert torch.allclose(feats, model.features(to_input(images)), rtol=1e-4, atol=1e-5)
 
 
 def test_auto_precision_without_bf16_hardware_computes_in_fp32_and_caches_in_bf16(pretrained, tiny_data, monkeypatch):
@@ -158,8 +159,8 @@ def test_auto_precision_without_bf16_hardware_computes_in_fp32_and_caches_in_bf1
     with torch.no_grad():
         exact = Part(model, "stem", "layer3")(to_input(images))  # fp32, no autocast
         logits, full = Part(model, "layer3")(cached), model(to_input(images))
-    # computed in fp32 and rounded once (bf16 autocast would round after every block: further off)
-    assert cached.dtype == torch.bfloat16 and torch.allclose(cached.float(), exact, rtol=2**-8, atol=1e-6)
+    # computed in fp32 (BatchNorm folded) and rounded once: a bf16 step off at most (autocast rounds every block)
+    assert cached.dtype == torch.bfloat16 and torch.allclose(cached.float(), exact, rtol=2**-7, atol=1e-4)
     assert logits.dtype == torch.float32 and torch.allclose(logits, full, atol=1e-2)
     history = fit(model, r, *tiny_data, progress=False)  # the fp32 blocks train on the bf16 cache
     assert len(history) == 4 and all(math.isfinite(h["val_loss"]) for h in history)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ..data.augment import augment, shifted, to_input
 from ..model.inference import autocast, predict_logits
-from ..model.network import Part, TransferNet
+from ..model.network import Part, TransferNet, folded
 from ..recipe import Recipe
 from .checkpoint import Checkpointer, Progress, restore
 from .distributed import ALONE, DistributedError, World, gather, total
@@ -325,7 +325,7 @@ def cache_activations(
     world: World = ALONE,
 ) -> Views:
     """What the frozen steps from `start` up to `stop` make of `x`, computed once (each rank its share, then
-    gathered: every rank holds all of it).
+    gathered: every rank holds all of it), with their BatchNorm folded into the convolutions.
 
     `x` is uint8 images (with views=2 their mirror images are cached too) or the views a previous call made.
     The blocks' activations are kept in bf16 unless the recipe's precision is fp32: half the memory (lean's are
@@ -334,7 +334,7 @@ def cache_activations(
     """
     if isinstance(x, torch.Tensor):
         x = (x, x.flip(-1))[:views]
-    part = Part(model, start, stop)
+    part = Part(folded(model), start, stop)  # the steps are frozen when cached: BatchNorm in inference mode
     kept = torch.bfloat16 if stop != "head" and recipe.precision != "fp32" else None  # None: as computed
     return tuple(
         gather(
