@@ -202,8 +202,16 @@ def candidate_dirs(data_dir: str | Path | None) -> list[Path]:
     return [Path(d) for d in dirs if d]
 
 
+def check_readable_folder(folder: Path) -> None:
+    """A folder this process may list and enter, or one line naming it (not a file inside it)."""
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise DataError(f"{folder}: a folder that cannot be read (permission denied)")
+
+
 def find_source(folder: Path) -> Path | tuple[Path, Path] | None:
     """What in `folder` holds CIFAR-10: the batches folder (or `folder` itself), the archive, or an npz pair."""
+    if folder.is_dir():
+        check_readable_folder(folder)
     for f in (folder / FOLDER, folder):
         if (f / TEST_BATCH).is_file() or (f / "data_batch_1").is_file():
             return f

@@ -414,7 +414,12 @@ def elastic_transform(x, c, rng):
 
 
 def is_official_folder(folder: Path) -> bool:
-    return (folder / "labels.npy").is_file() and any((folder / f"{n}.npy").is_file() for n in (*BENCHMARK, *HELD_OUT))
+    """A folder in the released layout; one that cannot be looked into is not (the photo-folder reader names it)."""
+    try:
+        labels = (folder / "labels.npy").is_file()
+        return labels and any((folder / f"{n}.npy").is_file() for n in (*BENCHMARK, *HELD_OUT))
+    except OSError:  # e.g. a folder without read permission
+        return False
 
 
 def read_official(folder: Path) -> Iterator[tuple[str, int, Dataset]]:

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import CifarTransferError
-from .cifar import CLASSES, DataError, Dataset
+from .cifar import CLASSES, DataError, Dataset, check_readable_folder
 
 SIZE = 32
 # Decoded pixels: far more than a 32x32 classifier needs, and the bound on what one decode can cost (a
@@ -158,8 +158,7 @@ def read_image_folder(folder: Path) -> tuple[Dataset, list[str], list[str]]:
     as `predict` prepares it. Returns the dataset, each image's path, and one line per thing skipped (a folder
     that is not a class name, a file outside the class folders, anything that is not a readable image)."""
     folder = Path(folder)
-    if not os.access(folder, os.R_OK | os.X_OK):
-        raise DataError(f"{folder}: a folder that cannot be read (permission denied)")
+    check_readable_folder(folder)
     images, labels, paths, skipped = [], [], [], []
     for entry in sorted(p for p in folder.iterdir() if not p.name.startswith(".")):
         if not entry.is_dir():
