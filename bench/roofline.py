@@ -2,14 +2,14 @@
 
 usage: python bench/roofline.py [RUN_DIR ...] [--json FILE]
 
-First the machine: a 2048^3 matmul in bf16 and fp32, and a 3x3 convolution (256 channels, 8x8 maps, batch 64,
-channels-last, bf16 autocast) forward and forward + backward, each the best of a few timed repeats (seconds in
-all). Then, for each run folder, every pass the run made (phase 1: the frozen pass cached once, the base features
-and the head epochs; phase 2: the fine-tune epochs with their validation; the test evaluation; calibration; the
-error analysis): its FLOPs (counted with torch.utils.flop_counter at the recipe's resolution, from the image
-counts and epochs in metrics.json), its seconds (metrics.json's timings), the achieved TFLOP/s and the fraction
-of the machine's bf16 matmul rate. The analysis row counts the CIFAR-10-C and flip-TTA forwards only (Grad-CAM and
-the corruptions' own arithmetic are not counted), so its rate is a floor.
+First the machine: a 2048^3 matmul and a 3x3 convolution (256 channels, 8x8 maps, batch 64, channels-last) forward
+and forward + backward, each in bf16 and fp32 and the best of a few timed repeats (seconds in all). Then, for each
+run folder, every pass the run made (phase 1: the frozen pass cached once, the base features and the head epochs;
+phase 2: the fine-tune epochs with their validation; the test evaluation; calibration; the error analysis): its
+FLOPs (counted with torch.utils.flop_counter at the recipe's resolution, from the image counts and epochs in
+metrics.json), its seconds (metrics.json's timings), the achieved TFLOP/s and the fraction of the machine's matmul
+rate in the precision the run computed in (metrics.json's `computed_in`). The analysis row counts the CIFAR-10-C and
+flip-TTA forwards only (Grad-CAM and the corruptions' own arithmetic are not counted), so its rate is a floor.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def best_seconds(f, repeats: int = 5) -> float:
 
 
 def machine_rates() -> dict:
-    """TFLOP/s of the kernels the passes are made of, on this CPU's threads."""
+    """TFLOP/s of the kernels the passes are made of, on this CPU's threads, in both precisions: a CPU without
+    bf16 units (AMX, AVX-512 BF16) emulates bf16, slower than fp32."""
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
     rates = {
@@ -51,17 +52,17 @@ def machine_rates() -> dict:
     conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
     x = torch.randn(64, 256, 8, 8).to(memory_format=torch.channels_last)
     flops = 2 * 64 * 256 * 256 * 9 * 8 * 8
+    for precision in ("bf16", "fp32"):
 
-    def forward() -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return conv(x)
+        def forward(bf16: bool = precision == "bf16") -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                return conv(x)
 
-    def forward_backward() -> None:
-        forward().float().sum().backward()
-
-    with torch.no_grad():
-        rates["bf16_conv_forward"] = flops / best_seconds(forward) / 1e12
-    rates["bf16_conv_forward_backward"] = 3 * flops / best_seconds(forward_backward) / 1e12
+        with torch.no_grad():
+            rates[f"{precision}_conv_forward"] = flops / best_seconds(forward) / 1e12
+        rates[f"{precision}_conv_forward_backward"] = (
+            3 * flops / best_seconds(lambda f=forward: f().float().sum().backward()) / 1e12
+        )
     return rates
 
 
@@ -104,7 +105,7 @@ def passes(run_dir: Path) -> list[dict]:
     per = flops_per_image(recipe)
     counts = {k: sum(v) for k, v in metrics["data"]["counts"].items()}
     train, val, test = counts["train"], counts["validation"], counts["test"]
-    views = 2 if recipe.augment == "flip" else 1
+    views = {"flip": 2, "flip+noise": 3}.get(recipe.augment, 1)  # cached views of each training image
     t = metrics["timings"]
     head_images = recipe.head_epochs * train + recipe.head_epochs * val
     phase1 = (per["frozen"] + per["features"]) * (views * train + val) + head_images * 1e5  # the head: ~1e5 an image
@@ -130,15 +131,19 @@ def table(result: dict) -> str:
     r = result["machine"]
     lines = [
         f"machine: {result['environment']['device_name']}; torch {result['environment']['versions']['torch']}",
-        f"roofline (TFLOP/s): bf16 matmul {r['bf16_matmul']:.2f}, fp32 matmul {r['fp32_matmul']:.2f}, "
-        f"bf16 conv forward {r['bf16_conv_forward']:.2f}, forward + backward {r['bf16_conv_forward_backward']:.2f}",
+        "roofline (TFLOP/s): "
+        + "; ".join(
+            f"{kind} bf16 {r[f'bf16_{kind}']:.2f}, fp32 {r[f'fp32_{kind}']:.2f}"
+            for kind in ("matmul", "conv_forward", "conv_forward_backward")
+        ),
     ]
     for run in result["runs"]:
-        lines += ["", f"run {run['run']} ({run['preset']}, total_s {run['total_s']:.0f})"]
-        lines.append(f"{'pass':<62} {'TFLOP':>7} {'seconds':>8} {'TFLOP/s':>8} {'of bf16 mm':>10}")
+        precision = run["computed_in"]
+        lines += ["", f"run {run['run']} ({run['preset']}, computed in {precision}, total_s {run['total_s']:.0f})"]
+        lines.append(f"{'pass':<62} {'TFLOP':>7} {'seconds':>8} {'TFLOP/s':>8} {f'of {precision} mm':>10}")
         for p in run["passes"]:
             rate = "-" if p["tflop_s"] is None else f"{p['tflop_s']:.3f}"
-            share = "-" if p["tflop_s"] is None else f"{p['tflop_s'] / r['bf16_matmul']:.0%}"
+            share = "-" if p["tflop_s"] is None else f"{p['tflop_s'] / r[f'{precision}_matmul']:.0%}"
             lines.append(f"{p['pass']:<62} {p['tflop']:>7.1f} {p['seconds']:>8.1f} {rate:>8} {share:>10}")
     return "\n".join(lines)
 
@@ -151,12 +156,18 @@ def roofline(run_dirs: list[Path]) -> dict:
             {
                 "run": str(d),
                 "preset": metrics["run"]["preset"],
+                # runs made before `computed_in` was recorded: bf16 only when the recipe asked for it
+                "computed_in": metrics["run"].get("computed_in", _asked_for(d)),
                 "total_s": metrics["timings"]["total_s"],
                 "measured_on": metrics["run"]["device_name"],
                 "passes": passes(d),
             }
         )
     return {"environment": machine.environment(torch.device("cpu")), "machine": machine_rates(), "runs": runs}
+
+
+def _asked_for(run_dir: Path) -> str:
+    return "bf16" if json.loads((run_dir / "recipe.json").read_text())["precision"] == "bf16" else "fp32"
 
 
 def main() -> None:

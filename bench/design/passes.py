@@ -81,7 +81,7 @@ def main() -> None:
     x = torch.randint(0, 255, (256, 3, 32, 32), dtype=torch.uint8)
     frozen, fused = Part(model, "stem", "layer3.3"), Part(folded(model), "stem", "layer3.3")
     for label, part, batch in (("frozen pass", frozen, 32), ("frozen pass", frozen, 128), ("+ BN folded", fused, 32)):
-        r = rate(lambda p=part, b=batch: predict_logits(p, x, b, "bf16", keep_dtype=True), len(x))
+        r = rate(lambda p=part, b=batch: predict_logits(p, x, b, "bf16", dtype=None), len(x))
         print(f"{label:<24} batch {batch:>3}: {r:6.1f} img/s")
     for batch in (32, 128):
         full = rate(lambda b=batch: predict_logits(model, x, b, "bf16"), len(x))

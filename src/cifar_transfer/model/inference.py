@@ -39,17 +39,18 @@ def predict_logits(
     batch_size: int,
     precision: str = "fp32",
     desc: str | None = None,
-    keep_dtype: bool = False,
+    dtype: torch.dtype | None = torch.float32,
 ) -> torch.Tensor:
-    """Logits (float32, on x's device) for uint8 images or cached activations `x`, in batches.
+    """Logits (on x's device) for uint8 images or cached activations `x`, in batches.
 
-    `keep_dtype` returns the outputs in the precision they were computed in (to cache activations in bf16)."""
+    `dtype` is the outputs' (None: the precision they were computed in), converted batch by batch so that
+    activations cached in bf16 never sit in memory in fp32 all at once."""
     out = []
     for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=desc is None, unit="batch", leave=False):
         xb = x[i : i + batch_size]
         with autocast(x.device, precision):
             raw = forward(to_input(xb) if xb.dtype == torch.uint8 else xb)
-        y = raw if keep_dtype else raw.float()
+        y = raw if dtype is None else raw.to(dtype)
         out.append(y.clone() if y is raw else y)  # a CUDA-graph replay overwrites its output buffer: keep a copy
     return torch.cat(out)
 

@@ -338,9 +338,7 @@ def cache_activations(
     kept = torch.bfloat16 if stop != "head" and recipe.precision != "fp32" else None  # None: as computed
     return tuple(
         gather(
-            predict_logits(
-                part, v[world.rows(len(v))], recipe.eval_batch_size, recipe.precision, desc, keep_dtype=True
-            ).to(kept),
+            predict_logits(part, v[world.rows(len(v))], recipe.eval_batch_size, recipe.precision, desc, kept),
             world,
         )
         if len(v)
