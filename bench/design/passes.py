@@ -8,17 +8,15 @@ forward at batch 32 and 128; a fine-tune step (layer3.3..head, batch 64, SGD) ea
 usage: python bench/design/passes.py [WEIGHTS]   (default: $CIFAR_TRANSFER_WEIGHTS)
 """
 
-import copy
 import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from cifar_transfer.model.inference import predict_logits
-from cifar_transfer.model.network import Part, build_model, place
+from cifar_transfer.model.network import Part, build_model, folded, place
 from cifar_transfer.model.weights import load_pretrained
 from cifar_transfer.recipe import preset
 
@@ -33,22 +31,6 @@ def _timed(f) -> float:
     t0 = time.perf_counter()
     f()
     return time.perf_counter() - t0
-
-
-def folded(model):
-    """A copy with every BatchNorm (frozen: inference statistics) folded into the convolution before it."""
-    model = copy.deepcopy(model)
-    b = model.backbone
-    b.conv1, b.bn1 = fuse_conv_bn_eval(b.conv1, b.bn1), torch.nn.Identity()
-    for stage in (b.layer1, b.layer2, b.layer3, b.layer4):
-        for block in stage:
-            for i in (1, 2, 3):
-                conv, bn = getattr(block, f"conv{i}"), getattr(block, f"bn{i}")
-                setattr(block, f"conv{i}", fuse_conv_bn_eval(conv, bn))
-                setattr(block, f"bn{i}", torch.nn.Identity())
-            if block.downsample is not None:
-                block.downsample = torch.nn.Sequential(fuse_conv_bn_eval(*block.downsample))
-    return model.to(memory_format=torch.channels_last)
 
 
 def step_rate(model, compile_it: bool) -> float:
