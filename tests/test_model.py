@@ -6,7 +6,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cifar_transfer.model.inference import autocast, computes_in_bf16, native_bf16
-from cifar_transfer.model.network import build_model, load_model, place, save_model
+from cifar_transfer.model.network import build_model, for_inference, load_model, place, save_model
 from cifar_transfer.model.weights import IMAGENET, WeightsError, load_pretrained
 from cifar_transfer.recipe import preset
 
@@ -53,6 +53,23 @@ def test_save_and_load_gives_the_same_function(pretrained, tmp_path):
         save_file(sd, tmp_path / "bad.safetensors", metadata=meta | {"temperature": bad})
         with pytest.raises(WeightsError, match=r"metadata temperature=.* is not a positive number"):
             load_model(tmp_path / "bad.safetensors")
+
+
+def test_the_inference_copy_folds_every_batchnorm_and_keeps_the_function(pretrained):
+    r = preset("smoke").with_overrides(["memory_format=channels_last"])
+    model = build_model(r, pretrained).eval()
+    model.temperature = 1.7
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inference = for_inference(model, r, torch.device("cpu"))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in inference.backbone.modules())
+    assert inference.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert inference.temperature == 1.7
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(inference(x), model(x), rtol=1e-4, atol=1e-4)  # the same function, up to rounding
+    # the trained model is untouched: it is what model.safetensors keeps
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules()) == 53
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def resnet_state() -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from ..data.images import read_image_folder
 from ..errors import CifarTransferError
 from ..machine import environment
 from ..model.inference import logits_for, tta_logits
-from ..model.network import TransferNet, load_model, pick_device, place
+from ..model.network import TransferNet, for_inference, load_model, pick_device
 from ..recipe import Recipe
 from ..reporting import figures, report
 
@@ -41,14 +41,14 @@ def evaluate(
     dev = pick_device(device)
     if data and Path(data).is_dir() and corruptions.is_official_folder(Path(data)):
         atomic.check_writable(out)
-        return _evaluate_cifar10c(place(model, recipe, dev), recipe, Path(data), out, run_dir), out
+        return _evaluate_cifar10c(for_inference(model, recipe, dev), recipe, Path(data), out, run_dir), out
     paths, skipped = None, []
     if data and Path(data).is_dir() and find_source(Path(data)) is None:  # photos, one folder per class
         test, paths, skipped = read_image_folder(Path(data))
     else:
         test = load_test_set(data) if data else load_cifar10(None, allow_download=download)[1]
     atomic.check_writable(out)
-    model = place(model, recipe, dev)
+    model = for_inference(model, recipe, dev)
     t0 = time.perf_counter()
     logits = (
         tta_logits(model, test.images, recipe)
@@ -115,7 +115,7 @@ def robustness_job(
     names = (*corruptions.BENCHMARK, *corruptions.HELD_OUT) if held_out else corruptions.BENCHMARK
     t0 = time.perf_counter()
     dev = pick_device(device)
-    result = corruption_robustness(place(model, recipe, dev), recipe, test, None, images, names)
+    result = corruption_robustness(for_inference(model, recipe, dev), recipe, test, None, images, names)
     if "skipped" in result:
         raise CifarTransferError(f"robustness: {result['skipped']}")
     return _write_robustness(out, result, time.perf_counter() - t0, f"robustness of {run_dir.name}", dev), out
@@ -149,7 +149,7 @@ def analyze(
     splits = split(train, test, recipe.train_size, recipe.val_size, recipe.seed)
     out = run_dir / "analysis"
     atomic.check_writable(out)
-    analysis = analyse_model(place(model, recipe, pick_device(device)), recipe, splits.val, test, human_labels)
+    analysis = analyse_model(for_inference(model, recipe, pick_device(device)), recipe, splits.val, test, human_labels)
     figures.analysis_figures(analysis, test, out)
     atomic.write_json(out / "analysis.json", analysis.result)
     report.write(

@@ -20,7 +20,7 @@ from ..analysis.calibration import shipped_temperature
 from ..data.cifar import Dataset, Splits, load_cifar10, split
 from ..machine import default_weights, environment, peak_rss_gib
 from ..model.inference import computes_in_bf16, logits_for
-from ..model.network import TransferNet, pick_device, save_model
+from ..model.network import TransferNet, folded, pick_device, save_model
 from ..model.weights import Pretrained, load_pretrained
 from ..recipe import AUTO, PRESETS, Recipe, preset
 from ..reporting import figures, report
@@ -77,7 +77,8 @@ def run(
             "phase2_s": sum(h["seconds"] for h in history if h["phase"] == 2),
             "train_s": train_s,
         }
-        logits, val_logits = _test(model, recipe, splits, world, progress, timings)
+        inference = folded(model)  # the trained weights stay as they are: model.safetensors keeps BatchNorm
+        logits, val_logits = _test(inference, recipe, splits, world, progress, timings)
         if not world.main:
             return None
         metrics = {
@@ -89,7 +90,7 @@ def run(
             **_ship(model, recipe, splits, logits, val_logits, out, timings),
         }
         if recipe.analysis:
-            metrics["analysis"] = _analysis(model, recipe, splits, out, human_labels, logits, val_logits, timings)
+            metrics["analysis"] = _analysis(inference, recipe, splits, out, human_labels, logits, val_logits, timings)
         timings["total_s"] = time.perf_counter() - t_start
         metrics["peak_rss_gib"] = peak_rss_gib()
         _finish(out, metrics, history, recipe)

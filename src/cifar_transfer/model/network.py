@@ -163,6 +163,11 @@ def place(model: TransferNet, recipe: Recipe, device: torch.device) -> TransferN
     return model.to(memory_format=torch.channels_last) if channels_last(recipe, device) else model
 
 
+def for_inference(model: TransferNet, recipe: Recipe, device: torch.device) -> TransferNet:
+    """What evaluation, analysis and serving run: placed on `device`, every BatchNorm folded (`folded`)."""
+    return folded(place(model, recipe, device))
+
+
 def save_model(model: TransferNet, recipe: Recipe, path: Path) -> Path:
     """model.safetensors: every tensor, plus the recipe, classes and preprocessing needed to rebuild it."""
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

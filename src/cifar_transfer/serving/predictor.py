@@ -11,7 +11,7 @@ from ..analysis.calibration import softmax
 from ..data.cifar import CLASSES
 from ..data.images import ImageError, read_image_file
 from ..model.inference import logits_for
-from ..model.network import load_model, pick_device, place
+from ..model.network import for_inference, load_model, pick_device
 from ..model.weights import digest
 
 
@@ -40,7 +40,7 @@ class Predictor:
         self.model, self.recipe = load_model(path)
         self.model_id = f"{Path(run_dir).resolve().name}-{digest(self.model.state_dict())[:12]}"
         self.device = pick_device(device)
-        self.model = place(self.model, self.recipe, self.device)
+        self.model = for_inference(self.model, self.recipe, self.device)
 
     @property
     def temperature(self) -> float | None:
