@@ -1,7 +1,8 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
-from cifar_transfer.data.augment import PAD, as_tensors, random_crop_flip, to_input
+from cifar_transfer.data.augment import PAD, as_tensors, augment, random_crop_flip, to_input
 
 
 def test_every_output_is_a_crop_of_the_padded_image_flipped_or_not():
@@ -31,6 +32,15 @@ def test_same_generator_seed_same_augmentation():
     a = random_crop_flip(x, torch.Generator().manual_seed(3))
     b = random_crop_flip(x, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["flip+noise", "flip+augmix"])
+def test_uncached_shifts_replace_about_a_third_of_a_flipped_batch(kind):
+    x = torch.randint(0, 256, (60, 3, 32, 32), dtype=torch.uint8)
+    out = augment(x.clone(), kind, torch.Generator().manual_seed(5))
+    assert torch.equal(out, augment(x.clone(), kind, torch.Generator().manual_seed(5)))
+    flipped = [torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(-1)) for i in range(60)]
+    assert 10 <= flipped.count(False) <= 30
 
 
 def test_to_input_scales_to_unit_range():
@@ -76,3 +86,52 @@ def test_flip_noise_caches_three_views_and_draws_each(pretrained, cifar):
     batch = _batch(train, torch.arange(20), torch.Generator().manual_seed(0), r)
     picked = {next(k for k in range(3) if torch.equal(batch[i], train[k][i])) for i in range(20)}
     assert picked == {0, 1, 2}
+
+
+def test_augmix_is_seeded_per_image_and_keeps_the_image_recognisable(cifar):
+    from cifar_transfer.data.augment import augmixed
+
+    x, _ = as_tensors(cifar[0].images[:16], cifar[0].labels[:16], torch.device("cpu"))
+    a = augmixed(x, torch.Generator().manual_seed(0))
+    assert a.dtype == torch.uint8 and a.shape == x.shape
+    assert torch.equal(a, augmixed(x, torch.Generator().manual_seed(0)))
+    assert not torch.equal(a, augmixed(x, torch.Generator().manual_seed(1)))
+    changed = (a.float() - x.float()).abs().mean((1, 2, 3))
+    assert (changed > 0).sum() >= 14  # each image its own mix: nearly all change ...
+    # ... by different amounts (one chain for the whole batch would change them alike), and the mix keeps the
+    # original's weight: each stays closer to its own image than to another
+    assert changed.std() > 1
+    own = (a.float() - x.float()).abs().mean((1, 2, 3))
+    other = (a.float() - x.roll(1, 0).float()).abs().mean((1, 2, 3))
+    assert (own < other).float().mean() >= 0.8
+    assert len(augmixed(x[:0], torch.Generator())) == 0
+
+
+def test_flip_augmix_draws_a_fresh_third_through_the_frozen_steps_in_phase_2(pretrained, cifar):
+    from cifar_transfer.model.network import build_model
+    from cifar_transfer.recipe import preset
+    from cifar_transfer.training.distributed import ALONE
+    from cifar_transfer.training.loop import Fresh, PhaseInputs, _batch
+
+    r = preset("lean").with_overrides(
+        ["augment=flip+augmix", "resolution=32", "precision=fp32", "train_size=30", "val_size=10"]
+    )
+    x, _ = as_tensors(cifar[0].images[:30], cifar[0].labels[:30], torch.device("cpu"))
+    v, _ = as_tensors(cifar[0].images[30:40], cifar[0].labels[30:40], torch.device("cpu"))
+    model = build_model(r, pretrained).eval()
+    inputs = PhaseInputs(model, r, x, v, ALONE, progress=False)
+    (head_train, _), begin = inputs.for_phase(1)
+    assert begin == "head" and isinstance(head_train, tuple) and len(head_train) == 2  # flips alone
+    (train, val), begin = inputs.for_phase(2)
+    assert begin == "layer3.3" and isinstance(train, Fresh) and len(train.views) == 2 and len(val) == 1
+    cached = [view.clone() for view in train.views]
+    batches = [_batch(train, torch.arange(30), torch.Generator().manual_seed(s), r) for s in (0, 1)]
+    for batch in batches:
+        kept = [any(torch.equal(batch[i], view[i]) for view in cached) for i in range(30)]
+        assert 3 <= kept.count(False) <= 20  # about a third drawn anew ...
+    assert all(torch.equal(a, b) for a, b in zip(cached, train.views))  # ... never written into the cache
+    i = next(i for i in range(30) if not any(torch.equal(batches[0][i], view[i]) for view in cached))
+    # a fresh row is what the frozen steps make of an AugMix of that image: nearer its own than any other's
+    nearest = torch.stack([(batches[0][i] - view).flatten(1).norm(dim=1) for view in cached]).amin(0).argmin()
+    assert nearest == i
+    assert not torch.equal(batches[0], batches[1])

@@ -49,7 +49,9 @@ class Recipe:
     # "crop+flip": random crops (reflect-padded by 4) as well, computed afresh every step
     # "flip+noise": also a copy of each image under CIFAR-10-C-strength Gaussian noise or low contrast (cached
     # once beside the image and its mirror; each step draws one of the three)
-    augment: Literal["none", "flip", "crop+flip", "flip+noise"] = "none"
+    # "flip+augmix": flips, and a third of each batch replaced by a fresh AugMix of its images (cached stages run
+    # on those each step)
+    augment: Literal["none", "flip", "crop+flip", "flip+noise", "flip+augmix"] = "none"
     # model
     head_hidden: tuple[int, ...] = (128, 64)
     dropout: float = 0.0

@@ -59,13 +59,34 @@ def shifted(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (out.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+def augmixed(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """uint8 images, each under its own AugMix (Hendrycks et al., 2020; torchvision's), drawn from `generator`.
+
+    Without the operations that overlap CIFAR-10-C's corruptions (contrast, colour, brightness, sharpness:
+    `all_ops=False`), as the paper trains for that benchmark. One image at a time: torchvision gives a batch one
+    chain of operations."""
+    from torchvision.transforms.v2 import AugMix
+
+    if not len(x):
+        return x
+    seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+    mix = AugMix(all_ops=False)
+    with torch.random.fork_rng(devices=[]):  # torchvision draws from the global generator: seed it from ours
+        torch.manual_seed(seed)
+        return torch.stack([mix(image) for image in x.cpu()]).to(x.device)
+
+
+SHIFTS = {"flip+noise": shifted, "flip+augmix": augmixed}  # augmentations that replace a third of the images
+
+
 def augment(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
-    """A recipe's `augment` applied to uint8 images: "none", "flip", "crop+flip", or "flip+noise" (a flip, then a
-    third of the images replaced by their `shifted` copy)."""
+    """A recipe's `augment` applied to uint8 images: "none", "flip", "crop+flip", or a flip and then a third of
+    the images replaced by their `shifted` copy ("flip+noise") or an AugMix of them ("flip+augmix")."""
     if kind == "none":
         return x
     x = random_crop_flip(x, generator, pad=PAD if kind == "crop+flip" else 0)
-    if kind != "flip+noise":
+    if kind not in SHIFTS:
         return x
     pick = (torch.rand(len(x), generator=generator, device=generator.device) < 1 / 3).to(x.device)
-    return torch.where(pick.view(-1, 1, 1, 1), shifted(x, generator), x)
+    x[pick] = SHIFTS[kind](x[pick], generator)
+    return x

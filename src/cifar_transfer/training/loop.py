@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..data.augment import augment, shifted, to_input
+from ..data.augment import augment, augmixed, shifted, to_input
 from ..model.inference import autocast, predict_logits
 from ..model.network import Part, TransferNet, folded
 from ..recipe import Recipe
@@ -182,6 +182,28 @@ class _Fit:
         return row, val_logits, step_losses, step_lrs
 
 
+@dataclass
+class Fresh:
+    """Cached training inputs of which a third of each batch is made anew every step: AugMix of the images, run
+    through the frozen steps (a new mix every step cannot be cached; forwards only, a third of the images)."""
+
+    views: Views  # each image's cached activations and its mirror's
+    images: torch.Tensor  # the uint8 training images
+    frozen: Part  # the frozen steps the views came through, BatchNorm folded
+    precision: str
+
+    @torch.no_grad()
+    def batch(self, idx: torch.Tensor, gen: torch.Generator, recipe: Recipe) -> torch.Tensor:
+        xb = _batch(self.views, idx, gen, recipe)
+        pick = (torch.rand(len(idx), generator=gen, device=gen.device) < 1 / 3).to(idx.device)
+        if not pick.any():
+            return xb
+        with autocast(idx.device, self.precision):
+            fresh = self.frozen(to_input(augmixed(self.images[idx[pick]], gen)))
+        xb[pick] = fresh.to(xb.dtype)  # _batch's views are a new tensor, never the cache
+        return xb
+
+
 class PhaseInputs:
     """What each phase trains and validates on: the uint8 images, or what the frozen steps make of them,
     computed once (the activations entering `finetune_from`, and phase 1's base features from those)."""
@@ -190,7 +212,7 @@ class PhaseInputs:
         self, model: TransferNet, recipe: Recipe, train: torch.Tensor, val: torch.Tensor, world: World, progress: bool
     ):
         self.model, self.recipe, self.images, self.world, self.progress = model, recipe, (train, val), world, progress
-        self.views = 2 if recipe.augment in ("flip", "flip+noise") else 1
+        self.views = 2 if recipe.augment in ("flip", "flip+noise", "flip+augmix") else 1
         self.frozen: tuple[Views, Views] | None = None  # activations entering `finetune_from`, for train and val
 
     def for_phase(self, phase: int) -> tuple[tuple, str]:
@@ -206,6 +228,9 @@ class PhaseInputs:
         begin = "head" if phase == 1 else r.finetune_from
         if begin != at:  # phase 1: the head trains on base features computed once
             xs = self.cache(xs, at, begin, "phase 1: caching base features")
+        if phase == 2 and r.augment == "flip+augmix":  # phase 1 trains on flips alone: AugMix needs the whole base
+            frozen = Part(folded(self.model), "stem", begin)
+            xs = (Fresh(xs[0], self.images[0], frozen, r.precision), xs[1])
         return xs, begin
 
     def cache(self, xs: tuple, start: str, stop: str, desc: str) -> tuple[Views, Views]:
@@ -233,8 +258,10 @@ def modules(model: TransferNet, begin: str, recipe: Recipe, world: World) -> tup
     return forward, compiled(ddp, recipe.compile)
 
 
-def _batch(x: torch.Tensor | Views, idx: torch.Tensor, gen: torch.Generator, recipe: Recipe) -> torch.Tensor:
+def _batch(x: torch.Tensor | Views | Fresh, idx: torch.Tensor, gen: torch.Generator, recipe: Recipe) -> torch.Tensor:
     """The inputs of one step: uint8 images augmented now, or one cached view per image drawn at random."""
+    if isinstance(x, Fresh):
+        return x.batch(idx, gen, recipe)
     if isinstance(x, tuple):
         if len(x) == 1:
             return x[0][idx]
@@ -248,7 +275,7 @@ def _batch(x: torch.Tensor | Views, idx: torch.Tensor, gen: torch.Generator, rec
 
 def _run_epoch(
     forward: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor | Views,
+    x: torch.Tensor | Views | Fresh,
     y: torch.Tensor,
     opt,
     sched,
