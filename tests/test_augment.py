@@ -135,3 +135,7 @@ def test_flip_augmix_draws_a_fresh_third_through_the_frozen_steps_in_phase_2(pre
     nearest = torch.stack([(batches[0][i] - view).flatten(1).norm(dim=1) for view in cached]).amin(0).argmin()
     assert nearest == i
     assert not torch.equal(batches[0], batches[1])
+    # nothing cached when the whole network trains: the step's own augmentation draws the AugMix third
+    whole = r.with_overrides(["finetune_from=stem"])
+    (images, _), begin = PhaseInputs(model, whole, x, v, ALONE, progress=False).for_phase(2)
+    assert begin == "stem" and images is x

@@ -228,7 +228,7 @@ class PhaseInputs:
         begin = "head" if phase == 1 else r.finetune_from
         if begin != at:  # phase 1: the head trains on base features computed once
             xs = self.cache(xs, at, begin, "phase 1: caching base features")
-        if phase == 2 and r.augment == "flip+augmix":  # phase 1 trains on flips alone: AugMix needs the whole base
+        if phase == 2 and r.augment == "flip+augmix" and begin != "stem":  # phase 1: flips (AugMix needs the base)
             frozen = Part(folded(self.model), "stem", begin)
             xs = (Fresh(xs[0], self.images[0], frozen, r.precision), xs[1])
         return xs, begin
