@@ -190,7 +190,6 @@ class Fresh:
     views: Views  # each image's cached activations and its mirror's
     images: torch.Tensor  # the uint8 training images
     frozen: Part  # the frozen steps the views came through, BatchNorm folded
-    precision: str
 
     @torch.no_grad()
     def batch(self, idx: torch.Tensor, gen: torch.Generator, recipe: Recipe) -> torch.Tensor:
@@ -198,7 +197,7 @@ class Fresh:
         pick = (torch.rand(len(idx), generator=gen, device=gen.device) < 1 / 3).to(idx.device)
         if not pick.any():
             return xb
-        with autocast(idx.device, self.precision):
+        with autocast(idx.device, recipe.precision):
             fresh = self.frozen(to_input(augmixed(self.images[idx[pick]], gen)))
         xb[pick] = fresh.to(xb.dtype)  # _batch's views are a new tensor, never the cache
         return xb
@@ -230,7 +229,7 @@ class PhaseInputs:
             xs = self.cache(xs, at, begin, "phase 1: caching base features")
         if phase == 2 and r.augment == "flip+augmix" and begin != "stem":  # phase 1: flips (AugMix needs the base)
             frozen = Part(folded(self.model), "stem", begin)
-            xs = (Fresh(xs[0], self.images[0], frozen, r.precision), xs[1])
+            xs = (Fresh(xs[0], self.images[0], frozen), xs[1])
         return xs, begin
 
     def cache(self, xs: tuple, start: str, stop: str, desc: str) -> tuple[Views, Views]:
