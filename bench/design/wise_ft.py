@@ -37,7 +37,8 @@ from cifar_transfer.training.loop import cache_activations, fit
 def train(recipe, splits, pretrained) -> tuple[torch.nn.Module, dict, float]:
     """The trained model and its weights at the end of phase 1 (the linear probe)."""
     torch.manual_seed(recipe.seed)
-    model = place(build_model(recipe, pretrained), recipe, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    model = place(build_model(recipe, pretrained), recipe, cpu)
     probe = {}
 
     def keep_phase1(history: list[dict], *_) -> None:
@@ -45,7 +46,6 @@ def train(recipe, splits, pretrained) -> tuple[torch.nn.Module, dict, float]:
             probe.update({k: v.detach().clone() for k, v in model.state_dict().items()})
 
     t0 = time.perf_counter()
-    cpu = torch.device("cpu")
     train, val = (as_tensors(d.images, d.labels, cpu) for d in (splits.train, splits.val))
     fit(model, recipe, train, val, on_epoch=keep_phase1)
     return model, probe, time.perf_counter() - t0
@@ -64,9 +64,8 @@ def evaluation_sets(recipe, test, images: int, test_images: int) -> tuple[list[n
 
 
 def mixed(probe: dict, tuned: dict, alpha: float) -> dict:
-    return {
-        k: (1 - alpha) * probe[k] + alpha * v if v.is_floating_point() else v for k, v in tuned.items()
-    }  # counters (num_batches_tracked) as the fine-tuned model has them
+    """(1 - alpha) * probe + alpha * tuned; counters (num_batches_tracked) as the fine-tuned model has them."""
+    return {k: torch.lerp(probe[k], v, alpha) if v.is_floating_point() else v for k, v in tuned.items()}
 
 
 def main() -> None:
