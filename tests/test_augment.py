@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,7 +85,7 @@ def test_flip_noise_caches_three_views_and_draws_each(pretrained, cifar):
     (train, val), begin = inputs.for_phase(2)
     assert begin == "layer3.3" and len(train) == 3 and len(val) == 1
     assert not torch.equal(train[2], train[0]) and not torch.equal(train[2], train[1])
-    batch = _batch(train, torch.arange(20), torch.Generator().manual_seed(0), r)
+    batch = _batch(train, torch.arange(20), torch.Generator().manual_seed(0), r).inputs
     picked = {next(k for k in range(3) if torch.equal(batch[i], train[k][i])) for i in range(20)}
     assert picked == {0, 1, 2}
 
@@ -106,35 +108,83 @@ def test_augmix_is_seeded_per_image_and_keeps_the_image_recognisable(cifar):
     assert len(augmixed(x[:0], torch.Generator())) == 0
 
 
-def test_flip_augmix_draws_a_fresh_third_through_the_frozen_steps_in_phase_2(pretrained, cifar):
+def augmix_inputs(pretrained, cifar, *overrides):
+    """`lean` at 32 px on 30 images with augment=flip+augmix: phase 2's training inputs (checked to be a Fresh,
+    beside flips alone in phase 1), the recipe, a copy of the cached views and the PhaseInputs."""
     from cifar_transfer.model.network import build_model
     from cifar_transfer.recipe import preset
     from cifar_transfer.training.distributed import ALONE
-    from cifar_transfer.training.loop import Fresh, PhaseInputs, _batch
+    from cifar_transfer.training.loop import Fresh, PhaseInputs
 
     r = preset("lean").with_overrides(
-        ["augment=flip+augmix", "resolution=32", "precision=fp32", "train_size=30", "val_size=10"]
+        ["augment=flip+augmix", "resolution=32", "precision=fp32", "train_size=30", "val_size=10", *overrides]
     )
     x, _ = as_tensors(cifar[0].images[:30], cifar[0].labels[:30], torch.device("cpu"))
     v, _ = as_tensors(cifar[0].images[30:40], cifar[0].labels[30:40], torch.device("cpu"))
-    model = build_model(r, pretrained).eval()
-    inputs = PhaseInputs(model, r, x, v, ALONE, progress=False)
+    inputs = PhaseInputs(build_model(r, pretrained).eval(), r, x, v, ALONE, progress=False)
     (head_train, _), begin = inputs.for_phase(1)
     assert begin == "head" and isinstance(head_train, tuple) and len(head_train) == 2  # flips alone
     (train, val), begin = inputs.for_phase(2)
     assert begin == "layer3.3" and isinstance(train, Fresh) and len(train.views) == 2 and len(val) == 1
-    cached = [view.clone() for view in train.views]
-    batches = [_batch(train, torch.arange(30), torch.Generator().manual_seed(s), r) for s in (0, 1)]
+    return train, r, [view.clone() for view in train.views], inputs
+
+
+def nearest_image(row, cached):
+    """The index of the training image whose cached view (either) is nearest to `row`."""
+    return torch.stack([(row - view).flatten(1).norm(dim=1) for view in cached]).amin(0).argmin()
+
+
+def test_flip_augmix_draws_a_fresh_third_through_the_frozen_steps_in_phase_2(pretrained, cifar):
+    from cifar_transfer.training.distributed import ALONE
+    from cifar_transfer.training.loop import PhaseInputs, _batch
+
+    train, r, cached, inputs = augmix_inputs(pretrained, cifar)
+    batches = [_batch(train, torch.arange(30), torch.Generator().manual_seed(s), r).inputs for s in (0, 1)]
     for batch in batches:
         kept = [any(torch.equal(batch[i], view[i]) for view in cached) for i in range(30)]
         assert 3 <= kept.count(False) <= 20  # about a third drawn anew ...
     assert all(torch.equal(a, b) for a, b in zip(cached, train.views))  # ... never written into the cache
     i = next(i for i in range(30) if not any(torch.equal(batches[0][i], view[i]) for view in cached))
     # a fresh row is what the frozen steps make of an AugMix of that image: nearer its own than any other's
-    nearest = torch.stack([(batches[0][i] - view).flatten(1).norm(dim=1) for view in cached]).amin(0).argmin()
-    assert nearest == i
+    assert nearest_image(batches[0][i], cached) == i
     assert not torch.equal(batches[0], batches[1])
     # nothing cached when the whole network trains: the step's own augmentation draws the AugMix third
     whole = r.with_overrides(["finetune_from=stem"])
-    (images, _), begin = PhaseInputs(model, whole, x, v, ALONE, progress=False).for_phase(2)
+    x, v = inputs.images
+    (images, _), begin = PhaseInputs(inputs.model, whole, x, v, ALONE, progress=False).for_phase(2)
     assert begin == "stem" and images is x
+
+
+def test_consistency_keeps_the_clean_batch_and_adds_two_mixes_of_a_third(pretrained, cifar):
+    from cifar_transfer.training.loop import _batch
+
+    train, r, cached, _ = augmix_inputs(pretrained, cifar, "consistency=12")
+    batch = _batch(train, torch.arange(30), torch.Generator().manual_seed(0), r)
+    clean, first, second = batch.inputs[:30], *batch.inputs[30:].chunk(2)
+    assert all(any(torch.equal(clean[i], view[i]) for view in cached) for i in range(30))  # nothing replaced
+    assert 3 <= len(batch.mixed) <= 20 and len(first) == len(second) == len(batch.mixed)
+    for image, a, b in zip(batch.mixed, first, second):
+        assert not torch.equal(a, b)  # two mixes of one image, each nearest that image
+        assert nearest_image(a, cached) == image and nearest_image(b, cached) == image
+
+
+def test_consistency_loss_is_the_jensen_shannon_divergence_of_the_three_predictions():
+    from cifar_transfer.recipe import preset
+    from cifar_transfer.training.loop import js_divergence, training_loss
+
+    z = torch.randn(6, 10)
+    assert js_divergence(z, z, z) == pytest.approx(0, abs=1e-6)
+    sure = 50 * torch.eye(10)[:3]  # three confident predictions of three different classes
+    assert js_divergence(sure[:1], sure[1:2], sure[2:]) == pytest.approx(math.log(3), abs=1e-3)
+    a, b, c = torch.randn(3, 6, 10)
+    assert 0 < js_divergence(a, b, c) == pytest.approx(js_divergence(c, a, b).item())
+
+    r = preset("lean").with_overrides(["augment=flip+augmix", "consistency=12"])
+    y, mixed = torch.randint(0, 10, (6,)), torch.tensor([1, 4])
+    plain = F.cross_entropy(z, y, label_smoothing=r.label_smoothing)
+    assert training_loss(z, y, None, r) == pytest.approx(plain.item())
+    agreeing = torch.cat([z, z[mixed], z[mixed]])
+    assert training_loss(agreeing, y, mixed, r) == pytest.approx(plain.item(), abs=1e-5)
+    apart = torch.cat([z, b[:2], c[:2]])
+    expected = plain + 12 * js_divergence(z[mixed], b[:2], c[:2])
+    assert training_loss(apart, y, mixed, r) == pytest.approx(expected.item())

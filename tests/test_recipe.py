@@ -56,6 +56,8 @@ def test_overrides_are_parsed_by_field_type():
         ("resolution=100000", "resolution=100000"),
         ("label_smoothing=nan", "label_smoothing=nan"),
         ("eval_batch_size=0", "eval_batch_size=0"),
+        ("consistency=-1", "consistency=-1.0: must be >= 0"),
+        ("consistency=12", "consistency=12.0: AugMix's consistency loss .* needs augment='flip\\+augmix'"),
     ],
 )
 def test_bad_overrides_name_the_field(assignment, fragment):

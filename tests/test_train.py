@@ -297,3 +297,15 @@ def test_inductor_compiled_training_matches_eager(pretrained, tiny_data, mode, p
     tolerance = 2e-2 if precision == "bf16" else 1e-3
     for key in ("train_loss", "val_loss"):
         assert [h[key] for h in compiled] == pytest.approx([h[key] for h in eager], rel=tolerance), key
+
+
+def test_consistency_changes_phase_2_alone(pretrained, tiny_data):
+    lean = preset("lean").with_overrides(
+        [*TINY, "resolution=32", "precision=fp32", "augment=flip+augmix", "head_epochs=1", "finetune_epochs=1"]
+    )
+    plain = fit(fresh(lean, pretrained), lean, *tiny_data, progress=False)
+    consistent = lean.with_overrides(["consistency=12"])
+    history = fit(fresh(consistent, pretrained), consistent, *tiny_data, progress=False)
+    assert [h["phase"] for h in history] == [1, 2]
+    assert history[0]["train_loss"] == plain[0]["train_loss"]  # phase 1 trains the head on flips alone
+    assert history[1]["train_loss"] != plain[1]["train_loss"]

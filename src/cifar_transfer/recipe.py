@@ -52,6 +52,10 @@ class Recipe:
     # "flip+augmix": flips, and a third of each batch replaced by a fresh AugMix of its images (cached stages run
     # on those each step)
     augment: Literal["none", "flip", "crop+flip", "flip+noise", "flip+augmix"] = "none"
+    # with flip+augmix: the weight of AugMix's Jensen-Shannon consistency loss (the paper's is 12; 0: none). The
+    # AugMix third of each phase-2 batch then adds two mixes of each of its images beside the clean view, and the
+    # loss pulls the three predictions together
+    consistency: float = 0.0
     # model
     head_hidden: tuple[int, ...] = (128, 64)
     dropout: float = 0.0
@@ -114,6 +118,7 @@ class Recipe:
             "finetune_epochs": (0, 10_000),
             "momentum": (0, 0.999),
             "weight_decay": (0, None),
+            "consistency": (0, None),
             "warmup_epochs": (0, self.finetune_epochs),
             "tta_images": (1, 10_000),
             "corruption_images": (1, 10_000),
@@ -151,6 +156,12 @@ class Recipe:
                 f"recipe fields finetune_from={self.finetune_from!r} and augment='crop+flip': "
                 "activations of frozen stages are cached once, so random crops cannot be drawn "
                 "every step; use augment=flip (or none), or cache=false"
+            )
+        if self.consistency and not (self.augment == "flip+augmix" and self.cache and self.finetune_from != "stem"):
+            raise RecipeError(
+                f"recipe field consistency={self.consistency!r}: AugMix's consistency loss compares the cached "
+                "clean view of an image with fresh mixes of it, so it needs augment='flip+augmix', cache=true and "
+                "finetune_from past the stem"
             )
         if self.keep == "best_val" and self.val_size == 0:
             raise RecipeError("recipe field keep='best_val' needs a validation split (val_size > 0)")

@@ -185,22 +185,37 @@ class _Fit:
 @dataclass
 class Fresh:
     """Cached training inputs of which a third of each batch is made anew every step: AugMix of the images, run
-    through the frozen steps (a new mix every step cannot be cached; forwards only, a third of the images)."""
+    through the frozen steps (a new mix every step cannot be cached; forwards only, a third of the images).
+
+    With the recipe's `consistency`, the third keeps its clean views and two mixes of each of its images follow
+    the batch instead, for AugMix's Jensen-Shannon consistency loss."""
 
     views: Views  # each image's cached activations and its mirror's
     images: torch.Tensor  # the uint8 training images
     frozen: Part  # the frozen steps the views came through, BatchNorm folded
 
     @torch.no_grad()
-    def batch(self, idx: torch.Tensor, gen: torch.Generator, recipe: Recipe) -> torch.Tensor:
-        xb = _batch(self.views, idx, gen, recipe)
+    def batch(self, idx: torch.Tensor, gen: torch.Generator, recipe: Recipe) -> Batch:
+        xb = _batch(self.views, idx, gen, recipe).inputs
         pick = (torch.rand(len(idx), generator=gen, device=gen.device) < 1 / 3).to(idx.device)
         if not pick.any():
-            return xb
+            return Batch(xb)
+        mixes = 2 if recipe.consistency else 1
         with autocast(idx.device, recipe.precision):
-            fresh = self.frozen(to_input(augmixed(self.images[idx[pick]], gen)))
+            fresh = self.frozen(to_input(augmixed(self.images[idx[pick]].repeat(mixes, 1, 1, 1), gen)))
+        if recipe.consistency:
+            return Batch(torch.cat([xb, fresh.to(xb.dtype)]), pick.nonzero().squeeze(1))
         xb[pick] = fresh.to(xb.dtype)  # _batch's views are a new tensor, never the cache
-        return xb
+        return Batch(xb)
+
+
+@dataclass
+class Batch:
+    """One step's inputs: a row per image, then (for the consistency loss) two AugMix views of each image in
+    `mixed` (all first mixes, then all second)."""
+
+    inputs: torch.Tensor
+    mixed: torch.Tensor | None = None  # rows of the images whose mixes follow
 
 
 class PhaseInputs:
@@ -257,19 +272,36 @@ def modules(model: TransferNet, begin: str, recipe: Recipe, world: World) -> tup
     return forward, compiled(ddp, recipe.compile)
 
 
-def _batch(x: torch.Tensor | Views | Fresh, idx: torch.Tensor, gen: torch.Generator, recipe: Recipe) -> torch.Tensor:
+def _batch(x: torch.Tensor | Views | Fresh, idx: torch.Tensor, gen: torch.Generator, recipe: Recipe) -> Batch:
     """The inputs of one step: uint8 images augmented now, or one cached view per image drawn at random."""
     if isinstance(x, Fresh):
         return x.batch(idx, gen, recipe)
     if isinstance(x, tuple):
         if len(x) == 1:
-            return x[0][idx]
+            return Batch(x[0][idx])
         if len(x) == 3:  # image, mirror, shifted copy: one each step, a third each
             view = torch.randint(0, 3, (len(idx),), generator=gen, device=gen.device).to(idx.device)
-            return torch.stack([v[idx] for v in x])[view, torch.arange(len(idx), device=idx.device)]
+            return Batch(torch.stack([v[idx] for v in x])[view, torch.arange(len(idx), device=idx.device)])
         mirror = torch.rand(len(idx), generator=gen, device=gen.device).to(idx.device) < 0.5
-        return torch.where(mirror.view(-1, *[1] * (x[0].ndim - 1)), x[1][idx], x[0][idx])
-    return to_input(augment(x[idx], recipe.augment, gen))
+        return Batch(torch.where(mirror.view(-1, *[1] * (x[0].ndim - 1)), x[1][idx], x[0][idx]))
+    return Batch(to_input(augment(x[idx], recipe.augment, gen)))
+
+
+def training_loss(out: torch.Tensor, y: torch.Tensor, mixed: torch.Tensor | None, recipe: Recipe) -> torch.Tensor:
+    """Cross-entropy on the batch's own rows (`out[:len(y)]`); with `mixed`, plus `recipe.consistency` times the
+    Jensen-Shannon divergence among each mixed image's prediction and its two mixes' (the rows after)."""
+    loss = F.cross_entropy(out[: len(y)], y, label_smoothing=recipe.label_smoothing)
+    if mixed is None:
+        return loss
+    return loss + recipe.consistency * js_divergence(out[mixed], *out[len(y) :].chunk(2))
+
+
+def js_divergence(*logits: torch.Tensor) -> torch.Tensor:
+    """Mean Jensen-Shannon divergence among the softmax distributions of `logits`, row by row (as AugMix's
+    reference computes it: the mixture clamped away from zero before its log)."""
+    probs = [F.softmax(z, dim=1) for z in logits]
+    mixture = (sum(probs) / len(probs)).clamp(1e-7, 1).log()
+    return sum(F.kl_div(mixture, p, reduction="batchmean") for p in probs) / len(probs)
 
 
 def _run_epoch(
@@ -302,8 +334,9 @@ def _run_epoch(
         idx = idx[world.rows(len(idx))]
         xb, yb = _batch(x, idx, aug, recipe), y[idx]
         with autocast(y.device, recipe.precision):
-            out = forward(xb).float()
-        loss = F.cross_entropy(out, yb, label_smoothing=recipe.label_smoothing)
+            out = forward(xb.inputs).float()
+        loss = training_loss(out, yb, xb.mixed, recipe)
+        out = out[: len(yb)]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         lrs.append(opt.param_groups[0]["lr"])
