@@ -5,7 +5,8 @@ usage: python bench/roofline.py [RUN_DIR ...] [--json FILE]
 First the machine: a 2048^3 matmul and a 3x3 convolution (256 channels, 8x8 maps, batch 64, channels-last) forward
 and forward + backward, each in bf16 and fp32 and the best of a few timed repeats (seconds in all). Then, for each
 run folder, every pass the run made (phase 1: the frozen pass cached once, the base features and the head epochs;
-phase 2: the fine-tune epochs with their validation, and with augment=flip+augmix the fresh views' frozen forwards;
+phase 2: the fine-tune epochs with their validation, and with augment=flip+augmix the fresh views' frozen forwards
+(and with the consistency loss the mixes' fine-tune steps);
 the test evaluation; calibration; the error analysis): its FLOPs (counted with torch.utils.flop_counter at the
 recipe's resolution, from the image counts and epochs in metrics.json), its seconds (metrics.json's timings), the
 achieved TFLOP/s and the fraction of the machine's matmul rate in the precision the run computed in (metrics.json's
@@ -110,8 +111,11 @@ def passes(run_dir: Path) -> list[dict]:
     t = metrics["timings"]
     head_images = recipe.head_epochs * train + recipe.head_epochs * val
     phase1 = (per["frozen"] + per["features"]) * (views * train + val) + head_images * 1e5  # the head: ~1e5 an image
-    fresh = train / 3 * per["frozen"] if recipe.augment == "flip+augmix" else 0.0  # a third made anew every step
-    phase2 = recipe.finetune_epochs * (train * per["step"] + fresh + val * per["top_forward"])
+    # flip+augmix: a third made anew every step (two mixes of each with the consistency loss, which trains on them
+    # beside the clean rows)
+    mixes = (2 if recipe.consistency else 1) * train / 3 if recipe.augment == "flip+augmix" else 0.0
+    stepped = train + (mixes if recipe.consistency else 0.0)
+    phase2 = recipe.finetune_epochs * (stepped * per["step"] + mixes * per["frozen"] + val * per["top_forward"])
     analysis = metrics.get("analysis", {})
     robust = analysis.get("robustness", {}).get("images", 0) * len(BENCHMARK) * len(SEVERITIES)
     tta = analysis.get("tta", {}).get("images", 0)

@@ -188,7 +188,8 @@ class Fresh:
     through the frozen steps (a new mix every step cannot be cached; forwards only, a third of the images).
 
     With the recipe's `consistency`, the third keeps its clean views and two mixes of each of its images follow
-    the batch instead, for AugMix's Jensen-Shannon consistency loss."""
+    the batch instead, for AugMix's Jensen-Shannon consistency loss (the mixes are of the image as stored, the
+    clean view its mirror half the time: the loss asks for flip invariance too)."""
 
     views: Views  # each image's cached activations and its mirror's
     images: torch.Tensor  # the uint8 training images
