@@ -44,15 +44,26 @@ def predict_logits(
     """Logits (on x's device) for uint8 images or cached activations `x`, in batches.
 
     `dtype` is the outputs' (None: the precision they were computed in), converted batch by batch so that
-    activations cached in bf16 never sit in memory in fp32 all at once."""
-    out = []
+    activations cached in bf16 never sit in memory in fp32 all at once. Each batch is copied into one tensor
+    allocated for all of them (a list joined at the end would hold everything twice at its peak: 1.3 GB more when
+    `lean` caches a view of its training images), which also keeps a CUDA-graph replay's reused output buffer."""
+    out = None
     for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=desc is None, unit="batch", leave=False):
         xb = x[i : i + batch_size]
         with autocast(x.device, precision):
-            raw = forward(to_input(xb) if xb.dtype == torch.uint8 else xb)
-        y = raw if dtype is None else raw.to(dtype)
-        out.append(y.clone() if y is raw else y)  # a CUDA-graph replay overwrites its output buffer: keep a copy
-    return torch.cat(out)
+            y = forward(to_input(xb) if xb.dtype == torch.uint8 else xb)
+        if out is None:
+            out = torch.empty((len(x), *y.shape[1:]), dtype=dtype or y.dtype, device=y.device, memory_format=_layout(y))
+        out[i : i + len(y)] = y
+    if out is None:
+        raise ValueError("predict_logits: no images to predict")
+    return out
+
+
+def _layout(y: torch.Tensor) -> torch.memory_format:
+    """channels-last where `y` is (activations of a channels-last model), so that what is cached keeps it."""
+    nhwc = y.ndim == 4 and not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if nhwc else torch.contiguous_format
 
 
 def logits_for(
