@@ -6,12 +6,11 @@ First the machine: a 2048^3 matmul and a 3x3 convolution (256 channels, 8x8 maps
 and forward + backward, each in bf16 and fp32 and the best of a few timed repeats (seconds in all). Then, for each
 run folder, every pass the run made (phase 1: the frozen pass cached once, the base features and the head epochs;
 phase 2: the fine-tune epochs with their validation, and with augment=flip+augmix the fresh views' frozen forwards
-(and with the consistency loss the mixes' fine-tune steps);
-the test evaluation; calibration; the error analysis): its FLOPs (counted with torch.utils.flop_counter at the
-recipe's resolution, from the image counts and epochs in metrics.json), its seconds (metrics.json's timings), the
-achieved TFLOP/s and the fraction of the machine's matmul rate in the precision the run computed in (metrics.json's
-`computed_in`). The analysis row counts the CIFAR-10-C and flip-TTA forwards only (Grad-CAM and the corruptions'
-own arithmetic are not counted), so its rate is a floor.
+and, with the consistency loss, the mixes' fine-tune steps; the test evaluation; calibration; the error analysis):
+its FLOPs (counted with torch.utils.flop_counter at the recipe's resolution, from the image counts and epochs in
+metrics.json), its seconds (metrics.json's timings), the achieved TFLOP/s and the fraction of the machine's matmul
+rate in the precision the run computed in (metrics.json's `computed_in`). The analysis row counts the CIFAR-10-C and
+flip-TTA forwards only (Grad-CAM and the corruptions' own arithmetic are not counted), so its rate is a floor.
 """
 
 from __future__ import annotations
