@@ -120,7 +120,7 @@ def smoke_copy(smoke_run: Path, tmp_path: Path) -> Path:
             smoke_run,
             tmp_path / "smoke",
             copy_function=os.link,
-            ignore=shutil.ignore_patterns("evaluations", "analysis"),
+            ignore=shutil.ignore_patterns("evaluations", "analysis", ".lock"),  # a copy is not locked by the original
         )
     )
 

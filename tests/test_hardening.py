@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from cifar_transfer.data.images import ImageError, read_image
-from cifar_transfer.runfolder import LOCK, FolderInUse, run_folder
+from cifar_transfer.runfolder import LOCK, FolderInUse, clear_run, run_folder
 
 UNSAFE_ADVICE = re.compile(r"weights_only.{0,20}False|arbitrary code|Re-running|trusted source", re.I | re.S)
 
@@ -78,11 +78,12 @@ def test_an_interrupted_run_points_at_resume_and_overwrite_starts_clean(tmp_path
     folder.mkdir()
     (folder / "checkpoint.pt").write_bytes(b"x")
     (folder / "tensorboard").mkdir()
-    (folder / "tensorboard" / "events").write_bytes(b"x")
+    (folder / "tensorboard" / "events.out.tfevents.1.host").write_bytes(b"x")
     one_line(run_cli("run", "--preset", "smoke", "--out", str(folder)), f"--resume {folder} continues it")
     with pytest.raises(FolderInUse), run_folder(folder):
         pass
     with run_folder(folder, overwrite=True):
+        clear_run(folder)
         assert [p.name for p in folder.iterdir()] == [LOCK]
     done = run_cli("run", "--resume", str(folder), "--overwrite")
     assert done.returncode == 2 and "not allowed with argument" in done.stderr

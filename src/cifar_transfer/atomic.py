@@ -41,6 +41,14 @@ def check_writable(folder: Path) -> None:
         raise OutputError(f"{folder}: output folder is not writable ({e.strerror or e})") from None
 
 
+def child(parent: Path, name: str) -> Path:
+    """`parent / name` for a derived output folder or file, refused unless `name` is one plain path component: a
+    name taken from user input (a data folder's, a recipe's) never leads out of its parent."""
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise OutputError(f"{name!r}: not a plain file or folder name, so no output is written under {parent}")
+    return parent / name
+
+
 def write_with(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
     """Call `write(f)` on a temporary file in the target's folder and atomically move it into place."""
     path = Path(path)

@@ -16,7 +16,7 @@ from pathlib import Path
 from .data.cifar import CLASSES
 from .errors import CifarTransferError, require
 from .recipe import PRESETS
-from .runfolder import FolderInUse
+from .runfolder import FolderRefused
 
 EPILOG = """Data is looked for in --data-dir, then $CIFAR_TRANSFER_DATA, then ./data (the official
 cifar-10-batches-py/ folder, cifar-10-python.tar.gz, or train.npz + test.npz), and downloaded into ./data
@@ -547,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
-        if not isinstance(e, FolderInUse):  # that folder belongs to another run: leave it as it is
+        if not isinstance(e, FolderRefused):  # that folder is not this run's: leave it as it is
             _record(getattr(args, "folder", None), f"{e}\n")
         return 1
     except Exception as e:  # a bug: keep the traceback

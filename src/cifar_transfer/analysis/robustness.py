@@ -18,7 +18,7 @@ from ..data import corruptions
 
 ORIGIN = (
     "drawn by this tool with the constants of the CIFAR-10-C generator (Hendrycks & Dietterich, 2019), seeded; "
-    "not the released files (`evaluate --data CIFAR-10-C/` reads those)"
+    "not the released files (evaluate --data CIFAR-10-C/ reads those)"
 )
 
 

@@ -36,8 +36,8 @@ def evaluate(
     subfolder per class; with `tta`, predictions average each image with its mirror. Results go to
     RUN_DIR/evaluations/<data>/; returns the metrics and that folder."""
     model, recipe = load_model(run_dir / "model.safetensors")
-    name = (Path(data).stem or Path(data).resolve().name) if data else "cifar10-test"
-    out = run_dir / "evaluations" / name
+    name = _evaluation_name(data)
+    out = atomic.child(run_dir / "evaluations", name)
     dev = pick_device(device)
     if data and Path(data).is_dir() and corruptions.is_official_folder(Path(data)):
         atomic.check_writable(out)
@@ -79,6 +79,15 @@ def evaluate(
     return metrics, out
 
 
+def _evaluation_name(data: str | None) -> str:
+    """The evaluation folder's name: the data file's stem or the data folder's own name, read from the resolved
+    path (`..` or `.` name the folder they stand for, not a step out of evaluations/)."""
+    if not data:
+        return "cifar10-test"
+    path = Path(data).resolve()
+    return (path.stem if path.is_file() else path.name) or "root"
+
+
 def _evaluate_cifar10c(model: TransferNet, recipe: Recipe, folder: Path, out: Path, run_dir: Path) -> dict:
     """Accuracy on each corruption and severity of a folder in CIFAR-10-C's released layout."""
     t0 = time.perf_counter()
@@ -88,7 +97,7 @@ def _evaluate_cifar10c(model: TransferNet, recipe: Recipe, folder: Path, out: Pa
         predictions = logits_for(model, ds.images, recipe).argmax(1)
         table.setdefault(name, []).append(float((predictions == ds.labels).mean()))
         sizes.add(len(ds))
-    origin = f"the released CIFAR-10-C files in `{folder}`"
+    origin = f"the released CIFAR-10-C files in {folder}"
     trained = run_dir / "metrics.json"
     clean = json.loads(trained.read_text())["test"]["accuracy"] if trained.is_file() else float("nan")
     result = robustness.summarise(table, clean, min(sizes), origin)
@@ -154,7 +163,7 @@ def analyze(
     atomic.write_json(out / "analysis.json", analysis.result)
     report.write(
         out,
-        f"Analysis of `{run_dir}`\n\n" + report.analysis_markdown(analysis.result) + "\n",
+        f"Analysis of {report.code(run_dir)}\n\n" + report.analysis_markdown(analysis.result) + "\n",
         f"cifar-transfer analysis: {run_dir.name}",
     )
     return analysis.result, out

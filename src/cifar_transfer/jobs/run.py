@@ -24,7 +24,7 @@ from ..model.network import TransferNet, folded, pick_device, save_model
 from ..model.weights import Pretrained, load_pretrained
 from ..recipe import AUTO, PRESETS, Recipe, preset
 from ..reporting import figures, report
-from ..runfolder import run_folder
+from ..runfolder import clear_run, run_folder
 from ..training.checkpoint import check_same_network, load_checkpoint
 from ..training.distributed import World, device_for, gather, joined
 from ..training.phases import TrainingError
@@ -59,7 +59,8 @@ def run(
     `weights`: None means the default (on resume: the weights the run was started from). `chosen_by` says why
     this recipe was run (e.g. `--preset auto`); the report repeats it. Under torchrun every process trains and
     tests its share; rank 0 writes and returns the metrics, the others return None. Rank 0 holds the folder's
-    lock for the whole run; a folder in use, or holding another run (unless `resume` or `overwrite`), is refused."""
+    lock for the whole run; a folder in use, or holding another run (unless `resume` or `overwrite`), is refused;
+    `overwrite` removes the old run's files (and nothing else) once the weights and data have loaded."""
     with joined(device) as world, _claim(world, out, resume, overwrite):
         t_start = time.perf_counter()
         dev = _start(out, device, world)
@@ -69,6 +70,8 @@ def run(
         train_full, test = load_cifar10(data_dir, allow_download=download)
         splits = split(train_full, test, recipe.train_size, recipe.val_size, recipe.seed)
         if world.main:
+            if overwrite:  # the old run goes only once the new one's weights and data have loaded
+                clear_run(out)
             figures.data_figures(splits, out, recipe.seed)
         trained = {"resume_state": state, "progress": progress, "meta": {"network": network}, "world": world}
         model, history, train_s = train_to_folder(recipe, out, splits, pretrained, dev, **trained)

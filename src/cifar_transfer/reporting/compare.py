@@ -10,6 +10,7 @@ from pathlib import Path
 from .. import atomic
 from ..errors import CifarTransferError
 from ..recipe import Recipe
+from ..runfolder import holds_run
 from . import figures, report
 
 
@@ -77,11 +78,23 @@ def _row(r: dict, fields: list[str]) -> dict:
     }
 
 
+def _check_not_a_run(out: Path, run_dirs: list[Path]) -> None:
+    """A comparison writes report.md, report.html and learning_curves.png: never into a run folder (or one of the
+    compared runs), whose files of those names it would replace. An earlier comparison's folder it may replace."""
+    compared = {Path(d).resolve() for d in run_dirs}
+    earlier_comparison = (out / "compare.json").is_file() and not holds_run(out)
+    if out.resolve() in compared or holds_run(out) or ((out / "report.md").exists() and not earlier_comparison):
+        raise CompareError(
+            f"--out {out}: holds a run or a report, which this comparison would replace; give another --out"
+        )
+
+
 def compare(run_dirs: list[Path], out: Path) -> dict:
     """Write compare.json, learning_curves.png, report.md and report.html into `out`; return the summary."""
     if len(run_dirs) < 2:
         raise CompareError("compare needs at least two run folders")
     runs = [load_run(Path(d)) for d in run_dirs]
+    _check_not_a_run(out, run_dirs)
     atomic.check_writable(out)
     result = summary(runs)
     atomic.write_json(out / "compare.json", result)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import re
 from pathlib import Path
 
@@ -18,6 +19,28 @@ from . import figures
 # recipe (preset `seed`) measured when this project ran it (command and machine say which run).
 CLAIM = 0.92
 LITERAL = {"accuracy": 0.6498, "command": "make run PRESET=seed", "machine": "a 2-core AMD EPYC CPU"}
+
+
+# Characters that could start Markdown or HTML markup (a tag, an entity, a link or image whose address could run a
+# script, a code span, a table cell's end, emphasis): in user text each is written as a character reference.
+MARKUP = frozenset("<>&\"'`[]()!|*_\\#{}~")
+
+
+def text(value: object) -> str:
+    """User text (a path, a file, folder or recipe name, a class name, an error message) made inert in Markdown
+    and HTML: it reads the same in report.md and report.html and can never become a tag, a link or a script."""
+    return "".join(_inert(c) for c in str(value))
+
+
+def _inert(c: str) -> str:
+    if c in MARKUP or c in "\n\t":
+        return f"&#{ord(c)};"
+    return c if c.isprintable() else "&#65533;"  # a control character shows as the replacement character
+
+
+def code(value: object) -> str:
+    """User text in code type (paths, recipe values): inert as `text` is, and no backtick in it can end the span."""
+    return f"<code>{text(value)}</code>"
 
 
 def pct(x: float) -> str:
@@ -59,12 +82,13 @@ def findings(metrics: dict, history: list[dict]) -> list[str]:
     worst = min(CLASSES, key=lambda c: per[c]["f1"])
     best_c = max(CLASSES, key=lambda c: per[c]["f1"])
     out.append(
-        f"Hardest class: **{worst}** (F1 {per[worst]['f1']:.3f}); easiest: **{best_c}** (F1 {per[best_c]['f1']:.3f})."
+        f"Hardest class: **{text(worst)}** (F1 {per[worst]['f1']:.3f}); easiest: **{text(best_c)}** "
+        f"(F1 {per[best_c]['f1']:.3f})."
     )
     top = test["most_confused"][0]
     out.append(
-        f"The most confused pair is {top['a']}↔{top['b']} with {top['errors']} errors "
-        f"({top['a_as_b']} {top['a']} taken for {top['b']}, {top['b_as_a']} the other way): "
+        f"The most confused pair is {text(top['a'])}↔{text(top['b'])} with {top['errors']} errors "
+        f"({top['a_as_b']} {text(top['a'])} taken for {text(top['b'])}, {top['b_as_a']} the other way): "
         f"{100 * top['errors'] / max(test['errors'], 1):.1f}% of all errors."
     )
     return out
@@ -89,14 +113,14 @@ def headline(metrics: dict, recipe: dict) -> str:
 def run_line(metrics: dict, preset: str) -> str:
     """Preset (and why it was chosen), device, where the time went, peak memory, when."""
     run, t = metrics["run"], metrics["timings"]
-    chosen = f" (chosen by {run['chosen_by']})" if run.get("chosen_by") else ""
+    chosen = f" (chosen by {text(run['chosen_by'])})" if run.get("chosen_by") else ""
     times = f"training {t['train_s']:.0f} s, test evaluation {t['eval_s']:.1f} s"
     if "analysis_s" in t:
         times += f", error analysis {t['analysis_s']:.0f} s"
     memory = f" · peak memory {metrics['peak_rss_gib']:.1f} GiB" if "peak_rss_gib" in metrics else ""
     computed_in = f" in {run['computed_in']}" if "computed_in" in run else ""
     return (
-        f"Preset **{preset}**{chosen} · {run['device_name']}{computed_in} · {t['total_s']:.0f} s in all "
+        f"Preset **{text(preset)}**{chosen} · {text(run['device_name'])}{computed_in} · {t['total_s']:.0f} s in all "
         f"({times}){memory} · {run['finished']}"
     )
 
@@ -106,14 +130,14 @@ def shipped_markdown(s: dict) -> str:
         return ""
     return (
         f"The shipped weights are those of epoch {s['epoch']} (phase {s['phase']}, validation accuracy "
-        f"{pct(s['val_acc'])}): {s['why']}. The test set was not used to choose them."
+        f"{pct(s['val_acc'])}): {text(s['why'])}. The test set was not used to choose them."
     )
 
 
 def calibration_markdown(c: dict) -> str:
     """The temperature shipped with the model, and what it does to the test set's confidence."""
     if c.get("temperature") is None:
-        return f"Probabilities are not calibrated: {c.get('skipped', 'no temperature was fitted')}."
+        return f"Probabilities are not calibrated: {text(c.get('skipped', 'no temperature was fitted'))}."
     t = c["test"]
     return (
         f"The model ships with temperature **T = {c['temperature']:.3f}**, fitted on the "
@@ -128,21 +152,23 @@ def results_markdown(test: dict, pictures: dict[str, str]) -> str:
     """The test-set sections: per-class scores, confusion, leakage, misclassified images."""
     per = test["per_class"]
     rows = [
-        [c, f"{per[c]['precision']:.4f}", f"{per[c]['recall']:.4f}", f"{per[c]['f1']:.4f}", per[c]["support"]]
+        [text(c), f"{per[c]['precision']:.4f}", f"{per[c]['recall']:.4f}", f"{per[c]['f1']:.4f}", per[c]["support"]]
         for c in CLASSES
         if per[c]["support"]
     ]  # the classes present
     leak = [
         [
-            f"{r['a']} ↔ {r['b']}",
+            f"{text(r['a'])} ↔ {text(r['b'])}",
             f"{pct(r['a_as_b'])} ({r['a_as_b_count']})",
             f"{pct(r['b_as_a'])} ({r['b_as_a_count']})",
         ]
         for r in test["leakage"]
     ]
-    confused = [[f"{r['a']} ↔ {r['b']}", r["errors"], r["a_as_b"], r["b_as_a"]] for r in test["most_confused"]]
+    confused = [
+        [f"{text(r['a'])} ↔ {text(r['b'])}", r["errors"], r["a_as_b"], r["b_as_a"]] for r in test["most_confused"]
+    ]
     wrong = [
-        [r["index"], r["true"], r["predicted"], f"{r['confidence']:.3f}", f"{r['loss']:.3f}"]
+        [r["index"], text(r["true"]), text(r["predicted"]), f"{r['confidence']:.3f}", f"{r['loss']:.3f}"]
         for r in test["misclassified"][:12]
     ]
     return "\n\n".join(
@@ -184,22 +210,22 @@ def run_markdown(metrics: dict, history: list[dict], recipe: dict) -> str:
     return (
         "\n\n".join(
             [
-                f"# cifar-transfer report: {run['name']}",
+                f"# cifar-transfer report: {text(run['name'])}",
                 headline(metrics, recipe),
                 run_line(metrics, recipe["name"]),
                 "## What this run found",
                 "\n".join(f"- {f}" for f in findings(metrics, history)),
                 "## Data",
-                f"CIFAR-10 from `{run['data_source']}`. Training images are a class-balanced subsample (seed "
+                f"CIFAR-10 from {code(run['data_source'])}. Training images are a class-balanced subsample (seed "
                 f"{recipe['seed']}); validation images come from the training images *not* in it; the test set is used "
                 "only for the final evaluation.",
                 table(["split", "images", "fewest per class", "most per class"], counts),
                 "![Images per class](class_counts.png)",
                 "![Sample images](samples.png)",
                 "## Recipe",
-                f"Weights: `{run['weights']}`. Labels are class indices with cross-entropy, the same mathematics as "
-                "one-hot categorical cross-entropy.",
-                table(["field", "value"], [[k, f"`{v}`"] for k, v in recipe.items()]),
+                f"Weights: {code(run['weights'])}. Labels are class indices with cross-entropy, the same mathematics "
+                "as one-hot categorical cross-entropy.",
+                table(["field", "value"], [[k, code(v)] for k, v in recipe.items()]),
                 "## Training",
                 "![Learning curves](learning_curves.png)",
                 shipped_markdown(metrics.get("shipped", {})),
@@ -217,7 +243,7 @@ def run_markdown(metrics: dict, history: list[dict], recipe: dict) -> str:
                 calibration_markdown(metrics["calibration"]) if "calibration" in metrics else "",
                 analysis_markdown(metrics["analysis"]) if "analysis" in metrics else "",
                 "## Reproduce",
-                f"```\n{run['command']}\n```\n\ntorch {run['versions']['torch']}, torchvision "
+                f"<pre><code>{text(run['command'])}</code></pre>\n\ntorch {run['versions']['torch']}, torchvision "
                 f"{run['versions']['torchvision']}, Python {run['versions']['python']}.",
             ]
         )
@@ -231,6 +257,10 @@ text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:
 code{background:#f5f5f5;padding:0 .2em}pre{background:#f5f5f5;padding:.6em;overflow-x:auto}"""
 
 
+# A report is a document: no script of any kind runs in it, whatever text reached it; images only as data URIs.
+POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
 def to_html(md: str, folder: Path, title: str) -> str:
     """Render markdown and inline every local image as a data URI, so the page stands alone."""
     body = markdown.markdown(md, extensions=["tables", "fenced_code"])
@@ -241,8 +271,9 @@ def to_html(md: str, folder: Path, title: str) -> str:
 
     body = re.sub(r'src="([^":]+\.png)"', inline, body)
     return (
-        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-        f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n"
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">\n<meta http-equiv="Content-Security-Policy" '
+        f'content="{POLICY}">\n<title>{html.escape(title)}</title><style>{CSS}</style></head><body>\n{body}\n'
+        "</body></html>\n"
     )
 
 
@@ -251,7 +282,7 @@ def evaluation_markdown(run_dir: Path, metrics: dict) -> str:
     skipped, then the test-set sections."""
     test, ref, skipped = metrics["test"], metrics["cifar10_test_accuracy"], metrics["skipped"]
     parts = [
-        f"# Evaluation of `{run_dir}` on `{metrics['run']['data_source']}`",
+        f"# Evaluation of {code(run_dir)} on {code(metrics['run']['data_source'])}",
         f"Accuracy **{pct(test['accuracy'])}** on {test['n']:,} images"
         + (" with flip test-time augmentation" if metrics["run"]["tta"] else "")
         + f", mean cross-entropy {test['loss']:.4f}.",
@@ -262,14 +293,14 @@ def evaluation_markdown(run_dir: Path, metrics: dict) -> str:
             f"**{100 * (ref - test['accuracy']):.1f} points** on this set."
         )
     if skipped:
-        parts.append(f"{len(skipped)} skipped:\n\n" + "\n".join(f"- {s}" for s in skipped))
+        parts.append(f"{len(skipped)} skipped:\n\n" + "\n".join(f"- {text(s)}" for s in skipped))
     parts.append(results_markdown(test, {"confusion": "confusion_matrix.png", "gallery": "misclassified.png"}))
     if any("file" in r for r in test["misclassified"]):
         parts.append(
             table(
                 ["file", "true", "predicted", "confidence"],
                 [
-                    [f"`{r['file']}`", r["true"], r["predicted"], f"{r['confidence']:.3f}"]
+                    [code(r["file"]), text(r["true"]), text(r["predicted"]), f"{r['confidence']:.3f}"]
                     for r in test["misclassified"]
                 ],
             )
@@ -281,25 +312,25 @@ def compare_markdown(s: dict) -> str:
     """`compare`'s report: one column per run, a row per differing recipe field and per result; then leakage and
     the curves."""
     fields, runs = s["differing_fields"], s["runs"]
-    rows = [[f"`{k}`", *(f"`{r['recipe'][k]}`" for r in runs)] for k in fields]
+    rows = [[code(k), *(code(r["recipe"][k]) for r in runs)] for k in fields]
     pairs = dict.fromkeys(p for r in runs for p in r["leakage"])
     rows += [
         ["**test accuracy**", *(f"**{_maybe(r['accuracy'], pct)}**" for r in runs)],
         ["test loss", *(_maybe(r["loss"], "{:.4f}".format) for r in runs)],
         ["best validation accuracy", *(_maybe(r.get("best_val_acc"), pct) for r in runs)],
-        *([f"leakage {p}", *(_maybe(r["leakage"].get(p), pct) for r in runs)] for p in pairs),
+        *([f"leakage {text(p)}", *(_maybe(r["leakage"].get(p), pct) for r in runs)] for p in pairs),
         ["training (s)", *(_maybe(r["train_s"], "{:.0f}".format) for r in runs)],
         ["total (s)", *(_maybe(r["total_s"], "{:.0f}".format) for r in runs)],
-        ["machine", *(r["machine"] or "—" for r in runs)],
-        ["lacks", *("; ".join(r.get("lacks", [])) or "—" for r in runs)],
+        ["machine", *(text(r["machine"] or "—") for r in runs)],
+        ["lacks", *(text("; ".join(r.get("lacks", [])) or "—") for r in runs)],
     ]
     return (
         "\n\n".join(
             [
                 f"# Comparison of {len(runs)} runs",
-                "Recipe fields that differ: " + (", ".join(f"`{k}`" for k in fields) or "none") + ". Leakage is the "
+                "Recipe fields that differ: " + (", ".join(code(k) for k in fields) or "none") + ". Leakage is the "
                 "share of the first class of a pair predicted as the second.",
-                table(["", *(f"`{r['run']}`" for r in runs)], rows),
+                table(["", *(code(r["run"]) for r in runs)], rows),
                 "## Learning curves",
                 "![Learning curves](learning_curves.png)",
             ]
@@ -341,7 +372,7 @@ def analysis_markdown(a: dict) -> str:
 
 def _calibration_section(cal: dict) -> str:
     if "skipped" in cal:
-        return f"## Calibration\n\nSkipped: {cal['skipped']}."
+        return f"## Calibration\n\nSkipped: {text(cal['skipped'])}."
     return (
         "## Calibration\n\n"
         f"Expected calibration error (15 equal-width bins) on the test set: **{cal['ece_before']:.4f}** as trained, "
@@ -363,10 +394,10 @@ def _tta_section(tta: dict) -> str:
 
 def _human_section(human: dict) -> str:
     if "skipped" in human:
-        return f"## Human ambiguity (CIFAR-10H)\n\nSkipped: {human['skipped']}."
+        return f"## Human ambiguity (CIFAR-10H)\n\nSkipped: {text(human['skipped'])}."
     rows = [
         [
-            f"{r['true']} → {r['predicted']}",
+            f"{text(r['true'])} → {text(r['predicted'])}",
             r["errors"],
             r["on_ambiguous"],
             r["on_clear"],
@@ -394,7 +425,7 @@ def _human_section(human: dict) -> str:
 
 def _attribution_section(att: dict) -> str:
     if "skipped" in att:
-        return f"## Where the model looks (Grad-CAM)\n\nSkipped: {att['skipped']}."
+        return f"## Where the model looks (Grad-CAM)\n\nSkipped: {text(att['skipped'])}."
     parts = [
         "## Where the model looks (Grad-CAM)",
         f"Grad-CAM for the predicted class at `{att['layer']}`, the deepest stage with at least 4 × 4 "
@@ -424,7 +455,7 @@ def _attribution_section(att: dict) -> str:
 def robustness_markdown(rob: dict) -> str:
     """CIFAR-10-C: the benchmark mean with its margin, the table corruption x severity, the figure."""
     if "skipped" in rob:
-        return f"## Robustness (CIFAR-10-C)\n\nSkipped: {rob['skipped']}."
+        return f"## Robustness (CIFAR-10-C)\n\nSkipped: {text(rob['skipped'])}."
     mean = rob["mean_corrupted"]
     summary = (
         f"Mean accuracy over the {rob['benchmark_corruptions']} benchmark corruptions × 5 severities: "
@@ -443,7 +474,7 @@ def robustness_markdown(rob: dict) -> str:
     return "\n\n".join(
         [
             "## Robustness (CIFAR-10-C)",
-            f"The corruptions: {rob['origin']}.",
+            f"The corruptions: {text(rob['origin'])}.",
             summary,
             table(["corruption", *(f"severity {s}" for s in rob["severities"]), "mean"], rows),
             "![Accuracy under corruptions](robustness.png)",
@@ -460,13 +491,13 @@ def tta_scope(tta: dict) -> str:
 def repeat_markdown(name: str, seeds: int, changed: dict, summary: dict[str, dict]) -> str:
     """The report of `repeat`: mean, std and per-seed values of each measure."""
     rows = [
-        [measure, pct(s["mean"]), f"{100 * s['std']:.2f} points", ", ".join(pct(x) for x in s["values"])]
+        [text(measure), pct(s["mean"]), f"{100 * s['std']:.2f} points", ", ".join(pct(x) for x in s["values"])]
         for measure, s in summary.items()
     ]
-    fields = ", ".join(f"`{k}={v}`" for k, v in changed.items())
+    fields = ", ".join(code(f"{k}={v}") for k, v in changed.items())
     return (
-        f"# {name}: {seeds} runs with seeds 0–{seeds - 1}\n\n"
-        + (f"Preset `{name}` with {fields}. " if fields else f"Preset `{name}`. ")
+        f"# {text(name)}: {seeds} runs with seeds 0–{seeds - 1}\n\n"
+        + (f"Preset {code(name)} with {fields}. " if fields else f"Preset {code(name)}. ")
         + "Each run draws its own training subsample and head initialisation; mean ± standard deviation "
         "across runs.\n\n"
         + table(["measure", "mean", "std", "per seed"], rows)
@@ -478,34 +509,34 @@ def tune_markdown(s: dict) -> str:
     """`tune`'s report: the best trial and its recipe file, every trial, and Optuna's plots."""
     counts = ", ".join(f"{n} {state.lower()}" for state, n in s["counts"].items() if n)
     best = s["best"]
-    space = ", ".join(f"`{k}`" for k in s["space"] or {})
+    space = ", ".join(code(k) for k in s["space"] or {})
     parts = [
-        f"# Study `{s['study']}`",
+        f"# Study {code(s['study'])}",
         f"{counts} (cap: {s['trials_cap']} trials, counted across every worker). Each trial is scored on "
         "the validation accuracy of the epoch it ships; the test set is never read while tuning. Fields tuned: "
-        f"{space}; the others are the base recipe's (`{s['base_recipe']['name']}`).",
+        f"{space}; the others are the base recipe's ({code(s['base_recipe']['name'])}).",
     ]
     if best is None:
         parts.append("No trial has completed yet.")
     else:
         params = ", ".join(
-            f"`{k}={v:.4g}`" if isinstance(v, float) else f"`{k}={v}`" for k, v in best["params"].items()
+            code(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}") for k, v in best["params"].items()
         )
         parts += [
             f"**Best: trial {best['number']}, validation accuracy {pct(best['value'])}** with {params}. Its "
-            f"recipe: `{best['recipe_file']}`; train it and measure it on the test set with "
-            f"`cifar-transfer run --recipe {best['recipe_file']}`."
+            f"recipe: {code(best['recipe_file'])}; train it and measure it on the test set with "
+            f"{code('cifar-transfer run --recipe ' + str(best['recipe_file']))}."
         ]
     rows = [
         [
             t["number"],
             t["state"].lower(),
             pct(t["value"]) if t["value"] is not None else "",
-            ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items()),
+            text(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())),
             t["epochs"],
             f"{t['seconds']:.0f}" if t["seconds"] is not None else "",
-            t["host"] or "",
-            t["note"],
+            text(t["host"] or ""),
+            text(t["note"]),
         ]
         for t in s["trials"]
     ]
