@@ -73,10 +73,18 @@ def test_offline_error_says_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CIFAR_TRANSFER_DATA", str(tmp_path / "env-dir"))
     with pytest.raises(DataError) as e:
-        load_cifar10(tmp_path / "given", url="http://127.0.0.1:9/cifar-10-python.tar.gz")
+        load_cifar10(None, url="http://127.0.0.1:9/cifar-10-python.tar.gz")
     message = str(e.value)
-    for fragment in ("given", "env-dir", "data", "--data-dir", "CIFAR_TRANSFER_DATA"):
+    for fragment in ("env-dir", "data", "--data-dir", "CIFAR_TRANSFER_DATA"):
         assert fragment in message
+
+
+def test_an_explicit_data_dir_without_cifar10_never_falls_back(cifar_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR_TRANSFER_DATA", str(cifar_dir.parent))  # would be found, and must not be used
+    (tmp_path / "digits").mkdir()
+    for given in (tmp_path / "digits", tmp_path / "nowhere"):
+        with pytest.raises(DataError, match=f"--data-dir {given}: holds no CIFAR-10"):
+            load_cifar10(given, url="http://127.0.0.1:9/cifar-10-python.tar.gz")
 
 
 def test_lookup_order_prefers_data_dir_then_environment(cifar_dir, tmp_path, monkeypatch):

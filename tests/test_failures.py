@@ -161,7 +161,7 @@ def test_missing_folder(run_cli, tmp_path, weights_path):
         "--no-download",
         cwd=tmp_path,
     )
-    assert_one_line(done, "CIFAR-10 not found in", "absent")
+    assert_one_line(done, f"--data-dir {tmp_path / 'absent'}: holds no CIFAR-10")
     done = run_cli("evaluate", str(tmp_path))
     assert_one_line(done, "model.safetensors")
     assert "Traceback" in run_cli("--debug", "evaluate", str(tmp_path)).stderr

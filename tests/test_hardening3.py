@@ -282,16 +282,310 @@ def test_hostile_folder_and_recipe_names_stay_text_in_the_run_report(smoke_run, 
     report.write(out, report.run_markdown(metrics, history, recipe), f"cifar-transfer: {HOSTILE}")
     dialogs, body, live = rendered_in_chromium(out / "report.html")
     assert dialogs == [] and live == 0
-    for shown in (f"runs-{HOSTILE}", f"{BACKTICK}**bold**", "[click](javascript:alert(9))", "\n```\n"):
+    for shown in (f"runs-{HOSTILE}", f"{BACKTICK}**bold**", "[click](javascript:alert(9))", "```"):
         assert shown in body, shown
     assert "href=" not in (out / "report.html").read_text()  # no link at all, so none to a script
 
 
-def test_every_character_that_could_be_markup_is_a_reference():
+@pytest.mark.parametrize("hostile", ["<b>&`|[x](javascript:y)!*\\#{}~\"'", "``a`", "`x", "IMG_0001 (val_size=0)"])
+def test_user_text_renders_as_itself_and_never_as_markup(hostile):
+    import markdown
+
     from cifar_transfer.reporting.report import code, text
 
-    hostile = "<b>&`|[x](y)!*_\\#{}~\"'\n\t"
-    inert = text(hostile)
-    assert not set(re.sub(r"&#\d+;", "", inert)) & set("<>&`|[]()!*_\\#{}~\"'\n\x1b")
-    assert html.unescape(inert) == hostile and html.unescape(code(hostile)) == f"<code>{hostile}</code>"
-    assert html.unescape(text("a\x1bb\x00")) == "a\ufffdb\ufffd"
+    for shown, tag in ((text(hostile), None), (code(hostile), "code")):
+        rendered = markdown.markdown(f"| a |\n|---|\n| {shown} |", extensions=["tables"])
+        cell = re.search(r"<td>(.*)</td>", rendered, re.S).group(1)
+        if tag:
+            assert cell.startswith("<code>") and cell.endswith("</code>"), cell
+            cell = cell.removeprefix("<code>").removesuffix("</code>")
+        assert "<" not in cell and html.unescape(cell) == hostile, (shown, rendered)
+    assert text("a\nb\x1bc") == "a b\ufffdc"
+
+
+# ---- 6. CIFAR-10-C labels are checked before they are converted ----
+
+
+def npy_with_header(path: Path, shape: tuple, descr: str = "<i8", payload: bytes = b"\0" * 80) -> None:
+    with path.open("wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": False, "shape": shape})
+        f.write(payload)
+
+
+LABELS = {
+    "float": (
+        lambda p: np.save(p, np.full(50, 2.7)),
+        "labels must be a 1-D integer array, got shape (50,) dtype float64",
+    ),
+    "bool": (lambda p: np.save(p, np.ones(50, bool)), "dtype bool"),
+    "complex": (lambda p: np.save(p, np.ones(50, complex)), "dtype complex128"),
+    "datetime": (lambda p: np.save(p, np.zeros(50, "datetime64[s]")), "dtype datetime64[s]"),
+    "structured": (lambda p: np.save(p, np.zeros(50, [("a", "i4"), ("b", "i4")])), "a 1-D integer array"),
+    "strings": (lambda p: np.save(p, np.array(["cat"] * 50)), "dtype <U3"),
+    "0-d": (lambda p: np.save(p, np.int64(3)), "got shape ()"),
+    "empty file": (lambda p: p.write_bytes(b""), "not a readable .npy file"),
+    "10^11 labels": (lambda p: npy_with_header(p, (10**11,)), "not a readable .npy file"),
+    "out of range": (lambda p: np.save(p, np.full(50, 10)), "labels must be in 0..9, found 10..10"),
+    "none": (lambda p: np.save(p, np.zeros(0, np.int64)), "holds no labels"),
+}
+
+
+@pytest.mark.parametrize("kind", LABELS)
+def test_bad_cifar10c_labels_are_named_before_any_conversion(kind, cifar, tmp_path):
+    from cifar_transfer.data.cifar import DataError
+    from cifar_transfer.data.corruptions import read_official
+
+    np.save(tmp_path / "gaussian_noise.npy", np.concatenate([cifar[1].images[:10]] * 5))
+    write, fragment = LABELS[kind]
+    write(tmp_path / "labels.npy")
+    with pytest.raises(DataError) as e:
+        list(read_official(tmp_path))
+    assert str(e.value).startswith(f"{tmp_path / 'labels.npy'}: ") and fragment in str(e.value), str(e.value)
+
+
+# ---- 7. the Python API refuses images it would answer with nonsense ----
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (lambda x: x.astype(np.float32), "dtype float32; uint8 pixels (0-255) are needed"),
+        (lambda x: x.astype(np.float64) / 255, "dtype float64"),
+        (lambda x: x.astype(np.int64), "dtype int64"),
+        (lambda x: x > 128, "dtype bool"),
+        (lambda x: x.tolist(), "a numpy array N x 32 x 32 x 3 of uint8 is needed, got list"),
+        (lambda x: x.transpose(0, 3, 1, 2), "shape (2, 3, 32, 32); N x 32 x 32 x 3 is needed (channels first"),
+        (lambda x: x[0], "shape (32, 32, 3); N x 32 x 32 x 3 is needed (one image: images[None])"),
+        (lambda x: x[:0], "an empty batch"),
+    ],
+)
+def test_predict_refuses_what_it_cannot_read_unambiguously(make, fragment, smoke_run, cifar):
+    import cifar_transfer as ct
+    from cifar_transfer.data.images import ImageError
+
+    predictor = ct.load(smoke_run, device="cpu")
+    with pytest.raises(ImageError, match=re.escape(fragment)):
+        predictor.predict(make(cifar[1].images[:2]))
+
+
+# ---- 8. nothing asked for is ignored without a word ----
+
+
+def test_resume_refuses_recipe_changes_instead_of_ignoring_them(smoke_run, tmp_path, run_cli):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "recipe.json").write_bytes((smoke_run / "recipe.json").read_bytes())
+    (folder / "checkpoint.pt").write_bytes(b"not read: the recipe is refused first")
+    started = json.loads((smoke_run / "recipe.json").read_text())
+    changes = ("--set", f"finetune_epochs={started['finetune_epochs'] + 1}", "--set", "precision=bf16")
+    done = run_cli("run", "--resume", str(folder), *changes)
+    line = one_line(done, f"{folder / 'recipe.json'}: a resumed run keeps the recipe it started with")
+    assert f"finetune_epochs={started['finetune_epochs']} (given {started['finetune_epochs'] + 1})" in line
+    assert f"precision={started['precision']!r} (given 'bf16')" in line
+    same = run_cli("run", "--resume", str(folder), "--set", f"finetune_epochs={started['finetune_epochs']}")
+    one_line(same, "checkpoint.pt: not a readable checkpoint")  # the same value again is no change
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ('{"augment": 1}', "recipe field augment=1: must be one of"),
+        ('{"augment": ["flip"]}', "recipe field augment=['flip']: must be one of"),
+        ('{"name": "../../x"}', "recipe field name='../../x': must be 1 to 100 characters with no '/'"),
+        ('{"seed": ' + "7" * 5000 + "}", "not a readable recipe (Exceeds the limit (4300 digits)"),
+        ('{"head_lr": 1' + "0" * 400 + "}", "recipe field head_lr=<an integer of about 400 digits>: must be"),
+        ('{"consistency": 1e300}', "recipe field consistency=1e+300: must be in [0, 1000]"),
+    ],
+)
+def test_recipe_values_that_used_to_pass_or_crash_are_one_line(content, fragment, tmp_path, run_cli):
+    (tmp_path / "r.json").write_text(content)
+    one_line(run_cli("run", "--recipe", str(tmp_path / "r.json"), "--out", str(tmp_path / "run")), "r.json", fragment)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_an_explicit_data_dir_is_the_only_place_looked(tmp_path, run_cli, cifar_dir, weights_path, monkeypatch):
+    digits = tmp_path / "my_digits"
+    digits.mkdir()
+    monkeypatch.setenv("CIFAR_TRANSFER_DATA", str(cifar_dir.parent))
+    given = ("--data-dir", str(digits), "--weights", str(weights_path), "--out", str(tmp_path / "r"))
+    done = run_cli("run", "--preset", "smoke", *given)
+    one_line(done, f"--data-dir {digits}: holds no CIFAR-10")
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+    abbreviated = run_cli("run", "--preset", "smoke", "--data", str(digits), "--out", str(tmp_path / "r"))
+    assert abbreviated.returncode == 2 and "unrecognized arguments: --data" in abbreviated.stderr
+
+
+# ---- 9. predict, serve and the ONNX export compute in one precision ----
+
+
+def test_predict_computes_in_fp32_whatever_the_recipe_trained_in(smoke_run, cifar, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from cifar_transfer.serving.predictor import Predictor
+
+    with safe_open(smoke_run / "model.safetensors", "pt") as f:
+        meta = dict(f.metadata())
+    meta["recipe"] = json.dumps({**json.loads(meta["recipe"]), "precision": "bf16"})
+    (tmp_path / "bf16").mkdir()
+    save_file(load_file(smoke_run / "model.safetensors"), tmp_path / "bf16" / "model.safetensors", metadata=meta)
+    images = cifar[1].images[:64]
+    trained_in_bf16 = Predictor(tmp_path / "bf16", "cpu").probabilities(images)
+    assert np.abs(trained_in_bf16 - Predictor(smoke_run, "cpu").probabilities(images)).max() < 1e-5
+
+
+# ---- 10. one line, not "unexpected" ----
+
+
+def test_predict_answers_the_files_beside_a_folder(smoke_run, cifar, tmp_path, run_cli):
+    good = tmp_path / "good.png"
+    good.write_bytes(png(cifar[1].images[0]))
+    (tmp_path / "photos").mkdir()
+    done = run_cli("predict", str(smoke_run), str(tmp_path / "photos"), str(good), "--json")
+    assert done.returncode == 1 and "unexpected" not in done.stderr
+    answers = json.loads(done.stdout)
+    assert answers[0] == {
+        "image": str(tmp_path / "photos"),
+        "error": f"{tmp_path / 'photos'}: a folder, not an image file",
+    }
+    assert answers[1]["image"] == str(good) and len(answers[1]["top"]) == 3
+
+
+def hand_edited(smoke_run: Path, folder: Path, edit) -> Path:
+    shutil.copytree(smoke_run, folder, ignore=shutil.ignore_patterns("evaluations", "analysis", LOCK))
+    metrics = json.loads((folder / "metrics.json").read_text())
+    (folder / "metrics.json").write_text(json.dumps(edit(metrics)))
+    return folder
+
+
+def without_key(metrics: dict) -> dict:
+    del metrics["test"]["leakage"][0]["b_as_a"]
+    return metrics
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (lambda m: [m], "a JSON object is needed, found list"),
+        (lambda m: {**m, "test": 5}, "test must be an object, found 5"),
+        (without_key, "test.leakage[0].b_as_a is missing"),
+        (lambda m: {**m, "test": {**m["test"], "accuracy": "0.9"}}, 'test.accuracy must be a number, found "0.9"'),
+    ],
+)
+def test_compare_names_what_is_wrong_in_a_hand_edited_metrics_file(edit, fragment, smoke_run, tmp_path, run_cli):
+    edited = hand_edited(smoke_run, tmp_path / "edited", edit)
+    done = run_cli("compare", str(smoke_run), str(edited), "--out", str(tmp_path / "cmp"))
+    one_line(done, f"{edited / 'metrics.json'}: {fragment}")
+
+
+def test_compare_names_a_history_without_its_columns(smoke_run, tmp_path, run_cli):
+    edited = hand_edited(smoke_run, tmp_path / "edited", lambda m: m)
+    lines = (edited / "history.csv").read_text().splitlines()
+    (edited / "history.csv").write_text("\n".join(line.split(",", 2)[2] for line in lines) + "\n")  # no phase, epoch
+    done = run_cli("compare", str(smoke_run), str(edited), "--out", str(tmp_path / "cmp"))
+    one_line(done, f"{edited / 'history.csv'}: no epoch, phase column")
+
+
+def test_a_superscript_digit_is_a_usage_error(smoke_run, run_cli):
+    done = run_cli("robustness", str(smoke_run), "--images", "²")
+    assert done.returncode == 2 and "argument --images: '²': must be a whole number" in done.stderr
+
+
+def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cifar_transfer", *args], capture_output=True, text=True, **kwargs)
+
+
+def test_running_out_of_memory_is_one_line_with_the_limit(tmp_path, cifar_dir, weights_path):
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, resource.RLIM_INFINITY))
+
+    done = cli(
+        *("run", "--preset", "smoke", "--out", str(tmp_path / "r"), "--no-progress"),
+        *("--data-dir", str(cifar_dir.parent), "--weights", str(weights_path)),
+        preexec_fn=limit,
+        timeout=300,
+    )
+    one_line(done, "error: out of memory", "an address-space limit of 3.0 GiB (ulimit -v)", "batch_size")
+
+
+UNSHARE = shutil.which("unshare")
+
+
+@pytest.mark.skipif(UNSHARE is None or os.geteuid() != 0, reason="needs unshare and root (CI runs as root)")
+def test_no_usable_temporary_folder_names_tmpdir(tmp_path):
+    script = (
+        "mount -t tmpfs -o ro none /tmp && mount -t tmpfs -o ro none /var/tmp && cd /tmp && "
+        f"TMPDIR=/nonexistent exec {sys.executable} -m cifar_transfer run --preset smoke --out {tmp_path / 'r'}"
+    )
+    done = subprocess.run([UNSHARE, "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    one_line(done, "no usable folder for temporary files (TMPDIR=/nonexistent", "set TMPDIR to a writable folder")
+
+
+# ---- 11. slow clients are cut off, others answered ----
+
+
+@pytest.fixture
+def limited_service(smoke_run):
+    """The service with a 2-second read deadline and room for 3 connections: (host, port, process)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    limits = ["--read-timeout", "2", "--max-connections", "3", "--device", "cpu"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cifar_transfer", "serve", str(smoke_run), "--port", str(port), *limits],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert "serving" in proc.stdout.readline()
+    yield "127.0.0.1", port
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_a_slow_client_is_cut_off_while_others_are_answered(limited_service):
+    import socket
+    import time
+
+    import httpx
+
+    host, port = limited_service
+    slow = socket.create_connection((host, port))
+    slow.settimeout(0.2)
+    request, sent, closed_after = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100, 0, None
+    started = time.monotonic()
+    while time.monotonic() - started < 10:
+        try:
+            if sent < len(request):
+                slow.sendall(request[sent : sent + 1])  # one byte every 0.2 s: never a whole request
+                sent += 1
+            if slow.recv(1024) == b"":
+                closed_after = time.monotonic() - started
+                break
+        except TimeoutError:
+            pass
+        except (BrokenPipeError, ConnectionResetError):
+            closed_after = time.monotonic() - started
+            break
+        if sent == 5:  # meanwhile a normal request is answered
+            assert httpx.get(f"http://{host}:{port}/health", timeout=5).status_code == 200
+    slow.close()
+    assert closed_after is not None and 1.5 < closed_after < 5, closed_after
+
+
+def test_connections_beyond_the_limit_are_answered_503(limited_service):
+    import socket
+
+    import httpx
+
+    host, port = limited_service
+    held = [socket.create_connection((host, port)) for _ in range(3)]
+    try:
+        assert httpx.get(f"http://{host}:{port}/health", timeout=5).status_code == 503
+    finally:
+        for s in held:
+            s.close()

@@ -56,7 +56,7 @@ def test_overrides_are_parsed_by_field_type():
         ("resolution=100000", "resolution=100000"),
         ("label_smoothing=nan", "label_smoothing=nan"),
         ("eval_batch_size=0", "eval_batch_size=0"),
-        ("consistency=-1", "consistency=-1.0: must be >= 0"),
+        ("consistency=-1", r"consistency=-1.0: must be in \[0, 1000\]"),
         ("consistency=12", "consistency=12.0: AugMix's consistency loss .* needs augment='flip\\+augmix'"),
     ],
 )

@@ -18,7 +18,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from .recipe import Recipe, compose
+from .recipe import Recipe, RecipeError, compose
 
 
 class Run:
@@ -108,6 +108,8 @@ def run(
     from .jobs.run import run as run_job
     from .machine import default_run_dir
 
+    if resume and (overrides or recipe_file):
+        _check_resumed_recipe(Path(out or "."), recipe_file, overrides)
     chosen_by = None
     if not isinstance(preset, Recipe):
         preset, chosen_by = resolve_preset(preset, device)
@@ -127,6 +129,24 @@ def run(
         chosen_by=chosen_by,
     )
     return None if metrics is None else Run(folder)
+
+
+def _check_resumed_recipe(folder: Path, recipe_file: str | Path | None, overrides: Sequence[str]) -> None:
+    """A resumed run keeps the recipe it started with: fields given again with the same values are fine (the same
+    command with --resume added), a changed one is refused rather than silently ignored."""
+    saved = folder / "recipe.json"
+    if not saved.is_file():
+        return  # the run job says there is nothing to resume
+    started = Recipe.from_dict(json.loads(saved.read_text()))
+    given = started.with_file(recipe_file) if recipe_file else started
+    given = given.with_overrides(list(overrides))
+    changed = [k for k, v in given.to_dict().items() if started.to_dict()[k] != v]
+    if changed:
+        now = ", ".join(f"{k}={getattr(started, k)!r} (given {getattr(given, k)!r})" for k in changed)
+        raise RecipeError(
+            f"{saved}: a resumed run keeps the recipe it started with: {now}; to change it, start a new run "
+            f"with --recipe {saved}"
+        )
 
 
 def eda(

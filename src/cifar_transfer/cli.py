@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 
 from .data.cifar import CLASSES
-from .errors import CifarTransferError, require
+from .errors import CifarTransferError, ResourceError, check_temporary_folder, out_of_memory, require
 from .recipe import PRESETS
 from .runfolder import FolderRefused
 
@@ -81,7 +81,7 @@ def _whole_number(low: int, high: int):
     """An argparse type: a whole number in [low, high], or a usage error saying so."""
 
     def parse(text: str) -> int:
-        if not text.isdigit() or not low <= int(text) <= high:
+        if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:  # "²".isdigit() is True
             raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number from {low} to {high}")
         return int(text)
 
@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     o = _options()
     for add in (_training_commands, _saved_run_commands, _model_commands):
         add(sub, o)
+    for parser in (p, *sub.choices.values()):
+        parser.allow_abbrev = False  # `--data` must not be taken for `--data-dir`, nor any prefix for an option
     return p
 
 
@@ -286,6 +288,18 @@ def _model_commands(sub, o: dict) -> None:
     )
     s.add_argument(
         "--max-images", type=_whole_number(1, 10_000), default=32, help="most images in one /predict/batch request"
+    )
+    s.add_argument(
+        "--read-timeout",
+        type=_whole_number(1, 3600),
+        default=30,
+        help="seconds for a whole request (headers and body) to arrive; a slower client is cut off (default 30)",
+    )
+    s.add_argument(
+        "--max-connections",
+        type=_whole_number(1, 100_000),
+        default=64,
+        help="connections served at once; more are answered 503 (default 64)",
     )
     x = sub.add_parser(
         "export",
@@ -504,7 +518,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     require("serve", "fastapi", "uvicorn", "multipart")
     from .serving.service import serve
 
-    serve(args.run_dir, args.host, args.port, args.max_bytes, args.max_images, args.device)
+    limits = {"read_timeout": args.read_timeout, "max_connections": args.max_connections}
+    serve(args.run_dir, args.host, args.port, args.max_bytes, args.max_images, args.device, **limits)
     return 0
 
 
@@ -539,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (args.out or args.resume):
         parser.error("under torchrun, give --out (or --resume): every process must name the same run folder")
     try:
+        check_temporary_folder()
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -547,10 +563,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
-        if not isinstance(e, FolderRefused):  # that folder is not this run's: leave it as it is
+        # a folder that is not this run's is left as it is; without a temporary folder, nothing more is tried
+        if not isinstance(e, FolderRefused | ResourceError):
             _record(getattr(args, "folder", None), f"{e}\n")
         return 1
-    except Exception as e:  # a bug: keep the traceback
+    except Exception as e:  # a bug: keep the traceback (unless memory ran out, which is no bug)
+        short = out_of_memory(e)
+        if short is not None:  # nothing more is tried (writing error.txt would need memory too)
+            print(f"error: {short}", file=sys.stderr)
+            return 1
         trace = traceback.format_exc()
         where = _record(getattr(args, "folder", None), trace)
         if args.debug or where is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 import types
 import typing
@@ -101,11 +102,17 @@ class Recipe:
     tta_images: int = 10_000  # class-balanced test images for the flip-TTA measurement (10,000: all of them)
 
     def __post_init__(self) -> None:
-        if self.augment in LEGACY_AUGMENT:  # recipes saved when `augment` was a bool (crops and flips, or none)
+        # recipes saved when `augment` was a bool (crops and flips, or none); 1 == True, so the type is checked
+        if type(self.augment) in (bool, str) and self.augment in LEGACY_AUGMENT:
             object.__setattr__(self, "augment", LEGACY_AUGMENT[self.augment])
         hints = typing.get_type_hints(Recipe)
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name])
+        if not NAME.fullmatch(self.name):
+            raise RecipeError(
+                f"recipe field name={shown(self.name)}: must be 1 to 100 characters with no '/', '\\' or control "
+                "characters and no leading '.' (it names the run folder under runs/)"
+            )
         ranges = {  # field: (lowest, highest), both allowed; None: unbounded
             "seed": (0, 2**32 - 1),
             "train_size": (10, 50_000),
@@ -117,8 +124,9 @@ class Recipe:
             "head_epochs": (0, 10_000),
             "finetune_epochs": (0, 10_000),
             "momentum": (0, 0.999),
-            "weight_decay": (0, None),
-            "consistency": (0, None),
+            # a weight too large for float32 passes here and fails later as a non-finite loss: bound them
+            "weight_decay": (0, 1),
+            "consistency": (0, 1000),
             "warmup_epochs": (0, self.finetune_epochs),
             "tta_images": (1, 10_000),
             "corruption_images": (1, 10_000),
@@ -129,10 +137,10 @@ class Recipe:
             if value < low or (high is not None and value > high):
                 bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
                 why = " (finetune_epochs)" if name == "warmup_epochs" else ""
-                raise RecipeError(f"recipe field {name}={value!r}: must be {bounds}{why}")
+                raise RecipeError(f"recipe field {name}={shown(value)}: must be {bounds}{why}")
         for name in ("head_lr", "finetune_lr"):
             if getattr(self, name) <= 0:
-                raise RecipeError(f"recipe field {name}={getattr(self, name)!r}: must be > 0")
+                raise RecipeError(f"recipe field {name}={shown(getattr(self, name))}: must be > 0")
         if any(h < 1 or h > MAX_WIDTH for h in self.head_hidden) or len(self.head_hidden) > MAX_LAYERS:
             raise RecipeError(
                 f"recipe field head_hidden={self.head_hidden!r}: at most {MAX_LAYERS} layers, "
@@ -145,7 +153,7 @@ class Recipe:
             raise RecipeError(f"train_size + val_size = {total}: CIFAR-10 has 50,000 training images")
         for name in ("dropout", "label_smoothing"):
             if not 0 <= getattr(self, name) < 1:
-                raise RecipeError(f"recipe field {name}={getattr(self, name)}: must be in [0, 1)")
+                raise RecipeError(f"recipe field {name}={shown(getattr(self, name))}: must be in [0, 1)")
         if self.finetune_from not in FINETUNE_FROM:
             raise RecipeError(
                 f"recipe field finetune_from={self.finetune_from!r}: must be stem, a stage "
@@ -219,9 +227,22 @@ def read_table(path: Path, error: type[Exception]) -> object:
         raise error(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({e})") from None
     except RecursionError:  # e.g. a JSON list nested 100,000 deep
         raise error(f"{path}: nested too deeply to be a recipe") from None
+    except ValueError as e:  # e.g. a number of more than 4,300 digits, which Python will not convert
+        raise error(f"{path}: not a readable recipe ({str(e).split(':')[0]})") from None
 
 
 LEGACY_AUGMENT = {True: "crop+flip", False: "none", "true": "crop+flip", "false": "none"}
+
+
+NAME = re.compile(r"[^./\\\x00-\x1f\x7f][^/\\\x00-\x1f\x7f]{0,99}")
+
+
+def shown(value: object) -> str:
+    """A value as an error message shows it: its repr, cut short (a 5,000-digit number is not printed whole)."""
+    if isinstance(value, int) and value.bit_length() > 332:
+        return f"<an integer of about {int(value.bit_length() * math.log10(2)):,} digits>"
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text):,} characters)"
 
 
 def _check_type(name: str, value: object, kind: object) -> None:
@@ -237,12 +258,19 @@ def _check_type(name: str, value: object, kind: object) -> None:
     elif kind is int:
         ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
     elif kind is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and _finite(value)
         want = "a finite number"
     else:
         ok, want = isinstance(value, kind), getattr(kind, "__name__", str(kind))  # type: ignore[arg-type]
     if not ok:
-        raise RecipeError(f"recipe field {name}={value!r}: must be {want}")
+        raise RecipeError(f"recipe field {name}={shown(value)}: must be {want}")
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def _parse(key: str, value: str, kind: object) -> object:
@@ -260,7 +288,7 @@ def _parse(key: str, value: str, kind: object) -> object:
             return value.lower() in ("true", "1", "yes")
         return kind(value)  # type: ignore[operator]
     except ValueError:
-        raise RecipeError(f"--set {key}={value!r}: not a valid {getattr(kind, '__name__', kind)}") from None
+        raise RecipeError(f"--set {key}={shown(value)}: not a valid {getattr(kind, '__name__', kind)}") from None
 
 
 # The fine-tune that reaches the claim, shared by `strong` and `lean`: SGD nesterov with a half-epoch warm-up

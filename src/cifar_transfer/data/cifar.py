@@ -250,8 +250,15 @@ def load_cifar10(
 ) -> tuple[Dataset, Dataset | None]:
     """Return (train, test) from the first place that holds CIFAR-10, downloading into ./data if none does.
 
-    With `test=False` the test images are never read (test is None): tuning and the LR finder must not see them."""
-    looked = candidate_dirs(data_dir)
+    With `test=False` the test images are never read (test is None): tuning and the LR finder must not see them.
+    A `data_dir` given is the only place looked: a folder named on purpose that holds no CIFAR-10 is an error, never
+    a silent fall-back to $CIFAR_TRANSFER_DATA, ./data or a download."""
+    if data_dir is not None:
+        source = find_source(Path(data_dir)) if Path(data_dir).is_dir() else None
+        if source is None:
+            raise DataError(f"--data-dir {data_dir}: holds no CIFAR-10 ({FOLDER}/, {ARCHIVE} or train.npz + test.npz)")
+        return read_source(source, test)
+    looked = candidate_dirs(None)
     for folder in looked:
         source = find_source(folder)
         if source is not None:

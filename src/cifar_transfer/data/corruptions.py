@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .cifar import DataError, Dataset, validate
+from .cifar import CLASSES, DataError, Dataset, validate
 
 BENCHMARK = (
     "gaussian_noise",
@@ -426,7 +426,7 @@ def read_official(folder: Path) -> Iterator[tuple[str, int, Dataset]]:
     """The released CIFAR-10-C (or a folder in its layout), one corruption and severity at a time: each .npy holds
     5 blocks of images in severity order, `labels.npy` their labels. Read through a memory map, so the 2.9 GB of
     the full release never sit in memory at once."""
-    labels = _load_npy(folder / "labels.npy")
+    labels = _read_labels(folder / "labels.npy")
     found = [n for n in (*BENCHMARK, *HELD_OUT) if (folder / f"{n}.npy").is_file()]
     if not found:
         raise DataError(f"{folder}: no CIFAR-10-C files ({', '.join(f'{n}.npy' for n in BENCHMARK[:3])}, ...)")
@@ -439,7 +439,22 @@ def read_official(folder: Path) -> Iterator[tuple[str, int, Dataset]]:
         block = len(images) // len(SEVERITIES)
         for s in SEVERITIES:
             part = slice((s - 1) * block, s * block)
-            yield name, s, validate(np.array(images[part]), labels[part].astype(np.int64), str(folder / f"{name}.npy"))
+            yield name, s, validate(np.array(images[part]), labels[part], str(folder / f"{name}.npy"))
+
+
+def _read_labels(path: Path) -> np.ndarray:
+    """labels.npy, checked before any value is read or converted: a 1-D integer array of class indices (a float,
+    bool or structured array would be truncated or zeroed without a word). Read through a memory map, so a
+    header that claims more labels than the file holds is refused without allocating them."""
+    labels = _load_npy(path, mmap=True)
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise DataError(f"{path}: labels must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}")
+    if len(labels) == 0:
+        raise DataError(f"{path}: holds no labels")
+    labels = np.array(labels, dtype=np.int64)
+    if labels.min() < 0 or labels.max() >= len(CLASSES):
+        raise DataError(f"{path}: labels must be in 0..{len(CLASSES) - 1}, found {labels.min()}..{labels.max()}")
+    return labels
 
 
 def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
@@ -447,5 +462,5 @@ def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
         raise DataError(f"{path}: no such file")
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise DataError(f"{path}: not a readable .npy file ({e})") from None
+    except (ValueError, OSError, EOFError) as e:  # EOFError: an empty file
+        raise DataError(f"{path}: not a readable .npy file ({e or 'empty'})") from None

@@ -117,11 +117,12 @@ def read_file(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
         if e.errno == errno.ELOOP:
             raise ImageError(f"{path}: a symbolic link loop") from None
         raise ImageError(f"{path}: cannot be read ({e.strerror or e})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):  # checked before fdopen, which refuses a folder with a bare "Is a directory: 3"
+        os.close(fd)
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise ImageError(f"{path}: {kind}, not an image file")
     with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
-            raise ImageError(f"{path}: {kind}, not an image file")
         try:
             data = f.read(max_bytes + 1)
         except OSError as e:

@@ -28,15 +28,63 @@ def load_run(folder: Path) -> dict:
         metrics = json.loads(files["metrics.json"].read_text())
         recipe = Recipe.from_dict(json.loads(files["recipe.json"].read_text())).to_dict()
         history = read_history(files["history.csv"])
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise CompareError(f"{folder}: unreadable run files ({e})") from None
+    _check_metrics(files["metrics.json"], metrics)
     return {"name": str(folder), "metrics": metrics, "recipe": recipe, "history": history}
 
 
+NUMBER = (int, float)
+# what a comparison reads of metrics.json: each part's type ("test" is absent from a tune trial's)
+METRICS_PARTS = {"run": dict, "timings": dict, "test": dict}
+TEST_FIELDS = {"accuracy": NUMBER, "loss": NUMBER, "leakage": list}
+LEAKAGE_FIELDS = {"a": str, "b": str, "a_as_b": NUMBER, "b_as_a": NUMBER}
+
+
+def _check_metrics(path: Path, metrics: object) -> None:
+    """The parts of a (possibly hand-edited) metrics.json that compare reads, each of its type, or one line."""
+    if not isinstance(metrics, dict):
+        raise CompareError(f"{path}: a JSON object is needed, found {type(metrics).__name__}")
+    _check_fields(path, metrics, METRICS_PARTS, "", required=False)
+    if "test" in metrics:
+        _check_fields(path, metrics["test"], TEST_FIELDS, "test.", required=True)
+        for i, pair in enumerate(metrics["test"]["leakage"]):
+            if not isinstance(pair, dict):
+                raise CompareError(f"{path}: test.leakage[{i}] must be an object, found {type(pair).__name__}")
+            _check_fields(path, pair, LEAKAGE_FIELDS, f"test.leakage[{i}].", required=True)
+
+
+def _check_fields(path: Path, part: dict, fields: dict, prefix: str, required: bool) -> None:
+    for key, kind in fields.items():
+        if key not in part:
+            if required:
+                raise CompareError(f"{path}: {prefix}{key} is missing")
+            continue
+        value = part[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CompareError(f"{path}: {prefix}{key} must be {_kind_name(kind)}, found {json.dumps(value)[:40]}")
+
+
+def _kind_name(kind: type | tuple) -> str:
+    return {dict: "an object", list: "a list", str: "a string"}.get(kind, "a number")
+
+
+HISTORY_COLUMNS = ("epoch", "phase", "train_loss", "val_acc")
+
+
 def read_history(path: Path) -> list[dict]:
-    """history.csv as rows of numbers (and the `shipped` flag)."""
+    """history.csv as rows of numbers (and the `shipped` flag); a file without the columns every run writes is
+    refused by name."""
     with path.open(newline="") as f:
-        return [{k: _parse_cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        reader = csv.DictReader(f)
+        rows = [{k: _parse_cell(v) for k, v in row.items()} for row in reader]
+    missing = [c for c in HISTORY_COLUMNS if c not in (reader.fieldnames or [])]
+    if rows and missing:  # a run that trained no epoch writes the header alone
+        raise CompareError(f"{path}: no {', '.join(missing)} column (a run's history.csv has {HISTORY_COLUMNS})")
+    for i, row in enumerate(rows, start=2):
+        if not all(isinstance(row[c], float) for c in HISTORY_COLUMNS):
+            raise CompareError(f"{path}: line {i} has a value that is not a number in {HISTORY_COLUMNS}")
+    return rows
 
 
 def _parse_cell(text: str) -> float | str | bool:

@@ -21,26 +21,36 @@ CLAIM = 0.92
 LITERAL = {"accuracy": 0.6498, "command": "make run PRESET=seed", "machine": "a 2-core AMD EPYC CPU"}
 
 
-# Characters that could start Markdown or HTML markup (a tag, an entity, a link or image whose address could run a
-# script, a code span, a table cell's end, emphasis): in user text each is written as a character reference.
-MARKUP = frozenset("<>&\"'`[]()!|*_\\#{}~")
+# Markdown that could make markup of user text: a link or image (whose address could run a script), a code span,
+# a table cell's end, emphasis, and the escape character itself. `<`, `>` and `&` become HTML's references.
+MARKDOWN_SPECIAL = frozenset("\\`*[]|")
+HTML_SPECIAL = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 
 
 def text(value: object) -> str:
     """User text (a path, a file, folder or recipe name, a class name, an error message) made inert in Markdown
     and HTML: it reads the same in report.md and report.html and can never become a tag, a link or a script."""
-    return "".join(_inert(c) for c in str(value))
+    return "".join(_inert(c) for c in _printable(value))
 
 
 def _inert(c: str) -> str:
-    if c in MARKUP or c in "\n\t":
-        return f"&#{ord(c)};"
-    return c if c.isprintable() else "&#65533;"  # a control character shows as the replacement character
+    if c in HTML_SPECIAL:
+        return HTML_SPECIAL[c]
+    return f"\\{c}" if c in MARKDOWN_SPECIAL else c
 
 
 def code(value: object) -> str:
-    """User text in code type (paths, recipe values): inert as `text` is, and no backtick in it can end the span."""
-    return f"<code>{text(value)}</code>"
+    """User text as a code span, fenced with more backticks than it holds in a row, so nothing in it can end
+    the span; Markdown writes everything inside a code span as text."""
+    shown = _printable(value)
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", shown)), default=0) + 1)
+    pad = " " if shown.startswith("`") or shown.endswith("`") else ""
+    return f"{fence}{pad}{shown}{pad}{fence}"
+
+
+def _printable(value: object) -> str:
+    """One line: a line break becomes a space, any other control character the replacement character."""
+    return "".join(" " if c in "\n\r\t" else c if c.isprintable() else "\ufffd" for c in str(value))
 
 
 def pct(x: float) -> str:
@@ -243,7 +253,8 @@ def run_markdown(metrics: dict, history: list[dict], recipe: dict) -> str:
                 calibration_markdown(metrics["calibration"]) if "calibration" in metrics else "",
                 analysis_markdown(metrics["analysis"]) if "analysis" in metrics else "",
                 "## Reproduce",
-                f"<pre><code>{text(run['command'])}</code></pre>\n\ntorch {run['versions']['torch']}, torchvision "
+                # one line that starts with the program's name: nothing in it can close the fence
+                f"```\n{_printable(run['command'])}\n```\n\ntorch {run['versions']['torch']}, torchvision "
                 f"{run['versions']['torchvision']}, Python {run['versions']['python']}.",
             ]
         )

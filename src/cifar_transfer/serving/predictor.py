@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +34,13 @@ class Options:
 
 
 class Predictor:
-    """A saved run's model, ready to classify batches of 32 x 32 RGB images."""
+    """A saved run's model, ready to classify batches of 32 x 32 RGB images. It computes in fp32 whatever the
+    recipe trained in, so `predict`, `serve` and the ONNX export (fp32) give one answer for one image."""
 
     def __init__(self, run_dir: Path, device: str = "auto"):
         path = Path(run_dir) / "model.safetensors"
-        self.model, self.recipe = load_model(path)
+        self.model, trained = load_model(path)
+        self.recipe = dataclasses.replace(trained, precision="fp32")
         self.model_id = f"{Path(run_dir).resolve().name}-{digest(self.model.state_dict())[:12]}"
         self.device = pick_device(device)
         self.model = for_inference(self.model, self.recipe, self.device)
@@ -49,7 +52,7 @@ class Predictor:
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """N x 32 x 32 x 3 uint8 -> N x 10 logits."""
-        return logits_for(self.model, images, self.recipe)
+        return logits_for(self.model, check_batch(images), self.recipe)
 
     @staticmethod
     def views(images: np.ndarray, options: Options) -> np.ndarray:
@@ -83,6 +86,25 @@ class Predictor:
     def predict_file(self, path: str | Path, options: Options = Options()) -> Prediction:
         """One image file of any format and size, brought to 32x32 as CIFAR-10's images were."""
         return self.predict(read_image_file(path)[None], options)[0]
+
+
+def check_batch(images: object) -> np.ndarray:
+    """What the model takes, or one error saying what was given instead: anything else (floats on 0-255 or 0-1,
+    channels first, one image without its batch axis) would be answered with confident nonsense."""
+    if not isinstance(images, np.ndarray):
+        raise ImageError(f"images: a numpy array N x 32 x 32 x 3 of uint8 is needed, got {type(images).__name__}")
+    if images.dtype != np.uint8:
+        raise ImageError(
+            f"images: dtype {images.dtype}; uint8 pixels (0-255) are needed: for floats in [0, 1], pass "
+            "(images * 255).round().astype(np.uint8)"
+        )
+    if images.shape[1:] != (32, 32, 3) or images.ndim != 4:
+        hint = " (one image: images[None])" if images.shape == (32, 32, 3) else ""
+        hint = " (channels first: images.transpose(0, 2, 3, 1))" if images.shape[1:] == (3, 32, 32) else hint
+        raise ImageError(f"images: shape {images.shape}; N x 32 x 32 x 3 is needed{hint}")
+    if len(images) == 0:
+        raise ImageError("images: an empty batch (N = 0)")
+    return images
 
 
 def predict_files(run_dir: Path, paths: list[Path], top: int = 3, options: Options = Options()) -> list[dict]:

@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..data.cifar import CLASSES
 from ..data.images import ImageError, decode, open_image
 from ..errors import CifarTransferError
+from .deadline import MAX_CONNECTIONS, READ_TIMEOUT, with_read_timeout
 from .predictor import Options, Predictor
 
 MAX_BYTES = 10_000_000
@@ -365,10 +366,23 @@ def listen(host: str, port: int) -> socket.socket:
         raise PortError(f"cannot listen on {host}:{port}: {reason}{hint}") from None
 
 
-def serve(run_dir: Path, host: str, port: int, max_bytes: int, max_images: int, device: str) -> None:
+def serve(
+    run_dir: Path,
+    host: str,
+    port: int,
+    max_bytes: int,
+    max_images: int,
+    device: str,
+    read_timeout: float = READ_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
+) -> None:
+    """Serve until stopped. A request must arrive whole within `read_timeout` seconds; at most `max_connections`
+    connections are served at once (503 beyond)."""
     import uvicorn
 
     app = create_app(run_dir, max_bytes, max_images, device)
     sock = listen(host, port)
     print(f"serving {run_dir} on http://{host}:{port}  (docs: /docs)", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    protocol = with_read_timeout(read_timeout)
+    config = uvicorn.Config(app, log_level="warning", http=protocol, limit_concurrency=max_connections)
+    uvicorn.Server(config).run(sockets=[sock])
