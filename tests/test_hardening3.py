@@ -411,7 +411,7 @@ def test_an_explicit_data_dir_is_the_only_place_looked(tmp_path, run_cli, cifar_
     done = run_cli("run", "--preset", "smoke", *given)
     one_line(done, f"--data-dir {digits}: holds no CIFAR-10")
     assert not (tmp_path / "r" / "checkpoint.pt").exists()
-    abbreviated = run_cli("run", "--preset", "smoke", "--data", str(digits), "--out", str(tmp_path / "r"))
+    abbreviated = run_cli("robustness", str(tmp_path), "--data", str(digits))  # not taken for --data-dir
     assert abbreviated.returncode == 2 and "unrecognized arguments: --data" in abbreviated.stderr
 
 

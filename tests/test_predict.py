@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifar_transfer.data.images import MAX_PIXELS, ImageError, read_image, to_cifar
+from cifar_transfer.data.images import MAX_PIXELS, ImageError, read_image, to_square
 from cifar_transfer.serving.predictor import Predictor
 
 
@@ -18,7 +18,7 @@ def encode(image: Image.Image, fmt: str) -> bytes:
 
 
 def test_a_solid_image_of_any_size_stays_that_colour():
-    out = to_cifar(Image.new("RGB", (640, 480), (10, 200, 30)))
+    out = to_square(Image.new("RGB", (640, 480), (10, 200, 30)))
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
     assert (out == (10, 200, 30)).all()
 
@@ -27,15 +27,15 @@ def test_centre_crop_to_square_before_downscaling():
     wide = np.zeros((100, 300, 3), np.uint8)
     wide[:, :, 2] = 255  # blue everywhere ...
     wide[:, 100:200] = (255, 0, 0)  # ... but a red centre square
-    out = to_cifar(Image.fromarray(wide)).astype(int)
+    out = to_square(Image.fromarray(wide)).astype(int)
     assert np.abs(out[:, 1:-1] - (255, 0, 0)).max() <= 2  # Lanczos rings slightly and reads past the edges
     assert (out[..., 0] > 200).all() and (out[..., 2] < 60).all()
 
 
 def test_transparency_becomes_white_and_grey_becomes_rgb():
     clear = Image.new("RGBA", (50, 50), (0, 0, 0, 0))
-    assert (to_cifar(clear) == 255).all()
-    grey = to_cifar(Image.new("L", (40, 40), 77))
+    assert (to_square(clear) == 255).all()
+    grey = to_square(Image.new("L", (40, 40), 77))
     assert (grey == 77).all() and grey.shape == (32, 32, 3)
 
 

@@ -91,7 +91,7 @@ def test_evaluate_with_tta_agrees_with_the_analysis(run_cli, smoke_copy, cifar, 
     analysis = json.loads((smoke_copy / "metrics.json").read_text())["analysis"]["tta"]
     recipe = preset("smoke")
     test = cifar[1]
-    index = balanced_sample(test.labels, recipe.tta_images, recipe.seed, test.source)
+    index = balanced_sample(test, recipe.tta_images, recipe.seed)
     assert analysis["sampled"] and analysis["images"] == len(index) == recipe.tta_images
     np.savez(tmp_path / "sample.npz", images=test.images[index], labels=test.labels[index])
     done = run_cli("evaluate", str(smoke_copy), "--tta", "--data", str(tmp_path / "sample.npz"))
@@ -104,21 +104,24 @@ def test_evaluate_with_tta_agrees_with_the_analysis(run_cli, smoke_copy, cifar, 
 def test_evaluate_on_a_folder_of_photos(run_cli, smoke_copy, tmp_path):
     photos = tmp_path / "my photos"
     shutil.copytree(PHOTOS, photos)
-    (photos / "zebra").mkdir()
+    (photos / "zebra").mkdir()  # a class the model does not know: its pictures cannot be scored
     (photos / "zebra" / "z.png").write_bytes((PHOTOS / "horse" / "horse.png").read_bytes())
+    done = run_cli("evaluate", str(smoke_copy), "--data", str(photos))
+    refused = f"error: {photos / 'zebra'}: not one of the model's classes (airplane"
+    assert done.returncode == 1 and refused in done.stderr
+    shutil.rmtree(photos / "zebra")
     (photos / "cat" / "broken.jpg").write_bytes((PHOTOS / "cat" / "chelsea.jpg").read_bytes()[:300])
     (photos / "notes.txt").write_text("not in a class folder")
     done = run_cli("evaluate", str(smoke_copy), "--data", str(photos))
     assert done.returncode == 0, done.stderr
     skipped = [line for line in done.stderr.splitlines() if line.startswith("skipped: ")]  # besides progress bars
-    assert len(skipped) == 3, done.stderr
-    assert any("zebra: not a CIFAR-10 class name" in s and "1 files skipped" in s for s in skipped)
+    assert len(skipped) == 2, done.stderr
     assert any("broken.jpg: truncated or corrupt image" in s for s in skipped)
     assert any("notes.txt: not inside a class folder" in s for s in skipped)
     counts = {c: len(list((PHOTOS / c).iterdir())) for c in CLASSES if (PHOTOS / c).is_dir()}
     out = smoke_copy / "evaluations" / "my photos"
     m = json.loads((out / "metrics.json").read_text())
-    assert m["test"]["n"] == sum(counts.values()) and len(m["skipped"]) == 3
+    assert m["test"]["n"] == sum(counts.values()) and len(m["skipped"]) == 2
     assert {c: m["test"]["per_class"][c]["support"] for c in counts} == counts
     reference = json.loads((smoke_copy / "metrics.json").read_text())["test"]["accuracy"]
     assert m["cifar10_test_accuracy"] == reference

@@ -53,8 +53,8 @@ def train(recipe, splits, pretrained) -> tuple[torch.nn.Module, dict, float]:
 
 def evaluation_sets(recipe, test, images: int, test_images: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Clean test images first, then each corruption x severity of the analysis' sample (a list of arrays)."""
-    clean = balanced_sample(test.labels, test_images, recipe.seed, test.source)
-    index = balanced_sample(test.labels, images, recipe.seed, test.source)
+    clean = balanced_sample(test, test_images, recipe.seed)
+    index = balanced_sample(test, images, recipe.seed)
     sets, labels = [test.images[clean]], [test.labels[clean]]
     for name in corruptions.BENCHMARK:
         for s in corruptions.SEVERITIES:

@@ -99,10 +99,12 @@ def run(
     progress: bool = True,
     download: bool = True,
     human_labels: str | Path | None = None,
+    data: str | Path | None = None,
 ) -> Run | None:
     """Train a recipe, evaluate it on the 10,000 test images, analyse its errors and write the report into
     `out` (default runs/<preset>-<time>; with `resume`, the interrupted run's folder; a folder holding another run
-    is refused unless `overwrite`). Under torchrun the
+    is refused unless `overwrite`). `data`: a folder of your own labelled pictures (one subfolder per class, or
+    train/ [val/] [test/] with class subfolders) instead of CIFAR-10. Under torchrun the
     processes other than rank 0 (which writes the folder) get None."""
     from .jobs.run import resolve_preset
     from .jobs.run import run as run_job
@@ -127,6 +129,7 @@ def run(
         download=download,
         human_labels=Path(human_labels) if human_labels else None,
         chosen_by=chosen_by,
+        data=data,
     )
     return None if metrics is None else Run(folder)
 

@@ -13,7 +13,6 @@ import sys
 import traceback
 from pathlib import Path
 
-from .data.cifar import CLASSES
 from .errors import CifarTransferError, ResourceError, check_temporary_folder, out_of_memory, require
 from .recipe import PRESETS
 from .runfolder import FolderRefused
@@ -88,7 +87,7 @@ def _whole_number(low: int, high: int):
     return parse
 
 
-_top = _whole_number(1, len(CLASSES))
+_top = _whole_number(1, 1000)  # at most the model's classes are shown
 
 
 def _device(text: str) -> str:
@@ -125,6 +124,13 @@ def _training_commands(sub, o: dict) -> None:
         "runs/<name>/ with metrics, figures and a report.",
     )
     _preset(r)
+    r.add_argument(
+        "--data",
+        metavar="FOLDER",
+        help="train on your own labelled pictures instead of CIFAR-10: one subfolder per class (split by the "
+        "recipe's val_fraction and test_fraction, default 10%% and 20%% of each class, seeded), or train/ with "
+        "optional val/ and test/, each with class subfolders; JPEG, PNG, WebP, BMP, TIFF or GIF",
+    )
     resuming = r.add_mutually_exclusive_group()
     resuming.add_argument(
         "--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint"
@@ -271,7 +277,7 @@ def _model_commands(sub, o: dict) -> None:
     )
     pr.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     pr.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
-    pr.add_argument("--top", type=_top, default=3, help=f"how many classes to show, 1-{len(CLASSES)} (default 3)")
+    pr.add_argument("--top", type=_top, default=3, help="how many classes to show, best first (default 3; at most all)")
     pr.add_argument("--json", action="store_true", help="print JSON for machines")
     pr.add_argument("--tta", action="store_true", help="average with the mirror image (flip test-time augmentation)")
     s = sub.add_parser(
@@ -347,6 +353,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         resume=bool(args.resume),
         overwrite=args.overwrite,
         human_labels=args.human_labels,
+        data=args.data,
         **_training_args(args),
     )
     if run is not None:  # under torchrun, rank 0 reports

@@ -45,6 +45,14 @@ class Recipe:
     # data
     train_size: int = 10_000
     val_size: int = 5_000
+    # a folder of the user's own pictures (run --data): each picture is stored as an image_size square, and a
+    # class folder without val/ or test/ gives these shares of its pictures to validation and test (seeded)
+    image_size: int = 64
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    # a folder with fewer training pictures than this has its epochs multiplied (rounded) so it takes about the
+    # optimiser steps the preset was tuned with (0: as many epochs as named); CIFAR-10 runs are not scaled
+    epoch_images: int = 0
     resolution: int = 32
     # "flip": horizontal flips only, which frozen-stage caching can serve (it caches each image and its mirror);
     # "crop+flip": random crops (reflect-padded by 4) as well, computed afresh every step
@@ -118,6 +126,8 @@ class Recipe:
             "train_size": (10, 50_000),
             "val_size": (0, 50_000),
             "resolution": (32, 1024),
+            "image_size": (8, 1024),
+            "epoch_images": (0, 1_000_000),
             # sizes that set memory or time are bounded, so a typo is refused here, not after loading data
             "batch_size": (1, 65_536),
             "eval_batch_size": (1, 65_536),
@@ -151,6 +161,11 @@ class Recipe:
         if self.train_size + self.val_size > 50_000:
             total = self.train_size + self.val_size
             raise RecipeError(f"train_size + val_size = {total}: CIFAR-10 has 50,000 training images")
+        for name in ("val_fraction", "test_fraction"):
+            if not 0 <= getattr(self, name) < 0.9:
+                raise RecipeError(f"recipe field {name}={shown(getattr(self, name))}: must be in [0, 0.9)")
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise RecipeError("recipe fields val_fraction + test_fraction must be below 0.9: training needs the rest")
         for name in ("dropout", "label_smoothing"):
             if not 0 <= getattr(self, name) < 1:
                 raise RecipeError(f"recipe field {name}={shown(getattr(self, name))}: must be in [0, 1)")
@@ -339,6 +354,7 @@ PRESETS: dict[str, dict] = {
         "finetune_epochs": 5,
         "finetune_from": "layer3.3",
         **SGD_FINETUNE,
+        "epoch_images": 10_000,  # a smaller folder of pictures gets as many optimiser steps as CIFAR-10's subsample
         "memory_format": "channels_last",
         "eval_batch_size": 32,
         # the error analysis at 128 px costs ~7 ms an image: sized to stay under 15% of the run (CIFAR-10-C: 15

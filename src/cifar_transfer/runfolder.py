@@ -32,7 +32,7 @@ RUN_FILES = ("recipe.json", "history.csv", "checkpoint.pt", "metrics.json", "mod
 OUTPUT_FILES = frozenset(
     {
         *RUN_FILES,
-        *("report.md", "report.html", "error.txt", "classification_report.txt", "analysis.json"),
+        *("report.md", "report.html", "error.txt", "classification_report.txt", "analysis.json", "splits.csv"),
         *("samples.png", "class_counts.png", "learning_curves.png", "confusion_matrix.png", "misclassified.png"),
         *("reliability.png", "human_vs_model.png", "clear_errors.png", "gradcam.png", "robustness.png"),
     }

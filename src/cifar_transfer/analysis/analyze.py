@@ -14,13 +14,18 @@ import torch
 import torch.nn.functional as F
 
 from ..data import corruptions
-from ..data.cifar import CLASSES, DataError, Dataset, balanced_indices
+from ..data.cifar import DataError, Dataset, balanced_indices
 from ..model.inference import logits_for
 from ..model.network import TransferNet
 from ..recipe import Recipe
 from . import attribution, robustness
 from .calibration import calibrate
 from .human import human_analysis, load_human
+
+NOT_CIFAR_SIZE = (
+    "CIFAR-10-C's corruptions are defined for CIFAR-10's 32 x 32 images and classes; this data is neither, and no "
+    "benchmark of corruptions at its size is built in"
+)
 
 
 @dataclass
@@ -79,7 +84,9 @@ def corruption_robustness(
     """CIFAR-10-C's corruptions on `images` class-balanced test images (`pred`: the clean predictions, if known)."""
     if (why := robustness.missing_dependency()) is not None:
         return {"skipped": why}
-    index = balanced_sample(test.labels, images, recipe.seed, test.source)
+    if not test.is_cifar10:
+        return {"skipped": NOT_CIFAR_SIZE}
+    index = balanced_sample(test, images, recipe.seed)
     return robustness.corruption_accuracy(
         lambda batch: logits_for(model, batch, recipe).argmax(1),
         test.images[index],
@@ -92,7 +99,7 @@ def corruption_robustness(
 
 def _flip_tta(model: TransferNet, recipe: Recipe, test: Dataset, test_logits: np.ndarray) -> dict:
     """Accuracy with and without flip test-time augmentation on `tta_images` class-balanced test images."""
-    tta = balanced_sample(test.labels, recipe.tta_images, recipe.seed, test.source)
+    tta = balanced_sample(test, recipe.tta_images, recipe.seed)
     flipped = logits_for(model, test.images[tta], recipe, flip=True)
     both = torch.from_numpy(test_logits[tta]).softmax(1) + torch.from_numpy(flipped).softmax(1)
     plain = float((test_logits[tta].argmax(1) == test.labels[tta]).mean())
@@ -106,15 +113,19 @@ def _flip_tta(model: TransferNet, recipe: Recipe, test: Dataset, test_logits: np
     }
 
 
-def balanced_sample(labels: np.ndarray, n: int, seed: int, name: str) -> np.ndarray:
+def balanced_sample(data: Dataset, n: int, seed: int) -> np.ndarray:
     """Sorted indices of about `n` class-balanced images (all of them when `n` covers the set)."""
-    if n >= len(labels):
-        return np.arange(len(labels))
-    per_class = min(max(n // len(CLASSES), 1), int(np.bincount(labels).min()))
-    return np.sort(balanced_indices(labels, per_class, np.random.default_rng(seed), name))
+    if n >= len(data):
+        return np.arange(len(data))
+    counts = np.bincount(data.labels, minlength=len(data.classes))
+    per_class = min(max(n // len(data.classes), 1), int(counts.min()))
+    rng = np.random.default_rng(seed)
+    return np.sort(balanced_indices(data.labels, per_class, rng, data.source, data.classes))
 
 
 def _human(human_dir: Path | None, test: Dataset, pred: np.ndarray, losses: np.ndarray) -> dict:
+    if not test.is_cifar10:
+        return {"skipped": "CIFAR-10H labels CIFAR-10's test set; this test set is another"}
     if human_dir is None:
         return {"skipped": "no CIFAR-10H folder given (--human-labels DIR or $CIFAR_TRANSFER_HUMAN_LABELS)"}
     try:
@@ -140,7 +151,8 @@ def _attribution(
     }
     worst = wrong[np.argsort(-losses[wrong], kind="stable")][:16]
     maps = attribution.grad_cam(model, test.images[worst], pred[worst])
-    rows = [{"index": i, "true": CLASSES[test.labels[w]], "predicted": CLASSES[pred[w]]} for i, w in enumerate(worst)]
+    names = test.classes
+    rows = [{"index": i, "true": names[test.labels[w]], "predicted": names[pred[w]]} for i, w in enumerate(worst)]
     result = {
         "layer": attribution.target_layer(model)[0],
         "images_per_group": k,

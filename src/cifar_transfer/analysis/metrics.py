@@ -13,14 +13,16 @@ from ..data.cifar import CLASSES
 LEAKAGE_PAIRS = (("cat", "dog"), ("automobile", "truck"), ("bird", "airplane"), ("deer", "horse"))
 
 
-def score_predictions(logits: np.ndarray, labels: np.ndarray, top_k: int = 24) -> dict:
+def score_predictions(
+    logits: np.ndarray, labels: np.ndarray, classes: tuple[str, ...] = CLASSES, top_k: int = 24
+) -> dict:
     """Every test-set number the report shows, JSON-ready."""
     logits_t = torch.from_numpy(logits).float()
     labels_t = torch.from_numpy(labels).long()
     losses = F.cross_entropy(logits_t, labels_t, reduction="none").numpy()
     probs = logits_t.softmax(1).numpy()
     pred = probs.argmax(1)
-    ks = list(range(len(CLASSES)))
+    ks = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(labels, pred, labels=ks, zero_division=0)
     cm = confusion_matrix(labels, pred, labels=ks)
     cm_norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
@@ -38,18 +40,18 @@ def score_predictions(logits: np.ndarray, labels: np.ndarray, top_k: int = 24) -
                 "f1": float(f1[i]),
                 "support": int(support[i]),
             }
-            for i, c in enumerate(CLASSES)
+            for i, c in enumerate(classes)
         },
         "macro_f1": float(f1[support > 0].mean()),  # over the classes present (a photo set may lack some)
         "confusion": cm.tolist(),
         "confusion_normalised": cm_norm.round(6).tolist(),
-        "leakage": leakage(cm),
-        "most_confused": most_confused(cm),
+        "leakage": leakage(cm, classes),
+        "most_confused": most_confused(cm, classes),
         "misclassified": [
             {
                 "index": int(i),
-                "true": CLASSES[labels[i]],
-                "predicted": CLASSES[pred[i]],
+                "true": classes[labels[i]],
+                "predicted": classes[pred[i]],
                 "confidence": float(probs[i, pred[i]]),
                 "true_probability": float(probs[i, labels[i]]),
                 "loss": float(losses[i]),
@@ -57,17 +59,22 @@ def score_predictions(logits: np.ndarray, labels: np.ndarray, top_k: int = 24) -
             for i in worst
         ],
         "classification_report": classification_report(
-            labels, pred, labels=ks, target_names=list(CLASSES), digits=4, zero_division=0
+            labels, pred, labels=ks, target_names=list(classes), digits=4, zero_division=0
         ),
     }
 
 
-def leakage(cm: np.ndarray) -> list[dict]:
-    """For each look-alike pair (a, b): the share of a predicted as b and of b predicted as a."""
+def leakage(cm: np.ndarray, classes: tuple[str, ...] = CLASSES) -> list[dict]:
+    """For each look-alike pair (a, b): the share of a predicted as b and of b predicted as a. The pairs are the
+    original report's four for CIFAR-10, and this data's four most-confused pairs for any other classes."""
     rows = cm.sum(1)
     out = []
-    for a, b in LEAKAGE_PAIRS:
-        i, j = CLASSES.index(a), CLASSES.index(b)
+    if classes == CLASSES:
+        pairs = [(CLASSES.index(a), CLASSES.index(b)) for a, b in LEAKAGE_PAIRS]
+    else:
+        pairs = [(classes.index(p["a"]), classes.index(p["b"])) for p in most_confused(cm, classes, k=4)]
+    for i, j in pairs:
+        a, b = classes[i], classes[j]
         out.append(
             {
                 "a": a,
@@ -81,12 +88,12 @@ def leakage(cm: np.ndarray) -> list[dict]:
     return out
 
 
-def most_confused(cm: np.ndarray, k: int = 5) -> list[dict]:
+def most_confused(cm: np.ndarray, classes: tuple[str, ...] = CLASSES, k: int = 5) -> list[dict]:
     """The k unordered class pairs with the most errors between them (both directions counted)."""
     n = len(cm)
     pairs = [(int(cm[i, j] + cm[j, i]), i, j) for i in range(n) for j in range(i + 1, n)]
     pairs.sort(key=lambda t: (-t[0], t[1], t[2]))
     return [
-        {"a": CLASSES[i], "b": CLASSES[j], "errors": total, "a_as_b": int(cm[i, j]), "b_as_a": int(cm[j, i])}
+        {"a": classes[i], "b": classes[j], "errors": total, "a_as_b": int(cm[i, j]), "b_as_a": int(cm[j, i])}
         for total, i, j in pairs[:k]
     ]

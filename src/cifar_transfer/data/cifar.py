@@ -35,15 +35,27 @@ class DataError(CifarTransferError):
 
 @dataclass(frozen=True)
 class Dataset:
-    images: np.ndarray  # N x 32 x 32 x 3, uint8, RGB
-    labels: np.ndarray  # N, int64 in 0..9
+    images: np.ndarray  # N x S x S x 3, uint8, RGB (S = 32 for CIFAR-10)
+    labels: np.ndarray  # N, int64 indices into `classes`
     source: str
+    classes: tuple[str, ...] = CLASSES
+    files: tuple[str, ...] | None = None  # each image's file, for data read from a folder
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def take(self, index: np.ndarray) -> Dataset:
-        return Dataset(self.images[index], self.labels[index], self.source)
+        files = None if self.files is None else tuple(self.files[i] for i in np.asarray(index).tolist())
+        return Dataset(self.images[index], self.labels[index], self.source, self.classes, files)
+
+    @property
+    def is_cifar10(self) -> bool:
+        """CIFAR-10 itself, or a set in its classes and size: what CIFAR-10H and CIFAR-10-C are made for."""
+        return self.classes == CLASSES and self.images.shape[1:] == (32, 32, 3)
+
+    def name_of(self, i: int) -> str:
+        """How a report names image `i`: its file where it has one, else its index."""
+        return self.files[i] if self.files is not None else str(i)
 
 
 @dataclass(frozen=True)
@@ -290,12 +302,14 @@ def load_test_set(path: str | Path) -> Dataset:
     return read_source(source)[1]
 
 
-def balanced_indices(labels: np.ndarray, per_class: int, rng: np.random.Generator, name: str) -> np.ndarray:
+def balanced_indices(
+    labels: np.ndarray, per_class: int, rng: np.random.Generator, name: str, classes: tuple[str, ...] = CLASSES
+) -> np.ndarray:
     picks = []
-    for c in range(len(CLASSES)):
+    for c in range(len(classes)):
         rows = np.flatnonzero(labels == c)
         if len(rows) < per_class:
-            raise DataError(f"{name}: class {CLASSES[c]} has {len(rows)} images, {per_class} needed")
+            raise DataError(f"{name}: class {classes[c]} has {len(rows)} images, {per_class} needed")
         picks.append(rng.choice(rows, per_class, replace=False))
     index = np.concatenate(picks)
     rng.shuffle(index)

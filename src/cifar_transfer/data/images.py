@@ -1,8 +1,9 @@
-"""Images in: bring any image to 32x32 RGB the way CIFAR-10 images were made, and read folders of photos.
+"""Images in: bring any image to a square RGB array the way CIFAR-10 images were made, and read folders of photos.
 
 CIFAR-10 images are small, roughly centred photos scaled down to 32x32. An input image is therefore:
 EXIF-rotated; made RGB (transparency composited onto white, greyscale replicated to three channels);
-centre-cropped to a square; and downscaled to 32x32 with Lanczos resampling, which is antialiased.
+centre-cropped to a square; and resized to the stored size (32 for CIFAR-10; a folder run's recipe names its
+own) with Lanczos resampling, which is antialiased.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..errors import CifarTransferError
 from .cifar import CLASSES, DataError, Dataset, check_readable_folder
 
-SIZE = 32
-# Decoded pixels: far more than a 32x32 classifier needs, and the bound on what one decode can cost (a
+SIZE = 32  # CIFAR-10's
+# Decoded pixels: far more than a small classifier needs, and the bound on what one decode can cost (a
 # 16-megapixel RGBA image is 64 MB). JPEGs are decoded at a reduced scale (see `open_image`), so a larger photo
 # still passes if its reduced decode fits.
 MAX_PIXELS = 16_000_000
-DRAFT = 4 * SIZE  # JPEG decoding stops at the smallest scale that keeps at least this many pixels a side
+DRAFT = 4  # JPEG decoding stops at the smallest scale that keeps at least this many times the stored size a side
 MAX_FILE_BYTES = 100_000_000  # an image file larger than this is refused unread (/dev/zero would never end)
 
 
@@ -35,8 +36,8 @@ class ImageError(CifarTransferError, ValueError):
     """The bytes are not an image this tool can read; the message says why."""
 
 
-def to_cifar(image: Image.Image) -> np.ndarray:
-    """Any PIL image -> 32 x 32 x 3 uint8 RGB, as described in the module docstring.
+def to_square(image: Image.Image, size: int = SIZE) -> np.ndarray:
+    """Any PIL image -> size x size x 3 uint8 RGB, as described in the module docstring.
 
     Cropped and resized before anything else, so no full-size copy is made: Pillow resizes RGBA with
     premultiplied alpha, so compositing onto white afterwards equals compositing first."""
@@ -45,7 +46,7 @@ def to_cifar(image: Image.Image) -> np.ndarray:
         image = image.convert("RGBA")
     elif image.mode not in ("RGB", "RGBA", "L"):
         image = image.convert("RGB")
-    image = ImageOps.fit(image, (SIZE, SIZE), method=Image.Resampling.LANCZOS)
+    image = ImageOps.fit(image, (size, size), method=Image.Resampling.LANCZOS)
     if image.mode == "RGBA":
         white = Image.new("RGB", image.size, (255, 255, 255))
         white.paste(image, mask=image.getchannel("A"))
@@ -70,13 +71,13 @@ def _image_errors(name: str) -> Iterator[None]:
         raise ImageError(f"{name}: truncated or corrupt image ({e or type(e).__name__})") from None
 
 
-def open_image(data: bytes, name: str = "image") -> Image.Image:
+def open_image(data: bytes, name: str = "image", size: int = SIZE) -> Image.Image:
     """Read only the header: refuse what is too large to decode, and ask JPEG for a reduced-scale decode."""
     if not data:
         raise ImageError(f"{name}: empty (0 bytes)")
     with _image_errors(name):
         image = Image.open(io.BytesIO(data))
-        image.draft("RGB", (DRAFT, DRAFT))  # JPEG: decode at 1/2, 1/4 or 1/8 scale; other formats ignore it
+        image.draft("RGB", (DRAFT * size, DRAFT * size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale; others ignore it
         if image.width * image.height > MAX_PIXELS:
             raise ImageError(f"{name}: {image.width}x{image.height} pixels is over the limit of {MAX_PIXELS:,}")
         return image
@@ -95,16 +96,17 @@ def eight_bit(image: Image.Image, name: str = "image") -> Image.Image:
     return image
 
 
-def decode(image: Image.Image, name: str = "image") -> np.ndarray:
-    """Decode an image `open_image` returned and convert it with `to_cifar`."""
+def decode(image: Image.Image, name: str = "image", size: int = SIZE) -> np.ndarray:
+    """Decode an image `open_image` returned and convert it with `to_square`."""
     with _image_errors(name), image:
+        image.seek(0)  # an animated GIF or WebP: its first frame
         image.load()
-        return to_cifar(eight_bit(image, name))
+        return to_square(eight_bit(image, name), size)
 
 
-def read_image(data: bytes, name: str = "image") -> np.ndarray:
-    """Image bytes -> 32 x 32 x 3 uint8 RGB, safely (Pillow's decompression-bomb limit made strict)."""
-    return decode(open_image(data, name), name)
+def read_image(data: bytes, name: str = "image", size: int = SIZE) -> np.ndarray:
+    """Image bytes -> size x size x 3 uint8 RGB, safely (Pillow's decompression-bomb limit made strict)."""
+    return decode(open_image(data, name, size), name, size)
 
 
 def read_file(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
@@ -132,9 +134,10 @@ def read_file(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     return data
 
 
-def read_image_file(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> np.ndarray:
-    """An image file -> 32 x 32 x 3 uint8 RGB; anything that is not a readable image is an ImageError naming it."""
-    return read_image(read_file(path, max_bytes), str(path))
+def read_image_file(path: str | Path, size: int = SIZE, max_bytes: int = MAX_FILE_BYTES) -> np.ndarray:
+    """An image file -> size x size x 3 uint8 RGB; anything that is not a readable image is an ImageError naming
+    it."""
+    return read_image(read_file(path, max_bytes), str(path), size)
 
 
 def _class_files(folder: Path, skipped: list[str]) -> list[Path]:
@@ -154,31 +157,38 @@ def _class_files(folder: Path, skipped: list[str]) -> list[Path]:
     return files
 
 
-def read_image_folder(folder: Path) -> tuple[Dataset, list[str], list[str]]:
-    """A folder with one subfolder per CIFAR-10 class name (torchvision's ImageFolder layout), each image prepared
-    as `predict` prepares it. Returns the dataset, each image's path, and one line per thing skipped (a folder
-    that is not a class name, a file outside the class folders, anything that is not a readable image)."""
+def read_image_folder(folder: Path, classes: tuple[str, ...] = CLASSES, size: int = SIZE) -> tuple[Dataset, list[str]]:
+    """A folder with one subfolder per class of the model (torchvision's ImageFolder layout; CIFAR-10's names
+    match in any case), each image prepared as `predict` prepares it. Returns the dataset (with each image's
+    file) and one line per thing skipped (a file outside the class folders, anything that is not a readable
+    image). A subfolder that is not one of the model's classes is an error naming it: its pictures would
+    otherwise be silently left out of the accuracy."""
     folder = Path(folder)
     check_readable_folder(folder)
+    lookup = {c.lower() if classes == CLASSES else c: i for i, c in enumerate(classes)}
     images, labels, paths, skipped = [], [], [], []
     for entry in sorted(p for p in folder.iterdir() if not p.name.startswith(".")):
         if not entry.is_dir():
             skipped.append(f"{entry}: not inside a class folder; skipped")
             continue
-        if entry.name.lower() not in CLASSES:
-            files = sum(1 for p in entry.rglob("*") if p.is_file())
-            skipped.append(f"{entry}: not a CIFAR-10 class name ({', '.join(CLASSES)}); its {files} files skipped")
-            continue
+        label = lookup.get(entry.name.lower() if classes == CLASSES else entry.name)
+        if label is None:
+            raise DataError(f"{entry}: not one of the model's classes ({_shown(classes)})")
         for f in _class_files(entry, skipped):
             try:
-                images.append(read_image_file(f))
+                images.append(read_image_file(f, size))
             except ImageError as e:
                 skipped.append(f"{e}; skipped")
                 continue
-            labels.append(CLASSES.index(entry.name.lower()))
+            labels.append(label)
             paths.append(str(f))
     if not images:
         raise DataError(
-            f"{folder}: no readable images in subfolders named after CIFAR-10 classes ({', '.join(CLASSES)})"
+            f"{folder}: no readable images in subfolders named after the model's classes ({_shown(classes)})"
         )
-    return Dataset(np.stack(images), np.array(labels, dtype=np.int64), str(folder)), paths, skipped
+    data = Dataset(np.stack(images), np.array(labels, dtype=np.int64), str(folder), classes, tuple(paths))
+    return data, skipped
+
+
+def _shown(classes: tuple[str, ...]) -> str:
+    return ", ".join(classes[:12]) + (f", ... ({len(classes)} in all)" if len(classes) > 12 else "")

@@ -42,9 +42,9 @@ def evaluate(
     if data and Path(data).is_dir() and corruptions.is_official_folder(Path(data)):
         atomic.check_writable(out)
         return _evaluate_cifar10c(for_inference(model, recipe, dev), recipe, Path(data), out, run_dir), out
-    paths, skipped = None, []
+    skipped = []
     if data and Path(data).is_dir() and find_source(Path(data)) is None:  # photos, one folder per class
-        test, paths, skipped = read_image_folder(Path(data))
+        test, skipped = read_image_folder(Path(data), model.classes, model.image_size)
     else:
         test = load_test_set(data) if data else load_cifar10(None, allow_download=download)[1]
     atomic.check_writable(out)
@@ -57,8 +57,6 @@ def evaluate(
     )
     seconds = time.perf_counter() - t0
     result = report.write_test_results(logits, test, out)
-    for row in result["misclassified"] if paths is not None else []:
-        row["file"] = paths[row["index"]]
     trained = run_dir / "metrics.json"
     reference = json.loads(trained.read_text())["test"]["accuracy"] if trained.is_file() and data else None
     metrics = {

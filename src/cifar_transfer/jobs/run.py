@@ -4,7 +4,9 @@ with, analyse its errors and write the report. Also `repeat` (several seeds) and
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
+import io
 import os
 import shlex
 import sys
@@ -18,6 +20,7 @@ import torch
 from .. import atomic
 from ..analysis.calibration import shipped_temperature
 from ..data.cifar import Dataset, Splits, load_cifar10, split
+from ..data.folder import FolderData, read_labelled_folder
 from ..machine import default_weights, environment, peak_rss_gib
 from ..model.inference import computes_in_bf16, logits_for
 from ..model.network import TransferNet, folded, pick_device, save_model
@@ -53,8 +56,12 @@ def run(
     download: bool = True,
     human_labels: Path | None = None,
     chosen_by: str | None = None,
+    data: str | Path | None = None,
 ) -> dict | None:
     """Train and evaluate one recipe; write everything into `out`; return metrics.json's content.
+
+    `data`: a folder of the user's own labelled pictures (data.folder) instead of CIFAR-10; its split is written
+    to splits.csv.
 
     `weights`: None means the default (on resume: the weights the run was started from). `chosen_by` says why
     this recipe was run (e.g. `--preset auto`); the report repeats it. Under torchrun every process trains and
@@ -67,12 +74,14 @@ def run(
         state = _resume_state(out) if resume else None
         recipe = Recipe.from_dict(state["recipe"]) if state else recipe
         pretrained, network = _pretrained(weights, state, out)
-        train_full, test = load_cifar10(data_dir, allow_download=download)
-        splits = split(train_full, test, recipe.train_size, recipe.val_size, recipe.seed)
+        splits, source, notes = _data(recipe, data, data_dir, download, progress and world.main)
+        if state is None and data is not None:  # CIFAR-10's presets are sized for it already
+            recipe = scaled_epochs(recipe, len(splits.train))
         if world.main:
             if overwrite:  # the old run goes only once the new one's weights and data have loaded
                 clear_run(out)
             figures.data_figures(splits, out, recipe.seed)
+            _write_splits(out, notes)
         trained = {"resume_state": state, "progress": progress, "meta": {"network": network}, "world": world}
         model, history, train_s = train_to_folder(recipe, out, splits, pretrained, dev, **trained)
         timings = {
@@ -85,9 +94,9 @@ def run(
         if not world.main:
             return None
         metrics = {
-            "run": _run_facts(out, recipe, train_full.source, pretrained.source, resume, chosen_by, dev, world),
+            "run": _run_facts(out, recipe, source, pretrained.source, resume, chosen_by, dev, world),
             "timings": timings,
-            "data": {"counts": {name: figures.counts(ds) for name, ds in _named_sets(splits)}},
+            "data": _data_facts(splits, recipe, data, notes),
             "final_epoch": history[-1] if history else {},
             "shipped": shipped_epoch(history, recipe),
             **_ship(model, recipe, splits, logits, val_logits, out, timings),
@@ -98,6 +107,62 @@ def run(
         metrics["peak_rss_gib"] = peak_rss_gib()
         _finish(out, metrics, history, recipe)
         return metrics
+
+
+def _data(
+    recipe: Recipe, data: str | Path | None, data_dir: str | None, download: bool, progress: bool
+) -> tuple[Splits, str, FolderData | None]:
+    """The run's splits and where they came from: a folder of pictures, else CIFAR-10's class-balanced
+    subsample."""
+    if data is not None:
+        folder = read_labelled_folder(
+            Path(data), recipe.image_size, recipe.val_fraction, recipe.test_fraction, recipe.seed, progress
+        )
+        for line in folder.skipped:
+            print(f"skipped: {line}", file=sys.stderr)
+        return folder.splits, str(data), folder
+    train_full, test = load_cifar10(data_dir, allow_download=download)
+    return split(train_full, test, recipe.train_size, recipe.val_size, recipe.seed), train_full.source, None
+
+
+def scaled_epochs(recipe: Recipe, train_images: int) -> Recipe:
+    """The recipe with its epochs multiplied for a training set smaller than `epoch_images`, so that it takes the
+    optimiser steps the preset was tuned with (the frozen steps are still computed once); recipe.json keeps the
+    epochs actually run."""
+    times = round(recipe.epoch_images / train_images) if recipe.epoch_images else 1
+    if times <= 1:
+        return recipe
+    return dataclasses.replace(
+        recipe,
+        head_epochs=recipe.head_epochs * times,
+        finetune_epochs=recipe.finetune_epochs * times,
+        warmup_epochs=recipe.warmup_epochs * times,
+    )
+
+
+def _write_splits(out: Path, folder: FolderData | None) -> None:
+    """splits.csv: which picture went to which set, for anyone to see and reproduce."""
+    if folder is None:
+        return
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["file", "split", "label"])
+    writer.writerows(folder.rows())
+    atomic.write_text(out / "splits.csv", buf.getvalue())
+
+
+def _data_facts(splits: Splits, recipe: Recipe, data: str | Path | None, folder: FolderData | None) -> dict:
+    """What metrics.json (and the report's data section) says of the data."""
+    facts = {
+        "counts": {name: figures.counts(ds) for name, ds in _named_sets(splits)},
+        "classes": list(splits.train.classes),
+        "image_size": int(splits.train.images.shape[1]),
+        "kind": "folder" if data is not None else "cifar10",
+    }
+    if folder is not None:
+        facts |= {"skipped": folder.skipped, "duplicates": [list(p) for p in folder.duplicates]}
+        facts["fractions"] = {"validation": recipe.val_fraction, "test": recipe.test_fraction}
+    return facts
 
 
 def _start(out: Path, device: str, world: World) -> torch.device:

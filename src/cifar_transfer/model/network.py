@@ -1,8 +1,9 @@
 """The network: torchvision's ResNet-50 with ImageNet weights, a small head, and the input preprocessing.
 
-The model takes float RGB images in [0, 1] at 32 x 32 (N x 3 x 32 x 32). Inside it they are normalised with
-the weights' own mean/std and, when the recipe's resolution is above 32, upsampled bilinearly — so the saved
-model, `predict`, the service and an ONNX export all share one definition of preprocessing.
+The model takes float RGB images in [0, 1] at its stored size (N x 3 x S x S; S = 32 for CIFAR-10). Inside it they
+are normalised with the weights' own mean/std and resized bilinearly to the recipe's resolution — so the saved
+model, `predict`, the service and an ONNX export all share one definition of preprocessing. The model knows its
+class names and stored size, and they travel in model.safetensors' metadata.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..recipe import STEPS, Recipe, step_name
 from .weights import Pretrained, WeightsError, read_safetensors
 
 FEATURES = 2048
+MAX_CLASSES = 1000
 
 
 class DeviceError(CifarTransferError):
@@ -33,11 +35,20 @@ class DeviceError(CifarTransferError):
 
 
 class TransferNet(nn.Module):
-    """Normalise -> (upsample) -> ResNet-50 features -> head (2048 -> hidden... -> 10)."""
+    """Normalise -> (resize) -> ResNet-50 features -> head (2048 -> hidden... -> one logit per class)."""
 
-    def __init__(self, recipe: Recipe, mean: tuple[float, ...], std: tuple[float, ...], stride_in_1x1: bool):
+    def __init__(
+        self,
+        recipe: Recipe,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        stride_in_1x1: bool,
+        classes: tuple[str, ...] = CLASSES,
+        image_size: int = 32,
+    ):
         super().__init__()
         self.resolution = recipe.resolution
+        self.classes, self.image_size = tuple(classes), image_size
         self.stride_in_1x1 = stride_in_1x1
         # fitted on the validation split after training: probabilities are softmax(logits / temperature)
         self.temperature: float | None = None
@@ -53,7 +64,7 @@ class TransferNet(nn.Module):
             if recipe.dropout:
                 layers.append(nn.Dropout(recipe.dropout))
             width = hidden
-        layers.append(nn.Linear(width, len(CLASSES)))
+        layers.append(nn.Linear(width, len(self.classes)))
         self.head = nn.Sequential(*layers)
 
     def step(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -131,9 +142,12 @@ def _resnet50(stride_in_1x1: bool) -> ResNet:
     return net
 
 
-def build_model(recipe: Recipe, pretrained: Pretrained) -> TransferNet:
-    """A TransferNet with the pretrained base and a freshly initialised head (seeded by the caller)."""
-    model = TransferNet(recipe, pretrained.mean, pretrained.std, pretrained.stride_in_1x1)
+def build_model(
+    recipe: Recipe, pretrained: Pretrained, classes: tuple[str, ...] = CLASSES, image_size: int = 32
+) -> TransferNet:
+    """A TransferNet with the pretrained base and a freshly initialised head (seeded by the caller) for `classes`,
+    taking images stored at `image_size`."""
+    model = TransferNet(recipe, pretrained.mean, pretrained.std, pretrained.stride_in_1x1, classes, image_size)
     model.backbone.load_state_dict(pretrained.state_dict, strict=True)
     return model
 
@@ -174,10 +188,12 @@ def save_model(model: TransferNet, recipe: Recipe, path: Path) -> Path:
     meta = {
         "format": "cifar-transfer/1",
         "recipe": recipe.dumps(),
-        "classes": json.dumps(CLASSES),
+        "classes": json.dumps(model.classes),
+        "image_size": json.dumps(model.image_size),
         "stride_in_1x1": json.dumps(model.stride_in_1x1),
         "temperature": json.dumps(model.temperature),
-        "input": "float32 RGB in [0, 1], N x 3 x 32 x 32; normalised (mean/std buffers) and resized inside",
+        "input": f"float32 RGB in [0, 1], N x 3 x {model.image_size} x {model.image_size} (centre-cropped to a square "
+        "and resized with Lanczos); normalised (mean/std buffers) and resized to the recipe's resolution inside",
     }
     return atomic.write_bytes(path, save(sd, metadata=meta))
 
@@ -188,13 +204,27 @@ def load_model(path: Path) -> tuple[TransferNet, Recipe]:
     if meta.get("format") != "cifar-transfer/1":
         raise WeightsError(f"{path}: not a model saved by cifar-transfer (metadata format={meta.get('format')!r})")
     recipe = Recipe.from_dict(_metadata_json(meta, "recipe", dict, path))
-    model = TransferNet(recipe, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), _metadata_json(meta, "stride_in_1x1", bool, path))
+    classes, image_size = _classes_and_size(meta, path)
+    stride_in_1x1 = _metadata_json(meta, "stride_in_1x1", bool, path)
+    model = TransferNet(recipe, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), stride_in_1x1, classes, image_size)
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         raise WeightsError(f"{path}: does not match the recipe's model ({e})") from None
     model.temperature = _temperature(meta.get("temperature", "null"), path)  # older models have none
     return model.eval(), recipe
+
+
+def _classes_and_size(meta: dict[str, str], path: Path) -> tuple[tuple[str, ...], int]:
+    """The class names and stored image size a model was trained with (models saved before they were kept:
+    CIFAR-10's)."""
+    classes = _metadata_json(meta, "classes", list, path) if "classes" in meta else list(CLASSES)
+    if not 2 <= len(classes) <= MAX_CLASSES or not all(isinstance(c, str) and c for c in classes):
+        raise WeightsError(f"{path}: metadata 'classes' must be 2 to {MAX_CLASSES:,} names")
+    size = _metadata_json(meta, "image_size", int, path) if "image_size" in meta else 32
+    if not 8 <= size <= 1024:
+        raise WeightsError(f"{path}: metadata image_size={size}: must be in [8, 1024]")
+    return tuple(classes), size
 
 
 def _metadata_json(meta: dict[str, str], key: str, kind: type, path: Path) -> object:

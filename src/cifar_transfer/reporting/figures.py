@@ -27,10 +27,14 @@ def save(fig: Figure, path: Path) -> Path:
     return atomic.write_bytes(path, buf.getvalue())
 
 
+MAX_ROWS = 20  # a sample grid shows at most this many classes (a row each), so 100 classes still fit a page
+
+
 def sample_grid(ds: Dataset, path: Path, per_class: int = 10, seed: int = 0) -> Path:
-    """One labelled row of random images per class."""
+    """One labelled row of random images per class (the first MAX_ROWS classes)."""
     rng = np.random.default_rng(seed)
-    fig, axes = plt.subplots(len(CLASSES), per_class, figsize=(per_class * 0.8, len(CLASSES) * 0.85))
+    shown = min(len(ds.classes), MAX_ROWS)
+    fig, axes = plt.subplots(shown, per_class, figsize=(per_class * 0.8, shown * 0.85), squeeze=False)
     for c, row in enumerate(axes):
         rows = np.flatnonzero(ds.labels == c)
         picks = rng.choice(rows, min(per_class, len(rows)), replace=False)
@@ -40,19 +44,20 @@ def sample_grid(ds: Dataset, path: Path, per_class: int = 10, seed: int = 0) -> 
             ax.spines[:].set_visible(False)
         for ax, i in zip(row, picks):
             ax.imshow(ds.images[i], interpolation="nearest")
-        row[0].set_ylabel(CLASSES[c], rotation=0, ha="right", va="center", fontsize=9)
-    fig.suptitle("Random training images, one row per class", fontsize=10)
+        row[0].set_ylabel(ds.classes[c], rotation=0, ha="right", va="center", fontsize=9)
+    more = f" (the first {shown} of {len(ds.classes)} classes)" if shown < len(ds.classes) else ""
+    fig.suptitle(f"Random training images, one row per class{more}", fontsize=10)
     return save(fig, path)
 
 
-def class_counts(counts: dict[str, list[int]], path: Path) -> Path:
+def class_counts(counts: dict[str, list[int]], classes: tuple[str, ...], path: Path) -> Path:
     """Images per class in each split, as grouped bars."""
-    fig, ax = plt.subplots(figsize=(9, 3.2))
+    fig, ax = plt.subplots(figsize=(max(9, 0.25 * len(classes)), 3.2))
     width = 0.8 / len(counts)
-    x = np.arange(len(CLASSES))
+    x = np.arange(len(classes))
     for k, (split, values) in enumerate(counts.items()):
         ax.bar(x + (k - (len(counts) - 1) / 2) * width, values, width, label=f"{split} ({sum(values):,})")
-    ax.set_xticks(x, CLASSES, rotation=30)
+    ax.set_xticks(x, classes, rotation=30 if len(classes) <= 20 else 90, fontsize=8 if len(classes) <= 20 else 6)
     ax.set_ylabel("images")
     ax.set_title("Images per class")
     ax.legend()
@@ -119,23 +124,36 @@ def lr_find(result: dict, path: Path) -> Path:
     return save(fig, path)
 
 
-def confusion(cm: list[list[int]], path: Path) -> Path:
+def confusion(cm: list[list[int]], classes: tuple[str, ...], path: Path) -> Path:
     """Counts and row-normalised confusion matrices side by side."""
     counts = np.asarray(cm)
     norm = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.4))
+    side = max(5.4, 0.16 * len(classes))
+    fig, axes = plt.subplots(1, 2, figsize=(2.4 * side, side))
     for ax, m, title, fmt in ((axes[0], counts, "counts", "d"), (axes[1], norm, "share of each true class", ".2f")):
-        class_matrix(ax, norm, m, fmt, "Blues", "predicted", f"Confusion matrix ({title})")
+        class_matrix(ax, norm, m, fmt, "Blues", "predicted", f"Confusion matrix ({title})", classes)
     return save(fig, path)
 
 
+ANNOTATED = 20  # class heat maps write each cell's value up to this many classes; beyond, colour alone
+
+
 def class_matrix(
-    ax: plt.Axes, shade: np.ndarray, values: np.ndarray, fmt: str, cmap: str, xlabel: str, title: str
+    ax: plt.Axes,
+    shade: np.ndarray,
+    values: np.ndarray,
+    fmt: str,
+    cmap: str,
+    xlabel: str,
+    title: str,
+    classes: tuple[str, ...] = CLASSES,
 ) -> None:
-    """A 10 x 10 class heat map, coloured by `shade` (in [0, 1]) and annotated with `values`."""
+    """A class x class heat map, coloured by `shade` (in [0, 1]) and annotated with `values` (up to ANNOTATED
+    classes)."""
     ax.imshow(shade, cmap=cmap, vmin=0, vmax=1)
-    for i in range(len(CLASSES)):
-        for j in range(len(CLASSES)):
+    n = len(classes) if len(classes) <= ANNOTATED else 0
+    for i in range(n):
+        for j in range(n):
             ax.text(
                 j,
                 i,
@@ -145,8 +163,11 @@ def class_matrix(
                 fontsize=7,
                 color="white" if shade[i, j] > 0.5 else "black",
             )
-    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(CLASSES)), CLASSES, fontsize=8)
+    size = 8 if len(classes) <= ANNOTATED else 5
+    ax.set_xticks(
+        range(len(classes)), classes, rotation=45 if len(classes) <= ANNOTATED else 90, ha="right", fontsize=size
+    )
+    ax.set_yticks(range(len(classes)), classes, fontsize=size)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=10)
@@ -235,13 +256,14 @@ def data_figures(splits: Splits, out: Path, seed: int = 0) -> None:
     sample_grid(splits.train, out / "samples.png", seed=seed)
     class_counts(
         {"train": counts(splits.train), "validation": counts(splits.val), "test": counts(splits.test)},
+        splits.train.classes,
         out / "class_counts.png",
     )
 
 
 def counts(ds: Dataset) -> list[int]:
     """Images per class."""
-    return np.bincount(ds.labels, minlength=len(CLASSES)).tolist()
+    return np.bincount(ds.labels, minlength=len(ds.classes)).tolist()
 
 
 def analysis_figures(analysis: Analysis, test: Dataset, out: Path) -> None:
@@ -253,7 +275,9 @@ def analysis_figures(analysis: Analysis, test: Dataset, out: Path) -> None:
     if "temperature" in cal:
         reliability(cal["bins_before"], cal["bins_after"], cal["temperature"], out / "reliability.png")
     if "skipped" not in result["human"]:
-        model_cm = confusion_matrix(test.labels, analysis.predictions, labels=range(len(CLASSES)), normalize="true")
+        model_cm = confusion_matrix(
+            test.labels, analysis.predictions, labels=range(len(test.classes)), normalize="true"
+        )
         human_vs_model(result["human"]["human_confusion"], model_cm.tolist(), out / "human_vs_model.png")
         gallery(
             test.images,

@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import atomic
 from ..analysis.metrics import score_predictions
-from ..data.cifar import CLASSES, Dataset
+from ..data.cifar import Dataset
 from . import figures
 
 # What every report measures itself against: the original report's claim for its recipe, and what that literal
@@ -89,8 +89,9 @@ def findings(metrics: dict, history: list[dict]) -> list[str]:
                 f"(phase {best['phase']}), above the last epoch's."
             )
     per = test["per_class"]
-    worst = min(CLASSES, key=lambda c: per[c]["f1"])
-    best_c = max(CLASSES, key=lambda c: per[c]["f1"])
+    present = [c for c in per if per[c]["support"]]
+    worst = min(present, key=lambda c: per[c]["f1"])
+    best_c = max(present, key=lambda c: per[c]["f1"])
     out.append(
         f"Hardest class: **{text(worst)}** (F1 {per[worst]['f1']:.3f}); easiest: **{text(best_c)}** "
         f"(F1 {per[best_c]['f1']:.3f})."
@@ -105,8 +106,12 @@ def findings(metrics: dict, history: list[dict]) -> list[str]:
 
 
 def headline(metrics: dict, recipe: dict) -> str:
-    """The report's first lines: this run's accuracy beside the original claim and the literal recipe's result."""
+    """The report's first lines: this run's accuracy beside the original claim and the literal recipe's result
+    (for CIFAR-10; a folder of the user's own pictures has no such yardstick)."""
     acc = metrics["test"]["accuracy"]
+    if metrics.get("data", {}).get("kind") == "folder":
+        classes = len(metrics["data"]["classes"])
+        return f"**Test accuracy {pct(acc)}** on {metrics['test']['n']:,} held-out test pictures of {classes} classes."
     verdict = "reaches" if acc >= CLAIM else "falls short of"
     literal = (
         "This run *is* that literal recipe."
@@ -163,7 +168,7 @@ def results_markdown(test: dict, pictures: dict[str, str]) -> str:
     per = test["per_class"]
     rows = [
         [text(c), f"{per[c]['precision']:.4f}", f"{per[c]['recall']:.4f}", f"{per[c]['f1']:.4f}", per[c]["support"]]
-        for c in CLASSES
+        for c in per
         if per[c]["support"]
     ]  # the classes present
     leak = [
@@ -177,10 +182,7 @@ def results_markdown(test: dict, pictures: dict[str, str]) -> str:
     confused = [
         [f"{text(r['a'])} ↔ {text(r['b'])}", r["errors"], r["a_as_b"], r["b_as_a"]] for r in test["most_confused"]
     ]
-    wrong = [
-        [r["index"], text(r["true"]), text(r["predicted"]), f"{r['confidence']:.3f}", f"{r['loss']:.3f}"]
-        for r in test["misclassified"][:12]
-    ]
+    wrong = [_misclassified_row(r) for r in test["misclassified"][:12]]
     return "\n\n".join(
         [
             "## Per-class precision, recall and F1",
@@ -195,9 +197,51 @@ def results_markdown(test: dict, pictures: dict[str, str]) -> str:
             table(["pair (a ↔ b)", "errors", "a as b", "b as a"], confused),
             "## Misclassified images with the highest loss",
             f"![Misclassified]({pictures['gallery']})",
-            table(["test index", "true", "predicted", "confidence", "loss"], wrong),
+            table(["image", "true", "predicted", "confidence", "loss"], wrong),
         ]
     )
+
+
+def data_markdown(metrics: dict, recipe: dict) -> str:
+    """Where the pictures came from and how they were split; for a folder, what was skipped and what leaks."""
+    run, data = metrics["run"], metrics["data"]
+    if data.get("kind") != "folder":
+        return (
+            f"CIFAR-10 from {code(run['data_source'])}. Training images are a class-balanced subsample (seed "
+            f"{recipe['seed']}); validation images come from the training images *not* in it; the test set is "
+            "used only for the final evaluation."
+        )
+    fractions = data["fractions"]
+    parts = [
+        f"{len(data['classes'])} classes from the folder {code(run['data_source'])}, each picture stored as a "
+        f"{data['image_size']} × {data['image_size']} square. Where the folder has no `val/` or `test/`, each "
+        f"class gave {fractions['validation']:.0%} of its pictures to validation and {fractions['test']:.0%} to "
+        f"test (seed {recipe['seed']}); `splits.csv` lists which file went where. The test set is used only for "
+        "the final evaluation."
+    ]
+    if data["skipped"]:
+        shown = "\n".join(f"- {text(s)}" for s in data["skipped"][:20])
+        more = (
+            f"\n- … and {len(data['skipped']) - 20} more (metrics.json lists them all)"
+            if len(data["skipped"]) > 20
+            else ""
+        )
+        parts.append(f"{len(data['skipped'])} skipped:\n\n{shown}{more}")
+    dups = data["duplicates"]
+    parts.append(
+        f"**{len(dups)} exact duplicates** (the same decoded pixels) sit in two different sets: the model may have "
+        "trained on a copy of a picture it is tested on.\n\n"
+        + "\n".join(f"- {code(a)} = {code(b)}" for a, b in dups[:20])
+        if dups
+        else "No exact duplicates (the same decoded pixels) across the training, validation and test sets."
+    )
+    return "\n\n".join(parts)
+
+
+def _misclassified_row(r: dict) -> list[str]:
+    """A misclassified image named by its file where it has one, else by its index in the test set."""
+    shown = code(r["file"]) if "file" in r else str(r["index"])
+    return [shown, text(r["true"]), text(r["predicted"]), f"{r['confidence']:.3f}", f"{r['loss']:.3f}"]
 
 
 def run_markdown(metrics: dict, history: list[dict], recipe: dict) -> str:
@@ -226,9 +270,7 @@ def run_markdown(metrics: dict, history: list[dict], recipe: dict) -> str:
                 "## What this run found",
                 "\n".join(f"- {f}" for f in findings(metrics, history)),
                 "## Data",
-                f"CIFAR-10 from {code(run['data_source'])}. Training images are a class-balanced subsample (seed "
-                f"{recipe['seed']}); validation images come from the training images *not* in it; the test set is used "
-                "only for the final evaluation.",
+                data_markdown(metrics, recipe),
                 table(["split", "images", "fewest per class", "most per class"], counts),
                 "![Images per class](class_counts.png)",
                 "![Sample images](samples.png)",
@@ -357,9 +399,11 @@ def _maybe(value: float | None, show) -> str:
 def write_test_results(logits: np.ndarray, test: Dataset, out: Path) -> dict:
     """The scores of `logits` on `test`; writes classification_report.txt and the confusion and gallery
     figures."""
-    result = score_predictions(logits, test.labels)
+    result = score_predictions(logits, test.labels, test.classes)
+    for row in result["misclassified"] if test.files is not None else []:
+        row["file"] = test.files[row["index"]]
     atomic.write_text(out / "classification_report.txt", result["classification_report"])
-    figures.confusion(result["confusion"], out / "confusion_matrix.png")
+    figures.confusion(result["confusion"], test.classes, out / "confusion_matrix.png")
     figures.gallery(test.images, result["misclassified"], out / "misclassified.png")
     return result
 

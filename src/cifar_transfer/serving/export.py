@@ -11,15 +11,14 @@ import torch
 from torch import nn
 
 from .. import atomic
-from ..data.cifar import CLASSES
 from ..errors import CifarTransferError
 from ..model.network import load_model
 
 TOLERANCE = 1e-4
 PREPROCESSING = (
-    "input 'image': float32 RGB in [0, 1], N x 3 x 32 x 32 (centre-crop to square, Lanczos "
-    "downscale to 32x32); normalisation and any upsampling happen inside the graph; outputs "
-    "'logits': N x 10, and 'probabilities': N x 10, softmax(logits / temperature)"
+    "input 'image': float32 RGB in [0, 1], N x 3 x {size} x {size} (centre-crop to square, Lanczos "
+    "resize to {size}x{size}); normalisation and any resizing happen inside the graph; outputs "
+    "'logits': N x {classes}, and 'probabilities': N x {classes}, softmax(logits / temperature)"
 )
 
 
@@ -50,7 +49,8 @@ def export_onnx(run_dir: Path, out: Path, calibrated: bool = True, opset: int = 
     model, recipe = load_model(Path(run_dir) / "model.safetensors")
     temperature = model.temperature if calibrated and model.temperature is not None else None
     net = WithProbabilities(model, temperature or 1.0).eval()
-    example = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    size = model.image_size
+    example = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(0))
     program = torch.onnx.export(
         net,
         (example,),
@@ -63,8 +63,9 @@ def export_onnx(run_dir: Path, out: Path, calibrated: bool = True, opset: int = 
     )
     proto = program.model_proto
     meta = {
-        "classes": json.dumps(CLASSES),
-        "preprocessing": PREPROCESSING,
+        "classes": json.dumps(model.classes),
+        "image_size": str(size),
+        "preprocessing": PREPROCESSING.format(size=size, classes=len(model.classes)),
         "mean": json.dumps([round(v, 6) for v in model.mean.flatten().tolist()]),
         "std": json.dumps([round(v, 6) for v in model.std.flatten().tolist()]),
         "calibrated": json.dumps(temperature is not None),

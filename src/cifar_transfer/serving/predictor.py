@@ -1,4 +1,5 @@
-"""Use a trained model: a saved run's model classifies batches of 32x32 RGB images, or image files."""
+"""Use a trained model: a saved run's model classifies batches of RGB images at its stored size (32 x 32 for
+CIFAR-10), or image files of any size, prepared as its training images were."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from pathlib import Path
 import numpy as np
 
 from ..analysis.calibration import softmax
-from ..data.cifar import CLASSES
 from ..data.images import ImageError, read_image_file
 from ..model.inference import logits_for
 from ..model.network import for_inference, load_model, pick_device
@@ -34,7 +34,7 @@ class Options:
 
 
 class Predictor:
-    """A saved run's model, ready to classify batches of 32 x 32 RGB images. It computes in fp32 whatever the
+    """A saved run's model, ready to classify batches of RGB images at its stored size. It computes in fp32 whatever the
     recipe trained in, so `predict`, `serve` and the ONNX export (fp32) give one answer for one image."""
 
     def __init__(self, run_dir: Path, device: str = "auto"):
@@ -51,8 +51,12 @@ class Predictor:
         return self.model.temperature
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        """N x 32 x 32 x 3 uint8 -> N x 10 logits."""
-        return logits_for(self.model, check_batch(images), self.recipe)
+        """N x S x S x 3 uint8 -> N x classes logits."""
+        return logits_for(self.model, check_batch(images, self.model.image_size), self.recipe)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.model.classes
 
     @staticmethod
     def views(images: np.ndarray, options: Options) -> np.ndarray:
@@ -77,31 +81,33 @@ class Predictor:
         }
 
     def probabilities(self, images: np.ndarray, options: Options = Options()) -> np.ndarray:
-        """N x 32 x 32 x 3 uint8 -> N x 10 class probabilities."""
+        """N x S x S x 3 uint8 -> N x classes probabilities."""
         return self.combine(self.logits(self.views(images, options)), options)
 
     def predict(self, images: np.ndarray, options: Options = Options()) -> list[Prediction]:
-        return [Prediction({c: float(p) for c, p in zip(CLASSES, row)}) for row in self.probabilities(images, options)]
+        rows = self.probabilities(images, options)
+        return [Prediction({c: float(p) for c, p in zip(self.classes, row)}) for row in rows]
 
     def predict_file(self, path: str | Path, options: Options = Options()) -> Prediction:
-        """One image file of any format and size, brought to 32x32 as CIFAR-10's images were."""
-        return self.predict(read_image_file(path)[None], options)[0]
+        """One image file of any format and size, brought to the stored size as the training images were."""
+        return self.predict(read_image_file(path, self.model.image_size)[None], options)[0]
 
 
-def check_batch(images: object) -> np.ndarray:
+def check_batch(images: object, size: int = 32) -> np.ndarray:
     """What the model takes, or one error saying what was given instead: anything else (floats on 0-255 or 0-1,
     channels first, one image without its batch axis) would be answered with confident nonsense."""
+    want = f"N x {size} x {size} x 3"
     if not isinstance(images, np.ndarray):
-        raise ImageError(f"images: a numpy array N x 32 x 32 x 3 of uint8 is needed, got {type(images).__name__}")
+        raise ImageError(f"images: a numpy array {want} of uint8 is needed, got {type(images).__name__}")
     if images.dtype != np.uint8:
         raise ImageError(
             f"images: dtype {images.dtype}; uint8 pixels (0-255) are needed: for floats in [0, 1], pass "
             "(images * 255).round().astype(np.uint8)"
         )
-    if images.shape[1:] != (32, 32, 3) or images.ndim != 4:
-        hint = " (one image: images[None])" if images.shape == (32, 32, 3) else ""
-        hint = " (channels first: images.transpose(0, 2, 3, 1))" if images.shape[1:] == (3, 32, 32) else hint
-        raise ImageError(f"images: shape {images.shape}; N x 32 x 32 x 3 is needed{hint}")
+    if images.shape[1:] != (size, size, 3) or images.ndim != 4:
+        hint = " (one image: images[None])" if images.shape == (size, size, 3) else ""
+        hint = " (channels first: images.transpose(0, 2, 3, 1))" if images.shape[1:] == (3, size, size) else hint
+        raise ImageError(f"images: shape {images.shape}; {want} is needed{hint}")
     if len(images) == 0:
         raise ImageError("images: an empty batch (N = 0)")
     return images
@@ -114,7 +120,7 @@ def predict_files(run_dir: Path, paths: list[Path], top: int = 3, options: Optio
     images, errors = {}, {}
     for i, p in enumerate(paths):
         try:
-            images[i] = read_image_file(p)
+            images[i] = read_image_file(p, predictor.model.image_size)
         except ImageError as e:
             errors[i] = str(e)
     results = dict(zip(images, predictor.predict(np.stack(list(images.values())), options))) if images else {}

@@ -29,9 +29,9 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..data.cifar import CLASSES
 from ..data.images import ImageError, decode, open_image
 from ..errors import CifarTransferError
+from ..model.network import MAX_CLASSES
 from .deadline import MAX_CONNECTIONS, READ_TIMEOUT, with_read_timeout
 from .predictor import Options, Predictor
 
@@ -40,7 +40,7 @@ MAX_IMAGES = 32
 LARGE_PIXELS = 1_000_000  # a decode above this many pixels waits for one of the LARGE_DECODES slots
 LARGE_DECODES = 2
 FORM_OVERHEAD = 65_536  # multipart headers and boundaries around the image bytes
-TopK = Annotated[int, Query(ge=1, le=len(CLASSES), description="how many classes to list, best first")]
+TopK = Annotated[int, Query(ge=1, le=MAX_CLASSES, description="how many classes to list, best first (at most all)")]
 Calibrated = Annotated[
     bool,
     Query(
@@ -97,17 +97,18 @@ class Batcher:
 class Decoder:
     """Image decoding off the event loop, on its own threads: small images at once, large ones two at a time."""
 
-    def __init__(self, threads: int = 2 + LARGE_DECODES):
+    def __init__(self, size: int, threads: int = 2 + LARGE_DECODES):
+        self.size = size  # the model's stored image size: every upload is prepared as its training images were
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix="decode")
         self.large = asyncio.Semaphore(LARGE_DECODES)
 
     async def __call__(self, data: bytes, name: str) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        image = await loop.run_in_executor(self.executor, open_image, data, name)
+        image = await loop.run_in_executor(self.executor, open_image, data, name, self.size)
         if image.width * image.height <= LARGE_PIXELS:
-            return await loop.run_in_executor(self.executor, decode, image, name)
+            return await loop.run_in_executor(self.executor, decode, image, name, self.size)
         async with self.large:
-            return await loop.run_in_executor(self.executor, decode, image, name)
+            return await loop.run_in_executor(self.executor, decode, image, name, self.size)
 
 
 class BodyLimit:
@@ -238,12 +239,12 @@ def create_app(
         title="cifar-transfer",
         lifespan=lifespan,
         version="1",
-        description=f"CIFAR-10 classifier `{predictor.model_id}`. Classes: {', '.join(CLASSES)}.",
+        description=f"Image classifier `{predictor.model_id}`. Classes: {', '.join(predictor.classes)}.",
     )
     batch_limit = max_bytes * max_images + FORM_OVERHEAD * max_images
     app.add_middleware(BodyLimit, limits={"/predict": max_bytes + FORM_OVERHEAD, "/predict/batch": batch_limit})
     app.add_exception_handler(RequestValidationError, _validation_error)
-    _prediction_routes(app, predictor, batcher, Decoder(), max_bytes, max_images)
+    _prediction_routes(app, predictor, batcher, Decoder(predictor.model.image_size), max_bytes, max_images)
     _page_routes(app, predictor, batcher)
     _files_are_never_empty(app.openapi())  # cached by FastAPI: what /openapi.json serves
     return app
@@ -291,7 +292,7 @@ def _prediction_routes(
             raise HTTPException(400, f"{parts} 'file' parts: /predict classifies one image; use /predict/batch")
         options = Options(calibrated, tta)
         probs = await classify((await decode(file))[None], options)
-        return Prediction(**predictor.describe(options), **_classes(probs[0], top))
+        return Prediction(**predictor.describe(options), **_classes(probs[0], predictor.classes, top))
 
     @app.post("/predict/batch", summary="Classify several images (multipart fields 'files')", responses=REFUSALS)
     async def predict_batch(
@@ -311,15 +312,15 @@ def _prediction_routes(
                 results[i].error = e.detail
         if images:
             for i, probs in zip(images, await classify(np.stack(list(images.values())), options)):
-                results[i] = ImageResult(filename=files[i].filename, **_classes(probs, top))
+                results[i] = ImageResult(filename=files[i].filename, **_classes(probs, predictor.classes, top))
         return BatchPrediction(**predictor.describe(options), results=results)
 
 
-def _classes(probs: np.ndarray, top: int) -> dict:
+def _classes(probs: np.ndarray, classes: tuple[str, ...], top: int) -> dict:
     order = np.argsort(-probs)[:top]
     return {
-        "top": [Top(**{"class": CLASSES[i], "probability": float(probs[i])}) for i in order],
-        "probabilities": {c: float(p) for c, p in zip(CLASSES, probs)},
+        "top": [Top(**{"class": classes[i], "probability": float(probs[i])}) for i in order],
+        "probabilities": {c: float(p) for c, p in zip(classes, probs)},
     }
 
 

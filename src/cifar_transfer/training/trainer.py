@@ -68,7 +68,8 @@ def train_to_folder(
     if world.main:
         atomic.write_text(out / "recipe.json", recipe.dumps() + "\n")
     torch.manual_seed(recipe.seed)  # the head's initialisation
-    model = place(build_model(recipe, pretrained), recipe, dev)
+    classes, size = splits.train.classes, splits.train.images.shape[1]
+    model = place(build_model(recipe, pretrained, classes, size), recipe, dev)
     if world.main:
         atomic.ensure_free(
             out,

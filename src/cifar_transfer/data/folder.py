@@ -1,0 +1,242 @@
+"""A folder of the user's own labelled pictures, as train / validation / test sets.
+
+Two layouts, as torchvision's `ImageFolder` and the Hugging Face `imagefolder` read them: one subfolder per class
+(split here by a seeded, class-stratified split), or `train/` with optional `val/` and `test/`, each with class
+subfolders (a missing `val/` or `test/` is split from `train/`). Class names and their order come from the
+folders, sorted. Each picture is prepared as `predict` prepares one (EXIF orientation, transparency on white,
+centre-cropped, resized to the recipe's `image_size`); anything that is not a readable image is one `skipped:`
+line. Decoded arrays are cached beside nothing of the user's: in a cache folder, keyed by each file's path, size
+and modification time, so a second run over the same folder decodes nothing again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .. import atomic
+from .cifar import DataError, Dataset, Splits, check_readable_folder
+from .images import ImageError, read_image_file
+
+SPLIT_FOLDERS = ("train", "val", "test")
+MAX_CLASSES = 1000
+
+
+@dataclass(frozen=True)
+class Picture:
+    file: Path
+    split: str | None  # "train", "val" or "test" where the layout says; None: the split decides
+    label: int
+
+
+@dataclass(frozen=True)
+class FolderData:
+    """A folder read and split: the sets, what was skipped, and exact duplicates across sets."""
+
+    splits: Splits
+    skipped: list[str]
+    duplicates: list[tuple[str, str]]  # (file, file): the same decoded pixels in two different sets
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """splits.csv: (file, split, class) for every picture used."""
+        sets = (("train", self.splits.train), ("val", self.splits.val), ("test", self.splits.test))
+        return [(f, name, ds.classes[y]) for name, ds in sets for f, y in zip(ds.files, ds.labels.tolist())]
+
+
+def read_labelled_folder(
+    root: Path, size: int, val_fraction: float, test_fraction: float, seed: int, progress: bool = True
+) -> FolderData:
+    """The pictures under `root`, decoded (or read from the cache) and split; see the module docstring."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"--data {root}: not a folder (one subfolder per class, or train/ [val/] [test/])")
+    check_readable_folder(root)
+    pictures, classes, skipped = scan(root)
+    images, kept = decode_all(pictures, size, skipped, progress)
+    data = [p for p, ok in zip(pictures, kept) if ok]
+    assignment = assign_splits(data, classes, val_fraction, test_fraction, seed)
+    sets = {}
+    for name in SPLIT_FOLDERS:
+        rows = np.flatnonzero(assignment == name)
+        labels = np.array([data[i].label for i in rows], dtype=np.int64)
+        files = tuple(str(data[i].file) for i in rows)
+        sets[name] = Dataset(images[rows], labels, f"{root} ({name})", classes, files)
+    splits = Splits(
+        sets["train"], sets["val"], sets["test"], np.arange(len(sets["train"])), np.arange(len(sets["val"]))
+    )
+    return FolderData(splits, skipped, exact_duplicates(images, data, assignment))
+
+
+def scan(root: Path) -> tuple[list[Picture], tuple[str, ...], list[str]]:
+    """Every candidate picture with its class (and split, where the layout gives one), the sorted class names, and
+    the `skipped` lines for what is not a class folder's file."""
+    layout = [d for d in SPLIT_FOLDERS if (root / d).is_dir()]
+    if layout and "train" not in layout:
+        raise DataError(f"{root}: has {'/, '.join(layout)}/ but no train/ (its classes come from train/)")
+    tops = {name: root / name for name in layout} if layout else {None: root}
+    skipped: list[str] = []
+    for entry in sorted(root.iterdir()) if layout else []:
+        if entry.name not in SPLIT_FOLDERS and not entry.name.startswith("."):
+            skipped.append(f"{entry}: beside train/, val/ and test/, so in no set; skipped")
+    found = {split: _class_folders(folder, skipped) for split, folder in tops.items()}
+    classes = tuple(sorted(found["train" if layout else None]))
+    if len(classes) < 2:
+        where = root / "train" if layout else root
+        found = f"{len(classes)} class folder{'' if len(classes) == 1 else 's'}"
+        raise DataError(f"{where}: {found}; a classifier needs at least 2 (one subfolder per class)")
+    if len(classes) > MAX_CLASSES:
+        raise DataError(f"{root}: {len(classes):,} class folders; at most {MAX_CLASSES:,}")
+    pictures = []
+    for split, folders in found.items():
+        unknown = sorted(set(folders) - set(classes))
+        if unknown:
+            raise DataError(f"{tops[split] / unknown[0]}: a class that train/ does not have ({', '.join(classes)})")
+        for name, folder in sorted(folders.items()):
+            pictures += [Picture(f, split, classes.index(name)) for f in _files(folder, skipped)]
+    return pictures, classes, skipped
+
+
+def _class_folders(folder: Path, skipped: list[str]) -> dict[str, Path]:
+    """The class subfolders of `folder` by name; a file beside them is a `skipped` line."""
+    check_readable_folder(folder)
+    out = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_symlink() and entry.is_dir():
+            skipped.append(f"{entry}: a symbolic link to a folder, not followed; skipped")
+        elif entry.is_dir():
+            check_readable_folder(entry)
+            out[entry.name] = entry
+        else:
+            skipped.append(f"{entry}: not inside a class folder; skipped")
+    return out
+
+
+def _files(folder: Path, skipped: list[str]) -> list[Path]:
+    """The files directly in a class folder; a folder inside it is one `skipped` line (classes are one level)."""
+    files = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            n = sum(1 for _ in entry.rglob("*"))
+            skipped.append(
+                f"{entry}: a folder inside a class folder (classes are one level deep); its {n} entries skipped"
+            )
+        else:
+            files.append(entry)
+    return files
+
+
+def decode_all(pictures: list[Picture], size: int, skipped: list[str], progress: bool) -> tuple[np.ndarray, list[bool]]:
+    """Every picture at `size` (from the cache where its file is unchanged), on all cores; which ones decoded."""
+    cache = DecodeCache(size)
+    keys = [cache.key(p.file) for p in pictures]
+    todo = [i for i, k in enumerate(keys) if k is None or k not in cache]  # no key: the read names the problem
+
+    def one(i: int) -> np.ndarray | str:
+        try:
+            return read_image_file(pictures[i].file, size)
+        except ImageError as e:
+            return str(e)
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        done = list(tqdm(pool.map(one, todo), total=len(todo), desc="decode", unit="image", disable=not progress))
+    for i, result in zip(todo, done):
+        if isinstance(result, str):
+            skipped.append(f"{result}; skipped")
+        elif keys[i] is not None:
+            cache[keys[i]] = result
+    kept = [k is not None and k in cache for k in keys]
+    if todo:
+        cache.save()
+    images = np.stack([cache[k] for k, ok in zip(keys, kept) if ok]) if any(kept) else np.zeros((0, size, size, 3))
+    return images.astype(np.uint8), kept
+
+
+class DecodeCache:
+    """Decoded pictures at one size, keyed by file path, size in bytes and modification time: a changed file is
+    decoded again. One .npz file per stored size under $CIFAR_TRANSFER_CACHE (default ~/.cache/cifar-transfer)."""
+
+    def __init__(self, size: int):
+        folder = Path(os.environ.get("CIFAR_TRANSFER_CACHE", Path.home() / ".cache" / "cifar-transfer"))
+        self.path = folder / f"pictures-{size}px.npz"
+        self.entries: dict[str, np.ndarray] = {}
+        if self.path.is_file():
+            try:
+                with np.load(self.path, allow_pickle=False) as z:
+                    self.entries = dict(zip(z["keys"].tolist(), z["images"]))
+            except (OSError, ValueError, KeyError):  # a damaged cache is rebuilt, never trusted
+                self.entries = {}
+
+    @staticmethod
+    def key(file: Path) -> str | None:
+        try:
+            st = os.stat(file)
+        except OSError:
+            return None
+        return f"{Path(file).resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.entries[key]
+
+    def __setitem__(self, key: str, image: np.ndarray) -> None:
+        self.entries[key] = image
+
+    def save(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            keys = np.array(list(self.entries), dtype=str)
+            images = np.stack(list(self.entries.values()))
+            atomic.write_with(self.path, lambda f: np.savez(f, keys=keys, images=images))
+        except OSError:  # a cache that cannot be written costs a decode next time, nothing more
+            pass
+
+
+def assign_splits(
+    pictures: list[Picture], classes: tuple[str, ...], val_fraction: float, test_fraction: float, seed: int
+) -> np.ndarray:
+    """Each picture's set: the layout's where it gives one; else a seeded split of each class, so every class is
+    in every set in proportion. A class too small to split is named with its count."""
+    out = np.array([p.split or "" for p in pictures], dtype=object)
+    rng = np.random.default_rng(seed)
+    given = set(out.tolist())
+    need = {"val": val_fraction if "val" not in given else 0.0, "test": test_fraction if "test" not in given else 0.0}
+    pool = "train" if given - {""} else ""
+    for c, name in enumerate(classes):
+        rows = np.array([i for i, p in enumerate(pictures) if p.label == c and out[i] == pool], dtype=np.int64)
+        rows = rows[rng.permutation(len(rows))]
+        counts = {s: max(1, round(f * len(rows))) if f > 0 else 0 for s, f in need.items()}
+        if len(rows) - sum(counts.values()) < 1:
+            least = 1 + sum(1 for f in need.values() if f > 0)
+            raise DataError(
+                f"class {name}: {len(rows)} images, too few to split into train / validation / test "
+                f"(at least {least} needed)"
+            )
+        out[rows[: counts["val"]]] = "val"
+        out[rows[counts["val"] : counts["val"] + counts["test"]]] = "test"
+        out[rows[counts["val"] + counts["test"] :]] = "train"
+    return out
+
+
+def exact_duplicates(images: np.ndarray, pictures: list[Picture], assignment: np.ndarray) -> list[tuple[str, str]]:
+    """Pairs of files whose decoded pixels are identical but that sit in different sets: a test picture the model
+    has trained on."""
+    first: dict[bytes, int] = {}
+    pairs = []
+    for i, image in enumerate(images):
+        digest = hashlib.sha1(image.tobytes()).digest()
+        j = first.setdefault(digest, i)
+        if j != i and assignment[j] != assignment[i]:
+            pairs.append((str(pictures[j].file), str(pictures[i].file)))
+    return pairs

@@ -1,0 +1,250 @@
+"""Your own pictures: a folder of labelled images goes through run, evaluate, predict, serve and export. The
+pictures are real: scikit-learn's 1,797 scans of handwritten digits (8 x 8, 16 grey levels), written as PNG files
+in one folder per class."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifar_transfer.data.cifar import DataError
+from cifar_transfer.data.folder import read_labelled_folder
+
+
+def write_digits(root: Path, rows: np.ndarray | None = None) -> Path:
+    """The digit scans as 8-bit greyscale PNGs, root/<digit>/<index>.png."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i in range(len(digits.target)) if rows is None else rows:
+        folder = root / str(digits.target[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        picture = (digits.images[i] * 255 / 16).round().astype(np.uint8)
+        Image.fromarray(picture, "L").save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> Path:
+    return write_digits(tmp_path_factory.mktemp("digits") / "digits")
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch) -> Path:
+    """Each test its own decode cache (never the user's ~/.cache)."""
+    monkeypatch.setenv("CIFAR_TRANSFER_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def digits_run(digits, weights_path, tmp_path_factory) -> Path:
+    """`run --preset smoke --data digits/` through the command line, once."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("digits-run") / "run"
+    env = {**os.environ, "CIFAR_TRANSFER_CACHE": str(out.parent / "cache")}
+    args = ["run", "--preset", "smoke", "--data", str(digits), "--weights", str(weights_path), "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "cifar_transfer", *args, "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_a_folder_of_digits_trains_reports_and_predicts(digits_run, digits):
+    import cifar_transfer as ct
+
+    metrics = json.loads((digits_run / "metrics.json").read_text())
+    assert metrics["data"]["classes"] == [str(d) for d in range(10)] and metrics["data"]["kind"] == "folder"
+    assert metrics["test"]["accuracy"] > 0.5  # ten classes: chance is 0.1
+    with (digits_run / "splits.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1797 and len({r["file"] for r in rows}) == 1797
+    for d in range(10):  # stratified: each class gives 10% to validation and 20% to test, rounded
+        mine = [r["split"] for r in rows if r["label"] == str(d)]
+        want = {"val": round(0.1 * len(mine)), "test": round(0.2 * len(mine))}
+        assert {s: mine.count(s) for s in want} == want and mine.count("train") == len(mine) - sum(want.values())
+    assert all(Path(r["file"]).parent.name == r["label"] for r in rows)
+    report = (digits_run / "report.md").read_text()
+    assert "10 classes from the folder" in report and "CIFAR-10H labels CIFAR-10's test set" in report
+    assert "92.00%" not in report  # no CIFAR-10 claim for a folder of digits
+    predictor = ct.load(digits_run, device="cpu")
+    assert predictor.classes == tuple(str(d) for d in range(10)) and predictor.model.image_size == 64
+    test_files = [r["file"] for r in rows if r["split"] == "test"][:20]
+    right = sum(predictor.predict_file(f).top(1)[0][0] == Path(f).parent.name for f in test_files)
+    assert right >= 10
+
+
+@pytest.mark.slow
+def test_evaluate_a_folder_with_the_runs_classes_and_refuse_others(digits_run, tmp_path, run_cli):
+    other = write_digits(tmp_path / "more digits", np.arange(0, 1797, 9))
+    done = run_cli("evaluate", str(digits_run), "--data", str(other))
+    assert done.returncode == 0, done.stderr
+    m = json.loads((digits_run / "evaluations" / "more digits" / "metrics.json").read_text())
+    assert m["test"]["n"] == 200 and set(m["test"]["per_class"]) == {str(d) for d in range(10)}
+    assert all(r["file"].startswith(str(other)) for r in m["test"]["misclassified"])
+    (other / "cat").mkdir()
+    done = run_cli("evaluate", str(digits_run), "--data", str(other))
+    assert done.returncode == 1 and f"error: {other / 'cat'}: not one of the model's classes (0, 1, 2" in done.stderr
+
+
+@pytest.mark.slow
+def test_serve_and_export_speak_the_folders_classes(digits_run, digits, tmp_path):
+    import onnxruntime as ort
+    from fastapi.testclient import TestClient
+
+    from cifar_transfer.serving.export import export_onnx, metadata
+    from cifar_transfer.serving.predictor import Predictor
+    from cifar_transfer.serving.service import create_app
+
+    picture = next((digits / "3").iterdir())
+    with TestClient(create_app(digits_run, device="cpu")) as client:
+        body = client.post("/predict", files={"file": ("3.png", picture.read_bytes(), "image/png")}).json()
+        assert set(body["probabilities"]) == {str(d) for d in range(10)}
+        assert "Classes: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9" in client.get("/openapi.json").json()["info"]["description"]
+    out = tmp_path / "digits.onnx"
+    export_onnx(digits_run, out)
+    meta = metadata(out)
+    assert json.loads(meta["classes"]) == [str(d) for d in range(10)] and meta["image_size"] == "64"
+    predictor = Predictor(digits_run, "cpu")
+    images = np.stack([predictor_input(p) for p in sorted((digits / "7").iterdir())[:8]])
+    x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255
+    _, probabilities = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    assert np.abs(probabilities - predictor.probabilities(images)).max() < 1e-4
+
+
+def predictor_input(path: Path) -> np.ndarray:
+    from cifar_transfer.data.images import read_image_file
+
+    return read_image_file(path, 64)
+
+
+# ---- reading folders: layouts, the cache, and bad input (no training) ----
+
+
+def small(digits: Path, root: Path, per_class: int = 12) -> Path:
+    for d in sorted(digits.iterdir()):
+        (root / d.name).mkdir(parents=True)
+        for f in sorted(d.iterdir())[:per_class]:
+            shutil.copy(f, root / d.name / f.name)
+    return root
+
+
+def test_a_train_test_layout_keeps_its_test_set_and_splits_validation_from_train(digits, tmp_path):
+    root = tmp_path / "pics"
+    small(digits, root / "train", 10)
+    small(digits, root / "test", 3)
+    (root / "README.txt").write_text("notes")
+    data = read_labelled_folder(root, 32, 0.2, 0.3, seed=0, progress=False)
+    assert len(data.splits.test) == 30 and all("/test/" in f for f in data.splits.test.files)
+    assert len(data.splits.val) == 20 and len(data.splits.train) == 80  # val from train/; test/ as given
+    assert any("README.txt: beside train/, val/ and test/" in s for s in data.skipped)
+    shutil.rmtree(root / "test" / "3")
+    (root / "test" / "three").mkdir()
+    with pytest.raises(DataError, match=r"test/three: a class that train/ does not have"):
+        read_labelled_folder(root, 32, 0.2, 0.3, seed=0, progress=False)
+
+
+def test_the_second_read_decodes_nothing_and_a_changed_file_is_decoded_again(digits, tmp_path, monkeypatch):
+    from cifar_transfer.data import folder
+
+    root = small(digits, tmp_path / "pics", 5)
+    calls = []
+    real = folder.read_image_file
+    monkeypatch.setattr(folder, "read_image_file", lambda p, size: calls.append(p) or real(p, size))
+    first = read_labelled_folder(root, 32, 0.2, 0.2, seed=1, progress=False)
+    assert len(calls) == 50
+    calls.clear()
+    second = read_labelled_folder(root, 32, 0.2, 0.2, seed=1, progress=False)
+    assert calls == [] and np.array_equal(first.splits.train.images, second.splits.train.images)
+    changed = sorted((root / "4").iterdir())[0]
+    os.utime(changed, ns=(1, 1))
+    read_labelled_folder(root, 32, 0.2, 0.2, seed=1, progress=False)
+    assert calls == [changed]
+
+
+def test_exact_duplicates_across_sets_are_listed(digits, tmp_path):
+    root = small(digits, tmp_path / "pics", 10)
+    original = sorted((root / "5").iterdir())[0]
+    for k in range(6):  # copies of one picture: some land in other sets than the original
+        shutil.copy(original, root / "5" / f"copy{k}.png")
+    data = read_labelled_folder(root, 32, 0.2, 0.2, seed=0, progress=False)
+    assert data.duplicates and all(Path(a).parent.name == "5" for pair in data.duplicates for a in pair)
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (lambda root: None, "0 class folders; a classifier needs at least 2"),
+        (lambda root: (root / "only").mkdir(), "1 class folder; a classifier needs at least 2"),
+        (lambda root: ((root / "a").mkdir(), (root / "b").mkdir()), "class a: 0 images, too few to split"),
+    ],
+)
+def test_folders_that_cannot_make_a_classifier_are_named(make, fragment, tmp_path, digits):
+    root = tmp_path / "pics"
+    root.mkdir()
+    make(root)
+    with pytest.raises(DataError, match=fragment):
+        read_labelled_folder(root, 32, 0.1, 0.2, seed=0, progress=False)
+
+
+def test_a_class_too_small_to_split_is_named_with_its_count(digits, tmp_path):
+    root = small(digits, tmp_path / "pics", 10)
+    for f in sorted((root / "7").iterdir())[2:]:
+        f.unlink()
+    with pytest.raises(
+        DataError, match=r"class 7: 2 images, too few to split into train / validation / test \(at least 3"
+    ):
+        read_labelled_folder(root, 32, 0.1, 0.2, seed=0, progress=False)
+
+
+def test_every_kind_of_picture_a_user_has_is_read_and_the_rest_skipped_by_name(digits, tmp_path):
+    root = tmp_path / "mixed"
+    (root / "ünïcode class").mkdir(parents=True)
+    (root / "plain").mkdir()
+    grey = np.asarray(Image.open(sorted((digits / "8").iterdir())[0]))
+    rgb = np.stack([grey] * 3, -1)
+    modes = {
+        "l.png": Image.fromarray(grey, "L"),
+        "p.gif": Image.fromarray(rgb).convert("P"),
+        "rgba.png": Image.fromarray(np.dstack([rgb, np.full_like(grey, 200)]), "RGBA"),
+        "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
+        "i16.png": Image.fromarray(grey.astype(np.uint16) * 257),
+        "x.webp": Image.fromarray(rgb),
+        "x.bmp": Image.fromarray(rgb),
+        "x.tiff": Image.fromarray(rgb),
+    }
+    for folder in ("ünïcode class", "plain"):
+        for name, picture in modes.items():
+            picture.save(root / folder / name)
+    (root / "plain" / "deeper").mkdir()
+    (root / "plain" / "deeper" / "x.png").write_bytes((root / "plain" / "l.png").read_bytes())
+    (root / "plain" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "plain" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (root / "plain" / "labels.txt").write_text("8\n")
+    (root / "plain" / "loop.png").symlink_to(root / "plain" / "loop.png")
+    Image.new("L", (8000, 8000)).save(root / "plain" / "huge.png")  # 64 megapixels: Pillow's bomb guard
+    data = read_labelled_folder(root, 32, 0.2, 0.2, seed=0, progress=False)
+    assert data.splits.train.classes == ("plain", "ünïcode class")
+    total = sum(len(s) for s in (data.splits.train, data.splits.val, data.splits.test))
+    assert total == 2 * len(modes)
+    skipped = "\n".join(data.skipped)
+    assert f"{root / 'plain' / 'deeper'}: a folder inside a class folder" in skipped
+    assert f"{root / 'plain' / 'Thumbs.db'}: not an image Pillow can read" in skipped
+    assert f"{root / 'plain' / 'labels.txt'}: not an image Pillow can read" in skipped
+    assert f"{root / 'plain' / 'loop.png'}: a symbolic link loop" in skipped
+    assert f"{root / 'plain' / 'huge.png'}: 8000x8000 pixels is over the limit" in skipped
+    assert ".DS_Store" not in skipped  # hidden files are not pictures and not worth a line
