@@ -74,6 +74,8 @@ def run(
         state = _resume_state(out) if resume else None
         recipe = Recipe.from_dict(state["recipe"]) if state else recipe
         pretrained, network = _pretrained(weights, state, out)
+        if state is not None and data is None:  # a folder run resumes on its folder (the split is the seed's)
+            data = state.get("meta", {}).get("data")
         splits, source, notes = _data(recipe, data, data_dir, download, progress and world.main)
         if state is None and data is not None:  # CIFAR-10's presets are sized for it already
             recipe = scaled_epochs(recipe, len(splits.train))
@@ -82,7 +84,8 @@ def run(
                 clear_run(out)
             figures.data_figures(splits, out, recipe.seed)
             _write_splits(out, notes)
-        trained = {"resume_state": state, "progress": progress, "meta": {"network": network}, "world": world}
+        meta = {"network": network, "data": None if data is None else str(Path(data).resolve())}
+        trained = {"resume_state": state, "progress": progress, "meta": meta, "world": world}
         model, history, train_s = train_to_folder(recipe, out, splits, pretrained, dev, **trained)
         timings = {
             "phase1_s": sum(h["seconds"] for h in history if h["phase"] == 1),

@@ -22,7 +22,7 @@ import socket
 import time
 import typing
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -233,15 +233,23 @@ def open_study(
 
 
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (what schedulers and `kill` send) ends the trial as Ctrl-C does: Optuna marks it failed."""
+def sigterm_as_interrupt() -> Iterator[Callable[[], None]]:
+    """SIGTERM (what schedulers and `kill` send) ends the trial as Ctrl-C does: Optuna marks it failed. A
+    KeyboardInterrupt raised while Python runs a finaliser is dropped ("Exception ignored in ..."), so the signal
+    is also remembered: the check this yields raises it again at the next epoch's end."""
+    received = []
 
     def interrupt(signum: int, frame: object) -> None:
+        received.append(signum)
         raise KeyboardInterrupt
+
+    def check() -> None:
+        if received:
+            raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        yield
+        yield check
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -292,22 +300,15 @@ def tune(
         optuna.storages.fail_stale_trials(study)  # trials of workers killed since the last one ran
         if taken(study) < trials:
             dev = pick_device(device)
-            worker = Worker(
-                base,
-                space,
-                out,
-                trials,
-                dev,
-                load_pretrained(weights or default_weights()),
-                load_cifar10(data_dir, allow_download=download, test=False)[0],
-                progress,
-            )
+            pretrained = load_pretrained(weights or default_weights())
+            images = load_cifar10(data_dir, allow_download=download, test=False)[0]
+            with sigterm_as_interrupt() as interrupted:
+                worker = Worker(base, space, out, trials, dev, pretrained, images, progress, interrupted)
 
-            def stop_when_full(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
-                if taken(study) >= trials:
-                    study.stop()
+                def stop_when_full(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
+                    if taken(study) >= trials:
+                        study.stop()
 
-            with sigterm_as_interrupt():
                 study.optimize(worker, callbacks=[stop_when_full], catch=(Surplus,))
     return write_summary(study, base, out, trials)
 
@@ -324,6 +325,7 @@ class Worker:
     pretrained: Pretrained
     images: Dataset  # the 50,000 training images (never the test set), split per trial as its recipe says
     progress: bool
+    interrupted: Callable[[], None]  # raises KeyboardInterrupt once SIGTERM has come, even if its raise was lost
 
     def __call__(self, trial: optuna.Trial) -> float:
         if taken(trial.study, before=trial.number) >= self.cap:
@@ -342,6 +344,7 @@ class Worker:
             raise optuna.TrialPruned(f"invalid recipe: {e}") from None
 
         def report_epoch(history: list[dict]) -> None:
+            self.interrupted()
             row = history[-1]
             trial.report(row["val_acc"], row["epoch"])
             if trial.should_prune():

@@ -22,12 +22,12 @@ from torchvision.models import ResNet, resnet50
 
 from .. import atomic
 from ..data.cifar import CLASSES
+from ..data.folder import MAX_CLASSES
 from ..errors import CifarTransferError
 from ..recipe import STEPS, Recipe, step_name
 from .weights import Pretrained, WeightsError, read_safetensors
 
 FEATURES = 2048
-MAX_CLASSES = 1000
 
 
 class DeviceError(CifarTransferError):

@@ -29,9 +29,9 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..data.folder import MAX_CLASSES
 from ..data.images import ImageError, decode, open_image
 from ..errors import CifarTransferError
-from ..model.network import MAX_CLASSES
 from .deadline import MAX_CONNECTIONS, READ_TIMEOUT, with_read_timeout
 from .predictor import Options, Predictor
 
