@@ -248,3 +248,25 @@ def test_every_kind_of_picture_a_user_has_is_read_and_the_rest_skipped_by_name(d
     assert f"{root / 'plain' / 'loop.png'}: a symbolic link loop" in skipped
     assert f"{root / 'plain' / 'huge.png'}: 8000x8000 pixels is over the limit" in skipped
     assert ".DS_Store" not in skipped  # hidden files are not pictures and not worth a line
+
+
+# root reads folders whatever their mode: as root, the command runs without the two capabilities that allow it
+AS_A_USER = ["setpriv", *(f"--{s}=-dac_override,-dac_read_search" for s in ("bounding-set", "inh-caps"))]
+
+
+def test_an_unreadable_class_folder_is_one_line_naming_it(digits, tmp_path, weights_path):
+    import subprocess
+    import sys
+
+    root = small(digits, tmp_path / "pics", 5)
+    (root / "4").chmod(0)
+    command = [sys.executable, "-m", "cifar_transfer", "run", "--preset", "smoke", "--data", str(root)]
+    command += ["--weights", str(weights_path), "--out", str(tmp_path / "run")]
+    try:
+        done = subprocess.run([*AS_A_USER, *command] if os.geteuid() == 0 else command, capture_output=True, text=True)
+    finally:
+        (root / "4").chmod(0o755)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert (
+        done.stderr.strip().splitlines()[-1] == f"error: {root / '4'}: a folder that cannot be read (permission denied)"
+    )
