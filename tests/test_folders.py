@@ -270,3 +270,11 @@ def test_an_unreadable_class_folder_is_one_line_naming_it(digits, tmp_path, weig
     assert (
         done.stderr.strip().splitlines()[-1] == f"error: {root / '4'}: a folder that cannot be read (permission denied)"
     )
+
+
+def test_class_names_that_look_like_formulas_are_drawn_as_text(tmp_path):
+    from cifar_transfer.reporting import figures
+
+    classes = ("$\\frac$", "price $5 or $6")  # matplotlib would parse these as math, and fail on the first
+    figures.confusion([[3, 1], [0, 4]], classes, tmp_path / "cm.png")
+    assert (tmp_path / "cm.png").stat().st_size > 0

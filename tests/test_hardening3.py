@@ -498,8 +498,9 @@ def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
 def test_running_out_of_memory_is_one_line_with_the_limit(tmp_path, cifar_dir, weights_path):
     import resource
 
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, resource.RLIM_INFINITY))
+    def limit() -> None:  # 2 GiB: torch's own libraries cannot be mapped, every time (at 3 GiB the failure
+        # lands in Python or, now and then, in C++ code that aborts with std::bad_alloc before Python can answer)
+        resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, resource.RLIM_INFINITY))
 
     done = cli(
         *("run", "--preset", "smoke", "--out", str(tmp_path / "r"), "--no-progress"),
@@ -507,7 +508,7 @@ def test_running_out_of_memory_is_one_line_with_the_limit(tmp_path, cifar_dir, w
         preexec_fn=limit,
         timeout=300,
     )
-    one_line(done, "error: out of memory", "an address-space limit of 3.0 GiB (ulimit -v)", "batch_size")
+    one_line(done, "error: out of memory", "an address-space limit of 2.0 GiB (ulimit -v)", "batch_size")
 
 
 UNSHARE = shutil.which("unshare")

@@ -13,6 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from .data.folder import MAX_CLASSES
 from .errors import CifarTransferError, ResourceError, check_temporary_folder, out_of_memory, require
 from .recipe import PRESETS
 from .runfolder import FolderRefused
@@ -87,7 +88,7 @@ def _whole_number(low: int, high: int):
     return parse
 
 
-_top = _whole_number(1, 1000)  # at most the model's classes are shown
+_top = _whole_number(1, MAX_CLASSES)  # at most the model's classes are shown
 
 
 def _device(text: str) -> str:

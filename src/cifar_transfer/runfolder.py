@@ -89,7 +89,8 @@ def _open_lock(path: Path) -> int:
             errno.ENXIO: "a socket or device, not a lock file",
         }.get(e.errno, f"cannot be opened for writing ({e.strerror})")
         raise FolderRefused(f"{path}: {why}; remove it, or give this run another --out") from None
-    mode, links = os.fstat(fd).st_mode, os.fstat(fd).st_nlink
+    info = os.fstat(fd)
+    mode, links = info.st_mode, info.st_nlink
     if stat.S_ISREG(mode) and links == 1:
         return fd
     os.close(fd)

@@ -72,7 +72,7 @@ def leakage(cm: np.ndarray, classes: tuple[str, ...] = CLASSES) -> list[dict]:
     if classes == CLASSES:
         pairs = [(CLASSES.index(a), CLASSES.index(b)) for a, b in LEAKAGE_PAIRS]
     else:
-        pairs = [(classes.index(p["a"]), classes.index(p["b"])) for p in most_confused(cm, classes, k=4)]
+        pairs = [(i, j) for _, i, j in _confused_pairs(cm)[:4]]
     for i, j in pairs:
         a, b = classes[i], classes[j]
         out.append(
@@ -90,10 +90,15 @@ def leakage(cm: np.ndarray, classes: tuple[str, ...] = CLASSES) -> list[dict]:
 
 def most_confused(cm: np.ndarray, classes: tuple[str, ...] = CLASSES, k: int = 5) -> list[dict]:
     """The k unordered class pairs with the most errors between them (both directions counted)."""
-    n = len(cm)
-    pairs = [(int(cm[i, j] + cm[j, i]), i, j) for i in range(n) for j in range(i + 1, n)]
-    pairs.sort(key=lambda t: (-t[0], t[1], t[2]))
+    pairs = _confused_pairs(cm)
     return [
         {"a": classes[i], "b": classes[j], "errors": total, "a_as_b": int(cm[i, j]), "b_as_a": int(cm[j, i])}
         for total, i, j in pairs[:k]
     ]
+
+
+def _confused_pairs(cm: np.ndarray) -> list[tuple[int, int, int]]:
+    """(errors both ways, i, j) for every unordered class pair, most errors first (ties by class order)."""
+    n = len(cm)
+    pairs = [(int(cm[i, j] + cm[j, i]), i, j) for i in range(n) for j in range(i + 1, n)]
+    return sorted(pairs, key=lambda t: (-t[0], t[1], t[2]))

@@ -88,8 +88,8 @@ def scan(root: Path) -> tuple[list[Picture], tuple[str, ...], list[str]]:
     classes = tuple(sorted(found["train" if layout else None]))
     if len(classes) < 2:
         where = root / "train" if layout else root
-        found = f"{len(classes)} class folder{'' if len(classes) == 1 else 's'}"
-        raise DataError(f"{where}: {found}; a classifier needs at least 2 (one subfolder per class)")
+        count = f"{len(classes)} class folder{'' if len(classes) == 1 else 's'}"
+        raise DataError(f"{where}: {count}; a classifier needs at least 2 (one subfolder per class)")
     if len(classes) > MAX_CLASSES:
         raise DataError(f"{root}: {len(classes):,} class folders; at most {MAX_CLASSES:,}")
     pictures = []
@@ -157,8 +157,9 @@ def decode_all(pictures: list[Picture], size: int, skipped: list[str], progress:
     kept = [k is not None and k in cache for k in keys]
     if todo:
         cache.save()
-    images = np.stack([cache[k] for k, ok in zip(keys, kept) if ok]) if any(kept) else np.zeros((0, size, size, 3))
-    return images.astype(np.uint8), kept
+    if not any(kept):
+        return np.zeros((0, size, size, 3), np.uint8), kept
+    return np.stack([cache[k] for k, ok in zip(keys, kept) if ok]), kept
 
 
 class DecodeCache:

@@ -130,8 +130,8 @@ def _check_not_a_run(out: Path, run_dirs: list[Path]) -> None:
     """A comparison writes report.md, report.html and learning_curves.png: never into a run folder (or one of the
     compared runs), whose files of those names it would replace. An earlier comparison's folder it may replace."""
     compared = {Path(d).resolve() for d in run_dirs}
-    earlier_comparison = (out / "compare.json").is_file() and not holds_run(out)
-    if out.resolve() in compared or holds_run(out) or ((out / "report.md").exists() and not earlier_comparison):
+    foreign_report = (out / "report.md").exists() and not (out / "compare.json").is_file()
+    if out.resolve() in compared or holds_run(out) or foreign_report:
         raise CompareError(
             f"--out {out}: holds a run or a report, which this comparison would replace; give another --out"
         )

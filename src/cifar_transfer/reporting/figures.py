@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 from .. import atomic
 from ..data.cifar import CLASSES, Dataset, Splits
@@ -21,6 +22,8 @@ if TYPE_CHECKING:  # the analysis imports Grad-CAM, which only runs that analyse
 
 
 def save(fig: Figure, path: Path) -> Path:
+    for label in fig.findobj(Text):  # class and file names are the user's: a `$` in one is no formula
+        label.set_parse_math(False)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)

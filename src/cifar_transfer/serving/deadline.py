@@ -14,9 +14,6 @@ import asyncio
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-READ_TIMEOUT = 30.0  # seconds for a whole request (headers and body) to arrive
-MAX_CONNECTIONS = 64  # connections and requests served at once; beyond it: 503
-
 
 def with_read_timeout(seconds: float) -> type[H11Protocol]:
     """uvicorn's h11 protocol, closing a connection whose request has not arrived whole within `seconds`."""

@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..data.folder import MAX_CLASSES
 from ..data.images import ImageError, decode, open_image
 from ..errors import CifarTransferError
-from .deadline import MAX_CONNECTIONS, READ_TIMEOUT, with_read_timeout
+from .deadline import with_read_timeout
 from .predictor import Options, Predictor
 
 MAX_BYTES = 10_000_000
@@ -239,7 +239,8 @@ def create_app(
         title="cifar-transfer",
         lifespan=lifespan,
         version="1",
-        description=f"Image classifier `{predictor.model_id}`. Classes: {', '.join(predictor.classes)}.",
+        # Swagger UI renders this as Markdown: class names are folder names, the user's text
+        description=f"Image classifier `{predictor.model_id}`. Classes: {html.escape(', '.join(predictor.classes))}.",
     )
     batch_limit = max_bytes * max_images + FORM_OVERHEAD * max_images
     app.add_middleware(BodyLimit, limits={"/predict": max_bytes + FORM_OVERHEAD, "/predict/batch": batch_limit})
@@ -374,8 +375,8 @@ def serve(
     max_bytes: int,
     max_images: int,
     device: str,
-    read_timeout: float = READ_TIMEOUT,
-    max_connections: int = MAX_CONNECTIONS,
+    read_timeout: float,
+    max_connections: int,
 ) -> None:
     """Serve until stopped. A request must arrive whole within `read_timeout` seconds; at most `max_connections`
     connections are served at once (503 beyond)."""
