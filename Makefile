@@ -58,7 +58,7 @@ bench: setup
 bench-smoke: setup
 	$(BIN)/python bench/bench.py --smoke
 
-# A lent GPU gets two uploads of at most 64 MiB (README, "Performance"): `make bench-gpu-pack` here puts the weights
+# A lent GPU gets two uploads of at most 64 MiB (docs/performance.md): `make bench-gpu-pack` here puts the weights
 # in .bench/weights/ (51 MB: first upload, copied to /root/ there) and 15,000 training + the 10,000 test images in
 # .bench/data/ (~58 MB: second upload); `make bench-gpu` there runs with that machine's own Python and PyTorch.
 BENCH_WEIGHTS ?= /root/resnet50_imagenet_v1_fp16.safetensors

@@ -62,7 +62,7 @@ LADDER = [
 ]
 
 PLANS = {
-    # one lent GPU, sized to finish within 8 minutes (estimated from the H100 figures in README; not yet run)
+    # one lent GPU, sized to finish within 8 minutes (estimated from a plain loop's H100 time; not yet run)
     "full": {
         "throughput": [
             (32, 32, "bf16"),

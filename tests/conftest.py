@@ -110,6 +110,51 @@ def smoke_run(cifar_dir: Path, weights_path: Path, tmp_path_factory: pytest.Temp
     return out
 
 
+def write_digits(root: Path, rows: np.ndarray | None = None) -> Path:
+    """scikit-learn's real scans of handwritten digits (8 x 8, 16 grey levels) as 8-bit greyscale PNGs,
+    root/<digit>/<index>.png: a folder of a user's own labelled pictures."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i in range(len(digits.target)) if rows is None else rows:
+        folder = root / str(digits.target[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        picture = (digits.images[i] * 255 / 16).round().astype(np.uint8)
+        Image.fromarray(picture, "L").save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """All 1,797 digit scans as a class-folder tree, written once for every worker."""
+    out, lock = once(tmp_path_factory, "digits")
+    with lock:
+        if not (out / "9").is_dir():
+            write_digits(out.with_name("digits-partial"))
+            out.with_name("digits-partial").rename(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_run(digits: Path, weights_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`run --preset smoke --data digits/` through the command line, once for every worker."""
+    out, lock = once(tmp_path_factory, "digits-run")
+    with lock:
+        if not (out / "metrics.json").is_file():
+            env = {**os.environ, "CIFAR_TRANSFER_CACHE": str(out.with_name("digits-cache"))}
+            args = ["run", "--preset", "smoke", "--data", str(digits), "--weights", str(weights_path)]
+            done = subprocess.run(
+                [sys.executable, "-m", "cifar_transfer", *args, "--out", str(out), "--no-progress"],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=600,
+            )
+            assert done.returncode == 0, done.stderr
+    return out
+
+
 @pytest.fixture
 def smoke_copy(smoke_run: Path, tmp_path: Path) -> Path:
     """A copy of the smoke run for a test that adds to the folder (evaluations/, analysis/): tests running at the

@@ -74,7 +74,7 @@ def test_flip_noise_caches_three_views_and_draws_each(pretrained, cifar):
     from cifar_transfer.model.network import build_model
     from cifar_transfer.recipe import preset
     from cifar_transfer.training.distributed import ALONE
-    from cifar_transfer.training.loop import PhaseInputs, _batch
+    from cifar_transfer.training.inputs import PhaseInputs, draw_batch
 
     r = preset("lean").with_overrides(
         ["augment=flip+noise", "resolution=32", "precision=fp32", "train_size=20", "val_size=10"]
@@ -85,7 +85,7 @@ def test_flip_noise_caches_three_views_and_draws_each(pretrained, cifar):
     (train, val), begin = inputs.for_phase(2)
     assert begin == "layer3.3" and len(train) == 3 and len(val) == 1
     assert not torch.equal(train[2], train[0]) and not torch.equal(train[2], train[1])
-    batch = _batch(train, torch.arange(20), torch.Generator().manual_seed(0), r).inputs
+    batch = draw_batch(train, torch.arange(20), torch.Generator().manual_seed(0), r).inputs
     picked = {next(k for k in range(3) if torch.equal(batch[i], train[k][i])) for i in range(20)}
     assert picked == {0, 1, 2}
 
@@ -109,12 +109,12 @@ def test_augmix_is_seeded_per_image_and_keeps_the_image_recognisable(cifar):
 
 
 def augmix_inputs(pretrained, cifar, *overrides):
-    """`lean` at 32 px on 30 images with augment=flip+augmix: phase 2's training inputs (checked to be a Fresh,
-    beside flips alone in phase 1), the recipe, a copy of the cached views and the PhaseInputs."""
+    """`lean` at 32 px on 30 images with augment=flip+augmix: phase 2's training inputs (checked to be a FreshAugMix,
+    beside flips alone in phase 1), the recipe, a copy of the cached activations and the PhaseInputs."""
     from cifar_transfer.model.network import build_model
     from cifar_transfer.recipe import preset
     from cifar_transfer.training.distributed import ALONE
-    from cifar_transfer.training.loop import Fresh, PhaseInputs
+    from cifar_transfer.training.inputs import FreshAugMix, PhaseInputs
 
     r = preset("lean").with_overrides(
         ["augment=flip+augmix", "resolution=32", "precision=fp32", "train_size=30", "val_size=10", *overrides]
@@ -125,8 +125,8 @@ def augmix_inputs(pretrained, cifar, *overrides):
     (head_train, _), begin = inputs.for_phase(1)
     assert begin == "head" and isinstance(head_train, tuple) and len(head_train) == 2  # flips alone
     (train, val), begin = inputs.for_phase(2)
-    assert begin == "layer3.3" and isinstance(train, Fresh) and len(train.views) == 2 and len(val) == 1
-    return train, r, [view.clone() for view in train.views], inputs
+    assert begin == "layer3.3" and isinstance(train, FreshAugMix) and len(train.cached) == 2 and len(val) == 1
+    return train, r, [view.clone() for view in train.cached], inputs
 
 
 def nearest_image(row, cached):
@@ -136,14 +136,14 @@ def nearest_image(row, cached):
 
 def test_flip_augmix_draws_a_fresh_third_through_the_frozen_steps_in_phase_2(pretrained, cifar):
     from cifar_transfer.training.distributed import ALONE
-    from cifar_transfer.training.loop import PhaseInputs, _batch
+    from cifar_transfer.training.inputs import PhaseInputs, draw_batch
 
     train, r, cached, inputs = augmix_inputs(pretrained, cifar)
-    batches = [_batch(train, torch.arange(30), torch.Generator().manual_seed(s), r).inputs for s in (0, 1)]
+    batches = [draw_batch(train, torch.arange(30), torch.Generator().manual_seed(s), r).inputs for s in (0, 1)]
     for batch in batches:
         kept = [any(torch.equal(batch[i], view[i]) for view in cached) for i in range(30)]
         assert 3 <= kept.count(False) <= 20  # about a third drawn anew ...
-    assert all(torch.equal(a, b) for a, b in zip(cached, train.views))  # ... never written into the cache
+    assert all(torch.equal(a, b) for a, b in zip(cached, train.cached))  # ... never written into the cache
     i = next(i for i in range(30) if not any(torch.equal(batches[0][i], view[i]) for view in cached))
     # a fresh row is what the frozen steps make of an AugMix of that image: nearer its own than any other's
     assert nearest_image(batches[0][i], cached) == i
@@ -156,10 +156,10 @@ def test_flip_augmix_draws_a_fresh_third_through_the_frozen_steps_in_phase_2(pre
 
 
 def test_consistency_keeps_the_clean_batch_and_adds_two_mixes_of_a_third(pretrained, cifar):
-    from cifar_transfer.training.loop import _batch
+    from cifar_transfer.training.inputs import draw_batch
 
     train, r, cached, _ = augmix_inputs(pretrained, cifar, "consistency=12")
-    batch = _batch(train, torch.arange(30), torch.Generator().manual_seed(0), r)
+    batch = draw_batch(train, torch.arange(30), torch.Generator().manual_seed(0), r)
     clean, first, second = batch.inputs[:30], *batch.inputs[30:].chunk(2)
     assert all(any(torch.equal(clean[i], view[i]) for view in cached) for i in range(30))  # nothing replaced
     assert 3 <= len(batch.mixed) <= 20 and len(first) == len(second) == len(batch.mixed)
@@ -170,7 +170,7 @@ def test_consistency_keeps_the_clean_batch_and_adds_two_mixes_of_a_third(pretrai
 
 def test_consistency_loss_is_the_jensen_shannon_divergence_of_the_three_predictions():
     from cifar_transfer.recipe import preset
-    from cifar_transfer.training.loop import js_divergence, training_loss
+    from cifar_transfer.training.losses import js_divergence, training_loss
 
     z = torch.randn(6, 10)
     assert js_divergence(z, z, z) == pytest.approx(0, abs=1e-6)

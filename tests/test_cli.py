@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cifar_transfer.data import sources
 from cifar_transfer.data.cifar import CLASSES, Dataset
 from cifar_transfer.jobs import run as run_job
 from cifar_transfer.model.network import load_model, place
@@ -89,6 +90,11 @@ def test_reports_show_the_numbers_in_metrics(smoke_run):
         "Reproduce",
     ):
         assert section in md
+    # results first, then how the run was made, the recipe's table last
+    order = ["What this run found", "# Test set", "## Calibration", "# Error analysis", "# Appendix", "## Data"]
+    order += ["## Training", "## Reproduce", "## Recipe"]
+    places = [md.index(f"{heading}") for heading in order]
+    assert places == sorted(places) and md.count("\n## ", places[-1]) == 0
 
 
 @pytest.mark.slow
@@ -118,7 +124,10 @@ def test_evaluate_on_an_npz(smoke_copy, cifar, tmp_path, run_cli):
 
 # What a user looks for in each command's help: its arguments and where its defaults come from
 HELP = {
-    (): ["run", "analyze", "repeat", "eda", "evaluate", "lr-find", "tune", "compare", "predict", "serve", "export"],
+    (): [
+        *("run", "analyze", "audit", "repeat", "eda", "evaluate", "lr-find", "tune", "compare", "predict"),
+        *("serve", "export"),
+    ],
     ("run",): [
         "--preset",
         "--recipe",
@@ -132,6 +141,7 @@ HELP = {
     ],
     ("eda",): ["--out", "runs/eda", "--data-dir", "--preset", "--no-download"],
     ("evaluate",): ["RUN_DIR", "--data", "--tta", "--device", ".npz"],
+    ("audit",): ["RUN_DIR", "--data", "--resolution", "--exclude", "label_issues.csv"],
 }
 
 
@@ -213,7 +223,7 @@ def test_the_shipped_model_does_not_depend_on_test_labels(cifar, weights_path, t
     shuffled = Dataset(sub.images, np.random.default_rng(1).permutation(sub.labels), sub.source)
     results = []
     for t in (sub, shuffled):
-        monkeypatch.setattr(run_job, "load_cifar10", lambda *a, t=t, **k: (train_set, t))
+        monkeypatch.setattr(sources, "load_cifar10", lambda *a, t=t, **k: (train_set, t))
         out = tmp_path / f"run{len(results)}"
         m = run_job.run(r, out, weights=str(weights_path), progress=False)
         results.append((m, load_file(out / "model.safetensors")))

@@ -159,3 +159,17 @@ def test_robustness_command_on_a_saved_run(smoke_copy, run_cli, cifar_dir):
     assert rob["benchmark_corruptions"] == 15 and f"{rob['mean_corrupted']:.4f}" in done.stdout
     report = (smoke_copy / "robustness" / "report.md").read_text()
     assert "not the released files" in report and "held-out corruptions (not in the mean)" in report
+
+
+def test_the_report_says_which_corruptions_the_model_trained_on():
+    from cifar_transfer.analysis.robustness import summarise
+    from cifar_transfer.data.augment import TRAINS_ON_CORRUPTIONS
+    from cifar_transfer.reporting.report import robustness_markdown
+
+    table = {name: [0.9 if name in ("gaussian_noise", "contrast") else 0.5] * 5 for name in C.BENCHMARK}
+    rob = summarise(table, 0.95, 100, "drawn here", seen=TRAINS_ON_CORRUPTIONS["flip+noise"])
+    assert rob["mean_unseen"] == pytest.approx(0.5) and rob["mean_corrupted"] == pytest.approx((13 * 0.5 + 1.8) / 15)
+    md = robustness_markdown(rob)
+    assert "**The model trained on gaussian noise and contrast**" in md
+    assert "over the 13 corruptions it never saw, **50.00%**" in md
+    assert "makes none of these corruptions" in robustness_markdown(summarise(table, 0.95, 100, "drawn here"))

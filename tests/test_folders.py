@@ -1,6 +1,6 @@
 """Your own pictures: a folder of labelled images goes through run, evaluate, predict, serve and export. The
-pictures are real: scikit-learn's 1,797 scans of handwritten digits (8 x 8, 16 grey levels), written as PNG files
-in one folder per class."""
+pictures are real: scikit-learn's 1,797 scans of handwritten digits (conftest's `digits`), and CIFAR-10 test
+photographs for the copies a user's folder holds."""
 
 from __future__ import annotations
 
@@ -12,28 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_digits
 from PIL import Image
 
 from cifar_transfer.data.cifar import DataError
 from cifar_transfer.data.folder import read_labelled_folder
-
-
-def write_digits(root: Path, rows: np.ndarray | None = None) -> Path:
-    """The digit scans as 8-bit greyscale PNGs, root/<digit>/<index>.png."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    for i in range(len(digits.target)) if rows is None else rows:
-        folder = root / str(digits.target[i])
-        folder.mkdir(parents=True, exist_ok=True)
-        picture = (digits.images[i] * 255 / 16).round().astype(np.uint8)
-        Image.fromarray(picture, "L").save(folder / f"{i:04d}.png")
-    return root
-
-
-@pytest.fixture(scope="session")
-def digits(tmp_path_factory) -> Path:
-    return write_digits(tmp_path_factory.mktemp("digits") / "digits")
 
 
 @pytest.fixture(autouse=True)
@@ -41,26 +24,6 @@ def cache(tmp_path, monkeypatch) -> Path:
     """Each test its own decode cache (never the user's ~/.cache)."""
     monkeypatch.setenv("CIFAR_TRANSFER_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
-
-
-@pytest.fixture(scope="session")
-def digits_run(digits, weights_path, tmp_path_factory) -> Path:
-    """`run --preset smoke --data digits/` through the command line, once."""
-    import subprocess
-    import sys
-
-    out = tmp_path_factory.mktemp("digits-run") / "run"
-    env = {**os.environ, "CIFAR_TRANSFER_CACHE": str(out.parent / "cache")}
-    args = ["run", "--preset", "smoke", "--data", str(digits), "--weights", str(weights_path), "--out", str(out)]
-    done = subprocess.run(
-        [sys.executable, "-m", "cifar_transfer", *args, "--no-progress"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr
-    return out
 
 
 @pytest.mark.slow
@@ -176,13 +139,54 @@ def test_the_second_read_decodes_nothing_and_a_changed_file_is_decoded_again(dig
     assert calls == [changed]
 
 
-def test_exact_duplicates_across_sets_are_listed(digits, tmp_path):
-    root = small(digits, tmp_path / "pics", 10)
-    original = sorted((root / "5").iterdir())[0]
-    for k in range(6):  # copies of one picture: some land in other sets than the original
-        shutil.copy(original, root / "5" / f"copy{k}.png")
-    data = read_labelled_folder(root, 32, 0.2, 0.2, seed=0, progress=False)
-    assert data.duplicates and all(Path(a).parent.name == "5" for pair in data.duplicates for a in pair)
+def photo_folder(cifar, root: Path) -> tuple[Path, list[Path]]:
+    """Real photographs (CIFAR-10 test images, 12 cats and 12 dogs) in train/, 4 others of each in test/; and
+    test/ copies of three training photos as users meet them: the same file twice, re-saved as a JPEG at 48 px,
+    and brightened. Returns the folder and the three copies."""
+    _, test = cifar
+    for name in ("cat", "dog"):
+        rows = np.flatnonzero(test.labels == test.classes.index(name))
+        for k, i in enumerate(rows[:16]):
+            folder = root / ("train" if k < 12 else "test") / name
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(test.images[i]).save(folder / f"{i}.png")
+    originals = sorted((root / "train" / "cat").iterdir())[:3]
+    copies = [
+        root / "test" / "cat" / "same.png",
+        root / "test" / "cat" / "resaved.jpg",
+        root / "test" / "cat" / "lit.png",
+    ]
+    shutil.copy(originals[0], copies[0])
+    Image.open(originals[1]).resize((48, 48), Image.Resampling.BICUBIC).save(copies[1], quality=80)
+    brighter = np.asarray(Image.open(originals[2])).astype(np.int16) + 12
+    Image.fromarray(brighter.clip(0, 255).astype(np.uint8)).save(copies[2])
+    return root, copies
+
+
+def test_copies_of_training_pictures_in_later_sets_are_found_and_can_be_dropped(cifar, tmp_path):
+    root, copies = photo_folder(cifar, tmp_path / "pics")
+    data = read_labelled_folder(root, 32, 0.25, 0.0, seed=0, progress=False)
+    found = {Path(c["later"]).name: c for c in data.duplicates if c["later_set"] == "test"}
+    assert set(found) == {c.name for c in copies}  # the 8 other test photos are nobody's copy
+    assert found["same.png"]["exact"] and found["same.png"]["earlier_set"] in ("train", "val")
+    assert not found["resaved.jpg"]["exact"] and not found["lit.png"]["exact"]
+    assert all(c["same_class"] and not c["dropped"] for c in data.duplicates)
+    assert {str(c) for c in copies} <= set(data.splits.test.files)
+    exact_only = read_labelled_folder(root, 32, 0.25, 0.0, seed=0, progress=False, duplicates="drop-exact")
+    assert set(data.splits.test.files) - set(exact_only.splits.test.files) == {str(copies[0])}
+    near = read_labelled_folder(root, 32, 0.25, 0.0, seed=0, progress=False, duplicates="drop-near")
+    assert not {str(c) for c in copies} & set(near.splits.test.files) and len(near.splits.test) == 8
+    assert near.splits.train.files == data.splits.train.files  # a copy leaves its later set, never train
+    dropped = [r for r in near.rows() if r[1] == "dropped"]
+    assert sorted(r[0] for r in dropped) == sorted(str(c) for c in copies) and {r[2] for r in dropped} == {"cat"}
+
+
+def test_a_copy_with_another_label_is_flagged(cifar, tmp_path):
+    root, copies = photo_folder(cifar, tmp_path / "pics")
+    copies[0].rename(root / "test" / "dog" / "same.png")  # the same photo filed as a dog
+    data = read_labelled_folder(root, 32, 0.25, 0.0, seed=0, progress=False)
+    (conflict,) = [c for c in data.duplicates if not c["same_class"]]
+    assert conflict["exact"] and Path(conflict["later"]).parent.name == "dog" and conflict["class"] == "dog"
 
 
 @pytest.mark.parametrize(
@@ -278,3 +282,48 @@ def test_class_names_that_look_like_formulas_are_drawn_as_text(tmp_path):
     classes = ("$\\frac$", "price $5 or $6")  # matplotlib would parse these as math, and fail on the first
     figures.confusion([[3, 1], [0, 4]], classes, tmp_path / "cm.png")
     assert (tmp_path / "cm.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_every_training_command_takes_a_folder(digits, tmp_path, run_cli, weights_path, monkeypatch):
+    root = small(digits, tmp_path / "pics", 12)
+    common = ["--data", str(root), "--weights", str(weights_path), "--no-progress"]
+    monkeypatch.setenv("CIFAR_TRANSFER_CACHE", str(tmp_path / "cache"))  # run_cli cleared it
+    done = run_cli("eda", "--data", str(root), "--out", str(tmp_path / "eda"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "eda" / "class_counts.png").is_file() and (tmp_path / "eda" / "samples.png").is_file()
+    done = run_cli("lr-find", "--preset", "smoke", "--steps", "5", "--out", str(tmp_path / "lr"), *common)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "lr" / "lr_find.json").read_text())["steps"] >= 3
+    done = run_cli("repeat", "--preset", "smoke", "--seeds", "2", "--out", str(tmp_path / "rep"), *common)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "rep" / "repeat.json").read_text())["summary"]
+    seeds = [json.loads((tmp_path / "rep" / f"seed-{k}" / "metrics.json").read_text()) for k in (0, 1)]
+    assert summary["test accuracy"]["values"] == [m["test"]["accuracy"] for m in seeds]
+    pair = seeds[0]["test"]["leakage"][0]  # the first seed's most confused digits, followed in both seeds
+    assert f"{pair['a']} → {pair['b']}" in summary and summary[f"{pair['a']} → {pair['b']}"]["values"][0] == (
+        pytest.approx(pair["a_as_b"], abs=1e-6)
+    )
+    assert all(m["data"]["kind"] == "folder" and m["run"]["data_source"] == str(root) for m in seeds)
+    run = tmp_path / "rep" / "seed-1"
+    done = run_cli("analyze", str(run), "--device", "cpu")  # the folder the run recorded, split by its seed
+    assert done.returncode == 0, done.stderr
+    analysis = json.loads((run / "analysis" / "analysis.json").read_text())
+    with (run / "splits.csv").open() as f:
+        tested = [r for r in csv.DictReader(f) if r["split"] == "test"]
+    assert analysis["tta"]["images"] == len(tested) == 20 and not analysis["tta"]["sampled"]
+    done = run_cli("robustness", str(run))
+    assert done.returncode == 1 and "trained on other pictures than CIFAR-10's" in done.stderr
+    space = tmp_path / "space.toml"
+    space.write_text("[head_lr]\nlow = 1e-4\nhigh = 1e-2\n")
+    done = run_cli(
+        "tune", "--preset", "smoke", "--trials", "1", "--space", str(space), "--out", str(tmp_path / "t"), *common
+    )
+    assert done.returncode == 0, done.stderr
+    trial = json.loads((tmp_path / "t" / "trial-0000" / "metrics.json").read_text())
+    assert trial["run"]["data_source"] == str(root) and trial["validation"]["n"] == 10  # 10% of 12 a class
+    space.write_text("[seed]\nlow = 0\nhigh = 9\n")
+    done = run_cli(
+        "tune", "--preset", "smoke", "--trials", "1", "--space", str(space), "--out", str(tmp_path / "t2"), *common
+    )
+    assert done.returncode == 1 and "split once for the whole study; seed cannot vary" in done.stderr

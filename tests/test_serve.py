@@ -1,6 +1,7 @@
 """The service started for real on 127.0.0.1 and called over HTTP; the upload page in headless Chromium."""
 
 import asyncio
+import contextlib
 import io
 import select
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,12 +38,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def service(smoke_run):
-    """The service in its own process: (base URL, process)."""
+@contextlib.contextmanager
+def serving(run_dir: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`serve RUN_DIR` in its own process, once it answers: (base URL, process)."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cifar_transfer.cli", "serve", str(smoke_run), "--port", str(port), "--device", "cpu"],
+        [sys.executable, "-m", "cifar_transfer.cli", "serve", str(run_dir), "--port", str(port), "--device", "cpu"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -58,9 +60,18 @@ def service(smoke_run):
             time.sleep(0.2)
     else:
         pytest.fail("server did not start")
-    yield url, proc
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def service(smoke_run):
+    """The smoke run's service in its own process: (base URL, process)."""
+    with serving(smoke_run) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
@@ -391,13 +402,25 @@ CONTRACT = "not_a_server_error,status_code_conformance,content_type_conformance,
 
 
 def test_the_service_answers_as_its_openapi_document_says(server, tmp_path):
+    check_contract(server, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_folder_models_service_answers_as_its_document_says(digits_run, tmp_path):
+    with serving(digits_run) as (url, _):
+        assert "Classes: 0, 1, 2" in httpx.get(f"{url}/openapi.json").json()["info"]["description"]
+        check_contract(url, tmp_path, examples=20)
+
+
+def check_contract(url: str, folder: Path, examples: int = 40) -> None:
+    """Schemathesis over every operation of the service's own OpenAPI document."""
     st = Path(sys.executable).with_name("st")
     done = subprocess.run(
         [
-            *(str(st), "run", f"{server}/openapi.json", "--checks", f"{CONTRACT},response_headers_conformance"),
-            *("--max-examples", "40", "--seed", "0", "--no-color", "--request-timeout", "60"),
+            *(str(st), "run", f"{url}/openapi.json", "--checks", f"{CONTRACT},response_headers_conformance"),
+            *("--max-examples", str(examples), "--seed", "0", "--no-color", "--request-timeout", "60"),
         ],
-        cwd=tmp_path,  # its example database stays out of the checkout
+        cwd=folder,  # its example database stays out of the checkout
         capture_output=True,
         text=True,
         timeout=300,

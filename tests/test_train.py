@@ -10,8 +10,8 @@ from cifar_transfer.data.augment import as_tensors, to_input
 from cifar_transfer.model import inference
 from cifar_transfer.model.network import Part, build_model
 from cifar_transfer.recipe import preset
-from cifar_transfer.training import checkpoint, loop, phases
-from cifar_transfer.training.loop import fit
+from cifar_transfer.training import checkpoint, inputs, loop, phases
+from cifar_transfer.training.loop import Saving, fit
 from cifar_transfer.training.phases import TrainingError
 
 TINY = ["train_size=40", "val_size=20", "batch_size=8", "head_epochs=2", "finetune_epochs=2"]
@@ -112,12 +112,12 @@ def test_resume_from_any_epoch_ends_identically(pretrained, tiny_data, tmp_path,
 
     monkeypatch.setattr(atomic, "write_with", keep_each)
     full = fresh(r, pretrained)
-    history = fit(full, r, *tiny_data, checkpoint=tmp_path / "checkpoint.pt", progress=False)
+    history = fit(full, r, *tiny_data, saving=Saving(checkpoint=tmp_path / "checkpoint.pt"), progress=False)
     assert len(saved) == 4 and (tmp_path / "checkpoint.pt").is_file()
     for k in (0, 2):  # interrupted in phase 1 (after epoch 1) and in phase 2 (after epoch 3)
         state = checkpoint.load_checkpoint(saved[k])
         resumed = fresh(r, pretrained)
-        h = fit(resumed, r, *tiny_data, resume=state, progress=False)
+        h = fit(resumed, r, *tiny_data, saving=Saving(resume=state), progress=False)
         assert [x["val_loss"] for x in h] == [x["val_loss"] for x in history]
         for (name, va), vb in zip(full.state_dict().items(), resumed.state_dict().values()):
             assert torch.equal(va, vb), (k, name)
@@ -125,10 +125,15 @@ def test_resume_from_any_epoch_ends_identically(pretrained, tiny_data, tmp_path,
 
 def test_resume_with_another_recipe_is_refused(pretrained, tiny_data, tmp_path):
     r = preset("seed").with_overrides([*TINY, "finetune_epochs=0", "head_epochs=1"])
-    fit(fresh(r, pretrained), r, *tiny_data, checkpoint=tmp_path / "c.pt", progress=False)
+    fit(fresh(r, pretrained), r, *tiny_data, saving=Saving(checkpoint=tmp_path / "c.pt"), progress=False)
     other = r.with_overrides(["head_lr=0.5"])
     with pytest.raises(TrainingError, match="different recipe"):
-        fit(fresh(other, pretrained), other, *tiny_data, resume=checkpoint.load_checkpoint(tmp_path / "c.pt"))
+        fit(
+            fresh(other, pretrained),
+            other,
+            *tiny_data,
+            saving=Saving(resume=checkpoint.load_checkpoint(tmp_path / "c.pt")),
+        )
 
 
 def test_cached_activations_give_the_full_forward_passes_outputs(pretrained, tiny_data):
@@ -138,14 +143,14 @@ def test_cached_activations_give_the_full_forward_passes_outputs(pretrained, tin
     with torch.no_grad():
         full = model(to_input(images))
         mirrored = model(to_input(images.flip(-1)))
-    plain, mirror = loop.cache_activations(model, images, "stem", "layer3", r, views=2)
+    plain, mirror = inputs.cache_activations(model, images, "stem", "layer3", r, mirrored=True)
     assert plain.shape == (12, 512, 8, 8)  # layer2's output at 64 px
     for cached, expected in ((plain, full), (mirror, mirrored)):
         with torch.no_grad():
             assert torch.allclose(Part(model, "layer3")(cached), expected, atol=1e-5)
     # phase 1's features, computed from the cached activations, are the base's features (up to fp32 rounding:
     # the cached steps run with their BatchNorm folded into the convolutions)
-    (feats,) = loop.cache_activations(model, (plain,), "layer3", "head", r)
+    (feats,) = inputs.cache_activations(model, (plain,), "layer3", "head", r)
     with torch.no_grad():
         assert torch.allclose(feats, model.features(to_input(images)), rtol=1e-4, atol=1e-5)
 
@@ -155,7 +160,7 @@ def test_auto_precision_without_bf16_hardware_computes_in_fp32_and_caches_in_bf1
     r = preset("seed").with_overrides([*TINY, "resolution=64", "finetune_from=layer3", "precision=auto"])
     model = fresh(r, pretrained).eval()
     images = tiny_data[0][0][:12]
-    (cached,) = loop.cache_activations(model, images, "stem", "layer3", r)
+    (cached,) = inputs.cache_activations(model, images, "stem", "layer3", r)
     with torch.no_grad():
         exact = Part(model, "stem", "layer3")(to_input(images))  # fp32, no autocast
         logits, full = Part(model, "layer3")(cached), model(to_input(images))
@@ -198,7 +203,7 @@ def test_best_val_ships_the_best_validation_epoch(pretrained, tiny_data, tmp_pat
 
     monkeypatch.setattr(atomic, "write_with", keep_each)
     model = fresh(r, pretrained)
-    history = fit(model, r, *tiny_data, checkpoint=tmp_path / "checkpoint.pt", progress=False)
+    history = fit(model, r, *tiny_data, saving=Saving(checkpoint=tmp_path / "checkpoint.pt"), progress=False)
     assert [h["shipped"] for h in history] == [False, True, False, False]
     at_epoch_2 = checkpoint.load_checkpoint(saved[1])["model"]
     last = checkpoint.load_checkpoint(saved[3])["model"]
@@ -213,7 +218,7 @@ def test_best_val_ships_the_best_validation_epoch(pretrained, tiny_data, tmp_pat
     # resumed after epoch 3, the run still remembers epoch 2 as the best and ships it
     scripted = iter([0.5])
     resumed = fresh(r, pretrained)
-    h = fit(resumed, r, *tiny_data, resume=checkpoint.load_checkpoint(saved[2]), progress=False)
+    h = fit(resumed, r, *tiny_data, saving=Saving(resume=checkpoint.load_checkpoint(saved[2])), progress=False)
     assert [x["shipped"] for x in h] == [False, True, False, False]
     for k, v in resumed.state_dict().items():
         assert torch.equal(v, at_epoch_2[k]), k
@@ -231,7 +236,13 @@ def test_each_history_row_follows_its_checkpoint_and_write_errors_stop_training(
     def on_saved(rows):
         seen.append((len(rows), len(checkpoint.load_checkpoint(tmp_path / "c.pt")["history"])))
 
-    fit(fresh(r, pretrained), r, *tiny_data, checkpoint=tmp_path / "c.pt", on_saved=on_saved, progress=False)
+    fit(
+        fresh(r, pretrained),
+        r,
+        *tiny_data,
+        saving=Saving(checkpoint=tmp_path / "c.pt", on_saved=on_saved),
+        progress=False,
+    )
     assert seen == [(1, 1), (2, 2), (3, 3), (4, 4)]
 
     def full_disk(*args, **kwargs):
@@ -239,7 +250,7 @@ def test_each_history_row_follows_its_checkpoint_and_write_errors_stop_training(
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(atomic.DiskFullError, match=r"d\.pt: no space left on device"):
-        fit(fresh(r, pretrained), r, *tiny_data, checkpoint=tmp_path / "d.pt", progress=False)
+        fit(fresh(r, pretrained), r, *tiny_data, saving=Saving(checkpoint=tmp_path / "d.pt"), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
 
 

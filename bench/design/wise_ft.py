@@ -31,7 +31,8 @@ from cifar_transfer.model.inference import predict_logits
 from cifar_transfer.model.network import Part, build_model, folded, place
 from cifar_transfer.model.weights import load_pretrained
 from cifar_transfer.recipe import preset
-from cifar_transfer.training.loop import cache_activations, fit
+from cifar_transfer.training.inputs import cache_activations
+from cifar_transfer.training.loop import fit
 
 
 def train(recipe, splits, pretrained) -> tuple[torch.nn.Module, dict, float]:

@@ -29,10 +29,7 @@ PRESET_HELP = (
 
 def _options() -> dict[str, argparse.ArgumentParser]:
     """Option groups several commands share, as parent parsers."""
-    data = argparse.ArgumentParser(add_help=False)
-    group = data.add_argument_group("data")
-    group.add_argument("--data-dir", help="folder holding CIFAR-10 (see below)")
-    group.add_argument("--no-download", action="store_true", help="never download CIFAR-10; fail if not found")
+    cifar, data = _data_options(folder=False), _data_options(folder=True)
     device = argparse.ArgumentParser(add_help=False)
     device.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
     training = argparse.ArgumentParser(add_help=False)
@@ -70,7 +67,24 @@ def _options() -> dict[str, argparse.ArgumentParser]:
         help="CIFAR-10H folder (cifar10h-probs.npy) for the human-ambiguity "
         "analysis; default $CIFAR_TRANSFER_HUMAN_LABELS; without it: skipped",
     )
-    return {"data": data, "device": device, "training": training, "recipe": recipe, "human": human}
+    return {"cifar": cifar, "data": data, "device": device, "training": training, "recipe": recipe, "human": human}
+
+
+def _data_options(folder: bool) -> argparse.ArgumentParser:
+    """The "data" options: where CIFAR-10 is, and (for commands that can train on them) a folder of pictures."""
+    p = argparse.ArgumentParser(add_help=False)
+    group = p.add_argument_group("data")
+    if folder:
+        group.add_argument(
+            "--data",
+            metavar="FOLDER",
+            help="your own labelled pictures instead of CIFAR-10: one subfolder per class (split by the recipe's "
+            "val_fraction and test_fraction, default 10%% and 20%% of each class, seeded), or train/ with "
+            "optional val/ and test/, each with class subfolders; JPEG, PNG, WebP, BMP, TIFF or GIF",
+        )
+    group.add_argument("--data-dir", help="folder holding CIFAR-10 (see below)")
+    group.add_argument("--no-download", action="store_true", help="never download CIFAR-10; fail if not found")
+    return p
 
 
 def _preset(p: argparse.ArgumentParser, default: str = "auto") -> None:
@@ -126,11 +140,10 @@ def _training_commands(sub, o: dict) -> None:
     )
     _preset(r)
     r.add_argument(
-        "--data",
-        metavar="FOLDER",
-        help="train on your own labelled pictures instead of CIFAR-10: one subfolder per class (split by the "
-        "recipe's val_fraction and test_fraction, default 10%% and 20%% of each class, seeded), or train/ with "
-        "optional val/ and test/, each with class subfolders; JPEG, PNG, WebP, BMP, TIFF or GIF",
+        "--exclude",
+        metavar="CSV",
+        help="leave out the training and validation images its `image` column names: audit's label_issues.csv, "
+        "or a reviewed copy (the test set never changes)",
     )
     resuming = r.add_mutually_exclusive_group()
     resuming.add_argument(
@@ -222,6 +235,7 @@ def _saved_run_commands(sub, o: dict) -> None:
         "written to RUN_DIR/analysis/.",
     )
     a.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    _audit_command(sub, o)
     v = sub.add_parser(
         "evaluate",
         parents=[o["device"]],
@@ -239,7 +253,7 @@ def _saved_run_commands(sub, o: dict) -> None:
     v.add_argument("--no-download", action="store_true", help="never download CIFAR-10; fail if not found")
     r = sub.add_parser(
         "robustness",
-        parents=[o["data"], o["device"]],
+        parents=[o["cifar"], o["device"]],
         help="CIFAR-10-C's corruptions at its own strength on a saved run",
         description="Accuracy under the 15 benchmark and 4 held-out corruptions of CIFAR-10-C, severities 1-5, "
         "drawn by this tool with the generator's constants; written to RUN_DIR/robustness/.",
@@ -260,6 +274,25 @@ def _saved_run_commands(sub, o: dict) -> None:
     )
     c.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
     c.add_argument("--out", type=Path, help="folder for the comparison (default runs/compare-<time>)")
+
+
+def _audit_command(sub, o: dict) -> None:
+    au = sub.add_parser(
+        "audit",
+        parents=[o["data"], o["device"], o["human"]],
+        help="which labels are likely wrong (confident learning)",
+        description="Rank a saved run's training, validation and test images by how likely their label is wrong, "
+        "from out-of-sample probabilities, with cleanlab; RUN_DIR/audit/label_issues.csv, a gallery and a report. "
+        "Give a reviewed copy of the CSV to run --exclude.",
+    )
+    au.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    au.add_argument("--weights", help="the pretrained weights whose features judge the labels (default: the run's)")
+    au.add_argument(
+        "--resolution",
+        type=_whole_number(32, 512),
+        default=64,
+        help="the size the pretrained base sees the images at (default 64)",
+    )
 
 
 def _model_commands(sub, o: dict) -> None:
@@ -320,7 +353,8 @@ def _model_commands(sub, o: dict) -> None:
 
 
 def _data_args(args: argparse.Namespace) -> dict:
-    return {"data_dir": args.data_dir, "download": not args.no_download}
+    folder = {"data": args.data} if "data" in args else {}  # robustness measures CIFAR-10 models only
+    return {**folder, "data_dir": args.data_dir, "download": not args.no_download}
 
 
 def _training_args(args: argparse.Namespace) -> dict:
@@ -354,7 +388,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         resume=bool(args.resume),
         overwrite=args.overwrite,
         human_labels=args.human_labels,
-        data=args.data,
+        exclude=args.exclude,
         **_training_args(args),
     )
     if run is not None:  # under torchrun, rank 0 reports
@@ -369,7 +403,7 @@ def cmd_repeat(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     out = _out(args, f"{recipe.name}-repeat")
     result = api.repeat(recipe, args.seeds, out, **_training_args(args))
-    acc = result["summary"]["test accuracy"]
+    acc = result.metrics["summary"]["test accuracy"]
     print(f"test accuracy {acc['mean']:.4f} ± {acc['std']:.4f} over {args.seeds} seeds; report: {out / 'report.html'}")
     return 0
 
@@ -384,46 +418,27 @@ def cmd_eda(args: argparse.Namespace) -> int:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from .jobs.lr_find import lr_find_job
+    from . import api
 
     recipe = _recipe(args)
     out = _out(args, f"lr-find-{recipe.name}")
     training = _training_args(args)
     training.pop("progress")
-    result = lr_find_job(
-        recipe,
-        out,
-        phase=args.phase,
-        start_from=args.start_from,
-        steps=args.steps,
-        start=args.start,
-        end=args.end,
-        **training,
-    )
+    found = {"phase": args.phase, "start_from": args.start_from, "steps": args.steps}
+    result = api.lr_find(recipe, out, start=args.start, end=args.end, **found, **training).metrics
     found = f"{result['suggestion']:.2e} ({result['method']})" if result["suggestion"] else result["method"]
     print(f"suggested learning rate {found} after {result['steps']} steps; plot: {out / 'lr_find.png'}")
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    require("tune", "optuna")
-    from .jobs.tune import read_space, tune
+    from . import api
 
     recipe = _recipe(args)
     out = _out(args, f"tune-{recipe.name}")
-    result = tune(
-        recipe,
-        out,
-        space=read_space(args.space) if args.space else None,
-        storage=args.storage,
-        study_name=args.study,
-        trials=args.trials,
-        pruner=args.pruner,
-        heartbeat=args.heartbeat,
-        sampler_seed=args.sampler_seed,
-        **_training_args(args),
-    )
-    best = result["best"]
+    study = {"space": args.space, "storage": args.storage, "study": args.study, "trials": args.trials}
+    workers = {"pruner": args.pruner, "heartbeat": args.heartbeat, "sampler_seed": args.sampler_seed}
+    best = api.tune(recipe, out, **study, **workers, **_training_args(args)).metrics["best"]
     found = "no trial completed"
     if best:
         found = (
@@ -441,10 +456,23 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    require("analysis", "cleanlab")
+    from . import api
+
+    options = {"weights": args.weights, "resolution": args.resolution, "human_labels": args.human_labels}
+    result = api.audit(args.run_dir, device=args.device, **options, **_data_args(args))
+    parts = result.metrics["parts"]
+    flagged = ", ".join(f"{p['flagged']:,} of {p['images']:,} {name}" for name, p in parts.items())
+    print(f"flagged {flagged}; {result.dir / 'label_issues.csv'}; report: {result.report}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import api
 
-    result = api.evaluate(args.run_dir, args.data, tta=args.tta, device=args.device, download=not args.no_download)
+    options = {"tta": args.tta, "device": args.device, "download": not args.no_download}
+    result = api.evaluate(args.run_dir, args.data, **options)
     metrics = result.metrics
     if "robustness" in metrics:
         print(f"{_robustness_line(metrics['robustness'])}; report: {result.report}")
@@ -460,10 +488,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _robustness_line(rob: dict) -> str:
     if rob["mean_corrupted"] is None:
         return f"no benchmark corruption found; held-out mean {rob['mean_held_out']:.4f}"
-    return (
+    line = (
         f"CIFAR-10-C mean accuracy {rob['mean_corrupted']:.4f} ± {rob['margin_95']:.4f} over "
         f"{rob['benchmark_corruptions']} corruptions x 5 severities on {rob['images']:,} images"
     )
+    if rob.get("trained_on"):
+        line += (
+            f" ({rob['mean_unseen']:.4f} over those it never trained on; it trained on {', '.join(rob['trained_on'])})"
+        )
+    return line
 
 
 def cmd_robustness(args: argparse.Namespace) -> int:
@@ -484,7 +517,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from . import api
 
     out = _out(args, "compare")
-    result = api.compare(args.run_dirs, out)
+    result = api.compare(args.run_dirs, out).metrics
     for r in result["runs"]:
         for lack in r["lacks"]:
             print(f"note: {r['run']} lacks {lack}", file=sys.stderr)
@@ -501,9 +534,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .serving.predictor import Options, predict_files
 
-    results = predict_files(
-        args.run_dir, args.images, args.top, Options(calibrated=not args.no_calibration, tta=args.tta)
-    )
+    options = Options(calibrated=not args.no_calibration, tta=args.tta)
+    results = predict_files(args.run_dir, args.images, args.top, options)
     if args.json:
         print(json.dumps(results, indent=2))
     elif described := next((r for r in results if "error" not in r), None):
@@ -548,6 +580,7 @@ COMMANDS = {
     "lr-find": cmd_lr_find,
     "tune": cmd_tune,
     "analyze": cmd_analyze,
+    "audit": cmd_audit,
     "evaluate": cmd_evaluate,
     "compare": cmd_compare,
     "predict": cmd_predict,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import shlex
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -21,13 +23,22 @@ def cpu_model() -> dict:
     fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     flags = set(fields.get("flags", "").split())
-    bf16 = "AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags else "none"
+    bf16 = "none"
+    if "amx_bf16" in flags:
+        bf16 = "AMX"
+    elif "avx512_bf16" in flags:
+        bf16 = "AVX-512 BF16"
     return {
         "model": fields.get("model name", platform.processor() or platform.machine()),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "bf16_units": bf16,
     }
+
+
+def command_line() -> str:
+    """The command this process runs, as a user would type it again (recorded in every metrics.json)."""
+    return shlex.join(["cifar-transfer", *sys.argv[1:]])
 
 
 def peak_rss_gib() -> float:

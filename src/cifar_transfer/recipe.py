@@ -50,6 +50,9 @@ class Recipe:
     image_size: int = 64
     val_fraction: float = 0.1
     test_fraction: float = 0.2
+    # a validation or test picture that copies one in an earlier set (data.duplicates) is listed in the report;
+    # "drop-exact" also removes exact copies from their later set, "drop-near" near-copies as well
+    duplicates: Literal["keep", "drop-exact", "drop-near"] = "keep"
     # a folder with fewer training pictures than this has its epochs multiplied (rounded) so it takes about the
     # optimiser steps the preset was tuned with (0: as many epochs as named); CIFAR-10 runs are not scaled
     epoch_images: int = 0
@@ -72,9 +75,9 @@ class Recipe:
     batch_size: int = 32
     label_smoothing: float = 0.0
     # "auto": bf16 autocast where the device computes bf16 in hardware (a CUDA GPU that has it, a CPU with AMX or
-    # AVX-512 BF16), fp32 elsewhere, where bf16 is emulated (on an Ice Lake Xeon: half fp32's speed)
+    # AVX-512 BF16), fp32 elsewhere, where bf16 is emulated and slower than fp32 (docs/performance.md)
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
-    # NHWC is faster on GPUs; on the 2-core CPU it measured 7% slower in the seed loop, so "auto" = GPU only
+    # "auto": NHWC on GPUs, where it is faster; on CPUs it was slower in the seed loop (docs/performance.md)
     memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"  # reduce-overhead: CUDA graphs
     # phase 1: frozen base, BatchNorm in inference mode
@@ -194,13 +197,19 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict) -> Recipe:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = set(d) - set(known)
         if unknown:
-            raise RecipeError(f"unknown recipe fields: {', '.join(sorted(unknown))}")
+            raise RecipeError(f"unknown recipe fields: {', '.join(sorted(unknown))} (known: {', '.join(known)})")
         d = dict(d)
         if isinstance(d.get("head_hidden"), list):  # JSON has lists, the dataclass a tuple; anything else is refused
             d["head_hidden"] = tuple(d["head_hidden"])
         return cls(**d)
+
+    def replace(self, **fields: object) -> Recipe:
+        """A copy with `fields` changed, e.g. `preset("lean").replace(finetune_epochs=3)`: an unknown name or a
+        value of the wrong type is refused, naming the field, as `--set` refuses it."""
+        return Recipe.from_dict(self.to_dict() | fields)
 
     def with_overrides(self, assignments: list[str]) -> Recipe:
         """Apply `key=value` strings (from `--set`), parsing each value by the field's type."""
@@ -273,15 +282,18 @@ def _check_type(name: str, value: object, kind: object) -> None:
     elif kind is int:
         ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
     elif kind is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and _finite(value)
-        want = "a finite number"
+        ok, want = finite_number(value), "a finite number"
     else:
         ok, want = isinstance(value, kind), getattr(kind, "__name__", str(kind))  # type: ignore[arg-type]
     if not ok:
         raise RecipeError(f"recipe field {name}={shown(value)}: must be {want}")
 
 
-def _finite(value: float) -> bool:
+def finite_number(value: object) -> bool:
+    """An int or float (not a bool) that is finite: the one check of numbers read from files, metadata and
+    search spaces."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
     try:
         return math.isfinite(value)
     except OverflowError:  # an integer too large for a float
@@ -343,8 +355,8 @@ PRESETS: dict[str, dict] = {
     "full": {**STRONG, "train_size": 45_000, "val_size": 5_000},
     # The claim on a 2-core CPU: 128 px, the stem to layer3.2 frozen and run once (over each image, its mirror and
     # a copy under CIFAR-10-C-strength noise or low contrast), then layer3.3-layer4 and the head fine-tuned on
-    # those activations with SGD and label smoothing. The shifted copy buys 2-3.5 points under CIFAR-10-C at no
-    # cost in clean accuracy (docs/robustness.md)
+    # those activations with SGD and label smoothing. The shifted copy buys robustness under CIFAR-10-C at no
+    # cost in clean accuracy (docs/robustness.md has the measurement)
     "lean": {
         "resolution": 128,
         "augment": "flip+noise",
@@ -357,8 +369,8 @@ PRESETS: dict[str, dict] = {
         "epoch_images": 10_000,  # a smaller folder of pictures gets as many optimiser steps as CIFAR-10's subsample
         "memory_format": "channels_last",
         "eval_batch_size": 32,
-        # the error analysis at 128 px costs ~7 ms an image: sized to stay under 15% of the run (CIFAR-10-C: 15
-        # corruptions x 5 severities x 150 images)
+        # the error analysis is sampled so that it stays a small share of the run at 128 px (CIFAR-10-C: 15
+        # corruptions x 5 severities x corruption_images; docs/results.md has its time)
         "tta_images": 1000,
         "corruption_images": 150,
         "gradcam_images": 100,

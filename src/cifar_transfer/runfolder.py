@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import shutil
 import stat
@@ -37,7 +38,7 @@ OUTPUT_FILES = frozenset(
         *("reliability.png", "human_vs_model.png", "clear_errors.png", "gradcam.png", "robustness.png"),
     }
 )
-OUTPUT_FOLDERS = ("tensorboard", "evaluations", "analysis", "robustness")
+OUTPUT_FOLDERS = ("tensorboard", "evaluations", "analysis", "robustness", "audit")
 
 
 class FolderRefused(OutputError):
@@ -98,6 +99,17 @@ def _open_lock(path: Path) -> int:
     if stat.S_ISREG(mode):
         why = f"a hard link ({links} names for one file)"
     raise FolderRefused(f"{path}: {why}, not a lock file; remove it, or give this run another --out")
+
+
+def recorded(folder: Path) -> dict:
+    """What a finished run's metrics.json says of how it was made ({} before it has one): the folder of pictures
+    it trained on (`data`, None for CIFAR-10) and the weights it started from (`weights`)."""
+    path = folder / "metrics.json"
+    facts = json.loads(path.read_text()) if path.is_file() else {}
+    if not facts:
+        return {}
+    folder_run = facts.get("data", {}).get("kind") == "folder"
+    return {"data": facts["run"]["data_source"] if folder_run else None, "weights": facts["run"].get("weights")}
 
 
 def holds_run(folder: Path) -> bool:

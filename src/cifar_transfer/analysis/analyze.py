@@ -1,11 +1,12 @@
 """Error analysis that tests the original report's explanations: human ambiguity (CIFAR-10H), where the model
-looks (Grad-CAM, centre vs border), calibration (ECE, temperature scaling on the validation set), flip
-test-time augmentation, and robustness to CIFAR-10-C's corruptions. It computes; `reporting.figures.analysis` draws.
+looks (Grad-CAM, centre vs border), flip test-time augmentation, and robustness to CIFAR-10-C's corruptions. It
+computes; `reporting.figures.analysis_figures` draws. (Calibration belongs to the shipped model: analysis.calibration.)
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,12 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from ..data import corruptions
+from ..data.augment import TRAINS_ON_CORRUPTIONS
 from ..data.cifar import DataError, Dataset, balanced_indices
-from ..model.inference import logits_for
+from ..model.inference import flip_tta, logits_for
 from ..model.network import TransferNet
 from ..recipe import Recipe
 from . import attribution, robustness
-from .calibration import calibrate
 from .human import human_analysis, load_human
 
 NOT_CIFAR_SIZE = (
@@ -41,27 +42,16 @@ class Analysis:
 def analyze(
     model: TransferNet,
     recipe: Recipe,
-    val: Dataset,
     test: Dataset,
     human_dir: Path | None = None,
     test_logits: np.ndarray | None = None,
-    val_logits: np.ndarray | None = None,
 ) -> Analysis:
-    """Every analysis on `test` (the temperature is fitted on `val`).
-
-    `test_logits` and `val_logits`, when the caller has them already, save a pass over those sets.
-    """
+    """Every analysis on `test`; `test_logits`, when the caller has them already, save a pass over it."""
     if test_logits is None:
         test_logits = logits_for(model, test.images, recipe)
     losses = F.cross_entropy(torch.from_numpy(test_logits), torch.from_numpy(test.labels), reduction="none").numpy()
     pred = test_logits.argmax(1)
     result: dict = {}
-    if len(val):
-        if val_logits is None:
-            val_logits = logits_for(model, val.images, recipe)
-        result["calibration"] = calibrate(val_logits, val.labels, test_logits, test.labels)
-    else:
-        result["calibration"] = {"skipped": "no validation split (val_size=0) to fit a temperature on"}
     result["tta"] = _flip_tta(model, recipe, test, test_logits)
     result["human"] = _human(human_dir, test, pred, losses)
     if importlib.util.find_spec("pytorch_grad_cam") is None:
@@ -69,31 +59,37 @@ def analyze(
         overlays, rows = np.zeros((0, 32, 32, 3), np.uint8), []
     else:
         result["attribution"], overlays, rows = _attribution(model, recipe, test, pred, losses)
-    result["robustness"] = corruption_robustness(model, recipe, test, pred, recipe.corruption_images)
+
+    def classify(batch: np.ndarray) -> np.ndarray:
+        return logits_for(model, batch, recipe).argmax(1)
+
+    result["robustness"] = corruption_robustness(classify, recipe, test, pred, recipe.corruption_images)
     return Analysis(result, pred, overlays, rows)
 
 
 def corruption_robustness(
-    model: TransferNet,
+    classify: Callable[[np.ndarray], np.ndarray],
     recipe: Recipe,
     test: Dataset,
     pred: np.ndarray | None,
     images: int,
     names: tuple[str, ...] = corruptions.BENCHMARK,
 ) -> dict:
-    """CIFAR-10-C's corruptions on `images` class-balanced test images (`pred`: the clean predictions, if known)."""
+    """CIFAR-10-C's corruptions on `images` class-balanced test images; `classify` gives a batch's classes, `pred`
+    the clean predictions, if known."""
     if (why := robustness.missing_dependency()) is not None:
         return {"skipped": why}
     if not test.is_cifar10:
         return {"skipped": NOT_CIFAR_SIZE}
     index = balanced_sample(test, images, recipe.seed)
     return robustness.corruption_accuracy(
-        lambda batch: logits_for(model, batch, recipe).argmax(1),
+        classify,
         test.images[index],
         test.labels[index],
         names=names,
         seed=recipe.seed,
         clean_predictions=None if pred is None else pred[index],
+        seen=TRAINS_ON_CORRUPTIONS.get(recipe.augment, ()),
     )
 
 
@@ -101,9 +97,8 @@ def _flip_tta(model: TransferNet, recipe: Recipe, test: Dataset, test_logits: np
     """Accuracy with and without flip test-time augmentation on `tta_images` class-balanced test images."""
     tta = balanced_sample(test, recipe.tta_images, recipe.seed)
     flipped = logits_for(model, test.images[tta], recipe, flip=True)
-    both = torch.from_numpy(test_logits[tta]).softmax(1) + torch.from_numpy(flipped).softmax(1)
     plain = float((test_logits[tta].argmax(1) == test.labels[tta]).mean())
-    with_tta = float((both.argmax(1).numpy() == test.labels[tta]).mean())
+    with_tta = float((flip_tta(test_logits[tta], flipped).argmax(1) == test.labels[tta]).mean())
     return {
         "images": len(tta),
         "sampled": len(tta) < len(test),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data.augment import to_input
+from ..data.augment import to_input, to_nchw
 from ..model.network import TransferNet
 
 MIN_SIDE = 4
@@ -42,7 +42,7 @@ def grad_cam(model: TransferNet, images: np.ndarray, classes: np.ndarray, batch_
     maps = []
     with GradCAM(model=model.eval(), target_layers=[layer]) as cam:
         for i in range(0, len(images), batch_size):
-            x = to_input(torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2).contiguous().to(device))
+            x = to_input(to_nchw(images[i : i + batch_size], device))
             x.requires_grad_(True)  # so activations carry gradients even when the base is frozen (phase 1 only)
             maps.append(
                 cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in classes[i : i + batch_size]])

@@ -1,6 +1,7 @@
 """Calibration: expected calibration error, reliability-diagram bins, and temperature scaling.
 
-The temperature is fitted on the validation set, never on the test set.
+The temperature is fitted once, on the validation set (never the test set), when a run ships its model; the
+report and `analyze` measure that same temperature on the test set.
 """
 
 from __future__ import annotations
@@ -54,40 +55,32 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return torch.from_numpy(logits).double().div(temperature).softmax(1).numpy()
 
 
-def shipped_temperature(
-    val_logits: np.ndarray | None, val_labels: np.ndarray, test_logits: np.ndarray, test_labels: np.ndarray
+def calibration(
+    temperature: float | None, validation_images: int, test_logits: np.ndarray, test_labels: np.ndarray
 ) -> dict:
-    """The temperature a model ships with (fitted on validation), and what it changes on the test set: the mean
-    top-class probability, before and after, beside the accuracy. Without a validation split: none, and why."""
-    if val_logits is None or not len(val_logits):
+    """What the temperature a model ships with (fitted on `validation_images` validation images by
+    `fit_temperature`, or None: there were none) does on the test set: expected calibration error, cross-entropy
+    and mean top-class probability, before and after, with the reliability bins; the accuracy beside them."""
+    if temperature is None:
         return {
             "temperature": None,
             "skipped": "no validation split (val_size=0) to fit a temperature on: "
             "predict and serve return uncalibrated probabilities",
         }
-    t = fit_temperature(val_logits, val_labels)
+    before = reliability(softmax(test_logits), test_labels)
+    after = reliability(softmax(test_logits, temperature), test_labels)
     return {
-        "temperature": t,
-        "validation_images": len(val_labels),
+        "temperature": temperature,
+        "validation_images": validation_images,
         "test": {
             "accuracy": float((test_logits.argmax(1) == test_labels).mean()),
             "mean_confidence_before": float(softmax(test_logits).max(1).mean()),
-            "mean_confidence_after": float(softmax(test_logits, t).max(1).mean()),
+            "mean_confidence_after": float(softmax(test_logits, temperature).max(1).mean()),
         },
-    }
-
-
-def calibrate(val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray, test_labels: np.ndarray) -> dict:
-    """ECE and NLL on the test set before and after a temperature fitted on the validation set."""
-    t = fit_temperature(val_logits, val_labels)
-    before = reliability(softmax(test_logits), test_labels)
-    after = reliability(softmax(test_logits, t), test_labels)
-    return {
-        "temperature": t,
         "ece_before": before["ece"],
         "ece_after": after["ece"],
         "nll_before": nll(test_logits, test_labels),
-        "nll_after": nll(test_logits, test_labels, t),
+        "nll_after": nll(test_logits, test_labels, temperature),
         "bins_before": before,
         "bins_after": after,
     }

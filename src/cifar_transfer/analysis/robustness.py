@@ -36,8 +36,10 @@ def corruption_accuracy(
     names: Iterable[str] = corruptions.BENCHMARK,
     seed: int = 0,
     clean_predictions: np.ndarray | None = None,
+    seen: tuple[str, ...] = (),
 ) -> dict:
-    """Accuracy on the clean images and on each available corruption at severities 1-5, and the summary."""
+    """Accuracy on the clean images and on each available corruption at severities 1-5, and the summary (`seen`:
+    the corruptions the model's augmentation trained on)."""
     clean = predict(images) if clean_predictions is None else clean_predictions
     available = corruptions.available()
     table = {
@@ -48,12 +50,16 @@ def corruption_accuracy(
         for name in names
         if name in available
     }
-    return summarise(table, float((clean == labels).mean()), len(labels), ORIGIN)
+    return summarise(table, float((clean == labels).mean()), len(labels), ORIGIN, seen)
 
 
-def summarise(table: dict[str, list[float]], clean: float, images: int, origin: str) -> dict:
-    """The table with the benchmark mean (over the 15 when all are present), its error and margin."""
+def summarise(
+    table: dict[str, list[float]], clean: float, images: int, origin: str, seen: tuple[str, ...] = ()
+) -> dict:
+    """The table with the benchmark mean (over the 15 when all are present), its error and margin, and the mean
+    over the benchmark corruptions the model never trained on (`seen`: those its augmentation makes)."""
     benchmark = [a for name, accs in table.items() if name in corruptions.BENCHMARK for a in accs]
+    unseen = [a for name, accs in table.items() if name in corruptions.BENCHMARK and name not in seen for a in accs]
     held_out = [a for name, accs in table.items() if name in corruptions.HELD_OUT for a in accs]
     mean = float(np.mean(benchmark)) if benchmark else None
     return {
@@ -67,4 +73,6 @@ def summarise(table: dict[str, list[float]], clean: float, images: int, origin: 
         "mean_corruption_error": None if mean is None else 1 - mean,
         "margin_95": None if mean is None else float(1.96 * np.sqrt(mean * (1 - mean) / images)),
         "mean_held_out": float(np.mean(held_out)) if held_out else None,
+        "trained_on": [name for name in seen if name in table],
+        "mean_unseen": float(np.mean(unseen)) if unseen else None,
     }

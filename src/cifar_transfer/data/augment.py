@@ -13,10 +13,15 @@ import torch.nn.functional as F
 PAD = 4
 
 
+def to_nchw(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """N x S x S x 3 uint8 images as stored (numpy, channels last) -> N x 3 x S x S uint8 tensor on `device`, as the
+    model takes them. The one layout conversion."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().to(device)
+
+
 def as_tensors(images: np.ndarray, labels: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """N x 32 x 32 x 3 uint8 (numpy) -> N x 3 x 32 x 32 uint8 tensor on `device`, and int64 labels."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().to(device)
-    return x, torch.from_numpy(labels).long().to(device)
+    """Images as `to_nchw` makes them, and int64 labels, on `device`."""
+    return to_nchw(images, device), torch.from_numpy(labels).long().to(device)
 
 
 def to_input(x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +81,13 @@ def augmixed(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return torch.stack([mix(image) for image in x.cpu()]).to(x.device)
 
 
-SHIFTS = {"flip+noise": shifted, "flip+augmix": augmixed}  # augmentations that replace a third of the images
+SHIFTS = {"flip+noise": shifted, "flip+augmix": augmixed}
+# The CIFAR-10-C benchmark corruptions each augmentation trains on, at the benchmark's own strength: a model is
+# not to be scored on those as if it had never seen them (Hendrycks & Dietterich 2019); AugMix leaves out every
+# operation that overlaps them.
+TRAINS_ON_CORRUPTIONS = {
+    "flip+noise": ("gaussian_noise", "contrast")
+}  # augmentations that replace a third of the images
 
 
 def augment(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:

@@ -11,7 +11,6 @@ and modification time, so a second run over the same folder decodes nothing agai
 
 from __future__ import annotations
 
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 from .. import atomic
 from .cifar import DataError, Dataset, Splits, check_readable_folder
+from .duplicates import Duplicate, find_duplicates, perceptual_hash
 from .images import ImageError, read_image_file
 
 SPLIT_FOLDERS = ("train", "val", "test")
@@ -37,30 +37,50 @@ class Picture:
 
 @dataclass(frozen=True)
 class FolderData:
-    """A folder read and split: the sets, what was skipped, and exact duplicates across sets."""
+    """A folder read and split: the sets, what was skipped, and the copies across sets (data.duplicates)."""
 
     splits: Splits
     skipped: list[str]
-    duplicates: list[tuple[str, str]]  # (file, file): the same decoded pixels in two different sets
+    duplicates: list[dict]  # earlier/later file and set, bits apart, exact, dropped
+    dropped: list[str]  # the later copies removed from their set (recipe field duplicates)
 
-    def rows(self) -> list[tuple[str, str, str]]:
-        """splits.csv: (file, split, class) for every picture used."""
-        sets = (("train", self.splits.train), ("val", self.splits.val), ("test", self.splits.test))
-        return [(f, name, ds.classes[y]) for name, ds in sets for f, y in zip(ds.files, ds.labels.tolist())]
+    def rows(self, used: Splits | None = None) -> list[tuple[str, str, str]]:
+        """splits.csv: (file, split, class) for every picture read, as `used` (default: as read) holds them; a
+        dropped copy's split says `dropped`, a picture left out of `used` (run --exclude) `excluded`."""
+        used = used or self.splits
+        sets = (("train", used.train), ("val", used.val), ("test", used.test))
+        rows = [(f, name, ds.classes[y]) for name, ds in sets for f, y in zip(ds.files, ds.labels.tolist())]
+        listed = {f for f, _, _ in rows}
+        read = (self.splits.train, self.splits.val)
+        left_out = [(f, "excluded", ds.classes[y]) for ds in read for f, y in zip(ds.files, ds.labels.tolist())]
+        classes = {d["later"]: d["class"] for d in self.duplicates}
+        dropped = [(f, "dropped", classes[f]) for f in self.dropped]
+        return rows + [r for r in left_out if r[0] not in listed] + dropped
 
 
 def read_labelled_folder(
-    root: Path, size: int, val_fraction: float, test_fraction: float, seed: int, progress: bool = True
+    root: Path,
+    size: int,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    progress: bool = True,
+    duplicates: str = "keep",
 ) -> FolderData:
-    """The pictures under `root`, decoded (or read from the cache) and split; see the module docstring."""
+    """The pictures under `root`, decoded (or read from the cache) and split; see the module docstring.
+    `duplicates`: "keep", or "drop-exact" / "drop-near" to remove those copies from their later set."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"--data {root}: not a folder (one subfolder per class, or train/ [val/] [test/])")
     check_readable_folder(root)
     pictures, classes, skipped = scan(root)
-    images, kept = decode_all(pictures, size, skipped, progress)
+    images, hashes, kept = decode_all(pictures, size, skipped, progress)
     data = [p for p, ok in zip(pictures, kept) if ok]
     assignment = assign_splits(data, classes, val_fraction, test_fraction, seed)
+    copies = find_duplicates(images, assignment, hashes)
+    listed = [_described(c, data, assignment, classes, duplicates) for c in copies]
+    dropped = [d["later"] for d in listed if d["dropped"]]
+    assignment[[c.later for c, d in zip(copies, listed) if d["dropped"]]] = "dropped"
     sets = {}
     for name in SPLIT_FOLDERS:
         rows = np.flatnonzero(assignment == name)
@@ -70,7 +90,25 @@ def read_labelled_folder(
     splits = Splits(
         sets["train"], sets["val"], sets["test"], np.arange(len(sets["train"])), np.arange(len(sets["val"]))
     )
-    return FolderData(splits, skipped, exact_duplicates(images, data, assignment))
+    return FolderData(splits, skipped, listed, dropped)
+
+
+def _described(
+    copy: Duplicate, data: list[Picture], assignment: np.ndarray, classes: tuple[str, ...], policy: str
+) -> dict:
+    """A copy as metrics.json lists it; whether the recipe's policy drops it."""
+    drop = policy == "drop-near" or (policy == "drop-exact" and copy.exact)
+    return {
+        "earlier": str(data[copy.earlier].file),
+        "earlier_set": str(assignment[copy.earlier]),
+        "later": str(data[copy.later].file),
+        "later_set": str(assignment[copy.later]),
+        "class": classes[data[copy.later].label],
+        "same_class": data[copy.earlier].label == data[copy.later].label,
+        "bits_apart": copy.distance,
+        "exact": copy.exact,
+        "dropped": drop,
+    }
 
 
 def scan(root: Path) -> tuple[list[Picture], tuple[str, ...], list[str]]:
@@ -135,17 +173,21 @@ def _files(folder: Path, skipped: list[str]) -> list[Path]:
     return files
 
 
-def decode_all(pictures: list[Picture], size: int, skipped: list[str], progress: bool) -> tuple[np.ndarray, list[bool]]:
-    """Every picture at `size` (from the cache where its file is unchanged), on all cores; which ones decoded."""
+def decode_all(
+    pictures: list[Picture], size: int, skipped: list[str], progress: bool
+) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+    """Every picture at `size` and its perceptual hash (from the cache where its file is unchanged), on all
+    cores; which ones decoded."""
     cache = DecodeCache(size)
     keys = [cache.key(p.file) for p in pictures]
     todo = [i for i, k in enumerate(keys) if k is None or k not in cache]  # no key: the read names the problem
 
-    def one(i: int) -> np.ndarray | str:
+    def one(i: int) -> tuple[np.ndarray, np.uint64] | str:
         try:
-            return read_image_file(pictures[i].file, size)
+            image = read_image_file(pictures[i].file, size)
         except ImageError as e:
             return str(e)
+        return image, perceptual_hash(image)
 
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         done = list(tqdm(pool.map(one, todo), total=len(todo), desc="decode", unit="image", disable=not progress))
@@ -158,23 +200,25 @@ def decode_all(pictures: list[Picture], size: int, skipped: list[str], progress:
     if todo:
         cache.save()
     if not any(kept):
-        return np.zeros((0, size, size, 3), np.uint8), kept
-    return np.stack([cache[k] for k, ok in zip(keys, kept) if ok]), kept
+        return np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.uint64), kept
+    found = [cache[k] for k, ok in zip(keys, kept) if ok]
+    return np.stack([image for image, _ in found]), np.array([h for _, h in found], dtype=np.uint64), kept
 
 
 class DecodeCache:
-    """Decoded pictures at one size, keyed by file path, size in bytes and modification time: a changed file is
-    decoded again. One .npz file per stored size under $CIFAR_TRANSFER_CACHE (default ~/.cache/cifar-transfer)."""
+    """Decoded pictures at one size and their perceptual hashes, keyed by file path, size in bytes and
+    modification time: a changed file is decoded again. One .npz file per stored size under
+    $CIFAR_TRANSFER_CACHE (default ~/.cache/cifar-transfer)."""
 
     def __init__(self, size: int):
         folder = Path(os.environ.get("CIFAR_TRANSFER_CACHE", Path.home() / ".cache" / "cifar-transfer"))
         self.path = folder / f"pictures-{size}px.npz"
-        self.entries: dict[str, np.ndarray] = {}
+        self.entries: dict[str, tuple[np.ndarray, np.uint64]] = {}
         if self.path.is_file():
             try:
                 with np.load(self.path, allow_pickle=False) as z:
-                    self.entries = dict(zip(z["keys"].tolist(), z["images"]))
-            except (OSError, ValueError, KeyError):  # a damaged cache is rebuilt, never trusted
+                    self.entries = dict(zip(z["keys"].tolist(), zip(z["images"], z["hashes"])))
+            except (OSError, ValueError, KeyError):  # a damaged (or older) cache is rebuilt, never trusted
                 self.entries = {}
 
     @staticmethod
@@ -188,18 +232,19 @@ class DecodeCache:
     def __contains__(self, key: str) -> bool:
         return key in self.entries
 
-    def __getitem__(self, key: str) -> np.ndarray:
+    def __getitem__(self, key: str) -> tuple[np.ndarray, np.uint64]:
         return self.entries[key]
 
-    def __setitem__(self, key: str, image: np.ndarray) -> None:
-        self.entries[key] = image
+    def __setitem__(self, key: str, decoded: tuple[np.ndarray, np.uint64]) -> None:
+        self.entries[key] = decoded
 
     def save(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             keys = np.array(list(self.entries), dtype=str)
-            images = np.stack(list(self.entries.values()))
-            atomic.write_with(self.path, lambda f: np.savez(f, keys=keys, images=images))
+            images = np.stack([image for image, _ in self.entries.values()])
+            hashes = np.array([h for _, h in self.entries.values()], dtype=np.uint64)
+            atomic.write_with(self.path, lambda f: np.savez(f, keys=keys, images=images, hashes=hashes))
         except OSError:  # a cache that cannot be written costs a decode next time, nothing more
             pass
 
@@ -228,16 +273,3 @@ def assign_splits(
         out[rows[counts["val"] : counts["val"] + counts["test"]]] = "test"
         out[rows[counts["val"] + counts["test"] :]] = "train"
     return out
-
-
-def exact_duplicates(images: np.ndarray, pictures: list[Picture], assignment: np.ndarray) -> list[tuple[str, str]]:
-    """Pairs of files whose decoded pixels are identical but that sit in different sets: a test picture the model
-    has trained on."""
-    first: dict[bytes, int] = {}
-    pairs = []
-    for i, image in enumerate(images):
-        digest = hashlib.sha1(image.tobytes()).digest()
-        j = first.setdefault(digest, i)
-        if j != i and assignment[j] != assignment[i]:
-            pairs.append((str(pictures[j].file), str(pictures[i].file)))
-    return pairs

@@ -3,25 +3,29 @@ analyse its errors again."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import atomic
 from ..analysis import robustness
+from ..analysis.calibration import calibration
 from ..data import corruptions
-from ..data.cifar import find_source, load_cifar10, load_test_set, split
+from ..data.augment import TRAINS_ON_CORRUPTIONS
+from ..data.cifar import CLASSES, DataError, find_source, load_cifar10, load_test_set
 from ..data.images import read_image_folder
+from ..data.sources import load_splits
 from ..errors import CifarTransferError
-from ..machine import environment
+from ..machine import command_line, environment
 from ..model.inference import logits_for, tta_logits
 from ..model.network import TransferNet, for_inference, load_model, pick_device
 from ..recipe import Recipe
 from ..reporting import figures, report
+from ..runfolder import recorded
 
 
 def evaluate(
@@ -48,8 +52,8 @@ def evaluate(
     else:
         test = load_test_set(data) if data else load_cifar10(None, allow_download=download)[1]
     atomic.check_writable(out)
-    model = for_inference(model, recipe, dev)
     t0 = time.perf_counter()
+    model = for_inference(model, recipe, dev)
     logits = (
         tta_logits(model, test.images, recipe)
         if tta
@@ -64,7 +68,7 @@ def evaluate(
             "model": str(run_dir / "model.safetensors"),
             "data_source": test.source,
             "tta": tta,
-            "command": shlex.join(["cifar-transfer", *sys.argv[1:]]),
+            "command": command_line(),
             **environment(dev),
         },
         "timings": {"eval_s": seconds},
@@ -98,7 +102,7 @@ def _evaluate_cifar10c(model: TransferNet, recipe: Recipe, folder: Path, out: Pa
     origin = f"the released CIFAR-10-C files in {folder}"
     trained = run_dir / "metrics.json"
     clean = json.loads(trained.read_text())["test"]["accuracy"] if trained.is_file() else float("nan")
-    result = robustness.summarise(table, clean, min(sizes), origin)
+    result = robustness.summarise(table, clean, min(sizes), origin, TRAINS_ON_CORRUPTIONS.get(recipe.augment, ()))
     seconds = time.perf_counter() - t0
     return _write_robustness(out, result, seconds, f"evaluation on {folder.name}", model.mean.device)
 
@@ -116,13 +120,23 @@ def robustness_job(
     from ..analysis.analyze import corruption_robustness
 
     model, recipe = load_model(run_dir / "model.safetensors")
+    if model.classes != CLASSES or model.image_size != 32:
+        raise CifarTransferError(
+            f"robustness: {run_dir} was trained on other pictures than CIFAR-10's; CIFAR-10-C's corruptions are "
+            "drawn at the strength made for CIFAR-10's 32-pixel test images, so they measure only CIFAR-10 models"
+        )
     test = load_cifar10(data_dir, allow_download=download)[1]
     out = run_dir / "robustness"
     atomic.check_writable(out)
     names = (*corruptions.BENCHMARK, *corruptions.HELD_OUT) if held_out else corruptions.BENCHMARK
     t0 = time.perf_counter()
     dev = pick_device(device)
-    result = corruption_robustness(for_inference(model, recipe, dev), recipe, test, None, images, names)
+    inference = for_inference(model, recipe, dev)
+
+    def classify(batch: np.ndarray) -> np.ndarray:
+        return logits_for(inference, batch, recipe).argmax(1)
+
+    result = corruption_robustness(classify, recipe, test, None, images, names)
     if "skipped" in result:
         raise CifarTransferError(f"robustness: {result['skipped']}")
     return _write_robustness(out, result, time.perf_counter() - t0, f"robustness of {run_dir.name}", dev), out
@@ -130,7 +144,7 @@ def robustness_job(
 
 def _write_robustness(out: Path, result: dict, seconds: float, title: str, device: torch.device) -> dict:
     metrics = {
-        "run": {"command": shlex.join(["cifar-transfer", *sys.argv[1:]]), **environment(device)},
+        "run": {"command": command_line(), **environment(device)},
         "timings": {"robustness_s": seconds},
         "robustness": result,
     }
@@ -146,22 +160,32 @@ def analyze(
     human_labels: Path | None = None,
     device: str = "auto",
     download: bool = True,
+    data: str | Path | None = None,
 ) -> tuple[dict, Path]:
-    """The error analysis of a saved run, on its own validation split and the CIFAR-10 test set, into
-    RUN_DIR/analysis/; returns the result and that folder."""
+    """The error analysis of a saved run, on its own validation and test sets (CIFAR-10's, or those of the folder
+    it trained on: `data`, else the one its metrics.json names), into RUN_DIR/analysis/; returns the result and
+    that folder."""
     from ..analysis.analyze import analyze as analyse_model  # Grad-CAM and the corruptions load only here
 
     model, recipe = load_model(run_dir / "model.safetensors")
-    train, test = load_cifar10(data_dir, allow_download=download)
-    splits = split(train, test, recipe.train_size, recipe.val_size, recipe.seed)
+    data = data if data is not None else recorded(run_dir).get("data")
+    recipe = dataclasses.replace(recipe, image_size=model.image_size)  # the folder read as the model saw it
+    splits = load_splits(recipe, data, data_dir, download, progress=False).splits
+    if splits.test.classes != model.classes:
+        raise DataError(
+            f"{data or 'CIFAR-10'}: classes {', '.join(splits.test.classes)}; the model knows "
+            f"{', '.join(model.classes)}"
+        )
     out = run_dir / "analysis"
     atomic.check_writable(out)
-    analysis = analyse_model(for_inference(model, recipe, pick_device(device)), recipe, splits.val, test, human_labels)
-    figures.analysis_figures(analysis, test, out)
-    atomic.write_json(out / "analysis.json", analysis.result)
-    report.write(
-        out,
-        f"Analysis of {report.code(run_dir)}\n\n" + report.analysis_markdown(analysis.result) + "\n",
-        f"cifar-transfer analysis: {run_dir.name}",
-    )
-    return analysis.result, out
+    temperature = model.temperature  # the one the run fitted and ships: measured, never fitted again
+    model = for_inference(model, recipe, pick_device(device))
+    logits = logits_for(model, splits.test.images, recipe)
+    analysis = analyse_model(model, recipe, splits.test, human_labels, logits)
+    result = {"calibration": calibration(temperature, len(splits.val), logits, splits.test.labels), **analysis.result}
+    figures.calibration(result["calibration"], out / "reliability.png")
+    figures.analysis_figures(analysis, splits.test, out)
+    atomic.write_json(out / "analysis.json", result)
+    md = report.calibration_markdown(result["calibration"]) + "\n\n" + report.analysis_markdown(analysis.result)
+    report.write(out, f"Analysis of {report.code(run_dir)}\n\n{md}\n", f"cifar-transfer analysis: {run_dir.name}")
+    return result, out

@@ -19,14 +19,14 @@ import torch.nn.functional as F
 
 from .. import atomic
 from ..data.augment import as_tensors, augment, to_input
-from ..data.cifar import load_cifar10, split
+from ..data.sources import load_splits
 from ..machine import default_weights
 from ..model.inference import autocast
 from ..model.network import Part, TransferNet, build_model, load_model, pick_device, place
 from ..model.weights import load_pretrained
 from ..recipe import Recipe, RecipeError
 from ..reporting import figures
-from ..training.phases import make_optimizer, set_phase
+from ..training.phases import Phase, make_optimizer, set_phase
 
 SMOOTHING = 0.98  # exponential moving average of the loss, bias-corrected
 DIVERGED = 4.0  # stop when the smoothed loss exceeds this multiple of its best
@@ -49,6 +49,7 @@ def lr_find(
             f"lr-find: needs 0 < start < end and at least 3 steps (got start={start}, end={end}, steps={steps})"
         )
     model = copy.deepcopy(model)
+    phase = Phase(phase)
     params = set_phase(model, phase, recipe)
     opt = make_optimizer(params, phase, recipe)
     forward = Part(model, "stem")
@@ -78,8 +79,8 @@ def lr_find(
         if smoothed[-1] > DIVERGED * best:
             break
     return {
-        "phase": phase,
-        "optimizer": recipe.head_optimizer if phase == 1 else recipe.finetune_optimizer,
+        "phase": int(phase),
+        "optimizer": recipe.head_optimizer if phase == Phase.HEAD else recipe.finetune_optimizer,
         "start": start,
         "end": end,
         "steps": len(lrs),
@@ -120,6 +121,7 @@ def lr_find_job(
     *,
     phase: int = 1,
     start_from: Path | None = None,
+    data: str | Path | None = None,
     data_dir: str | None = None,
     weights: str | None = None,
     device: str = "auto",
@@ -128,21 +130,22 @@ def lr_find_job(
     start: float = 1e-7,
     end: float = 10.0,
 ) -> dict:
-    """`lr-find`: the range test on the recipe's training split (never validation or test images), from the
-    pretrained weights with a fresh head, or from a saved run's model (`start_from`, the sensible start for phase
-    2); writes lr_find.json and lr_find.png into `out`."""
+    """`lr-find`: the range test on the recipe's training split of CIFAR-10 or of the folder `data` (never
+    validation or test images), from the pretrained weights with a fresh head, or from a saved run's model
+    (`start_from`, the sensible start for phase 2); writes lr_find.json and lr_find.png into `out`."""
     atomic.check_writable(out)  # before minutes of work
     dev = pick_device(device)
     if start_from is not None:
         model, saved = load_model(start_from / "model.safetensors")  # the saved network's shape wins
-        recipe = dataclasses.replace(
-            recipe, resolution=saved.resolution, head_hidden=saved.head_hidden, dropout=saved.dropout
-        )
-    else:
+        shape = {"resolution": saved.resolution, "head_hidden": saved.head_hidden, "dropout": saved.dropout}
+        recipe = dataclasses.replace(recipe, **shape, image_size=model.image_size)  # a folder read as it was
+    splits = load_splits(recipe, data, data_dir, download, progress=False).splits
+    classes, size = splits.train.classes, splits.train.images.shape[1]
+    if start_from is None:
         torch.manual_seed(recipe.seed)
-        model = build_model(recipe, load_pretrained(weights or default_weights()))
-    images_50k, _ = load_cifar10(data_dir, allow_download=download, test=False)
-    splits = split(images_50k, None, recipe.train_size, recipe.val_size, recipe.seed)
+        model = build_model(recipe, load_pretrained(weights or default_weights()), classes, size)
+    elif model.classes != classes:
+        raise RecipeError(f"lr-find --from {start_from}: its model knows other classes than the data's ({classes})")
     images, labels = as_tensors(splits.train.images, splits.train.labels, dev)
     result = lr_find(place(model, recipe, dev), recipe, images, labels, phase, start, end, steps)
     result["start_from"] = str(start_from) if start_from else "pretrained weights, fresh head"

@@ -8,8 +8,6 @@ import csv
 import dataclasses
 import io
 import os
-import shlex
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,10 +16,11 @@ import numpy as np
 import torch
 
 from .. import atomic
-from ..analysis.calibration import shipped_temperature
-from ..data.cifar import Dataset, Splits, load_cifar10, split
-from ..data.folder import FolderData, read_labelled_folder
-from ..machine import default_weights, environment, peak_rss_gib
+from ..analysis.calibration import calibration, fit_temperature
+from ..data.cifar import Dataset, Splits
+from ..data.folder import FolderData
+from ..data.sources import load_splits, scaled_epochs
+from ..machine import command_line, default_weights, environment, peak_rss_gib
 from ..model.inference import computes_in_bf16, logits_for
 from ..model.network import TransferNet, folded, pick_device, save_model
 from ..model.weights import Pretrained, load_pretrained
@@ -57,11 +56,13 @@ def run(
     human_labels: Path | None = None,
     chosen_by: str | None = None,
     data: str | Path | None = None,
+    exclude: str | Path | None = None,
 ) -> dict | None:
     """Train and evaluate one recipe; write everything into `out`; return metrics.json's content.
 
     `data`: a folder of the user's own labelled pictures (data.folder) instead of CIFAR-10; its split is written
-    to splits.csv.
+    to splits.csv. `exclude`: a CSV naming training and validation images to leave out (`audit`'s
+    label_issues.csv, or a reviewed copy).
 
     `weights`: None means the default (on resume: the weights the run was started from). `chosen_by` says why
     this recipe was run (e.g. `--preset auto`); the report repeats it. Under torchrun every process trains and
@@ -74,18 +75,18 @@ def run(
         state = _resume_state(out) if resume else None
         recipe = Recipe.from_dict(state["recipe"]) if state else recipe
         pretrained, network = _pretrained(weights, state, out)
-        if state is not None and data is None:  # a folder run resumes on its folder (the split is the seed's)
-            data = state.get("meta", {}).get("data")
-        splits, source, notes = _data(recipe, data, data_dir, download, progress and world.main)
+        sources = _sources(state, data, exclude)
+        loaded = load_splits(recipe, sources["data"], data_dir, download, progress and world.main, sources["exclude"])
+        splits, notes = loaded.splits, loaded.folder
         if state is None and data is not None:  # CIFAR-10's presets are sized for it already
             recipe = scaled_epochs(recipe, len(splits.train))
         if world.main:
             if overwrite:  # the old run goes only once the new one's weights and data have loaded
                 clear_run(out)
             figures.data_figures(splits, out, recipe.seed)
-            _write_splits(out, notes)
-        meta = {"network": network, "data": None if data is None else str(Path(data).resolve())}
-        trained = {"resume_state": state, "progress": progress, "meta": meta, "world": world}
+            _write_splits(out, notes, splits)
+        trained = {"resume_state": state, "progress": progress, "meta": {"network": network, **sources}}
+        trained["world"] = world
         model, history, train_s = train_to_folder(recipe, out, splits, pretrained, dev, **trained)
         timings = {
             "phase1_s": sum(h["seconds"] for h in history if h["phase"] == 1),
@@ -97,75 +98,58 @@ def run(
         if not world.main:
             return None
         metrics = {
-            "run": _run_facts(out, recipe, source, pretrained.source, resume, chosen_by, dev, world),
+            "run": _run_facts(out, recipe, loaded.source, pretrained.source, resume, chosen_by, dev, world),
             "timings": timings,
-            "data": _data_facts(splits, recipe, data, notes),
+            "data": _data_facts(splits, recipe, notes) | _excluded(loaded.excluded, sources["exclude"]),
             "final_epoch": history[-1] if history else {},
             "shipped": shipped_epoch(history, recipe),
-            **_ship(model, recipe, splits, logits, val_logits, out, timings),
+            **_results_and_temperature(model, recipe, splits, logits, val_logits, out, timings),
         }
         if recipe.analysis:
-            metrics["analysis"] = _analysis(inference, recipe, splits, out, human_labels, logits, val_logits, timings)
+            metrics["analysis"] = _analysis(inference, recipe, splits, out, human_labels, logits, timings)
         timings["total_s"] = time.perf_counter() - t_start
         metrics["peak_rss_gib"] = peak_rss_gib()
         _finish(out, metrics, history, recipe)
         return metrics
 
 
-def _data(
-    recipe: Recipe, data: str | Path | None, data_dir: str | None, download: bool, progress: bool
-) -> tuple[Splits, str, FolderData | None]:
-    """The run's splits and where they came from: a folder of pictures, else CIFAR-10's class-balanced
-    subsample."""
-    if data is not None:
-        folder = read_labelled_folder(
-            Path(data), recipe.image_size, recipe.val_fraction, recipe.test_fraction, recipe.seed, progress
-        )
-        for line in folder.skipped:
-            print(f"skipped: {line}", file=sys.stderr)
-        return folder.splits, str(data), folder
-    train_full, test = load_cifar10(data_dir, allow_download=download)
-    return split(train_full, test, recipe.train_size, recipe.val_size, recipe.seed), train_full.source, None
-
-
-def scaled_epochs(recipe: Recipe, train_images: int) -> Recipe:
-    """The recipe with its epochs multiplied for a training set smaller than `epoch_images`, so that it takes the
-    optimiser steps the preset was tuned with (the frozen steps are still computed once); recipe.json keeps the
-    epochs actually run."""
-    times = round(recipe.epoch_images / train_images) if recipe.epoch_images else 1
-    if times <= 1:
-        return recipe
-    return dataclasses.replace(
-        recipe,
-        head_epochs=recipe.head_epochs * times,
-        finetune_epochs=recipe.finetune_epochs * times,
-        warmup_epochs=recipe.warmup_epochs * times,
-    )
-
-
-def _write_splits(out: Path, folder: FolderData | None) -> None:
+def _write_splits(out: Path, folder: FolderData | None, used: Splits) -> None:
     """splits.csv: which picture went to which set, for anyone to see and reproduce."""
     if folder is None:
         return
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["file", "split", "label"])
-    writer.writerows(folder.rows())
+    writer.writerows(folder.rows(used))
     atomic.write_text(out / "splits.csv", buf.getvalue())
 
 
-def _data_facts(splits: Splits, recipe: Recipe, data: str | Path | None, folder: FolderData | None) -> dict:
+def _data_facts(splits: Splits, recipe: Recipe, folder: FolderData | None) -> dict:
     """What metrics.json (and the report's data section) says of the data."""
     facts = {
         "counts": {name: figures.counts(ds) for name, ds in _named_sets(splits)},
         "classes": list(splits.train.classes),
         "image_size": int(splits.train.images.shape[1]),
-        "kind": "folder" if data is not None else "cifar10",
+        "kind": "folder" if folder is not None else "cifar10",
     }
     if folder is not None:
-        facts |= {"skipped": folder.skipped, "duplicates": [list(p) for p in folder.duplicates]}
+        facts |= {"skipped": folder.skipped, "duplicates": folder.duplicates, "policy": recipe.duplicates}
         facts["fractions"] = {"validation": recipe.val_fraction, "test": recipe.test_fraction}
     return facts
+
+
+def _sources(state: dict | None, data: str | Path | None, exclude: str | Path | None) -> dict[str, str | None]:
+    """The folder of pictures and the exclusion list a run reads, resolved: as given, else (resuming) as the
+    checkpoint recorded them, so a folder run resumes on its folder, without what it left out."""
+    recorded = (state or {}).get("meta", {})
+    given = {"data": data, "exclude": exclude}
+    return {k: recorded.get(k) if v is None else str(Path(v).resolve()) for k, v in given.items()}
+
+
+def _excluded(count: int, exclude: str | Path | None) -> dict:
+    if exclude is None:
+        return {}
+    return {"excluded": {"images": count, "file": str(Path(exclude).resolve())}}
 
 
 def _start(out: Path, device: str, world: World) -> torch.device:
@@ -209,7 +193,7 @@ def _test(
     return logits, val_logits
 
 
-def _ship(
+def _results_and_temperature(
     model: TransferNet,
     recipe: Recipe,
     splits: Splits,
@@ -218,14 +202,16 @@ def _ship(
     out: Path,
     timings: dict,
 ) -> dict:
-    """The test results and the temperature fitted on validation; the model saved with it."""
+    """The test results and the temperature fitted on validation (once: the report and `analyze` measure this
+    one); the model saved with it."""
     t0 = time.perf_counter()
     test = splits.test
+    model.temperature = fit_temperature(val_logits, splits.val.labels) if val_logits is not None else None
     results = {
         "test": report.write_test_results(logits, test, out),
-        "calibration": shipped_temperature(val_logits, splits.val.labels, logits, test.labels),
+        "calibration": calibration(model.temperature, len(splits.val), logits, test.labels),
     }
-    model.temperature = results["calibration"]["temperature"]
+    figures.calibration(results["calibration"], out / "reliability.png")
     timings["calibration_s"] += time.perf_counter() - t0
     save_model(model, recipe, out / "model.safetensors")
     return results
@@ -262,7 +248,7 @@ def _run_facts(
     """What metrics.json says about the run: its command, sources, machine and processes."""
     return {
         "name": out.name,
-        "command": shlex.join(["cifar-transfer", *sys.argv[1:]]),
+        "command": command_line(),
         "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "data_source": data_source,
         "weights": weights,
@@ -286,14 +272,13 @@ def _analysis(
     out: Path,
     human_labels: Path | None,
     logits: np.ndarray,
-    val_logits: np.ndarray | None,
     timings: dict,
 ) -> dict:
     """The error analysis and its figures, timed."""
     from ..analysis.analyze import analyze  # Grad-CAM and the corruptions load only for runs that analyse
 
     t0 = time.perf_counter()
-    analysis = analyze(model, recipe, splits.val, splits.test, human_labels, logits, val_logits)
+    analysis = analyze(model, recipe, splits.test, human_labels, logits)
     figures.analysis_figures(analysis, splits.test, out)
     timings["analysis_s"] = time.perf_counter() - t0
     return analysis.result
@@ -328,9 +313,11 @@ def repeat(recipe: Recipe, seeds: int, out: Path, **run_args: object) -> dict:
         for k in range(seeds)
     ]
     values = {"test accuracy": [r["accuracy"] for r in runs]}
-    for i, pair in enumerate(runs[0]["leakage"]):  # every run lists the same pairs in the same order
-        values[f"{pair['a']} → {pair['b']}"] = [r["leakage"][i]["a_as_b"] for r in runs]
-        values[f"{pair['b']} → {pair['a']}"] = [r["leakage"][i]["b_as_a"] for r in runs]
+    classes = list(runs[0]["per_class"])
+    for pair in runs[0]["leakage"]:  # the first seed's pairs (a folder's most confused differ from seed to seed)
+        a, b = classes.index(pair["a"]), classes.index(pair["b"])
+        values[f"{pair['a']} → {pair['b']}"] = [r["confusion_normalised"][a][b] for r in runs]
+        values[f"{pair['b']} → {pair['a']}"] = [r["confusion_normalised"][b][a] for r in runs]
     summary = {
         name: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "values": v}
         for name, v in values.items()
@@ -346,11 +333,14 @@ def repeat(recipe: Recipe, seeds: int, out: Path, **run_args: object) -> dict:
     return result
 
 
-def eda(recipe: Recipe, out: Path, data_dir: str | None = None, download: bool = True) -> Path:
-    """The data's figures for the recipe's split (samples.png, class_counts.png) into `out`."""
-    train, test = load_cifar10(data_dir, allow_download=download)
+def eda(
+    recipe: Recipe, out: Path, data_dir: str | None = None, download: bool = True, data: str | Path | None = None
+) -> Path:
+    """The data's figures for the recipe's split of CIFAR-10 or of the folder `data` (samples.png,
+    class_counts.png) into `out`."""
+    splits = load_splits(recipe, data, data_dir, download).splits
     atomic.check_writable(out)
-    figures.data_figures(split(train, test, recipe.train_size, recipe.val_size, recipe.seed), out, recipe.seed)
+    figures.data_figures(splits, out, recipe.seed)
     return out
 
 

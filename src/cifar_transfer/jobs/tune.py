@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import signal
 import socket
 import time
@@ -32,12 +31,13 @@ import torch
 from optuna.trial import TrialState
 
 from .. import atomic
-from ..data.cifar import Dataset, load_cifar10, split
+from ..data.cifar import Splits, load_cifar10, split
+from ..data.sources import load_splits, scaled_epochs
 from ..errors import CifarTransferError
 from ..machine import default_weights, environment
 from ..model.network import pick_device, save_model
 from ..model.weights import Pretrained, load_pretrained
-from ..recipe import Recipe, RecipeError, read_table
+from ..recipe import Recipe, RecipeError, finite_number, read_table
 from ..reporting import figures, report
 from ..training.phases import TrainingError
 from ..training.trainer import CHECKPOINT, shipped_epoch, train_to_folder
@@ -86,44 +86,40 @@ def check_space(space: object, where: str) -> dict[str, dict]:
         raise TuneError(f"{where}: expected a table of recipe fields to tune, found {space!r}")
     hints = typing.get_type_hints(Recipe)
     for name, spec in space.items():
-        at = f"{where}: field {name}"
+        field = f"{where}: field {name}"
         if name not in hints or name == "name":
-            raise TuneError(f"{at}: not a recipe field that can be tuned")
+            raise TuneError(f"{field}: not a recipe field that can be tuned")
         kind = hints[name]
         if not isinstance(spec, dict):
-            raise TuneError(f"{at}: expected a table with low/high or choices, found {spec!r}")
+            raise TuneError(f"{field}: expected a table with low/high or choices, found {spec!r}")
         unknown = set(spec) - {"low", "high", "log", "step", "choices"}
         if unknown:
-            raise TuneError(f"{at}: unknown keys {', '.join(sorted(unknown))} (low, high, log, step, choices)")
+            raise TuneError(f"{field}: unknown keys {', '.join(sorted(unknown))} (low, high, log, step, choices)")
         if "choices" in spec:
             choices = spec["choices"]
             if set(spec) != {"choices"} or not isinstance(choices, list) or not choices:
-                raise TuneError(f"{at}: choices must be a non-empty list, alone")
+                raise TuneError(f"{field}: choices must be a non-empty list, alone")
             if not all(isinstance(c, str | int | float | bool) for c in choices):
-                raise TuneError(f"{at}: choices must be strings, numbers or booleans")
+                raise TuneError(f"{field}: choices must be strings, numbers or booleans")
         else:
             if kind not in (int, float):
                 wanted = typing.get_args(kind) if typing.get_origin(kind) is Literal else "a list of values"
-                raise TuneError(f"{at}: is not a number: give choices (one or more of {wanted})")
+                raise TuneError(f"{field}: is not a number: give choices (one or more of {wanted})")
             low, high = spec.get("low"), spec.get("high")
-            if not (_finite_number(low) and _finite_number(high)):
-                raise TuneError(f"{at}: needs numbers low and high (got low={low!r}, high={high!r})")
+            if not (finite_number(low) and finite_number(high)):
+                raise TuneError(f"{field}: needs numbers low and high (got low={low!r}, high={high!r})")
             if kind is int and not (isinstance(low, int) and isinstance(high, int)):
-                raise TuneError(f"{at}: an integer field needs integer low and high")
+                raise TuneError(f"{field}: an integer field needs integer low and high")
             if not low < high:
-                raise TuneError(f"{at}: low={low} must be below high={high}")
+                raise TuneError(f"{field}: low={low} must be below high={high}")
             if not isinstance(spec.get("log", False), bool):
-                raise TuneError(f"{at}: log must be true or false")
+                raise TuneError(f"{field}: log must be true or false")
             if spec.get("log") and (low <= 0 or "step" in spec):
-                raise TuneError(f"{at}: a log scale needs low > 0 and no step")
+                raise TuneError(f"{field}: a log scale needs low > 0 and no step")
             step = spec.get("step")
-            if step is not None and not (_finite_number(step) and step > 0):
-                raise TuneError(f"{at}: step must be a positive number")
+            if step is not None and not (finite_number(step) and step > 0):
+                raise TuneError(f"{field}: step must be a positive number")
     return space
-
-
-def _finite_number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def sample(trial: optuna.Trial, base: Recipe, space: dict[str, dict]) -> Recipe:
@@ -265,13 +261,15 @@ def tune(
     pruner: str = "median",
     heartbeat: int = 60,
     sampler_seed: int | None = None,
+    data: str | Path | None = None,
     data_dir: str | None = None,
     weights: str | None = None,
     device: str = "auto",
     download: bool = True,
     progress: bool = True,
 ) -> dict:
-    """Run trials of the study until it holds `trials` (across every worker); then write the study's summary."""
+    """Run trials of the study until it holds `trials` (across every worker); then write the study's summary.
+    Trials train on CIFAR-10's training images, or on the folder `data` (split once by `base`)."""
     if base.val_size == 0:
         raise TuneError("tune scores trials on the validation split: the recipe needs val_size > 0")
     if trials < 1:
@@ -301,9 +299,9 @@ def tune(
         if taken(study) < trials:
             dev = pick_device(device)
             pretrained = load_pretrained(weights or default_weights())
-            images = load_cifar10(data_dir, allow_download=download, test=False)[0]
+            prepare, source = trial_data(base, space, data, data_dir, download, progress)
             with sigterm_as_interrupt() as interrupted:
-                worker = Worker(base, space, out, trials, dev, pretrained, images, progress, interrupted)
+                worker = Worker(base, space, out, trials, dev, pretrained, prepare, source, progress, interrupted)
 
                 def stop_when_full(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
                     if taken(study) >= trials:
@@ -311,6 +309,26 @@ def tune(
 
                 study.optimize(worker, callbacks=[stop_when_full], catch=(Surplus,))
     return write_summary(study, base, out, trials)
+
+
+FIXED_BY_A_FOLDER = ("seed", "image_size", "val_fraction", "test_fraction", "duplicates")
+
+
+def trial_data(
+    base: Recipe, space: dict[str, dict], data: str | Path | None, data_dir: str | None, download: bool, progress: bool
+) -> tuple[Callable[[Recipe], tuple[Recipe, Splits]], str]:
+    """How a trial gets its training and validation sets (never the test set), and their source. CIFAR-10's
+    training images are split as each trial's recipe says; a folder is split once, by `base`, its test set left
+    out, and each trial's epochs scaled to the folder's size as `run` scales them."""
+    if data is None:
+        images = load_cifar10(data_dir, allow_download=download, test=False)[0]
+        return (lambda r: (r, split(images, None, r.train_size, r.val_size, r.seed))), images.source
+    fixed = sorted(set(space) & set(FIXED_BY_A_FOLDER))
+    if fixed:
+        raise TuneError(f"--data {data}: the folder is split once for the whole study; {', '.join(fixed)} cannot vary")
+    loaded = load_splits(base, data, progress=progress)
+    splits = dataclasses.replace(loaded.splits, test=None)
+    return (lambda r: (scaled_epochs(r, len(splits.train)), splits)), loaded.source
 
 
 @dataclasses.dataclass
@@ -323,7 +341,8 @@ class Worker:
     cap: int
     device: torch.device
     pretrained: Pretrained
-    images: Dataset  # the 50,000 training images (never the test set), split per trial as its recipe says
+    prepare: Callable[[Recipe], tuple[Recipe, Splits]]  # a trial's recipe as run, its train and validation sets
+    source: str
     progress: bool
     interrupted: Callable[[], None]  # raises KeyboardInterrupt once SIGTERM has come, even if its raise was lost
 
@@ -350,7 +369,7 @@ class Worker:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {row['epoch']}: validation accuracy {row['val_acc']:.4f}")
 
-        splits = split(self.images, None, recipe.train_size, recipe.val_size, recipe.seed)
+        recipe, splits = self.prepare(recipe)
         t0 = time.perf_counter()
         try:
             model, history, train_s = train_to_folder(
@@ -371,7 +390,7 @@ class Worker:
                     "name": run_dir.name,
                     "study": trial.study.study_name,
                     "trial": trial.number,
-                    "data_source": self.images.source,
+                    "data_source": self.source,
                     "weights": self.pretrained.source,
                     "preset": recipe.name,
                     **environment(self.device),

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..data.augment import to_input
+from ..data.augment import to_input, to_nchw
 from ..recipe import Recipe
 
 
@@ -26,7 +26,7 @@ def computes_in_bf16(device: torch.device, precision: str) -> bool:
 @functools.cache
 def native_bf16(device_type: str) -> bool:
     """Whether the device computes bf16 in hardware: a CUDA GPU with bf16 units, a CPU with AMX or AVX-512 BF16.
-    Elsewhere it is emulated: on an Ice Lake Xeon (AVX-512 without BF16) lean's passes ran at half fp32's speed."""
+    Elsewhere it is emulated, slower than fp32 (docs/performance.md has the measurement)."""
     if device_type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
@@ -45,8 +45,8 @@ def predict_logits(
 
     `dtype` is the outputs' (None: the precision they were computed in), converted batch by batch so that
     activations cached in bf16 never sit in memory in fp32 all at once. Each batch is copied into one tensor
-    allocated for all of them (a list joined at the end would hold everything twice at its peak: 1.3 GB more when
-    `lean` caches a view of its training images), which also keeps a CUDA-graph replay's reused output buffer."""
+    allocated for all of them (a list joined at the end would hold everything twice at its peak), which also keeps
+    a CUDA-graph replay's reused output buffer."""
     out = None
     for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=desc is None, unit="batch", leave=False):
         xb = x[i : i + batch_size]
@@ -69,9 +69,8 @@ def _layout(y: torch.Tensor) -> torch.memory_format:
 def logits_for(
     model: nn.Module, images: np.ndarray, recipe: Recipe, flip: bool = False, desc: str | None = None
 ) -> np.ndarray:
-    """Logits (float32 numpy) for N x 32 x 32 x 3 uint8 images, on the model's device; `flip` mirrors them."""
-    device = next(model.parameters()).device
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(device)
+    """Logits (float32 numpy) for N x S x S x 3 uint8 images, on the model's device; `flip` mirrors them."""
+    x = to_nchw(images, next(model.parameters()).device)
     return (
         predict_logits(model.eval(), x.flip(-1) if flip else x, recipe.eval_batch_size, recipe.precision, desc)
         .cpu()
@@ -79,7 +78,14 @@ def logits_for(
     )
 
 
+def flip_tta(logits: np.ndarray, mirrored_logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Flip test-time augmentation: the mean of the probabilities (softmax(logits / T)) of each image and of its
+    mirror. The one implementation: `evaluate --tta`, the error analysis, `predict` and `serve` use it."""
+    both = torch.from_numpy(np.stack([logits, mirrored_logits])).double().div(temperature).softmax(-1)
+    return both.mean(0).numpy()
+
+
 def tta_logits(model: nn.Module, images: np.ndarray, recipe: Recipe) -> np.ndarray:
-    """Flip test-time augmentation as logits: the log of the mean probability of each image and its mirror."""
+    """Flip test-time augmentation as logits: the log of `flip_tta`'s mean probability."""
     both = [logits_for(model, images, recipe, flip=f) for f in (False, True)]
-    return np.log(np.mean([torch.from_numpy(b).softmax(1).numpy() for b in both], axis=0)).astype(np.float32)
+    return np.log(flip_tta(*both)).astype(np.float32)

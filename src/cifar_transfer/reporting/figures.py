@@ -31,13 +31,16 @@ def save(fig: Figure, path: Path) -> Path:
 
 
 MAX_ROWS = 20  # a sample grid shows at most this many classes (a row each), so 100 classes still fit a page
+MAX_NAMED = 120  # class names a bar chart can still print, one under each group of bars
 
 
 def sample_grid(ds: Dataset, path: Path, per_class: int = 10, seed: int = 0) -> Path:
     """One labelled row of random images per class (the first MAX_ROWS classes)."""
     rng = np.random.default_rng(seed)
     shown = min(len(ds.classes), MAX_ROWS)
-    fig, axes = plt.subplots(shown, per_class, figsize=(per_class * 0.8, shown * 0.85), squeeze=False)
+    height = shown * 0.7 + 0.4  # rows as tall as the square images are wide
+    fig, axes = plt.subplots(shown, per_class, figsize=(per_class * 0.8, height), squeeze=False)
+    fig.subplots_adjust(top=1 - 0.4 / height, bottom=0.01, hspace=0.08, wspace=0.05)  # the title 0.4 in above
     for c, row in enumerate(axes):
         rows = np.flatnonzero(ds.labels == c)
         picks = rng.choice(rows, min(per_class, len(rows)), replace=False)
@@ -54,16 +57,24 @@ def sample_grid(ds: Dataset, path: Path, per_class: int = 10, seed: int = 0) -> 
 
 
 def class_counts(counts: dict[str, list[int]], classes: tuple[str, ...], path: Path) -> Path:
-    """Images per class in each split, as grouped bars."""
-    fig, ax = plt.subplots(figsize=(max(9, 0.25 * len(classes)), 3.2))
+    """Images per class in each split, as grouped bars; the legend above the bars, never on them. Past
+    MAX_NAMED classes the names are left out (metrics.json has every count)."""
+    fig, ax = plt.subplots(figsize=(min(max(9, 0.25 * len(classes)), 30), 3.2))
     width = 0.8 / len(counts)
     x = np.arange(len(classes))
     for k, (split, values) in enumerate(counts.items()):
         ax.bar(x + (k - (len(counts) - 1) / 2) * width, values, width, label=f"{split} ({sum(values):,})")
-    ax.set_xticks(x, classes, rotation=30 if len(classes) <= 20 else 90, fontsize=8 if len(classes) <= 20 else 6)
+    if len(classes) <= 20:
+        ax.set_xticks(x, classes, rotation=30, ha="right", fontsize=8)
+    elif len(classes) <= MAX_NAMED:
+        ax.set_xticks(x, classes, rotation=90, fontsize=6)
+    else:
+        ax.set_xticks([])
+        ax.set_xlabel(f"{len(classes)} classes, in name order (metrics.json lists each count)")
     ax.set_ylabel("images")
-    ax.set_title("Images per class")
-    ax.legend()
+    ax.set_xlim(-0.6, len(classes) - 0.4)
+    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=len(counts), frameon=False, fontsize=8)
+    ax.set_title("Images per class", loc="right")
     return save(fig, path)
 
 
@@ -269,14 +280,17 @@ def counts(ds: Dataset) -> list[int]:
     return np.bincount(ds.labels, minlength=len(ds.classes)).tolist()
 
 
+def calibration(cal: dict, path: Path) -> None:
+    """The reliability diagram of a shipped temperature (analysis.calibration); none without one."""
+    if cal["temperature"] is not None:
+        reliability(cal["bins_before"], cal["bins_after"], cal["temperature"], path)
+
+
 def analysis_figures(analysis: Analysis, test: Dataset, out: Path) -> None:
-    """The error analysis's figures: reliability, human vs model confusion, clear errors, Grad-CAM, corruptions."""
+    """The error analysis's figures: human vs model confusion, clear errors, Grad-CAM, corruptions."""
     from sklearn.metrics import confusion_matrix
 
     result = analysis.result
-    cal = result["calibration"]
-    if "temperature" in cal:
-        reliability(cal["bins_before"], cal["bins_after"], cal["temperature"], out / "reliability.png")
     if "skipped" not in result["human"]:
         model_cm = confusion_matrix(
             test.labels, analysis.predictions, labels=range(len(test.classes)), normalize="true"

@@ -72,11 +72,11 @@ def findings(metrics: dict, history: list[dict]) -> list[str]:
     if history:
         last = history[-1]
         gap = last["train_acc"] - last["val_acc"]
-        verdict = (
-            "the model memorises its training subset"
-            if gap > 0.15
-            else ("a moderate generalisation gap" if gap > 0.05 else "little overfitting")
-        )
+        verdict = "little overfitting"
+        if gap > 0.15:
+            verdict = "the model memorises its training subset"
+        elif gap > 0.05:
+            verdict = "a moderate generalisation gap"
         out.append(
             f"After the last epoch, training accuracy is {pct(last['train_acc'])} and validation accuracy "
             f"{pct(last['val_acc'])}: a gap of {100 * gap:.1f} points, {verdict}."
@@ -148,16 +148,21 @@ def shipped_markdown(s: dict) -> str:
 
 
 def calibration_markdown(c: dict) -> str:
-    """The temperature shipped with the model, and what it does to the test set's confidence."""
+    """The temperature shipped with the model, and what it does on the test set: calibration error, cross-entropy,
+    confidence."""
     if c.get("temperature") is None:
-        return f"Probabilities are not calibrated: {text(c.get('skipped', 'no temperature was fitted'))}."
+        return f"## Calibration\n\nProbabilities are not calibrated: {text(c.get('skipped', 'no temperature'))}."
     t = c["test"]
     return (
+        "## Calibration\n\n"
         f"The model ships with temperature **T = {c['temperature']:.3f}**, fitted on the "
-        f"{c['validation_images']:,} validation images: `predict`, `serve` and the ONNX export return "
-        "softmax(logits / T) unless told not to. On the test set it moves the mean top-class probability from "
-        f"{pct(t['mean_confidence_before'])} to {pct(t['mean_confidence_after'])}, beside an accuracy of "
-        f"{pct(t['accuracy'])}; predictions (the arg-max) do not change."
+        f"{c['validation_images']:,} validation images (never the test set): `predict`, `serve` and the ONNX export "
+        "return softmax(logits / T) unless told not to; T > 1 means the model was over-confident. On the test set "
+        f"it moves the expected calibration error (15 equal-width bins) from **{c['ece_before']:.4f}** to "
+        f"**{c['ece_after']:.4f}**, the mean cross-entropy from {c['nll_before']:.4f} to {c['nll_after']:.4f}, and "
+        f"the mean top-class probability from {pct(t['mean_confidence_before'])} to "
+        f"{pct(t['mean_confidence_after'])}, beside an accuracy of {pct(t['accuracy'])}; predictions (the arg-max) "
+        "do not change.\n\n![Reliability diagram](reliability.png)"
     )
 
 
@@ -201,7 +206,19 @@ def results_markdown(test: dict, pictures: dict[str, str]) -> str:
 
 
 def data_markdown(metrics: dict, recipe: dict) -> str:
-    """Where the pictures came from and how they were split; for a folder, what was skipped and what leaks."""
+    """Where the pictures came from and how they were split; for a folder, what was skipped and what leaks;
+    what was left out."""
+    data = metrics["data"]
+    left_out = ""
+    if "excluded" in data:
+        left_out = (
+            f"\n\n**{data['excluded']['images']:,} training and validation images were left out**, as "
+            f"{code(data['excluded']['file'])} lists them (`run --exclude`: e.g. the labels an audit flagged)."
+        )
+    return _source_markdown(metrics, recipe) + left_out
+
+
+def _source_markdown(metrics: dict, recipe: dict) -> str:
     run, data = metrics["run"], metrics["data"]
     if data.get("kind") != "folder":
         return (
@@ -225,15 +242,47 @@ def data_markdown(metrics: dict, recipe: dict) -> str:
             else ""
         )
         parts.append(f"{len(data['skipped'])} skipped:\n\n{shown}{more}")
-    dups = data["duplicates"]
-    parts.append(
-        f"**{len(dups)} exact duplicates** (the same decoded pixels) sit in two different sets: the model may have "
-        "trained on a copy of a picture it is tested on.\n\n"
-        + "\n".join(f"- {code(a)} = {code(b)}" for a, b in dups[:20])
-        if dups
-        else "No exact duplicates (the same decoded pixels) across the training, validation and test sets."
-    )
+    parts.append(duplicates_markdown(data["duplicates"], data["policy"]))
     return "\n\n".join(parts)
+
+
+def duplicates_markdown(copies: list[dict], policy: str) -> str:
+    """The validation and test pictures that copy an earlier set's picture, and what was done with them."""
+    if not copies:
+        return (
+            "No validation or test picture copies a picture of an earlier set (neither the same pixels nor a "
+            "perceptual hash within a few bits)."
+        )
+    exact = sum(c["exact"] for c in copies)
+    dropped = sum(c["dropped"] for c in copies)
+    conflicts = sum(not c["same_class"] for c in copies)
+    done = (
+        f"{dropped} of them were dropped from their set (recipe field duplicates={policy})"
+        if dropped
+        else "they were kept: `--set duplicates=drop-exact` (or `drop-near`) removes them from their set"
+    )
+    rows = [
+        [code(c["later"]), c["later_set"], code(c["earlier"]), c["earlier_set"], _copy_kind(c), _yes(c["dropped"])]
+        for c in copies[:20]
+    ]
+    more = f"\n\n… and {len(copies) - 20} more (metrics.json lists them all)" if len(copies) > 20 else ""
+    label = f" {conflicts} of them carry a different label than their copy." if conflicts else ""
+    return (
+        f"**{len(copies)} validation or test pictures copy an earlier set's picture** ({exact} exact, "
+        f"{len(copies) - exact} near: perceptual hashes a few bits apart): the model may be scored on pictures "
+        f"it trained on; {done}.{label}\n\n"
+        + table(["picture", "set", "copy of", "set", "how close", "dropped"], rows)
+        + more
+    )
+
+
+def _copy_kind(copy: dict) -> str:
+    kind = "same pixels" if copy["exact"] else f"{copy['bits_apart']} bits apart"
+    return kind if copy["same_class"] else f"{kind}; other label"
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else ""
 
 
 def _misclassified_row(r: dict) -> list[str]:
@@ -259,47 +308,39 @@ def run_markdown(metrics: dict, history: list[dict], recipe: dict) -> str:
         for h in history
     ]
     counts = [[split, f"{sum(c):,}", min(c), max(c)] for split, c in data["counts"].items()]
-    return (
-        "\n\n".join(
-            [
-                f"# cifar-transfer report: {text(run['name'])}",
-                headline(metrics, recipe),
-                run_line(metrics, recipe["name"]),
-                "## What this run found",
-                "\n".join(f"- {f}" for f in findings(metrics, history)),
-                "## Data",
-                data_markdown(metrics, recipe),
-                table(["split", "images", "fewest per class", "most per class"], counts),
-                "![Images per class](class_counts.png)",
-                "![Sample images](samples.png)",
-                "## Recipe",
-                f"Weights: {code(run['weights'])}. Labels are class indices with cross-entropy, the same mathematics "
-                "as one-hot categorical cross-entropy.",
-                table(["field", "value"], [[k, code(v)] for k, v in recipe.items()]),
-                "## Training",
-                "![Learning curves](learning_curves.png)",
-                shipped_markdown(metrics.get("shipped", {})),
-                "Training loss includes label smoothing when the recipe sets it; "
-                "validation loss is plain cross-entropy.",
-                table(
-                    ["epoch", "phase", "lr", "train loss", "train acc", "val loss", "val acc", "seconds", "shipped"],
-                    hist,
-                ),
-                f"# Test set: {pct(metrics['test']['accuracy'])} accuracy",
-                results_markdown(
-                    metrics["test"], {"confusion": "confusion_matrix.png", "gallery": "misclassified.png"}
-                ),
-                "## Calibrated probabilities",
-                calibration_markdown(metrics["calibration"]) if "calibration" in metrics else "",
-                analysis_markdown(metrics["analysis"]) if "analysis" in metrics else "",
-                "## Reproduce",
-                # one line that starts with the program's name: nothing in it can close the fence
-                f"```\n{_printable(run['command'])}\n```\n\ntorch {run['versions']['torch']}, torchvision "
-                f"{run['versions']['torchvision']}, Python {run['versions']['python']}.",
-            ]
-        )
-        + "\n"
-    )
+    results = [
+        f"# cifar-transfer report: {text(run['name'])}",
+        headline(metrics, recipe),
+        run_line(metrics, recipe["name"]),
+        "## What this run found",
+        "\n".join(f"- {f}" for f in findings(metrics, history)),
+        f"# Test set: {pct(metrics['test']['accuracy'])} accuracy",
+        results_markdown(metrics["test"], {"confusion": "confusion_matrix.png", "gallery": "misclassified.png"}),
+        calibration_markdown(metrics["calibration"]),
+        analysis_markdown(metrics["analysis"]) if "analysis" in metrics else "",
+    ]
+    appendix = [
+        "# Appendix: how this run was made",
+        "## Data",
+        data_markdown(metrics, recipe),
+        table(["split", "images", "fewest per class", "most per class"], counts),
+        "![Images per class](class_counts.png)",
+        "![Sample images](samples.png)",
+        "## Training",
+        "![Learning curves](learning_curves.png)",
+        shipped_markdown(metrics.get("shipped", {})),
+        "Training loss includes label smoothing when the recipe sets it; validation loss is plain cross-entropy.",
+        table(["epoch", "phase", "lr", "train loss", "train acc", "val loss", "val acc", "seconds", "shipped"], hist),
+        "## Reproduce",
+        # one line that starts with the program's name: nothing in it can close the fence
+        f"```\n{_printable(run['command'])}\n```\n\ntorch {run['versions']['torch']}, torchvision "
+        f"{run['versions']['torchvision']}, Python {run['versions']['python']}.",
+        "## Recipe",
+        f"Weights: {code(run['weights'])}. Labels are class indices with cross-entropy, the same mathematics as "
+        "one-hot categorical cross-entropy.",
+        table(["field", "value"], [[k, code(v)] for k, v in recipe.items()]),
+    ]
+    return "\n\n".join(part for part in results + appendix if part) + "\n"
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;
@@ -412,29 +453,14 @@ def write(folder: Path, md: str, title: str) -> None:
 
 
 def analysis_markdown(a: dict) -> str:
-    """The error-analysis sections: calibration, flip TTA, human ambiguity, Grad-CAM, corruptions."""
+    """The error-analysis sections: flip TTA, human ambiguity, Grad-CAM, corruptions."""
     sections = [
-        _calibration_section(a["calibration"]),
         _tta_section(a["tta"]),
         _human_section(a["human"]),
         _attribution_section(a["attribution"]),
         robustness_markdown(a["robustness"]),
     ]
     return "\n\n".join(["# Error analysis", *sections])
-
-
-def _calibration_section(cal: dict) -> str:
-    if "skipped" in cal:
-        return f"## Calibration\n\nSkipped: {text(cal['skipped'])}."
-    return (
-        "## Calibration\n\n"
-        f"Expected calibration error (15 equal-width bins) on the test set: **{cal['ece_before']:.4f}** as trained, "
-        f"**{cal['ece_after']:.4f}** after temperature scaling with T = {cal['temperature']:.3f} (fitted on the "
-        f"validation set, never the test set). Mean cross-entropy {cal['nll_before']:.4f} → {cal['nll_after']:.4f}. "
-        "T > 1 means the model was over-confident. The temperature is saved with the model: `predict`, `serve` "
-        "and the ONNX export return these calibrated probabilities unless told not to.\n\n"
-        "![Reliability diagram](reliability.png)"
-    )
 
 
 def _tta_section(tta: dict) -> str:
@@ -518,6 +544,7 @@ def robustness_markdown(rob: dict) -> str:
         if mean is not None
         else f"Clean accuracy on {rob['images']:,} images: {pct(rob['clean'])}."
     )
+    summary += _protocol(rob)
     if rob.get("mean_held_out") is not None:
         summary += f" The held-out corruptions (not in the mean): {pct(rob['mean_held_out'])}."
     rows = [
@@ -532,6 +559,21 @@ def robustness_markdown(rob: dict) -> str:
             table(["corruption", *(f"severity {s}" for s in rob["severities"]), "mean"], rows),
             "![Accuracy under corruptions](robustness.png)",
         ]
+    )
+
+
+def _protocol(rob: dict) -> str:
+    """Which benchmark corruptions the model trained on, and the mean over those it never saw."""
+    seen = rob.get("trained_on")
+    if seen is None or rob["mean_corrupted"] is None:
+        return ""  # a result written before the protocol was recorded
+    if not seen:
+        return " The model's augmentation makes none of these corruptions: all of them are unseen."
+    names = " and ".join(s.replace("_", " ") for s in seen)
+    return (
+        f" **The model trained on {names}** (its augmentation draws them at this strength), against the "
+        f"benchmark's rule: over the {rob['benchmark_corruptions'] - len(seen)} corruptions it never saw, "
+        f"**{pct(rob['mean_unseen'])}**."
     )
 
 
@@ -606,3 +648,44 @@ def tune_markdown(s: dict) -> str:
         if drawn:
             parts += [f"## {title}", f"![{title}]({drawn})" if drawn.endswith(".png") else drawn.capitalize() + "."]
     return "\n\n".join(parts) + "\n"
+
+
+def audit_markdown(summary: dict, gallery: bool) -> str:
+    """`audit`'s report: how many labels each part flags, how it judged them, the class pairs and top issues."""
+    parts = summary["parts"]
+    lines = [
+        f"# Label audit of {code(summary['run']['audited'])}",
+        "Images whose given label is likely wrong, by confident learning (cleanlab) on out-of-sample "
+        "probabilities: "
+        + "; ".join(f"{text(name)}: {text(how)}" for name, how in summary["how"].items())
+        + ". `label_issues.csv` lists every flagged image, most suspect first; a reviewed copy of it can be given to "
+        "`run --exclude` to train without them.",
+        table(
+            ["images", "audited", "flagged", "share"],
+            [
+                [name, f"{p['images']:,}", f"{p['flagged']:,}", pct(p["flagged"] / max(p["images"], 1))]
+                for name, p in parts.items()
+            ],
+        ),
+    ]
+    if summary["pairs"]:
+        pairs = list(summary["pairs"].items())[:10]
+        lines += ["## Given → suggested, most often", table(["labels", "images"], [[text(k), v] for k, v in pairs])]
+    if "human" in summary:
+        h = summary["human"]
+        lines += [
+            "## Against people (CIFAR-10H)",
+            f"People's mean agreement with the given label: **{pct(h['agreement_flagged'] or 0)}** on the "
+            f"{h['flagged']:,} flagged test images, {pct(h['agreement_rest'])} on the rest; on "
+            f"{len(h['majority_disagrees']):,} of the flagged ones most people chose another class.",
+        ]
+    if gallery:
+        lines.append("![Most likely label errors](label_issues.png)")
+    top = [
+        [code(r["image"]), r["split"], text(r["given"]), text(r["suggested"]), f"{r['quality']:.3f}"]
+        for r in summary["top"][:20]
+    ]
+    if top:
+        lines += ["## The most suspect labels", table(["image", "split", "given", "suggested", "quality"], top)]
+    lines.append(f"Audited in {summary['seconds']:.0f} s.")
+    return "\n\n".join(lines)

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..analysis.calibration import softmax
 from ..data.images import ImageError, read_image_file
-from ..model.inference import logits_for
+from ..model.inference import flip_tta, logits_for
 from ..model.network import for_inference, load_model, pick_device
 from ..model.weights import digest
 
@@ -59,14 +59,17 @@ class Predictor:
         return self.model.classes
 
     @staticmethod
-    def views(images: np.ndarray, options: Options) -> np.ndarray:
+    def model_inputs(images: np.ndarray, options: Options) -> np.ndarray:
         """What goes through the model: the images, then (with TTA) their mirror images."""
         return np.concatenate([images, images[:, :, ::-1]]) if options.tta else images
 
     def combine(self, logits: np.ndarray, options: Options) -> np.ndarray:
-        """Logits of `views(images)` -> N x 10 probabilities: softmax(logits / T), the mean of both views' with TTA."""
-        p = softmax(logits, self.temperature if self.calibrated(options) else 1.0).astype(np.float32)
-        return (p[: len(p) // 2] + p[len(p) // 2 :]) / 2 if options.tta else p
+        """Logits of `model_inputs(images)` -> N x classes probabilities: softmax(logits / T), with TTA the mean of
+        each image's and its mirror's (`flip_tta`)."""
+        t = self.temperature if self.calibrated(options) else 1.0
+        if options.tta:
+            return flip_tta(logits[: len(logits) // 2], logits[len(logits) // 2 :], t).astype(np.float32)
+        return softmax(logits, t).astype(np.float32)
 
     def calibrated(self, options: Options) -> bool:
         return options.calibrated and self.temperature is not None
@@ -82,7 +85,7 @@ class Predictor:
 
     def probabilities(self, images: np.ndarray, options: Options = Options()) -> np.ndarray:
         """N x S x S x 3 uint8 -> N x classes probabilities."""
-        return self.combine(self.logits(self.views(images, options)), options)
+        return self.combine(self.logits(self.model_inputs(images, options)), options)
 
     def predict(self, images: np.ndarray, options: Options = Options()) -> list[Prediction]:
         rows = self.probabilities(images, options)

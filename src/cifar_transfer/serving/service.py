@@ -185,7 +185,7 @@ class Described(BaseModel):
     tta: bool
 
 
-class Prediction(Described):
+class PredictionResponse(Described):
     top: list[Top]
     probabilities: dict[str, float]
 
@@ -199,7 +199,7 @@ class ImageResult(BaseModel):
     error: str | None = None
 
 
-class BatchPrediction(Described):
+class BatchResponse(Described):
     results: list[ImageResult]
 
 
@@ -279,7 +279,7 @@ def _prediction_routes(
             raise HTTPException(400, str(e)) from None
 
     async def classify(images: np.ndarray, options: Options) -> np.ndarray:
-        return predictor.combine(await batcher.classify(predictor.views(images, options)), options)
+        return predictor.combine(await batcher.classify(predictor.model_inputs(images, options)), options)
 
     @app.post("/predict", summary="Classify one image (multipart field 'file')", responses=REFUSALS)
     async def predict(
@@ -288,12 +288,12 @@ def _prediction_routes(
         top: TopK = 3,
         calibrated: Calibrated = True,
         tta: TTA = False,
-    ) -> Prediction:
+    ) -> PredictionResponse:
         if (parts := len((await request.form()).getlist("file"))) > 1:
             raise HTTPException(400, f"{parts} 'file' parts: /predict classifies one image; use /predict/batch")
         options = Options(calibrated, tta)
         probs = await classify((await decode(file))[None], options)
-        return Prediction(**predictor.describe(options), **_classes(probs[0], predictor.classes, top))
+        return PredictionResponse(**predictor.describe(options), **_classes(probs[0], predictor.classes, top))
 
     @app.post("/predict/batch", summary="Classify several images (multipart fields 'files')", responses=REFUSALS)
     async def predict_batch(
@@ -301,7 +301,7 @@ def _prediction_routes(
         top: TopK = 3,
         calibrated: Calibrated = True,
         tta: TTA = False,
-    ) -> BatchPrediction:
+    ) -> BatchResponse:
         if len(files) > max_images:
             raise HTTPException(413, f"{len(files)} images in one request; at most {max_images}")
         options = Options(calibrated, tta)
@@ -314,7 +314,7 @@ def _prediction_routes(
         if images:
             for i, probs in zip(images, await classify(np.stack(list(images.values())), options)):
                 results[i] = ImageResult(filename=files[i].filename, **_classes(probs, predictor.classes, top))
-        return BatchPrediction(**predictor.describe(options), results=results)
+        return BatchResponse(**predictor.describe(options), results=results)
 
 
 def _classes(probs: np.ndarray, classes: tuple[str, ...], top: int) -> dict:

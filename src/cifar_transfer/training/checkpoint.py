@@ -93,7 +93,7 @@ class Checkpointer:
 
     def save(
         self,
-        at: Progress,
+        done: Progress,
         recipe: Recipe,
         model: TransferNet,
         opt: torch.optim.Optimizer,
@@ -101,7 +101,7 @@ class Checkpointer:
         order: torch.Generator,
         augmentation: torch.Generator,
     ) -> None:
-        saved = None if self.on_saved is None else functools.partial(self.on_saved, list(at.history))
+        saved = None if self.on_saved is None else functools.partial(self.on_saved, list(done.history))
         ranks = None  # each rank's augmentation stream, for a resume with the same number of processes
         if self.world.size > 1:  # a collective: every rank takes part
             ranks = gather(augmentation.get_state().to(order.device)[None], self.world).cpu()
@@ -113,9 +113,9 @@ class Checkpointer:
         cuda = order.device.type == "cuda"
         state = {
             "recipe": recipe.to_dict(),
-            "phase": at.phase,
-            "epoch": at.epoch,
-            "history": list(at.history),
+            "phase": done.phase,
+            "epoch": done.epoch,
+            "history": list(done.history),
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
@@ -126,7 +126,7 @@ class Checkpointer:
             "rank_generators": ranks,
         }
         # `best` is a clone that is replaced, never changed: saved as it is, not copied again
-        self.writer.submit(self.path, host_copy(state, unchanging={"best": at.best}), then=saved)
+        self.writer.submit(self.path, host_copy(state, unchanging={"best": done.best}), then=saved)
 
 
 def host_copy(state: dict, unchanging: dict) -> Callable[[IO[bytes]], None]:

@@ -4,6 +4,7 @@ schedule."""
 from __future__ import annotations
 
 import math
+from enum import IntEnum
 
 import torch
 from torch import nn
@@ -17,16 +18,34 @@ class TrainingError(CifarTransferError):
     """Training cannot go on (a non-finite loss, a checkpoint that does not fit the run)."""
 
 
-def trainable_stages(model: TransferNet, phase: int, recipe: Recipe) -> list[nn.Module]:
-    """The backbone modules that train in this phase: none in phase 1, `finetune_from` onwards in phase 2."""
-    if phase == 1:
+class Phase(IntEnum):
+    """The two phases, numbered as history.csv, checkpoints and `lr-find --phase` number them."""
+
+    HEAD = 1  # the base frozen: the head trains on its features
+    FINETUNE = 2  # the base unfrozen from `finetune_from`: those stages train with the head
+
+
+def trainable_stages(model: TransferNet, phase: Phase, recipe: Recipe) -> list[nn.Module]:
+    """The backbone modules that train in this phase: none with the head, `finetune_from` onwards after."""
+    if phase == Phase.HEAD:
         return []
     b = model.backbone
     names = STEPS[STEPS.index(step_name(recipe.finetune_from)) : STEPS.index("pool")]
     return [m for name in names for m in ([b.conv1, b.bn1] if name == "stem" else [model.block(name)])]
 
 
-def set_phase(model: TransferNet, phase: int, recipe: Recipe) -> list[nn.Parameter]:
+def freeze_base(model: TransferNet, recipe: Recipe) -> list[nn.Parameter]:
+    """Freeze the whole base, BatchNorm in inference mode: the head's parameters, which alone train."""
+    return set_phase(model, Phase.HEAD, recipe)
+
+
+def unfreeze_from(model: TransferNet, recipe: Recipe) -> list[nn.Parameter]:
+    """Unfreeze the base from `finetune_from` on (BatchNorm there in the recipe's `finetune_bn` mode): the
+    parameters that train with the head."""
+    return set_phase(model, Phase.FINETUNE, recipe)
+
+
+def set_phase(model: TransferNet, phase: Phase, recipe: Recipe) -> list[nn.Parameter]:
     """Freeze the base except the phase's trainable stages, put BatchNorm in the recipe's mode (frozen stages
     always in inference mode), and return the trainable parameters."""
     model.train()
@@ -41,27 +60,27 @@ def set_phase(model: TransferNet, phase: int, recipe: Recipe) -> list[nn.Paramet
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def make_optimizer(params: list[nn.Parameter], phase: int, recipe: Recipe) -> torch.optim.Optimizer:
+def make_optimizer(params: list[nn.Parameter], phase: Phase, recipe: Recipe) -> torch.optim.Optimizer:
     """Adam or SGD; weight decay on weights only, not on norms and biases."""
     groups = [
         {"params": [p for p in params if p.ndim > 1], "weight_decay": recipe.weight_decay},
         {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
     ]
-    kind = recipe.head_optimizer if phase == 1 else recipe.finetune_optimizer
-    lr = recipe.head_lr if phase == 1 else recipe.finetune_lr
+    kind = recipe.head_optimizer if phase == Phase.HEAD else recipe.finetune_optimizer
+    lr = recipe.head_lr if phase == Phase.HEAD else recipe.finetune_lr
     fused = params[0].is_cuda  # one kernel for all parameters; on CPU the default (foreach) is used
     if kind == "adam":
         return torch.optim.Adam(groups, lr=lr, eps=1e-7, fused=fused)  # Keras's default epsilon, as in the seed
     return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov, fused=fused)
 
 
-def make_schedule(opt: torch.optim.Optimizer, phase: int, recipe: Recipe, steps_per_epoch: int):
+def make_schedule(opt: torch.optim.Optimizer, phase: Phase, recipe: Recipe, steps_per_epoch: int):
     """Per-step learning-rate factor: constant in phase 1; in phase 2 linear warm-up, then constant or cosine."""
     total = recipe.finetune_epochs * steps_per_epoch
     warmup = round(recipe.warmup_epochs * steps_per_epoch)
 
     def factor(step: int) -> float:
-        if phase == 1:
+        if phase == Phase.HEAD:
             return 1.0
         if step < warmup:
             return (step + 1) / warmup

@@ -20,7 +20,7 @@ from ..recipe import Recipe
 from .checkpoint import checkpoint_bytes
 from .distributed import ALONE, World
 from .logbook import Logbook
-from .loop import fit
+from .loop import Saving, fit
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -90,12 +90,14 @@ def train_to_folder(
             recipe,
             as_tensors(splits.train.images, splits.train.labels, dev),
             as_tensors(splits.val.images, splits.val.labels, dev),
-            checkpoint=out / CHECKPOINT if world.main else None,
-            resume=resume_state,
-            progress=progress and world.main,
+            saving=Saving(
+                checkpoint=out / CHECKPOINT if world.main else None,
+                resume=resume_state,
+                meta=meta,
+                on_saved=(lambda rows: write_history(rows, out / "history.csv")) if world.main else None,
+            ),
             on_epoch=after_epoch if world.main else None,
-            on_saved=(lambda rows: write_history(rows, out / "history.csv")) if world.main else None,
-            meta=meta,
+            progress=progress and world.main,
             world=world,
         )
     finally:
