@@ -1,9 +1,9 @@
 """Does the label audit find labels known to be wrong? `lean`'s split of CIFAR-10 (10,000 training and 5,000
 validation images, seed 0), 5% of the training labels moved to another class (seeded; only this script knows
 which), audited as `cifar-transfer audit` audits a run's training and validation images: K-fold heads on the
-pretrained base's features at 64 px, cleanlab on their out-of-sample probabilities.
+pretrained base's features at the run's resolution, cleanlab on their out-of-sample probabilities.
 
-    python bench/design/audit_flips.py [--flip 0.05] [--resolution 64] [--folder OUT]
+    python bench/design/audit_flips.py [--flip 0.05] [--resolution 128] [--folder OUT]
 
 prints the audit's precision and recall at cleanlab's threshold, the share of the flips among its 500 most suspect
 images, the time it took, and (with --folder) writes the noisy split as PNG files (train/ val/ test/ by class) for
@@ -35,7 +35,7 @@ from cifar_transfer.training.inputs import cache_activations
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--flip", type=float, default=0.05)
-    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--resolution", type=int, default=128, help="default 128: lean's, what audit uses on its runs")
     p.add_argument("--folder", type=Path, help="write the noisy split here as PNG files")
     a = p.parse_args()
     recipe = preset("lean")

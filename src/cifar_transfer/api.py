@@ -228,7 +228,7 @@ def audit(
     data: str | Path | None = None,
     data_dir: str | None = None,
     weights: str | None = None,
-    resolution: int = 64,
+    resolution: int | None = None,
     human_labels: str | Path | None = None,
     device: str = "auto",
     download: bool = True,

@@ -290,8 +290,7 @@ def _audit_command(sub, o: dict) -> None:
     au.add_argument(
         "--resolution",
         type=_whole_number(32, 512),
-        default=64,
-        help="the size the pretrained base sees the images at (default 64)",
+        help="the size the pretrained base sees the images at (default: the run's resolution)",
     )
 
 

@@ -38,12 +38,13 @@ def audit(
     weights: str | None = None,
     device: str = "auto",
     download: bool = True,
-    resolution: int = 64,
+    resolution: int | None = None,
     human_labels: Path | None = None,
 ) -> tuple[dict, Path]:
     """Flag the likely label errors of a run's training, validation and test images; returns the summary and
     RUN/audit/. `resolution`: the size the pretrained base sees the images at (its features score the training
-    and validation labels). With CIFAR-10H (`human_labels`), the test audit is checked against people."""
+    and validation labels; default: the run's own, which docs/audit.md measured to pay). With CIFAR-10H
+    (`human_labels`), the test audit is checked against people."""
     model, recipe = load_model(run_dir / "model.safetensors")
     out = run_dir / "audit"
     atomic.check_writable(out)
@@ -57,6 +58,7 @@ def audit(
     t0 = time.perf_counter()
     pool = _pooled(splits)
     pretrained = load_pretrained(weights or made.get("weights") or default_weights())
+    resolution = resolution or recipe.resolution
     base = place(
         build_model(dataclasses.replace(recipe, resolution=resolution), pretrained, model.classes), recipe, dev
     )
