@@ -18,7 +18,7 @@ from PIL import Image
 
 SET_ORDER = ("train", "val", "test")
 # Bits of 64 two pictures' hashes may differ by and still be called copies: at this distance the pairs found in
-# CIFAR-10 (test against train) are the same photograph (docs/own-images.md shows the measurement).
+# CIFAR-10 (test against train) were all the same photograph, further out less and less (docs/own-images.md).
 NEAR = 4
 CHUNK = 256  # later-set pictures compared at once: the XOR holds 8 x CHUNK x (earlier pictures) bytes
 
