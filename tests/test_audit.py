@@ -83,3 +83,25 @@ def test_audit_a_folder_run_and_train_without_what_it_flags(
         not used & left_out
         and f"**{len(left_out):,} training and validation images were left out**" in (out / "report.md").read_text()
     )
+
+
+def test_an_exclusion_list_that_matches_nothing_is_refused(digits, tmp_path, monkeypatch):
+    from cifar_transfer.data.cifar import DataError
+    from cifar_transfer.data.sources import load_splits
+    from cifar_transfer.recipe import preset
+
+    monkeypatch.setenv("CIFAR_TRANSFER_CACHE", str(tmp_path / "cache"))
+    recipe = preset("smoke")
+    whole = load_splits(recipe, digits, progress=False).splits
+    listed = tmp_path / "issues.csv"
+    first = whole.train.files[0]
+    listed.write_text(f"image,split\n{first},train\n{whole.test.files[0]},test\n")
+    kept = load_splits(recipe, digits, progress=False, exclude=listed)
+    assert kept.excluded == 1 and first not in kept.splits.train.files
+    assert kept.splits.test.files == whole.test.files  # a test row is never left out
+    listed.write_text("image,split\n12345,train\n")  # a CIFAR-10 index given to a folder run
+    with pytest.raises(DataError, match=r"issues.csv: none of its 1 images is among this run's training"):
+        load_splits(recipe, digits, progress=False, exclude=listed)
+    listed.write_text("file,split\nx.png,train\n")
+    with pytest.raises(DataError, match="no `image` column"):
+        load_splits(recipe, digits, progress=False, exclude=listed)

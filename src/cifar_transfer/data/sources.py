@@ -45,6 +45,11 @@ def load_splits(
     train, val = _kept(s.train, s.train_index, names), _kept(s.val, s.val_index, names)
     splits = Splits(s.train.take(train), s.val.take(val), s.test, s.train_index[train], s.val_index[val])
     left_out = len(s.train) + len(s.val) - len(splits.train) - len(splits.val)
+    if names and not left_out:  # another run's list, or a folder's list given to CIFAR-10: say so, drop nothing
+        raise DataError(
+            f"--exclude {exclude}: none of its {len(names):,} images is among this run's training and validation "
+            "images (a list from another run or data set?)"
+        )
     return dataclasses.replace(loaded, splits=splits, excluded=left_out)
 
 
