@@ -42,7 +42,11 @@ class FolderData:
     splits: Splits
     skipped: list[str]
     duplicates: list[dict]  # earlier/later file and set, bits apart, exact, dropped
-    dropped: list[str]  # the later copies removed from their set (recipe field duplicates)
+
+    @property
+    def dropped(self) -> list[str]:
+        """The later copies removed from their set (recipe field duplicates)."""
+        return [d["later"] for d in self.duplicates if d["dropped"]]
 
     def rows(self, used: Splits | None = None) -> list[tuple[str, str, str]]:
         """splits.csv: (file, split, class) for every picture read, as `used` (default: as read) holds them; a
@@ -79,7 +83,6 @@ def read_labelled_folder(
     assignment = assign_splits(data, classes, val_fraction, test_fraction, seed)
     copies = find_duplicates(images, assignment, hashes)
     listed = [_described(c, data, assignment, classes, duplicates) for c in copies]
-    dropped = [d["later"] for d in listed if d["dropped"]]
     assignment[[c.later for c, d in zip(copies, listed) if d["dropped"]]] = "dropped"
     sets = {}
     for name in SPLIT_FOLDERS:
@@ -90,7 +93,7 @@ def read_labelled_folder(
     splits = Splits(
         sets["train"], sets["val"], sets["test"], np.arange(len(sets["train"])), np.arange(len(sets["val"]))
     )
-    return FolderData(splits, skipped, listed, dropped)
+    return FolderData(splits, skipped, listed)
 
 
 def _described(

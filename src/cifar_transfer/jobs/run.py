@@ -146,10 +146,9 @@ def _sources(state: dict | None, data: str | Path | None, exclude: str | Path | 
     return {k: recorded.get(k) if v is None else str(Path(v).resolve()) for k, v in given.items()}
 
 
-def _excluded(count: int, exclude: str | Path | None) -> dict:
-    if exclude is None:
-        return {}
-    return {"excluded": {"images": count, "file": str(Path(exclude).resolve())}}
+def _excluded(count: int, exclude: str | None) -> dict:
+    """What metrics.json says of the images `run --exclude` left out (`exclude`: the list, resolved)."""
+    return {} if exclude is None else {"excluded": {"images": count, "file": exclude}}
 
 
 def _start(out: Path, device: str, world: World) -> torch.device:
