@@ -181,7 +181,8 @@ def eda(
 
 
 def load(run: str | Path | Run, device: str = "auto"):
-    """The run's model as a `serving.predictor.Predictor` (probabilities for uint8 N x 32 x 32 x 3 images)."""
+    """The run's model as a `serving.predictor.Predictor` (probabilities for uint8 N x 32 x 32 x 3 images);
+    `.adapt(images)` gives one adapted to a new domain's unlabelled images (test-time adaptation)."""
     from .serving.predictor import Predictor
 
     return Predictor(Path(run), device)
@@ -192,15 +193,16 @@ def evaluate(
     data: str | Path | None = None,
     *,
     tta: bool = False,
+    adapt: bool = False,
     device: str = "auto",
     download: bool = True,
     progress: bool = True,
 ) -> Run:
     """The run's model on the test set, an .npz, a CIFAR-10 folder or a folder of photos (one subfolder per class):
-    RUN/evaluations/<data>/."""
+    RUN/evaluations/<data>/; `adapt`: adapted to those images first (transductive; <data>-adapted/)."""
     from .jobs.evaluate import evaluate as evaluate_job
 
-    _, folder = evaluate_job(Path(run), str(data) if data else None, device, download, tta, progress)
+    _, folder = evaluate_job(Path(run), str(data) if data else None, device, download, tta, progress, adapt)
     return Run(folder)
 
 
@@ -248,13 +250,15 @@ def robustness(
     images: int = 1000,
     held_out: bool = True,
     data_dir: str | None = None,
+    adapt: bool = False,
     device: str = "auto",
     download: bool = True,
 ) -> Run:
-    """CIFAR-10-C's corruptions at its own strength on `images` class-balanced test images: RUN/robustness/."""
+    """CIFAR-10-C's corruptions at its own strength on `images` class-balanced test images: RUN/robustness/;
+    `adapt`: the model adapted to each corruption and severity's images first (RUN/robustness-adapted/)."""
     from .jobs.evaluate import robustness_job
 
-    _, folder = robustness_job(Path(run), images, held_out, data_dir, device, download)
+    _, folder = robustness_job(Path(run), images, held_out, data_dir, device, download, adapt)
     return Run(folder)
 
 

@@ -27,6 +27,12 @@ PRESET_HELP = (
 )
 
 
+ADAPT_HELP = (
+    "first adapt the model to the unlabelled images themselves: every BatchNorm's statistics re-estimated on them "
+    "(test-time adaptation; transductive, reported apart)"
+)
+
+
 def _options() -> dict[str, argparse.ArgumentParser]:
     """Option groups several commands share, as parent parsers."""
     cifar, data = _data_options(folder=False), _data_options(folder=True)
@@ -250,6 +256,7 @@ def _saved_run_commands(sub, o: dict) -> None:
         "(airplane/, cat/, ...); default: the CIFAR-10 test set",
     )
     v.add_argument("--tta", action="store_true", help="average each prediction with the mirror image's")
+    v.add_argument("--adapt", action="store_true", help=ADAPT_HELP)
     v.add_argument("--no-download", action="store_true", help="never download CIFAR-10; fail if not found")
     r = sub.add_parser(
         "robustness",
@@ -266,6 +273,7 @@ def _saved_run_commands(sub, o: dict) -> None:
         help="class-balanced test images per corruption and severity (default 1000; 10000: all)",
     )
     r.add_argument("--benchmark-only", action="store_true", help="leave out the 4 held-out corruptions")
+    r.add_argument("--adapt", action="store_true", help=ADAPT_HELP + "; written to RUN_DIR/robustness-adapted/")
     c = sub.add_parser(
         "compare",
         help="finished runs side by side: recipe differences, results, curves",
@@ -313,6 +321,7 @@ def _model_commands(sub, o: dict) -> None:
     pr.add_argument("--top", type=_top, default=3, help="how many classes to show, best first (default 3; at most all)")
     pr.add_argument("--json", action="store_true", help="print JSON for machines")
     pr.add_argument("--tta", action="store_true", help="average with the mirror image (flip test-time augmentation)")
+    pr.add_argument("--adapt", action="store_true", help=ADAPT_HELP)
     s = sub.add_parser(
         "serve",
         parents=[o["device"]],
@@ -470,7 +479,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import api
 
-    options = {"tta": args.tta, "device": args.device, "download": not args.no_download}
+    options = {"tta": args.tta, "adapt": args.adapt, "device": args.device, "download": not args.no_download}
     result = api.evaluate(args.run_dir, args.data, **options)
     metrics = result.metrics
     if "robustness" in metrics:
@@ -505,6 +514,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
         args.run_dir,
         images=args.images,
         held_out=not args.benchmark_only,
+        adapt=args.adapt,
         device=args.device,
         **_data_args(args),
     )
@@ -534,7 +544,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .serving.predictor import Options, predict_files
 
     options = Options(calibrated=not args.no_calibration, tta=args.tta)
-    results = predict_files(args.run_dir, args.images, args.top, options)
+    results = predict_files(args.run_dir, args.images, args.top, options, adapt=args.adapt)
     if args.json:
         print(json.dumps(results, indent=2))
     elif described := next((r for r in results if "error" not in r), None):
@@ -550,7 +560,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _probabilities_line(described: dict) -> str:
     """Once per call: whether the probabilities below are calibrated, and how."""
     how = f"calibrated (T = {described['temperature']:.3g})" if described["calibrated"] else "not calibrated"
-    return f"probabilities {how}{', flip TTA' if described['tta'] else ''}:"
+    adapted = f", adapted to these {described['adapted_on']:,} images" if "adapted_on" in described else ""
+    return f"probabilities {how}{', flip TTA' if described['tta'] else ''}{adapted}:"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

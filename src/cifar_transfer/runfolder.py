@@ -103,13 +103,15 @@ def _open_lock(path: Path) -> int:
 
 def recorded(folder: Path) -> dict:
     """What a finished run's metrics.json says of how it was made ({} before it has one): the folder of pictures
-    it trained on (`data`, None for CIFAR-10) and the weights it started from (`weights`)."""
+    it trained on (`data`, None for CIFAR-10), where it read its pictures (`data_source`) and the weights it
+    started from (`weights`)."""
     path = folder / "metrics.json"
     facts = json.loads(path.read_text()) if path.is_file() else {}
     if not facts:
         return {}
     folder_run = facts.get("data", {}).get("kind") == "folder"
-    return {"data": facts["run"]["data_source"] if folder_run else None, "weights": facts["run"].get("weights")}
+    source = facts["run"]["data_source"]
+    return {"data": source if folder_run else None, "data_source": source, "weights": facts["run"].get("weights")}
 
 
 def holds_run(folder: Path) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,9 @@ from ..data.images import read_image_folder
 from ..data.sources import load_splits
 from ..errors import CifarTransferError
 from ..machine import command_line, environment
+from ..model.adapt import PRIOR, TRANSDUCTIVE, adapted, training_moments
 from ..model.inference import logits_for, tta_logits
-from ..model.network import TransferNet, for_inference, load_model, pick_device
+from ..model.network import TransferNet, for_inference, load_model, pick_device, place
 from ..recipe import Recipe
 from ..reporting import figures, report
 from ..runfolder import recorded
@@ -35,17 +37,20 @@ def evaluate(
     download: bool = True,
     tta: bool = False,
     progress: bool = True,
+    adapt: bool = False,
 ) -> tuple[dict, Path]:
     """Re-evaluate a saved model on its test set, on another CIFAR-shaped set or on a folder of photos with one
-    subfolder per class; with `tta`, predictions average each image with its mirror. Results go to
-    RUN_DIR/evaluations/<data>/; returns the metrics and that folder."""
+    subfolder per class; with `tta`, predictions average each image with its mirror; with `adapt`, the model is
+    first adapted to the unlabelled test images (each corruption and severity of a CIFAR-10-C folder to its own).
+    Results go to RUN_DIR/evaluations/<data>/ (<data>-adapted/); returns the metrics and that folder."""
     model, recipe = load_model(run_dir / "model.safetensors")
-    name = _evaluation_name(data)
+    name = _evaluation_name(data) + ("-adapted" if adapt else "")
     out = atomic.child(run_dir / "evaluations", name)
     dev = pick_device(device)
+    prepare = _adapting(model, recipe, run_dir, None, download, dev) if adapt else _standard(model, recipe, dev)
     if data and Path(data).is_dir() and corruptions.is_official_folder(Path(data)):
         atomic.check_writable(out)
-        return _evaluate_cifar10c(for_inference(model, recipe, dev), recipe, Path(data), out, run_dir), out
+        return _evaluate_cifar10c(prepare, recipe, Path(data), out, run_dir, adapt), out
     skipped = []
     if data and Path(data).is_dir() and find_source(Path(data)) is None:  # photos, one folder per class
         test, skipped = read_image_folder(Path(data), model.classes, model.image_size)
@@ -53,7 +58,7 @@ def evaluate(
         test = load_test_set(data) if data else load_cifar10(None, allow_download=download)[1]
     atomic.check_writable(out)
     t0 = time.perf_counter()
-    model = for_inference(model, recipe, dev)
+    model = prepare(test.images)
     logits = (
         tta_logits(model, test.images, recipe)
         if tta
@@ -68,6 +73,7 @@ def evaluate(
             "model": str(run_dir / "model.safetensors"),
             "data_source": test.source,
             "tta": tta,
+            "adapted": _adapted_facts(len(test)) if adapt else None,
             "command": command_line(),
             **environment(dev),
         },
@@ -90,12 +96,46 @@ def _evaluation_name(data: str | None) -> str:
     return (path.stem if path.is_file() else path.name) or "root"
 
 
-def _evaluate_cifar10c(model: TransferNet, recipe: Recipe, folder: Path, out: Path, run_dir: Path) -> dict:
-    """Accuracy on each corruption and severity of a folder in CIFAR-10-C's released layout."""
+def _standard(model: TransferNet, recipe: Recipe, device: torch.device) -> Callable[[np.ndarray], TransferNet]:
+    """The saved model for inference, whatever the images."""
+    inference = for_inference(model, recipe, device)
+    return lambda images: inference
+
+
+def _adapting(
+    model: TransferNet, recipe: Recipe, run_dir: Path, data_dir: str | None, download: bool, device: torch.device
+) -> Callable[[np.ndarray], TransferNet]:
+    """For `--adapt`: unlabelled images -> the model adapted to them (model.adapt), for inference. A model saved
+    before its training images' moments were kept gets them from its training data, here and not saved."""
+    network = place(model, recipe, device)
+    moments = model.source_moments
+    if moments is None:
+        recipe_as_read = dataclasses.replace(recipe, image_size=model.image_size)
+        facts = recorded(run_dir)
+        if data_dir is None and facts.get("data") is None and Path(facts.get("data_source", "")).is_dir():
+            data_dir = facts["data_source"]  # the CIFAR-10 folder the run read
+        train = load_splits(recipe_as_read, facts.get("data"), data_dir, download, progress=False).splits.train
+        moments = training_moments(network, train.images, recipe)
+    return lambda images: for_inference(adapted(network, images, recipe, moments), recipe, device)
+
+
+def _adapted_facts(images: int) -> dict:
+    """What metrics.json says of an adaptation: on how many images each set was adapted, and that it is apart."""
+    return {"images": images, "prior": PRIOR, "how": TRANSDUCTIVE}
+
+
+def _evaluate_cifar10c(
+    prepare: Callable[[np.ndarray], TransferNet], recipe: Recipe, folder: Path, out: Path, run_dir: Path, adapt: bool
+) -> dict:
+    """Accuracy on each corruption and severity of a folder in CIFAR-10-C's released layout (`prepare`: the model
+    for a corruption and severity's images, adapted to them or not)."""
     t0 = time.perf_counter()
     table: dict[str, list[float]] = {}
     sizes = set()
+    device = None
     for name, _, ds in corruptions.read_official(folder):
+        model = prepare(ds.images)
+        device = model.mean.device
         predictions = logits_for(model, ds.images, recipe).argmax(1)
         table.setdefault(name, []).append(float((predictions == ds.labels).mean()))
         sizes.add(len(ds))
@@ -103,8 +143,10 @@ def _evaluate_cifar10c(model: TransferNet, recipe: Recipe, folder: Path, out: Pa
     trained = run_dir / "metrics.json"
     clean = json.loads(trained.read_text())["test"]["accuracy"] if trained.is_file() else float("nan")
     result = robustness.summarise(table, clean, min(sizes), origin, TRAINS_ON_CORRUPTIONS.get(recipe.augment, ()))
+    if adapt:
+        result["adapted"] = _adapted_facts(min(sizes))
     seconds = time.perf_counter() - t0
-    return _write_robustness(out, result, seconds, f"evaluation on {folder.name}", model.mean.device)
+    return _write_robustness(out, result, seconds, f"evaluation on {folder.name}", device)
 
 
 def robustness_job(
@@ -114,9 +156,12 @@ def robustness_job(
     data_dir: str | None = None,
     device: str = "auto",
     download: bool = True,
+    adapt: bool = False,
 ) -> tuple[dict, Path]:
     """CIFAR-10-C's corruptions at its strength on `images` class-balanced test images (10,000: all of them), the
-    held-out four too unless told not to, into RUN_DIR/robustness/."""
+    held-out four too unless told not to, into RUN_DIR/robustness/; with `adapt`, the model adapted to each
+    corruption and severity's images (and to the clean ones) before it classifies them, into
+    RUN_DIR/robustness-adapted/."""
     from ..analysis.analyze import corruption_robustness
 
     model, recipe = load_model(run_dir / "model.safetensors")
@@ -126,19 +171,21 @@ def robustness_job(
             "drawn at the strength made for CIFAR-10's 32-pixel test images, so they measure only CIFAR-10 models"
         )
     test = load_cifar10(data_dir, allow_download=download)[1]
-    out = run_dir / "robustness"
+    out = run_dir / ("robustness-adapted" if adapt else "robustness")
     atomic.check_writable(out)
     names = (*corruptions.BENCHMARK, *corruptions.HELD_OUT) if held_out else corruptions.BENCHMARK
     t0 = time.perf_counter()
     dev = pick_device(device)
-    inference = for_inference(model, recipe, dev)
+    prepare = _adapting(model, recipe, run_dir, data_dir, download, dev) if adapt else _standard(model, recipe, dev)
 
     def classify(batch: np.ndarray) -> np.ndarray:
-        return logits_for(inference, batch, recipe).argmax(1)
+        return logits_for(prepare(batch), batch, recipe).argmax(1)
 
     result = corruption_robustness(classify, recipe, test, None, images, names)
     if "skipped" in result:
         raise CifarTransferError(f"robustness: {result['skipped']}")
+    if adapt:
+        result["adapted"] = _adapted_facts(result["images"])
     return _write_robustness(out, result, time.perf_counter() - t0, f"robustness of {run_dir.name}", dev), out
 
 

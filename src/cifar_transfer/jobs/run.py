@@ -21,6 +21,7 @@ from ..data.cifar import Dataset, Splits
 from ..data.folder import FolderData
 from ..data.sources import load_splits, scaled_epochs
 from ..machine import command_line, default_weights, environment, peak_rss_gib
+from ..model.adapt import training_moments
 from ..model.inference import computes_in_bf16, logits_for
 from ..model.network import TransferNet, folded, pick_device, save_model
 from ..model.weights import Pretrained, load_pretrained
@@ -202,7 +203,7 @@ def _results_and_temperature(
     timings: dict,
 ) -> dict:
     """The test results and the temperature fitted on validation (once: the report and `analyze` measure this
-    one); the model saved with it."""
+    one); the model saved with it and with its training images' BatchNorm moments."""
     t0 = time.perf_counter()
     test = splits.test
     model.temperature = fit_temperature(val_logits, splits.val.labels) if val_logits is not None else None
@@ -212,6 +213,9 @@ def _results_and_temperature(
     }
     figures.calibration(results["calibration"], out / "reliability.png")
     timings["calibration_s"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model.source_moments = training_moments(model, splits.train.images, recipe)  # for `--adapt` later
+    timings["source_moments_s"] = time.perf_counter() - t0
     save_model(model, recipe, out / "model.safetensors")
     return results
 

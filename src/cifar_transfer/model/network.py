@@ -27,6 +27,7 @@ from ..recipe import STEPS, Recipe, finite_number, step_name
 from .weights import Pretrained, WeightsError, read_safetensors
 
 FEATURES = 2048
+MOMENTS = "source_moments."  # the prefix of the training images' moments in model.safetensors
 
 
 class DeviceError(CifarTransferError):
@@ -53,6 +54,8 @@ class TransferNet(nn.Module):
         self.temperature: float | None = None
         # the shipped epoch's validation logits, kept by training so calibration needs no second pass
         self.val_logits: torch.Tensor | None = None
+        # each BatchNorm's input moments on the training images, for test-time adaptation (model.adapt)
+        self.source_moments: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         self.backbone = _resnet50(stride_in_1x1)
@@ -184,6 +187,8 @@ def for_inference(model: TransferNet, recipe: Recipe, device: torch.device) -> T
 def save_model(model: TransferNet, recipe: Recipe, path: Path) -> Path:
     """model.safetensors: every tensor, plus the recipe, classes and preprocessing needed to rebuild it."""
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for name, (mean, var) in (model.source_moments or {}).items():
+        sd[f"{MOMENTS}{name}.mean"], sd[f"{MOMENTS}{name}.var"] = mean.cpu().contiguous(), var.cpu().contiguous()
     meta = {
         "format": "cifar-transfer/1",
         "recipe": recipe.dumps(),
@@ -206,12 +211,27 @@ def load_model(path: Path) -> tuple[TransferNet, Recipe]:
     classes, image_size = _classes_and_size(meta, path)
     stride_in_1x1 = _metadata_json(meta, "stride_in_1x1", bool, path)
     model = TransferNet(recipe, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), stride_in_1x1, classes, image_size)
+    model.source_moments = _moments({k: sd.pop(k) for k in [k for k in sd if k.startswith(MOMENTS)]}, path)
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         raise WeightsError(f"{path}: does not match the recipe's model ({e})") from None
     model.temperature = _temperature(meta.get("temperature", "null"), path)  # older models have none
     return model.eval(), recipe
+
+
+def _moments(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """The training images' BatchNorm input moments saved with the model (None: saved before they were kept)."""
+    names = {k.removeprefix(MOMENTS).rsplit(".", 1)[0] for k in tensors}
+    try:
+        moments = {
+            n: (tensors.pop(f"{MOMENTS}{n}.mean").float(), tensors.pop(f"{MOMENTS}{n}.var").float()) for n in names
+        }
+    except KeyError as e:
+        raise WeightsError(f"{path}: {e.args[0]} is missing (each layer's moments are a mean and a var)") from None
+    if tensors:
+        raise WeightsError(f"{path}: unexpected tensors {', '.join(sorted(tensors))}")
+    return moments or None
 
 
 def _classes_and_size(meta: dict[str, str], path: Path) -> tuple[tuple[str, ...], int]:

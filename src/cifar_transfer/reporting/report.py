@@ -379,6 +379,8 @@ def evaluation_markdown(run_dir: Path, metrics: dict) -> str:
         + (" with flip test-time augmentation" if metrics["run"]["tta"] else "")
         + f", mean cross-entropy {test['loss']:.4f}.",
     ]
+    if adapted := metrics["run"].get("adapted"):
+        parts.append(_adapted_line(adapted))
     if ref is not None:
         parts.append(
             f"On the CIFAR-10 test set this model scored {pct(ref)}: a drop of "
@@ -551,14 +553,23 @@ def robustness_markdown(rob: dict) -> str:
         [k.replace("_", " "), *(pct(v) for v in accs), pct(sum(accs) / len(accs))]
         for k, accs in rob["accuracy"].items()
     ]
+    adapted = rob.get("adapted")
     return "\n\n".join(
         [
-            "## Robustness (CIFAR-10-C)",
+            "## Robustness (CIFAR-10-C)" + (", adapted at test time" if adapted else ""),
+            *([_adapted_line(adapted)] if adapted else []),
             f"The corruptions: {text(rob['origin'])}.",
             summary,
             table(["corruption", *(f"severity {s}" for s in rob["severities"]), "mean"], rows),
             "![Accuracy under corruptions](robustness.png)",
         ]
+    )
+
+
+def _adapted_line(adapted: dict) -> str:
+    return (
+        f"**Adapted** on {adapted['images']:,} images at a time, {text(adapted['how'])} "
+        f"(prior: {adapted['prior']:g} training images)."
     )
 
 

@@ -3,6 +3,7 @@ CIFAR-10), or image files of any size, prepared as its training images were."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,8 +12,9 @@ import numpy as np
 
 from ..analysis.calibration import softmax
 from ..data.images import ImageError, read_image_file
+from ..model.adapt import PRIOR, AdaptError, adapted
 from ..model.inference import flip_tta, logits_for
-from ..model.network import for_inference, load_model, pick_device
+from ..model.network import for_inference, load_model, pick_device, place
 from ..model.weights import digest
 
 
@@ -39,11 +41,29 @@ class Predictor:
 
     def __init__(self, run_dir: Path, device: str = "auto"):
         path = Path(run_dir) / "model.safetensors"
-        self.model, trained = load_model(path)
+        network, trained = load_model(path)
         self.recipe = dataclasses.replace(trained, precision="fp32")
-        self.model_id = f"{Path(run_dir).resolve().name}-{digest(self.model.state_dict())[:12]}"
+        self.model_id = f"{Path(run_dir).resolve().name}-{digest(network.state_dict())[:12]}"
         self.device = pick_device(device)
-        self.model = for_inference(self.model, self.recipe, self.device)
+        self.network = place(network, self.recipe, self.device)  # as saved: BatchNorm there, for `adapt`
+        self.model = for_inference(network, self.recipe, self.device)
+        self.adapted_on: int | None = None  # how many images `adapt` re-estimated BatchNorm statistics on
+
+    def adapt(self, images: np.ndarray, prior: float = PRIOR) -> Predictor:
+        """A predictor whose BatchNorm statistics are re-estimated on these unlabelled N x S x S x 3 uint8 images
+        of a new domain (mapped onto the training images'; model.adapt); this one and the saved model are
+        unchanged. Its predictions are transductive when they are of the same images."""
+        if self.network.source_moments is None:
+            raise AdaptError(
+                f"adapt: {self.model_id} was saved without its training images' BatchNorm moments (by an older "
+                "version); `evaluate --adapt` and `robustness --adapt` compute them from its training data"
+            )
+        network = adapted(
+            self.network, check_batch(images, self.model.image_size), self.recipe, self.network.source_moments, prior
+        )
+        other = copy.copy(self)
+        other.model, other.adapted_on = for_inference(network, self.recipe, self.device), len(images)
+        return other
 
     @property
     def temperature(self) -> float | None:
@@ -81,6 +101,7 @@ class Predictor:
             "calibrated": self.calibrated(options),
             "temperature": self.temperature if self.calibrated(options) else None,
             "tta": options.tta,
+            **({"adapted_on": self.adapted_on} if self.adapted_on is not None else {}),  # the service never adapts
         }
 
     def probabilities(self, images: np.ndarray, options: Options = Options()) -> np.ndarray:
@@ -116,9 +137,12 @@ def check_batch(images: object, size: int = 32) -> np.ndarray:
     return images
 
 
-def predict_files(run_dir: Path, paths: list[Path], top: int = 3, options: Options = Options()) -> list[dict]:
+def predict_files(
+    run_dir: Path, paths: list[Path], top: int = 3, options: Options = Options(), adapt: bool = False
+) -> list[dict]:
     """What `cifar-transfer predict` shows, one entry per path in order: its top classes, or `error` saying why
-    the file could not be classified (one bad file does not stop the others)."""
+    the file could not be classified (one bad file does not stop the others). `adapt`: first adapt the model to
+    the readable images themselves (Predictor.adapt)."""
     predictor = Predictor(run_dir)
     images, errors = {}, {}
     for i, p in enumerate(paths):
@@ -126,7 +150,11 @@ def predict_files(run_dir: Path, paths: list[Path], top: int = 3, options: Optio
             images[i] = read_image_file(p, predictor.model.image_size)
         except ImageError as e:
             errors[i] = str(e)
-    results = dict(zip(images, predictor.predict(np.stack(list(images.values())), options))) if images else {}
+    results = {}
+    if images:
+        batch = np.stack(list(images.values()))
+        predictor = predictor.adapt(batch) if adapt else predictor
+        results = dict(zip(images, predictor.predict(batch, options)))
     return [
         {"image": str(p), "error": errors[i]}
         if i in errors
