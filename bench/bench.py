@@ -1,21 +1,23 @@
-"""Benchmarks that print numbers: what `run` does, timed, beside a deliberately plain loop (bench/reference.py)
-in the same process, with the gain of each engineering step measured on its own.
+"""Benchmarks that print numbers: what `run` does, timed, beside a deliberately plain loop
+(bench/reference.py) in the same process, with the gain of each engineering step measured on its
+own.
 
-usage: python bench/bench.py [--smoke] [--data-dir D] [--weights W] [--device auto|cpu|cuda] [--json FILE]
-Plans: `full` on a GPU (sized for 8 minutes on one H100/H200: not yet run on one), `cpu` without one,
-`--smoke` (about a minute on 2 cores; the test suite runs it).
+usage: python bench/bench.py [--smoke] [--data-dir D] [--weights W] [--device auto|cpu|cuda]
+                             [--json FILE]
+Plans: `full` on a GPU (sized for 8 minutes on one H100/H200: not yet run on one), `cpu` without
+one, `--smoke` (about a minute on 2 cores; the test suite runs it).
 
-1. throughput: a full training step (all layers) and inference, images per second, the median of 5 timed
-   windows after a warm-up step (which absorbs compilation and cuDNN's autotuning).
-2. gains: one recipe trained end to end by `train_to_folder` (both phases, validation, a checkpoint and history
-   row every epoch: what `run` runs) and tested, adding one step at a time: the plain loop; our loop in fp32
-   without caching and with checkpoints written on the critical path; + cached activations of frozen steps;
-   + bf16 autocast; + checkpoints written in a background thread; + torch.compile (CUDA graphs on a GPU),
-   compiled cold (inductor's caches are off here, so every run pays the compilation a first `run` pays). Each
-   row's gain is over the row above it.
+1. throughput: a full training step (all layers) and inference, images per second, the median of 5
+   timed windows after a warm-up step (which absorbs compilation and cuDNN's autotuning).
+2. gains: one recipe trained end to end by `train_to_folder` (both phases, validation, a checkpoint
+   and history row every epoch: what `run` runs) and tested, adding one step at a time: the plain
+   loop; our loop in fp32 without caching and with checkpoints written on the critical path;
+   + cached activations of frozen steps; + bf16 autocast; + checkpoints written in a background
+   thread; + torch.compile (CUDA graphs on a GPU), compiled cold (inductor's caches are off here, so
+   every run pays the compilation a first `run` pays). Each row's gain is over the row above it.
 3. presets: end to end with test accuracy and peak GPU memory.
-On a CPU it first measures the machine's own matmul and convolution rates (bench/roofline.py, which also reads a
-finished run's passes against them).
+On a CPU it first measures the machine's own matmul and convolution rates (bench/roofline.py, which
+also reads a finished run's passes against them).
 """
 
 from __future__ import annotations
@@ -50,19 +52,33 @@ from cifar_transfer.training.trainer import train_to_folder
 
 WINDOWS = 5  # timed windows per throughput figure; the median is reported
 
-# What each step adds, as recipe fields over the one before (None: the plain reference loop). `in_place`: the
-# checkpoint is written on the critical path, as before it moved to a background thread.
+# What each step adds, as recipe fields over the one before (None: the plain reference loop).
+# `in_place`: the checkpoint is written on the critical path, as before it moved to a background
+# thread.
 LADDER = [
     ("plain loop: fp32, no caching, .item() every step", None, True),
-    ("ours: fp32, no caching, checkpoints in place", ["precision=fp32", "cache=false", "compile=off"], True),
+    (
+        "ours: fp32, no caching, checkpoints in place",
+        ["precision=fp32", "cache=false", "compile=off"],
+        True,
+    ),
     ("+ cached activations of frozen steps", ["precision=fp32", "cache=true", "compile=off"], True),
     ("+ bf16 autocast", ["precision=bf16", "cache=true", "compile=off"], True),
-    ("+ checkpoints in a background thread", ["precision=bf16", "cache=true", "compile=off"], False),
-    ("+ torch.compile (cold: compile time included)", ["precision=bf16", "cache=true", "compile={compile}"], False),
+    (
+        "+ checkpoints in a background thread",
+        ["precision=bf16", "cache=true", "compile=off"],
+        False,
+    ),
+    (
+        "+ torch.compile (cold: compile time included)",
+        ["precision=bf16", "cache=true", "compile={compile}"],
+        False,
+    ),
 ]
 
 PLANS = {
-    # one lent GPU, sized to finish within 8 minutes (estimated from a plain loop's H100 time; not yet run)
+    # one lent GPU, sized to finish within 8 minutes (estimated from a plain loop's H100 time; not
+    # yet run)
     "full": {
         "throughput": [
             (32, 32, "bf16"),
@@ -83,7 +99,13 @@ PLANS = {
         "steps": 3,
         "ladder": (
             "seed",
-            ["train_size=2000", "val_size=500", "head_epochs=3", "finetune_epochs=2", "finetune_from=layer4"],
+            [
+                "train_size=2000",
+                "val_size=500",
+                "head_epochs=3",
+                "finetune_epochs=2",
+                "finetune_from=layer4",
+            ],
         ),
         "presets": [("smoke", ["analysis=false"])],
         "test_images": 2000,
@@ -93,7 +115,13 @@ PLANS = {
         "steps": 2,
         "ladder": (
             "seed",
-            ["train_size=200", "val_size=100", "head_epochs=1", "finetune_epochs=1", "finetune_from=layer4.2"],
+            [
+                "train_size=200",
+                "val_size=100",
+                "head_epochs=1",
+                "finetune_epochs=1",
+                "finetune_from=layer4.2",
+            ],
         ),
         "presets": [("smoke", ["analysis=false", "train_size=100", "val_size=100"])],
         "test_images": 500,
@@ -107,8 +135,8 @@ def sync(device: torch.device) -> None:
 
 
 def free(device: torch.device) -> None:
-    """Release the previous measurement's memory (so each peak is its own) and compiled graphs (so each run
-    pays its own compilation, as a fresh `run` does)."""
+    """Release the previous measurement's memory (so each peak is its own) and compiled graphs (so
+    each run pays its own compilation, as a fresh `run` does)."""
     torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
@@ -134,8 +162,11 @@ def median_rate(step: Callable[[], object], images: int, steps: int, device: tor
     return statistics.median(rates)
 
 
-def throughput(pretrained, resolution: int, batch: int, precision: str, device: torch.device, steps: int) -> dict:
-    """A training step of every layer (our optimizer and layout), and inference, on one resident batch."""
+def throughput(
+    pretrained, resolution: int, batch: int, precision: str, device: torch.device, steps: int
+) -> dict:
+    """A training step of every layer (our optimizer and layout), and inference, on one resident
+    batch."""
     free(device)
     recipe = preset("strong").with_overrides([f"resolution={resolution}", f"precision={precision}"])
     model = place(build_model(recipe, pretrained), recipe, device)
@@ -169,7 +200,8 @@ def throughput(pretrained, resolution: int, batch: int, precision: str, device: 
 
 @contextmanager
 def checkpoints_in_place() -> Iterator[None]:
-    """`fit` writes its checkpoints on the critical path: the baseline the background thread is measured by."""
+    """`fit` writes its checkpoints on the critical path: the baseline the background thread is
+    measured by."""
 
     class InPlace(atomic.Background):
         def submit(self, path, write, then=None) -> None:
@@ -186,10 +218,15 @@ def checkpoints_in_place() -> Iterator[None]:
 
 
 def end_to_end(
-    recipe: Recipe | None, base: Recipe, splits: Splits, pretrained, device: torch.device, in_place: bool = False
+    recipe: Recipe | None,
+    base: Recipe,
+    splits: Splits,
+    pretrained,
+    device: torch.device,
+    in_place: bool = False,
 ) -> dict:
-    """Train (both phases, as `run` does: checkpoints and history in a run folder) and test; `recipe=None` runs the
-    plain reference loop on `base` instead."""
+    """Train (both phases, as `run` does: checkpoints and history in a run folder) and test;
+    `recipe=None` runs the plain reference loop on `base` instead."""
     free(device)
     sync(device)
     t0 = time.perf_counter()
@@ -204,12 +241,21 @@ def end_to_end(
         )
         accuracy = accuracy_plain(model, *test)
     else:
-        with tempfile.TemporaryDirectory() as folder, checkpoints_in_place() if in_place else nullcontext():
-            model, _, _ = train_to_folder(recipe, Path(folder), splits, pretrained, device, progress=False)
+        with (
+            tempfile.TemporaryDirectory() as folder,
+            checkpoints_in_place() if in_place else nullcontext(),
+        ):
+            model, _, _ = train_to_folder(
+                recipe, Path(folder), splits, pretrained, device, progress=False
+            )
         logits = predict_logits(model, test[0], recipe.eval_batch_size, recipe.precision)
         accuracy = (logits.argmax(1) == test[1]).float().mean().item()
     sync(device)
-    return {"seconds": time.perf_counter() - t0, "test_accuracy": accuracy, "peak_gpu_mib": peak_mib(device)}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "test_accuracy": accuracy,
+        "peak_gpu_mib": peak_mib(device),
+    }
 
 
 def gains(base: Recipe, splits: Splits, pretrained, device: torch.device) -> list[dict]:
@@ -217,7 +263,11 @@ def gains(base: Recipe, splits: Splits, pretrained, device: torch.device) -> lis
     mode = "reduce-overhead" if device.type == "cuda" else "default"
     rows = []
     for label, fields, in_place in LADDER:
-        recipe = None if fields is None else base.with_overrides([f.format(compile=mode) for f in fields])
+        recipe = (
+            None
+            if fields is None
+            else base.with_overrides([f.format(compile=mode) for f in fields])
+        )
         row = {"step": label, **end_to_end(recipe, base, splits, pretrained, device, in_place)}
         row["gain"] = rows[-1]["seconds"] / row["seconds"] if rows else 1.0
         row["vs_plain"] = rows[0]["seconds"] / row["seconds"] if rows else 1.0
@@ -231,10 +281,13 @@ def table(results: dict) -> str:
     lines = [f"machine: {env['device_name']}; torch {env['versions']['torch']}"]
     if results["machine"]:
         rates = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in results["machine"].items())
-        lines.append(f"roofline (TFLOP/s): {rates}; a run's passes against it: bench/roofline.py RUN_DIR")
+        lines.append(
+            f"roofline (TFLOP/s): {rates}; a run's passes against it: bench/roofline.py RUN_DIR"
+        )
     lines += [
         "",
-        f"{'px':>4} {'batch':>5} {'prec':>5} {'train img/s':>12} {'infer img/s':>12}   (median of {WINDOWS})",
+        f"{'px':>4} {'batch':>5} {'prec':>5} {'train img/s':>12} {'infer img/s':>12}   (median of "
+        f"{WINDOWS})",
     ]
     for r in results["throughput"]:
         lines.append(
@@ -257,7 +310,8 @@ def table(results: dict) -> str:
     for r in results["presets"]:
         mem = "-" if r["peak_gpu_mib"] is None else f"{r['peak_gpu_mib']:,.0f}"
         lines.append(
-            f"{' '.join([r['preset'], *r['overrides']]):<40} {r['seconds']:>8.1f} {r['test_accuracy']:>8.2%} {mem:>8}"
+            f"{' '.join([r['preset'], *r['overrides']]):<40} {r['seconds']:>8.1f} "
+            f"{r['test_accuracy']:>8.2%} {mem:>8}"
         )
     return "\n".join(lines)
 
@@ -268,19 +322,27 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--weights", default=os.environ.get("CIFAR_TRANSFER_WEIGHTS", "imagenet"))
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--json", type=Path, help="where to write the results (default runs/bench/bench-*.json)")
+    ap.add_argument(
+        "--json", type=Path, help="where to write the results (default runs/bench/bench-*.json)"
+    )
     args = ap.parse_args()
     torch._inductor.config.fx_graph_cache = False  # every compiled row compiles from scratch
     torch._functorch.config.enable_autograd_cache = False
     device = pick_device(args.device)
-    plan = PLANS["smoke" if args.smoke else "full" if device.type == "cuda" else "cpu"]
+    plan = PLANS["cpu"]
+    if args.smoke:
+        plan = PLANS["smoke"]
+    elif device.type == "cuda":
+        plan = PLANS["full"]
     if device.type == "cuda":  # as `run` sets them
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     pretrained = load_pretrained(args.weights)
     results: dict = {
         "environment": machine.environment(device),
-        "machine": machine_rates() if device.type == "cpu" else None,  # the CPU roofline the passes are read against
+        "machine": machine_rates()
+        if device.type == "cpu"
+        else None,  # the CPU roofline the passes are read against
         "smoke": args.smoke,
         "windows": WINDOWS,
         "throughput": [],

@@ -1,5 +1,5 @@
-"""Shared fixtures: the real CIFAR-10 and ResNet-50 weights from ../shared, one smoke run that many tests read,
-a small .npz copy of the data for tests that train, and a loopback HTTP server."""
+"""Shared fixtures: the real CIFAR-10 and ResNet-50 weights from ../shared, one smoke run that many
+tests read, a small .npz copy of the data for tests that train, and a loopback HTTP server."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-# pytest-xdist runs two workers on the two cores: each computes on one thread (two threads each would
-# oversubscribe the cores); set before torch is imported, and inherited by the processes the tests start
+# pytest-xdist runs two workers on the two cores: each computes on one thread (two threads each
+# would oversubscribe the cores); set before torch is imported, and inherited by the processes the
+# tests start
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 
@@ -60,16 +61,17 @@ def pretrained(weights_path: Path):
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """One test that reads the smoke run first, so one pytest-xdist worker starts it at once; the other tests
-    that read it last, so the other worker has tests of its own to run in the meantime."""
+    """One test that reads the smoke run first, so one pytest-xdist worker starts it at once; the
+    other tests that read it last, so the other worker has tests of its own to run in the
+    meantime."""
     reads = [item for item in items if "smoke_run" in getattr(item, "fixturenames", ())]
     rest = [item for item in items if item not in reads]
     items[:] = reads[:1] + rest + reads[1:]
 
 
 def once(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[Path, FileLock]:
-    """A folder made once per test session, shared by pytest-xdist's workers (the first to take the lock makes
-    it), and that lock."""
+    """A folder made once per test session, shared by pytest-xdist's workers (the first to take the
+    lock makes it), and that lock."""
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the workers' common temporary folder
@@ -77,9 +79,14 @@ def once(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[Path, Fil
 
 
 @pytest.fixture(scope="session")
-def smoke_run(cifar_dir: Path, weights_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One real run of the `smoke` preset through the command line, shared by the tests that read it. Tests
-    that change a run folder work on a copy (`smoke_copy`)."""
+def smoke_run(
+    cifar_dir: Path, weights_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """One real run of the `smoke` preset through the command line, shared by the tests that read
+    it.
+
+    Tests that change a run folder work on a copy (`smoke_copy`).
+    """
     out, lock = once(tmp_path_factory, "smoke")
     with lock:
         if not (out / "metrics.json").is_file():
@@ -111,8 +118,8 @@ def smoke_run(cifar_dir: Path, weights_path: Path, tmp_path_factory: pytest.Temp
 
 
 def write_digits(root: Path, rows: np.ndarray | None = None) -> Path:
-    """scikit-learn's real scans of handwritten digits (8 x 8, 16 grey levels) as 8-bit greyscale PNGs,
-    root/<digit>/<index>.png: a folder of a user's own labelled pictures."""
+    """Scikit-learn's real scans of handwritten digits (8 x 8, 16 grey levels) as 8-bit greyscale
+    PNGs, root/<digit>/<index>.png: a folder of a user's own labelled pictures."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
@@ -143,7 +150,15 @@ def digits_run(digits: Path, weights_path: Path, tmp_path_factory: pytest.TempPa
     with lock:
         if not (out / "metrics.json").is_file():
             env = {**os.environ, "CIFAR_TRANSFER_CACHE": str(out.with_name("digits-cache"))}
-            args = ["run", "--preset", "smoke", "--data", str(digits), "--weights", str(weights_path)]
+            args = [
+                "run",
+                "--preset",
+                "smoke",
+                "--data",
+                str(digits),
+                "--weights",
+                str(weights_path),
+            ]
             done = subprocess.run(
                 [sys.executable, "-m", "cifar_transfer", *args, "--out", str(out), "--no-progress"],
                 capture_output=True,
@@ -157,23 +172,28 @@ def digits_run(digits: Path, weights_path: Path, tmp_path_factory: pytest.TempPa
 
 @pytest.fixture
 def smoke_copy(smoke_run: Path, tmp_path: Path) -> Path:
-    """A copy of the smoke run for a test that adds to the folder (evaluations/, analysis/): tests running at the
-    same time must not write into one folder. Files are hard links (outputs are replaced by renames, never
-    rewritten in place, so the original stays as it was)."""
+    """A copy of the smoke run for a test that adds to the folder (evaluations/, analysis/): tests
+    running at the same time must not write into one folder.
+
+    Files are hard links (outputs are replaced by renames, never rewritten in place, so the original
+    stays as it was).
+    """
     return Path(
         shutil.copytree(
             smoke_run,
             tmp_path / "smoke",
             copy_function=os.link,
-            ignore=shutil.ignore_patterns("evaluations", "analysis", ".lock"),  # a copy is not locked by the original
+            # a copy is not locked by the original
+            ignore=shutil.ignore_patterns("evaluations", "analysis", ".lock"),
         )
     )
 
 
 @pytest.fixture(scope="session")
 def small_data(cifar, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """CIFAR-10 as an .npz pair, for tests that train: the first 1,000 training images (enough for their splits)
-    and 200 test images, so a run's test evaluation takes a second instead of the whole test set's twenty."""
+    """CIFAR-10 as an .npz pair, for tests that train: the first 1,000 training images (enough for
+    their splits) and 200 test images, so a run's test evaluation takes a second instead of the
+    whole test set's twenty."""
     folder = tmp_path_factory.mktemp("small")
     train, test = cifar
     np.savez(folder / "train.npz", images=train.images[:1000], labels=train.labels[:1000])
@@ -183,7 +203,8 @@ def small_data(cifar, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def cifar_copy(cifar_dir: Path, tmp_path: Path):
-    """Make a CIFAR-10 folder whose file `name` holds `content` (the other files link to the real ones)."""
+    """Make a CIFAR-10 folder whose file `name` holds `content` (the other files link to the real
+    ones)."""
 
     def make(name: str, content: bytes | None) -> Path:
         dest = tmp_path / "copy" / "cifar-10-batches-py"
@@ -201,7 +222,8 @@ def cifar_copy(cifar_dir: Path, tmp_path: Path):
 @pytest.fixture
 def run_cli(capsys, monkeypatch):
     """The command line's `main`, called in this process (no interpreter start per call) with the
-    $CIFAR_TRANSFER_* defaults removed; returns exit status, stdout and stderr like a finished process."""
+    $CIFAR_TRANSFER_* defaults removed; returns exit status, stdout and stderr like a finished
+    process."""
     for key in [k for k in os.environ if k.startswith("CIFAR_TRANSFER_")]:
         monkeypatch.delenv(key)
 
@@ -229,7 +251,9 @@ def http_root(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     """A real HTTP server on 127.0.0.1 serving a temporary folder: (folder, base URL)."""
     root = tmp_path / "www"
     root.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root))
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -1,5 +1,5 @@
-"""Test-time adaptation (model.adapt): BatchNorm statistics re-estimated on unlabelled images, mapped onto the
-training images' statistics; per call, never in the saved model."""
+"""Test-time adaptation (model.adapt): BatchNorm statistics re-estimated on unlabelled images,
+mapped onto the training images' statistics; per call, never in the saved model."""
 
 import hashlib
 import json
@@ -30,26 +30,39 @@ def accuracy(predictor: Predictor, images: np.ndarray, labels: np.ndarray) -> fl
     return float((predictor.probabilities(images).argmax(1) == labels).mean())
 
 
-def test_adapting_to_low_contrast_images_raises_accuracy_on_them_and_changes_no_saved_byte(smoke_run, cifar):
+def test_adapting_to_low_contrast_images_raises_accuracy_on_them_and_changes_no_saved_byte(
+    smoke_run, cifar
+):
     test = cifar[1]
-    images, labels = corruptions.corrupt(test.images[:200], "contrast", 5, seed=0), test.labels[:200]
+    images, labels = (
+        corruptions.corrupt(test.images[:200], "contrast", 5, seed=0),
+        test.labels[:200],
+    )
     before = sha256(smoke_run / "model.safetensors")
     predictor = Predictor(smoke_run)
     standard = predictor.probabilities(images)
     adapted_predictor = predictor.adapt(images)
     assert adapted_predictor.adapted_on == 200
     assert accuracy(adapted_predictor, images, labels) >= accuracy(predictor, images, labels) + 0.05
-    np.testing.assert_array_equal(predictor.probabilities(images), standard)  # the predictor it came from
+    # the predictor it came from
+    np.testing.assert_array_equal(predictor.probabilities(images), standard)
     assert sha256(smoke_run / "model.safetensors") == before
 
 
 def test_an_adapted_batchnorm_gives_the_target_images_the_moments_the_source_images_had(cifar):
-    """One BatchNorm after a fixed convolution: adapted (no prior) on low-contrast images, it gives them the
-    per-channel output mean and variance the unchanged layer gave the original images. The batch size splits the
-    images into several batches: the adaptation's moments are of all of them."""
+    """One BatchNorm after a fixed convolution: adapted (no prior) on low-contrast images, it gives
+    them the per-channel output mean and variance the unchanged layer gave the original images.
+
+    The batch size splits the
+    images into several batches: the adaptation's moments are of all of them.
+    """
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(4).eval()
-    bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+    (
+        bn.running_mean.uniform_(-1, 1),
+        bn.running_var.uniform_(0.5, 2),
+        bn.weight.data.uniform_(0.5, 2),
+    )
     model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), bn).eval()
     source_images = cifar[1].images[:256]
     target_images = corruptions.corrupt(source_images, "contrast", 4, seed=0)
@@ -63,7 +76,8 @@ def test_an_adapted_batchnorm_gives_the_target_images_the_moments_the_source_ima
 
     want_mean, want_var = output_moments(model, source_images)
     got_mean, got_var = output_moments(mapped, target_images)
-    assert not torch.allclose(output_moments(model, target_images)[1], want_var, rtol=0.1)  # there was a shift
+    # there was a shift
+    assert not torch.allclose(output_moments(model, target_images)[1], want_var, rtol=0.1)
     torch.testing.assert_close(got_mean, want_mean, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(got_var, want_var, atol=1e-3, rtol=1e-3)
     assert torch.equal(bn.running_var, running_var)  # the model given is untouched
@@ -83,7 +97,8 @@ def test_a_strong_prior_keeps_a_handful_of_images_from_moving_the_model(smoke_ru
 def test_moments_travel_with_the_model_and_a_tampered_set_is_refused(smoke_run, tmp_path):
     model, _ = load_model(smoke_run / "model.safetensors")
     layers = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    assert model.source_moments is not None and set(model.source_moments) == layers  # `run` saved them
+    # `run` saved them
+    assert model.source_moments is not None and set(model.source_moments) == layers
     tensors = load_file(smoke_run / "model.safetensors")
     with safe_open(smoke_run / "model.safetensors", "pt") as f:
         metadata = f.metadata()
@@ -94,9 +109,12 @@ def test_moments_travel_with_the_model_and_a_tampered_set_is_refused(smoke_run, 
         load_model(tmp_path / "model.safetensors")
 
 
-def test_a_model_saved_without_moments_is_adapted_from_its_training_data(smoke_copy, cifar, cifar_dir, run_cli):
-    """An older model: `Predictor.adapt` says what to do; `evaluate --adapt` measures the moments from the
-    run's training images, labels its result transductive and keeps it apart from the standard one."""
+def test_a_model_saved_without_moments_is_adapted_from_its_training_data(
+    smoke_copy, cifar, cifar_dir, run_cli
+):
+    """An older model: `Predictor.adapt` says what to do; `evaluate --adapt` measures the moments
+    from the run's training images, labels its result transductive and keeps it apart from the
+    standard one."""
     model, recipe = load_model(smoke_copy / "model.safetensors")
     model.source_moments = None
     save_model(model, recipe, smoke_copy / "model.safetensors")
@@ -105,7 +123,11 @@ def test_a_model_saved_without_moments_is_adapted_from_its_training_data(smoke_c
 
     test = cifar[1]
     data = smoke_copy.parent / "contrast.npz"
-    np.savez(data, images=corruptions.corrupt(test.images[:300], "contrast", 5, seed=0), labels=test.labels[:300])
+    np.savez(
+        data,
+        images=corruptions.corrupt(test.images[:300], "contrast", 5, seed=0),
+        labels=test.labels[:300],
+    )
     assert run_cli("evaluate", str(smoke_copy), "--data", str(data)).returncode == 0
     done = run_cli("evaluate", str(smoke_copy), "--data", str(data), "--adapt")
     assert done.returncode == 0, done.stderr
@@ -125,17 +147,32 @@ def test_predict_adapt_adapts_to_the_files_given_and_says_so(smoke_run, cifar, t
     done = run_cli("predict", str(smoke_run), *paths, "--json", "--adapt")
     assert done.returncode == 0, done.stderr
     rows, plain_rows = json.loads(done.stdout), json.loads(plain.stdout)
-    assert all(r["adapted_on"] == 12 for r in rows) and all("adapted_on" not in r for r in plain_rows)
+    assert all(r["adapted_on"] == 12 for r in rows) and all(
+        "adapted_on" not in r for r in plain_rows
+    )
     assert [r["top"] for r in rows] != [r["top"] for r in plain_rows]
-    assert "adapted to these 12 images" in run_cli("predict", str(smoke_run), *paths, "--adapt").stdout
+    assert (
+        "adapted to these 12 images" in run_cli("predict", str(smoke_run), *paths, "--adapt").stdout
+    )
 
 
-def test_robustness_adapt_adapts_each_corruption_apart_and_keeps_the_standard_result(smoke_copy, cifar_dir, run_cli):
+def test_robustness_adapt_adapts_each_corruption_apart_and_keeps_the_standard_result(
+    smoke_copy, cifar_dir, run_cli
+):
     done = run_cli(
-        "robustness", str(smoke_copy), "--images", "20", "--benchmark-only", "--adapt", "--data-dir", str(cifar_dir)
+        "robustness",
+        str(smoke_copy),
+        "--images",
+        "20",
+        "--benchmark-only",
+        "--adapt",
+        "--data-dir",
+        str(cifar_dir),
     )
     assert done.returncode == 0, done.stderr
     result = json.loads((smoke_copy / "robustness-adapted/metrics.json").read_text())["robustness"]
-    assert result["adapted"]["images"] == 20 and len(result["accuracy"]) == len(corruptions.BENCHMARK)
+    assert result["adapted"]["images"] == 20 and len(result["accuracy"]) == len(
+        corruptions.BENCHMARK
+    )
     assert not (smoke_copy / "robustness").exists()
     assert "adapted at test time" in (smoke_copy / "robustness-adapted/report.md").read_text()

@@ -1,5 +1,5 @@
-"""The label audit: out-of-sample probabilities, labels known to be wrong found among real pictures, and the loop
-closed by `run --exclude`."""
+"""The label audit: out-of-sample probabilities, labels known to be wrong found among real pictures,
+and the loop closed by `run --exclude`."""
 
 from __future__ import annotations
 
@@ -14,14 +14,18 @@ from cifar_transfer.analysis.audit import label_issues, out_of_sample_probabilit
 
 
 def test_probabilities_are_out_of_sample():
-    """Features that identify each image and nothing else: a head that saw an image recalls its label, a head
-    that did not can only guess. The audit's probabilities must be the guess."""
+    """Features that identify each image and nothing else: a head that saw an image recalls its
+    label, a head that did not can only guess.
+
+    The audit's probabilities must be the guess.
+    """
     from sklearn.linear_model import LogisticRegression
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, 200)
     features = np.eye(200)
-    assert LogisticRegression(max_iter=1000).fit(features, labels).score(features, labels) == 1.0  # memorised
+    # memorised
+    assert LogisticRegression(max_iter=1000).fit(features, labels).score(features, labels) == 1.0
     probs = out_of_sample_probabilities(features, labels, 4, seed=0)
     assert probs.shape == (200, 4) and np.allclose(probs.sum(1), 1)
     assert (probs.argmax(1) == labels).mean() < 0.45  # chance is a quarter
@@ -29,8 +33,8 @@ def test_probabilities_are_out_of_sample():
 
 @pytest.mark.slow
 def test_flipped_labels_among_real_digits_are_found(pretrained):
-    """600 of scikit-learn's digit scans, 5% of their labels moved to another digit (seeded): the audit ranks
-    most of them first."""
+    """600 of scikit-learn's digit scans, 5% of their labels moved to another digit (seeded): the
+    audit ranks most of them first."""
     from sklearn.datasets import load_digits
 
     from cifar_transfer.data.augment import to_nchw
@@ -39,7 +43,9 @@ def test_flipped_labels_among_real_digits_are_found(pretrained):
     from cifar_transfer.training.inputs import cache_activations
 
     digits = load_digits()
-    scans = np.repeat(np.repeat((digits.images[:600] * 255 / 16).round().astype(np.uint8), 4, 1), 4, 2)
+    scans = np.repeat(
+        np.repeat((digits.images[:600] * 255 / 16).round().astype(np.uint8), 4, 1), 4, 2
+    )
     images = np.stack([scans] * 3, -1)
     true = digits.target[:600]
     rng = np.random.default_rng(0)
@@ -52,7 +58,9 @@ def test_flipped_labels_among_real_digits_are_found(pretrained):
     verdict = label_issues(given, out_of_sample_probabilities(features.numpy(), given, 10, seed=0))
     found = ranking_quality(verdict["quality"], verdict["flagged"], given != true, top=60)
     assert found["wrong"] == 30 and found["recall_top_60"] >= 0.7 and found["recall"] >= 0.5
-    assert (verdict["suggested"][flipped] == true[flipped]).mean() >= 0.7  # and says what they should be
+    assert (
+        verdict["suggested"][flipped] == true[flipped]
+    ).mean() >= 0.7  # and says what they should be
 
 
 @pytest.mark.slow
@@ -69,10 +77,20 @@ def test_audit_a_folder_run_and_train_without_what_it_flags(
     assert sum(p["flagged"] for p in summary["parts"].values()) == len(issues) > 0
     assert all(r["image"].startswith(str(digits)) and r["given"] != r["suggested"] for r in issues)
     assert [float(r["quality"]) for r in issues] == sorted(float(r["quality"]) for r in issues)
-    assert (audit / "label_issues.png").is_file() and "Label audit" in (audit / "report.md").read_text()
+    assert (audit / "label_issues.png").is_file() and "Label audit" in (
+        audit / "report.md"
+    ).read_text()
     left_out = {r["image"] for r in issues if r["split"] in ("train", "val")}
     out = tmp_path / "cleaner"
-    args = ["--preset", "smoke", "--data", str(digits), "--weights", str(weights_path), "--no-progress"]
+    args = [
+        "--preset",
+        "smoke",
+        "--data",
+        str(digits),
+        "--weights",
+        str(weights_path),
+        "--no-progress",
+    ]
     done = run_cli("run", *args, "--exclude", str(audit / "label_issues.csv"), "--out", str(out))
     assert done.returncode == 0, done.stderr
     metrics = json.loads((out / "metrics.json").read_text())
@@ -81,7 +99,8 @@ def test_audit_a_folder_run_and_train_without_what_it_flags(
         used = {r["file"] for r in csv.DictReader(f) if r["split"] in ("train", "val")}
     assert (
         not used & left_out
-        and f"**{len(left_out):,} training and validation images were left out**" in (out / "report.md").read_text()
+        and f"**{len(left_out):,} training and validation images were left out**"
+        in (out / "report.md").read_text()
     )
 
 
@@ -100,7 +119,9 @@ def test_an_exclusion_list_that_matches_nothing_is_refused(digits, tmp_path, mon
     assert kept.excluded == 1 and first not in kept.splits.train.files
     assert kept.splits.test.files == whole.test.files  # a test row is never left out
     listed.write_text("image,split\n12345,train\n")  # a CIFAR-10 index given to a folder run
-    with pytest.raises(DataError, match=r"issues.csv: none of its 1 images is among this run's training"):
+    with pytest.raises(
+        DataError, match=r"issues.csv: none of its 1 images is among this run's training"
+    ):
         load_splits(recipe, digits, progress=False, exclude=listed)
     listed.write_text("file,split\nx.png,train\n")
     with pytest.raises(DataError, match="no `image` column"):

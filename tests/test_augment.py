@@ -57,17 +57,22 @@ def test_the_shifted_copy_is_cifar10c_noise_or_contrast_and_reproducible():
     a = shifted(grey, torch.Generator().manual_seed(3))
     assert torch.equal(a, shifted(grey, torch.Generator().manual_seed(3)))
     spread = (a.float() / 255).flatten(1).std(1)
-    noisy = spread > 0.01  # a flat grey image keeps its level under contrast, and gets noise otherwise
+    # a flat grey image keeps its level under contrast, and gets noise otherwise
+    noisy = spread > 0.01
     assert 0.4 < noisy.float().mean() < 0.6
     assert torch.equal(a[~noisy], grey[~noisy])
-    assert spread[noisy].min() > 0.8 * min(NOISE_SIGMA) and spread[noisy].max() < 1.2 * max(NOISE_SIGMA)
+    assert spread[noisy].min() > 0.8 * min(NOISE_SIGMA) and spread[noisy].max() < 1.2 * max(
+        NOISE_SIGMA
+    )
     two_levels = torch.zeros(400, 3, 32, 32, dtype=torch.uint8)
     two_levels[..., 16:] = 200
     b = shifted(two_levels, torch.Generator().manual_seed(3)).float()
     spread = (b[..., 16:].mean((1, 2, 3)) - b[..., :16].mean((1, 2, 3))) / 200
     factors = spread[~noisy]  # the same draws as above: these images got contrast, not noise
     assert all(min(abs(f - c) for c in CONTRAST) < 0.01 for f in factors.tolist())
-    assert set(CONTRAST) == {c for c in CONTRAST if any(abs(f - c) < 0.01 for f in factors.tolist())}
+    assert set(CONTRAST) == {
+        c for c in CONTRAST if any(abs(f - c) < 0.01 for f in factors.tolist())
+    }
 
 
 def test_flip_noise_caches_three_views_and_draws_each(pretrained, cifar):
@@ -100,8 +105,8 @@ def test_augmix_is_seeded_per_image_and_keeps_the_image_recognisable(cifar):
     assert not torch.equal(a, augmixed(x, torch.Generator().manual_seed(1)))
     changed = (a.float() - x.float()).abs().mean((1, 2, 3))
     assert (changed > 0).sum() >= 14  # each image its own mix: nearly all change ...
-    # ... by different amounts (one chain for the whole batch would change them alike), and the mix keeps the
-    # original's weight: each stays closer to its own image than to another
+    # ... by different amounts (one chain for the whole batch would change them alike), and the mix
+    # keeps the original's weight: each stays closer to its own image than to another
     assert changed.std() > 1
     other = (a.float() - x.roll(1, 0).float()).abs().mean((1, 2, 3))
     assert (changed < other).float().mean() >= 0.8
@@ -109,15 +114,23 @@ def test_augmix_is_seeded_per_image_and_keeps_the_image_recognisable(cifar):
 
 
 def augmix_inputs(pretrained, cifar, *overrides):
-    """`lean` at 32 px on 30 images with augment=flip+augmix: phase 2's training inputs (checked to be a FreshAugMix,
-    beside flips alone in phase 1), the recipe, a copy of the cached activations and the PhaseInputs."""
+    """`lean` at 32 px on 30 images with augment=flip+augmix: phase 2's training inputs (checked to
+    be a FreshAugMix, beside flips alone in phase 1), the recipe, a copy of the cached activations
+    and the PhaseInputs."""
     from cifar_transfer.model.network import build_model
     from cifar_transfer.recipe import preset
     from cifar_transfer.training.distributed import ALONE
     from cifar_transfer.training.inputs import FreshAugMix, PhaseInputs
 
     r = preset("lean").with_overrides(
-        ["augment=flip+augmix", "resolution=32", "precision=fp32", "train_size=30", "val_size=10", *overrides]
+        [
+            "augment=flip+augmix",
+            "resolution=32",
+            "precision=fp32",
+            "train_size=30",
+            "val_size=10",
+            *overrides,
+        ]
     )
     x, _ = as_tensors(cifar[0].images[:30], cifar[0].labels[:30], torch.device("cpu"))
     v, _ = as_tensors(cifar[0].images[30:40], cifar[0].labels[30:40], torch.device("cpu"))
@@ -125,7 +138,12 @@ def augmix_inputs(pretrained, cifar, *overrides):
     (head_train, _), begin = inputs.for_phase(1)
     assert begin == "head" and isinstance(head_train, tuple) and len(head_train) == 2  # flips alone
     (train, val), begin = inputs.for_phase(2)
-    assert begin == "layer3.3" and isinstance(train, FreshAugMix) and len(train.cached) == 2 and len(val) == 1
+    assert (
+        begin == "layer3.3"
+        and isinstance(train, FreshAugMix)
+        and len(train.cached) == 2
+        and len(val) == 1
+    )
     return train, r, [view.clone() for view in train.cached], inputs
 
 
@@ -139,16 +157,24 @@ def test_flip_augmix_draws_a_fresh_third_through_the_frozen_steps_in_phase_2(pre
     from cifar_transfer.training.inputs import PhaseInputs, draw_batch
 
     train, r, cached, inputs = augmix_inputs(pretrained, cifar)
-    batches = [draw_batch(train, torch.arange(30), torch.Generator().manual_seed(s), r).inputs for s in (0, 1)]
+    batches = [
+        draw_batch(train, torch.arange(30), torch.Generator().manual_seed(s), r).inputs
+        for s in (0, 1)
+    ]
     for batch in batches:
         kept = [any(torch.equal(batch[i], view[i]) for view in cached) for i in range(30)]
         assert 3 <= kept.count(False) <= 20  # about a third drawn anew ...
-    assert all(torch.equal(a, b) for a, b in zip(cached, train.cached))  # ... never written into the cache
-    i = next(i for i in range(30) if not any(torch.equal(batches[0][i], view[i]) for view in cached))
-    # a fresh row is what the frozen steps make of an AugMix of that image: nearer its own than any other's
+    # ... never written into the cache
+    assert all(torch.equal(a, b) for a, b in zip(cached, train.cached))
+    i = next(
+        i for i in range(30) if not any(torch.equal(batches[0][i], view[i]) for view in cached)
+    )
+    # a fresh row is what the frozen steps make of an AugMix of that image: nearer its own than any
+    # other's
     assert nearest_image(batches[0][i], cached) == i
     assert not torch.equal(batches[0], batches[1])
-    # nothing cached when the whole network trains: the step's own augmentation draws the AugMix third
+    # nothing cached when the whole network trains: the step's own augmentation draws the AugMix
+    # third
     whole = r.with_overrides(["finetune_from=stem"])
     x, v = inputs.images
     (images, _), begin = PhaseInputs(inputs.model, whole, x, v, ALONE, progress=False).for_phase(2)
@@ -161,7 +187,8 @@ def test_consistency_keeps_the_clean_batch_and_adds_two_mixes_of_a_third(pretrai
     train, r, cached, _ = augmix_inputs(pretrained, cifar, "consistency=12")
     batch = draw_batch(train, torch.arange(30), torch.Generator().manual_seed(0), r)
     clean, first, second = batch.inputs[:30], *batch.inputs[30:].chunk(2)
-    assert all(any(torch.equal(clean[i], view[i]) for view in cached) for i in range(30))  # nothing replaced
+    # nothing replaced
+    assert all(any(torch.equal(clean[i], view[i]) for view in cached) for i in range(30))
     assert 3 <= len(batch.mixed) <= 20 and len(first) == len(second) == len(batch.mixed)
     for image, a, b in zip(batch.mixed, first, second):
         assert not torch.equal(a, b)  # two mixes of one image, each nearest that image

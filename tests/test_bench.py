@@ -46,7 +46,8 @@ def test_bench_smoke_separates_each_gain_and_names_the_machine(tmp_path, cifar_d
     for before, row in itertools.pairwise(rows):
         assert row["gain"] == pytest.approx(before["seconds"] / row["seconds"])
         assert row["vs_plain"] == pytest.approx(rows[0]["seconds"] / row["seconds"])
-    # the plain loop and ours in fp32, cached or not, train the same mathematics: the same test accuracy
+    # the plain loop and ours in fp32, cached or not, train the same mathematics: the same test
+    # accuracy
     assert rows[1]["test_accuracy"] == pytest.approx(rows[0]["test_accuracy"], abs=0.01)
     assert rows[2]["test_accuracy"] == pytest.approx(rows[0]["test_accuracy"], abs=0.01)
     for row in rows:
@@ -60,7 +61,13 @@ def test_roofline_reads_each_pass_of_a_run_against_the_machine(smoke_run, tmp_pa
     import roofline
 
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "roofline.py"), str(smoke_run), "--json", str(tmp_path / "r.json")],
+        [
+            sys.executable,
+            str(ROOT / "bench" / "roofline.py"),
+            str(smoke_run),
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -71,16 +78,20 @@ def test_roofline_reads_each_pass_of_a_run_against_the_machine(smoke_run, tmp_pa
     (run,) = result["runs"]
     by_pass = {p["pass"].split(":")[0].split(" (")[0]: p for p in run["passes"]}
     assert by_pass["phase 2"]["seconds"] == metrics["timings"]["phase2_s"]
-    # the test evaluation is 10,000 forwards of the whole network: FLOPs counted per image, times the images
+    # the test evaluation is 10,000 forwards of the whole network: FLOPs counted per image, times
+    # the images
     recipe = roofline.Recipe.from_dict(json.loads((smoke_run / "recipe.json").read_text()))
     full_forward = roofline.flops_per_image(recipe)["full_forward"]
-    assert full_forward == pytest.approx(
-        2 * 4.1e9 * (32 / 224) ** 2, rel=0.1
-    )  # ResNet-50: 4.1 G multiply-adds at 224 px
+    # ResNet-50: 4.1 G multiply-adds at 224 px
+    assert full_forward == pytest.approx(2 * 4.1e9 * (32 / 224) ** 2, rel=0.1)
     assert by_pass["test evaluation"]["tflop"] == pytest.approx(10_000 * full_forward / 1e12)
     assert by_pass["test evaluation"]["tflop_s"] == pytest.approx(
         by_pass["test evaluation"]["tflop"] / metrics["timings"]["eval_s"]
     )
     assert result["environment"]["cpu"]["model"] in done.stdout
-    # smoke computes in fp32: its passes are read against the fp32 rate, not bf16's (emulated on some CPUs)
-    assert run["computed_in"] == metrics["run"]["computed_in"] == "fp32" and "of fp32 mm" in done.stdout
+    # smoke computes in fp32: its passes are read against the fp32 rate, not bf16's (emulated on
+    # some CPUs)
+    assert (
+        run["computed_in"] == metrics["run"]["computed_in"] == "fp32"
+        and "of fp32 mm" in done.stdout
+    )

@@ -43,7 +43,9 @@ OUTPUTS = {
 
 
 def test_a_run_writes_every_output_and_nothing_half_done(smoke_run):
-    names = {p.name for p in smoke_run.iterdir() if p.is_file()}  # other tests add analysis/, evaluations/
+    names = {
+        p.name for p in smoke_run.iterdir() if p.is_file()
+    }  # other tests add analysis/, evaluations/
     assert names == OUTPUTS  # no checkpoint, temporary file or error.txt left behind
     assert Recipe.from_dict(json.loads((smoke_run / "recipe.json").read_text())) == preset("smoke")
     history = (smoke_run / "history.csv").read_text().splitlines()
@@ -56,7 +58,9 @@ def test_metrics_cover_the_whole_test_set(smoke_run):
     assert t["n"] == 10_000 and np.array(t["confusion"]).sum() == 10_000
     assert t["accuracy"] == pytest.approx(np.trace(np.array(t["confusion"])) / 10_000)
     assert 0.2 < t["accuracy"] < 1  # far above chance after one epoch on the real weights
-    assert m["data"]["counts"]["train"] == [50] * 10 and m["data"]["counts"]["validation"] == [50] * 10
+    assert (
+        m["data"]["counts"]["train"] == [50] * 10 and m["data"]["counts"]["validation"] == [50] * 10
+    )
     assert m["run"]["versions"]["torch"] == torch.__version__
     assert {r["a"] for r in t["leakage"]} == {"cat", "automobile", "bird", "deer"}
 
@@ -79,7 +83,8 @@ def test_reports_show_the_numbers_in_metrics(smoke_run):
     for text in expected:
         assert text in md, text
         assert text in html, text
-    assert "<img" in html and 'src="data:image/png;base64,' in html and '.png"' not in html  # self-contained
+    # self-contained
+    assert "<img" in html and 'src="data:image/png;base64,' in html and '.png"' not in html
     for section in (
         "What this run found",
         "Per-class precision",
@@ -91,7 +96,14 @@ def test_reports_show_the_numbers_in_metrics(smoke_run):
     ):
         assert section in md
     # results first, then how the run was made, the recipe's table last
-    order = ["What this run found", "# Test set", "## Calibration", "# Error analysis", "# Appendix", "## Data"]
+    order = [
+        "What this run found",
+        "# Test set",
+        "## Calibration",
+        "# Error analysis",
+        "# Appendix",
+        "## Data",
+    ]
     order += ["## Training", "## Reproduce", "## Recipe"]
     places = [md.index(f"{heading}") for heading in order]
     assert places == sorted(places) and md.count("\n## ", places[-1]) == 0
@@ -113,11 +125,17 @@ def test_evaluate_on_an_npz(smoke_copy, cifar, tmp_path, run_cli):
     np.savez(tmp_path / "subset.npz", images=test.images[idx], labels=test.labels[idx])
     done = run_cli("evaluate", str(smoke_copy), "--data", str(tmp_path / "subset.npz"))
     assert done.returncode == 0, done.stderr
-    result = json.loads((smoke_copy / "evaluations" / "subset" / "metrics.json").read_text())["test"]
+    result = json.loads((smoke_copy / "evaluations" / "subset" / "metrics.json").read_text())[
+        "test"
+    ]
     model, recipe = load_model(smoke_copy / "model.safetensors")
     model = place(model, recipe, torch.device("cpu"))  # the same memory layout as `evaluate` uses
     with torch.no_grad():
-        pred = model(torch.from_numpy(test.images[idx]).permute(0, 3, 1, 2).float() / 255).argmax(1).numpy()
+        pred = (
+            model(torch.from_numpy(test.images[idx]).permute(0, 3, 1, 2).float() / 255)
+            .argmax(1)
+            .numpy()
+        )
     assert result["n"] == len(idx)
     assert result["accuracy"] == pytest.approx((pred == test.labels[idx]).mean())
 
@@ -125,7 +143,18 @@ def test_evaluate_on_an_npz(smoke_copy, cifar, tmp_path, run_cli):
 # What a user looks for in each command's help: its arguments and where its defaults come from
 HELP = {
     (): [
-        *("run", "analyze", "audit", "repeat", "eda", "evaluate", "lr-find", "tune", "compare", "predict"),
+        *(
+            "run",
+            "analyze",
+            "audit",
+            "repeat",
+            "eda",
+            "evaluate",
+            "lr-find",
+            "tune",
+            "compare",
+            "predict",
+        ),
         *("serve", "export"),
     ],
     ("run",): [
@@ -147,21 +176,25 @@ HELP = {
 
 @pytest.mark.parametrize("command", list(HELP))
 def test_help_answers_at_once_with_each_commands_options(command):
-    """--help exits 0 with the command's options, before torch is imported (so it answers in a fraction of a
-    second)."""
+    """--help exits 0 with the command's options, before torch is imported (so it answers in a
+    fraction of a second)."""
     probe = (
-        "import sys; from cifar_transfer.cli import main\n"
-        "try:\n    main([*sys.argv[1:], '--help'])\nexcept SystemExit as e:\n"
-        "    print('torch imported' if 'torch' in sys.modules else 'light', e.code)"
+        "import sys; from cifar_transfer.cli import main\ntry:\n    main([*sys.argv[1:], "
+        "'--help'])\nexcept SystemExit as e:\n    print('torch imported' if 'torch' in "
+        "sys.modules else 'light', e.code)"
     )
-    done = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *command], capture_output=True, text=True, timeout=60
+    )
     assert done.stdout.strip().endswith("light 0"), done.stdout + done.stderr
     for option in HELP[command]:
         assert option in done.stdout, option
 
 
 def test_eda_writes_its_figures(cifar_dir, tmp_path, run_cli):
-    done = run_cli("eda", "--data-dir", str(cifar_dir), "--out", str(tmp_path / "eda"), "--preset", "smoke")
+    done = run_cli(
+        "eda", "--data-dir", str(cifar_dir), "--out", str(tmp_path / "eda"), "--preset", "smoke"
+    )
     assert done.returncode == 0, done.stderr
     assert {p.name for p in (tmp_path / "eda").iterdir()} == {"samples.png", "class_counts.png"}
 
@@ -176,7 +209,8 @@ def test_the_report_opens_with_the_claim_and_names_the_shipped_epoch(smoke_run):
     m = json.loads((smoke_run / "metrics.json").read_text())
     first = (smoke_run / "report.md").read_text().split("\n\n")[1]
     assert pct(m["test"]["accuracy"]) in first and pct(report.CLAIM) in first
-    assert "preset `seed`" in first  # the claim's recipe, named; no accuracy this run did not measure
+    # the claim's recipe, named; no accuracy this run did not measure
+    assert "preset `seed`" in first
     measured = {pct(m["test"]["accuracy"]), pct(report.CLAIM)}
     assert set(re.findall(r"\d+\.\d\d%", first)) <= measured, first
     # smoke keeps the last epoch; the history marks it as the one shipped
@@ -187,11 +221,16 @@ def test_the_report_opens_with_the_claim_and_names_the_shipped_epoch(smoke_run):
 
 
 @pytest.mark.parametrize(("cuda", "chosen"), [(False, "lean"), (True, "strong")])
-def test_auto_runs_the_preset_that_reaches_the_claim_on_this_machine(cuda, chosen, run_cli, monkeypatch, tmp_path):
-    """`run` (--preset auto) trains lean without CUDA and strong with it, and the run records why."""
+def test_auto_runs_the_preset_that_reaches_the_claim_on_this_machine(
+    cuda, chosen, run_cli, monkeypatch, tmp_path
+):
+    """`run` (--preset auto) trains lean without CUDA and strong with it, and the run records
+    why."""
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(run_job, "run", lambda recipe, out, **kw: calls.append((recipe, kw["chosen_by"])))
+    monkeypatch.setattr(
+        run_job, "run", lambda recipe, out, **kw: calls.append((recipe, kw["chosen_by"]))
+    )
     assert run_cli("run", "--out", str(tmp_path / "r")).returncode == 0
     ((recipe, why),) = calls
     assert recipe == preset(chosen)
@@ -202,8 +241,11 @@ def test_auto_runs_the_preset_that_reaches_the_claim_on_this_machine(cuda, chose
 
 
 @pytest.mark.slow
-def test_the_shipped_model_does_not_depend_on_test_labels(cifar, weights_path, tmp_path, monkeypatch):
-    """Training and best_val selection never read test labels: shuffling them changes only the test score."""
+def test_the_shipped_model_does_not_depend_on_test_labels(
+    cifar, weights_path, tmp_path, monkeypatch
+):
+    """Training and best_val selection never read test labels: shuffling them changes only the test
+    score."""
     train_set, test = cifar
     r = preset("lean").with_overrides(
         [
@@ -247,15 +289,22 @@ def test_tensorboard_holds_every_step_and_epoch(smoke_run):
     sizes = [r.batch_size] * (per_epoch - 1) + [r.train_size - r.batch_size * (per_epoch - 1)]
     for k, row in enumerate(history):  # each epoch's steps average to the epoch's training loss
         values = [e.value for e in losses[k * per_epoch : (k + 1) * per_epoch]]
-        assert sum(v * s for v, s in zip(values, sizes)) / r.train_size == pytest.approx(row["train_loss"], rel=1e-5)
+        assert sum(v * s for v, s in zip(values, sizes)) / r.train_size == pytest.approx(
+            row["train_loss"], rel=1e-5
+        )
     assert all(e.value == pytest.approx(r.head_lr) for e in lrs[:per_epoch])
     assert all(e.value == pytest.approx(r.finetune_lr) for e in lrs[per_epoch:])
-    assert [e.value for e in events.Scalars("epoch/val_acc")] == pytest.approx([h["val_acc"] for h in history])
+    assert [e.value for e in events.Scalars("epoch/val_acc")] == pytest.approx(
+        [h["val_acc"] for h in history]
+    )
 
 
 def pipeline_history(run: Path) -> list[dict]:
     with (run / "history.csv").open() as f:
-        return [{k: float(v) if k != "shipped" else v for k, v in row.items()} for row in csv.DictReader(f)]
+        return [
+            {k: float(v) if k != "shipped" else v for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
 
 
 @pytest.mark.parametrize(
@@ -266,11 +315,20 @@ def pipeline_history(run: Path) -> list[dict]:
         (["tune", "--preset", "smoke", "--trials", "1"], "optuna", "tune"),
     ],
 )
-def test_a_missing_optional_group_is_named_with_its_pip_command(argv, hidden, group, run_cli, monkeypatch, tmp_path):
+def test_a_missing_optional_group_is_named_with_its_pip_command(
+    argv, hidden, group, run_cli, monkeypatch, tmp_path
+):
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == hidden else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == hidden else find_spec(name, *a),
+    )
     result = run_cli(*[str(tmp_path) if a == "RUN" else a for a in argv], cwd=tmp_path)
     assert result.returncode == 1, result.stderr
-    assert result.stderr.strip() == f"error: {hidden} not installed: pip install 'cifar-transfer[{group}]'"
+    assert (
+        result.stderr.strip()
+        == f"error: {hidden} not installed: pip install 'cifar-transfer[{group}]'"
+    )

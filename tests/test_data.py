@@ -28,7 +28,9 @@ def test_reads_the_genuine_folder(cifar):
     assert test.labels[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
     assert np.bincount(train.labels).tolist() == [5000] * 10
     # channel order: RGB, checked against the known CIFAR-10 channel means
-    assert np.allclose(train.images.reshape(-1, 3).mean(0) / 255, [0.4914, 0.4822, 0.4465], atol=1e-3)
+    assert np.allclose(
+        train.images.reshape(-1, 3).mean(0) / 255, [0.4914, 0.4822, 0.4465], atol=1e-3
+    )
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +43,9 @@ def archive(cifar_dir, tmp_path_factory) -> Path:
 
 def test_reads_the_archive_like_the_folder(archive, cifar):
     train, test = read_archive(archive)
-    assert np.array_equal(train.images, cifar[0].images) and np.array_equal(test.labels, cifar[1].labels)
+    assert np.array_equal(train.images, cifar[0].images) and np.array_equal(
+        test.labels, cifar[1].labels
+    )
 
 
 def test_downloads_the_archive_from_a_loopback_server(archive, http_root, tmp_path, monkeypatch):
@@ -80,7 +84,8 @@ def test_offline_error_says_where_it_looked(tmp_path, monkeypatch):
 
 
 def test_an_explicit_data_dir_without_cifar10_never_falls_back(cifar_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("CIFAR_TRANSFER_DATA", str(cifar_dir.parent))  # would be found, and must not be used
+    # would be found, and must not be used
+    monkeypatch.setenv("CIFAR_TRANSFER_DATA", str(cifar_dir.parent))
     (tmp_path / "digits").mkdir()
     for given in (tmp_path / "digits", tmp_path / "nowhere"):
         with pytest.raises(DataError, match=f"--data-dir {given}: holds no CIFAR-10"):
@@ -88,8 +93,14 @@ def test_an_explicit_data_dir_without_cifar10_never_falls_back(cifar_dir, tmp_pa
 
 
 def test_lookup_order_prefers_data_dir_then_environment(cifar_dir, tmp_path, monkeypatch):
-    np.savez(tmp_path / "train.npz", images=np.zeros((20, 32, 32, 3), np.uint8), labels=np.arange(20) % 10)
-    np.savez(tmp_path / "test.npz", images=np.zeros((10, 32, 32, 3), np.uint8), labels=np.arange(10))
+    np.savez(
+        tmp_path / "train.npz",
+        images=np.zeros((20, 32, 32, 3), np.uint8),
+        labels=np.arange(20) % 10,
+    )
+    np.savez(
+        tmp_path / "test.npz", images=np.zeros((10, 32, 32, 3), np.uint8), labels=np.arange(10)
+    )
     monkeypatch.setenv("CIFAR_TRANSFER_DATA", str(tmp_path))
     assert len(load_cifar10(None, allow_download=False)[1]) == 10
     assert len(load_cifar10(cifar_dir.parent, allow_download=False)[1]) == 10_000
@@ -105,9 +116,21 @@ def batch(data: object, labels: object) -> bytes:
         ("data_batch_3", None, "data_batch_3: truncated or corrupt"),
         ("test_batch", b"", "test_batch: truncated or corrupt"),
         ("data_batch_2", batch(np.zeros((10_000, 100), np.uint8), [0] * 10_000), "N x 3072"),
-        ("data_batch_2", batch(np.zeros((10_000, 3072), np.float32), [0] * 10_000), "must be uint8"),
-        ("data_batch_4", batch(np.zeros((10_000, 3072), np.uint8), [12] * 10_000), "labels must be in 0..9"),
-        ("data_batch_5", batch(np.zeros((9_000, 3072), np.uint8), [0] * 9_000), "9000 images, batches.meta says"),
+        (
+            "data_batch_2",
+            batch(np.zeros((10_000, 3072), np.float32), [0] * 10_000),
+            "must be uint8",
+        ),
+        (
+            "data_batch_4",
+            batch(np.zeros((10_000, 3072), np.uint8), [12] * 10_000),
+            "labels must be in 0..9",
+        ),
+        (
+            "data_batch_5",
+            batch(np.zeros((9_000, 3072), np.uint8), [0] * 9_000),
+            "9000 images, batches.meta says",
+        ),
         ("data_batch_1", pickle.dumps({b"labels": [1]}, protocol=2), "missing key 'data'"),
         ("data_batch_1", pickle.dumps(Path("/etc/passwd")), "refusing to load pathlib"),
     ],
@@ -132,9 +155,15 @@ def test_missing_batch_file_is_named(cifar_copy):
     [
         ({"pixels": np.zeros((2, 32, 32, 3), np.uint8), "labels": np.zeros(2, int)}, "no 'images'"),
         ({"images": np.zeros((2, 32, 32, 3), np.uint8)}, "no 'labels'"),
-        ({"images": np.zeros((2, 3, 32, 32), np.uint8), "labels": np.zeros(2, int)}, "N x 32 x 32 x 3"),
+        (
+            {"images": np.zeros((2, 3, 32, 32), np.uint8), "labels": np.zeros(2, int)},
+            "N x 32 x 32 x 3",
+        ),
         ({"images": np.zeros((2, 32, 32, 3), np.float32), "labels": np.zeros(2, int)}, "uint8"),
-        ({"images": np.zeros((2, 32, 32, 3), np.uint8), "labels": np.zeros(3, int)}, "2 images but 3 labels"),
+        (
+            {"images": np.zeros((2, 32, 32, 3), np.uint8), "labels": np.zeros(3, int)},
+            "2 images but 3 labels",
+        ),
         ({"images": np.zeros((2, 32, 32, 3), np.uint8), "labels": np.array([0, -1])}, "0..9"),
     ],
 )
@@ -173,8 +202,11 @@ def test_split_too_large_for_the_data_is_named(cifar):
         split(small, test, 100, 0, seed=0)
 
 
-def test_class_names_come_in_the_order_of_the_datas_own_meta_and_other_names_are_refused(cifar_dir, cifar_copy):
-    """Labels are indices into batches.meta's label_names: the names the tool prints must be those, in order."""
+def test_class_names_come_in_the_order_of_the_datas_own_meta_and_other_names_are_refused(
+    cifar_dir, cifar_copy
+):
+    """Labels are indices into batches.meta's label_names: the names the tool prints must be those,
+    in order."""
     with open(cifar_dir / "batches.meta", "rb") as f:
         meta = pickle.load(f, encoding="latin1")
     assert tuple(meta["label_names"]) == CLASSES

@@ -1,4 +1,5 @@
-"""torchrun + DistributedDataParallel on the CPU: two gloo processes, smoke-sized, as users launch them."""
+"""Torchrun + DistributedDataParallel on the CPU: two gloo processes, smoke-sized, as users launch
+them."""
 
 from __future__ import annotations
 
@@ -62,8 +63,11 @@ leave(world)
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_processes_take_the_steps_one_process_takes(small_data, pretrained, weights_path, tmp_path):
-    """k optimizer steps with global batch 32 split over 2 ranks (16 each) give one process's weights."""
+def test_two_processes_take_the_steps_one_process_takes(
+    small_data, pretrained, weights_path, tmp_path
+):
+    """K optimizer steps with global batch 32 split over 2 ranks (16 each) give one process's
+    weights."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     data = np.load(small_data / "train.npz")
@@ -100,20 +104,27 @@ def test_two_processes_take_the_steps_one_process_takes(small_data, pretrained, 
 
 
 def assert_trained_alike(got: dict, want: dict) -> None:
-    """Two trainings of one model took the same steps: in every tensor all but 1 element in 10,000 agree within
-    float32 tolerance (rtol 1e-4, atol 1e-6). On failure, torch's report says how many differ, by how much, where.
+    """Two trainings of one model took the same steps: in every tensor all but 1 element in 10,000
+    agree within float32 tolerance (rtol 1e-4, atol 1e-6). On failure, torch's report says how many
+    differ, by how much, where.
 
-    Why a few may differ: the ranks' convolutions run over batches of 16, one process's over 32, and oneDNN
-    rounds the two differently (differently again on AMX than on AVX-512). Adam divides each gradient by its own
-    running magnitude, so where a gradient is near zero a rounding difference can grow into a step of up to `lr`:
-    seen on an Intel Xeon (AMX) as 1 element of head.0.weight's 262,144 off by 1.8e-6 (the rest within 1e-6).
-    A rank that trains on the wrong images changes nearly every element; the test checks that this fails."""
+    Why a few may differ: the ranks' convolutions run over batches of 16, one process's over 32, and
+    oneDNN rounds the two differently (differently again on AMX than on AVX-512). Adam divides each
+    gradient by its own running magnitude, so where a gradient is near zero a rounding difference
+    can grow into a step of up to `lr`: seen on an Intel Xeon (AMX) as 1 element of head.0.weight's
+    262,144 off by 1.8e-6 (the rest within 1e-6). A rank that trains on the wrong images changes
+    nearly every element; the test checks that this fails.
+    """
     for name, weight in want.items():
         a, b = got[name].double(), weight.double()
         off = int((~torch.isclose(a, b, rtol=1e-4, atol=1e-6)).sum())
         if off > weight.numel() // 10_000:
             torch.testing.assert_close(
-                got[name], weight, rtol=1e-4, atol=1e-6, msg=lambda report, name=name: f"{name}: {report}"
+                got[name],
+                weight,
+                rtol=1e-4,
+                atol=1e-6,
+                msg=lambda report, name=name: f"{name}: {report}",
             )
 
 
@@ -121,16 +132,26 @@ def test_a_batch_that_does_not_divide_is_refused(pretrained):
     recipe = preset("seed").with_overrides(["batch_size=30"])
     x = torch.zeros(40, 3, 32, 32, dtype=torch.uint8)
     y = torch.zeros(40, dtype=torch.long)
-    with pytest.raises(DistributedError, match="batch_size=30 is the global batch: it must divide among the 4 "):
+    with pytest.raises(
+        DistributedError, match="batch_size=30 is the global batch: it must divide among the 4 "
+    ):
         fit(
-            build_model(recipe, pretrained), recipe, (x, y), (x[:0], y[:0]), progress=False, world=World(rank=0, size=4)
+            build_model(recipe, pretrained),
+            recipe,
+            (x, y),
+            (x[:0], y[:0]),
+            progress=False,
+            world=World(rank=0, size=4),
         )
 
 
 def files(folder: Path) -> list[str]:
-    """Every file of a run folder; TensorBoard event files by folder (their names hold host, pid and time)."""
+    """Every file of a run folder; TensorBoard event files by folder (their names hold host, pid and
+    time)."""
     return sorted(
-        str(p.relative_to(folder).parent / "events") if p.name.startswith("events.") else str(p.relative_to(folder))
+        str(p.relative_to(folder).parent / "events")
+        if p.name.startswith("events.")
+        else str(p.relative_to(folder))
         for p in folder.rglob("*")
         if p.is_file()
     )
@@ -155,7 +176,9 @@ def run_args(data: Path, weights: Path, out: Path) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_torchrun_writes_one_run_that_matches_one_process(small_data, weights_path, tmp_path, run_cli):
+def test_torchrun_writes_one_run_that_matches_one_process(
+    small_data, weights_path, tmp_path, run_cli
+):
     two = subprocess.run(
         [*TORCHRUN, "-m", "cifar_transfer", *run_args(small_data, weights_path, tmp_path / "two")],
         capture_output=True,
@@ -167,9 +190,13 @@ def test_torchrun_writes_one_run_that_matches_one_process(small_data, weights_pa
     one = run_cli(*run_args(small_data, weights_path, tmp_path / "one"))
     assert one.returncode == 0, one.stderr
 
-    assert files(tmp_path / "two") == files(tmp_path / "one")  # written once: no second event file, no strays
+    # written once: no second event file, no strays
+    assert files(tmp_path / "two") == files(tmp_path / "one")
     m2, m1 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("two", "one"))
-    assert m2["run"]["distributed"]["world_size"] == 2 and m2["run"]["distributed"]["backend"] == "gloo"
+    assert (
+        m2["run"]["distributed"]["world_size"] == 2
+        and m2["run"]["distributed"]["backend"] == "gloo"
+    )
     assert m1["run"]["distributed"]["world_size"] == 1
     assert m2["test"]["accuracy"] == pytest.approx(m1["test"]["accuracy"], abs=0.015)
     assert m2["final_epoch"]["val_acc"] == pytest.approx(m1["final_epoch"]["val_acc"], abs=0.03)
@@ -179,10 +206,16 @@ def ranks(torchrun: subprocess.Popen) -> dict[int, int]:
     """{rank: pid} of torchrun's worker processes."""
     found = {}
     children = [
-        c for task in Path(f"/proc/{torchrun.pid}/task").iterdir() for c in (task / "children").read_text().split()
+        c
+        for task in Path(f"/proc/{torchrun.pid}/task").iterdir()
+        for c in (task / "children").read_text().split()
     ]
     for child in children:
-        env = dict(kv.split("=", 1) for kv in Path(f"/proc/{child}/environ").read_text().split("\0") if "=" in kv)
+        env = dict(
+            kv.split("=", 1)
+            for kv in Path(f"/proc/{child}/environ").read_text().split("\0")
+            if "=" in kv
+        )
         if "RANK" in env:
             found[int(env["RANK"])] = int(child)
     return found
@@ -194,12 +227,20 @@ def test_killing_one_rank_ends_the_job_and_resume_finishes_it(small_data, weight
     out = tmp_path / "run"
     args = run_args(small_data, weights_path, out)
     args[args.index("finetune_epochs=1")] = "finetune_epochs=3"
-    args += ["--set", "cache=false"]  # phase 2 runs every frozen stage each step: slow enough to be caught
+    args += [
+        "--set",
+        "cache=false",
+    ]  # phase 2 runs every frozen stage each step: slow enough to be caught
     job = subprocess.Popen(
-        [*TORCHRUN, "-m", "cifar_transfer", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*TORCHRUN, "-m", "cifar_transfer", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 240
-    while not ((out / "history.csv").is_file() and len((out / "history.csv").read_text().splitlines()) >= 3):
+    while not (
+        (out / "history.csv").is_file() and len((out / "history.csv").read_text().splitlines()) >= 3
+    ):
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
         time.sleep(0.1)
     os.kill(ranks(job)[1], signal.SIGKILL)

@@ -76,8 +76,8 @@ def test_misclassified_are_the_wrong_ones_by_loss():
 
 
 def test_logits_survive_a_forward_that_reuses_its_output_buffer():
-    """A CUDA-graph replay (torch.compile mode reduce-overhead) returns the same output tensor every call; the
-    batches' logits must not all end up as the last batch's."""
+    """A CUDA-graph replay (torch.compile mode reduce-overhead) returns the same output tensor every
+    call; the batches' logits must not all end up as the last batch's."""
     buffer = torch.zeros(4, 10)
 
     def replay(x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,9 @@
-"""Your own pictures: a folder of labelled images goes through run, evaluate, predict, serve and export. The
-pictures are real: scikit-learn's 1,797 scans of handwritten digits (conftest's `digits`), and CIFAR-10 test
-photographs for the copies a user's folder holds."""
+"""Your own pictures: a folder of labelled images goes through run, evaluate, predict, serve and
+export.
+
+The pictures are real: scikit-learn's 1,797 scans of handwritten digits (conftest's `digits`), and
+CIFAR-10 test photographs for the copies a user's folder holds.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +34,10 @@ def test_a_folder_of_digits_trains_reports_and_predicts(digits_run, digits):
     import cifar_transfer as ct
 
     metrics = json.loads((digits_run / "metrics.json").read_text())
-    assert metrics["data"]["classes"] == [str(d) for d in range(10)] and metrics["data"]["kind"] == "folder"
+    assert (
+        metrics["data"]["classes"] == [str(d) for d in range(10)]
+        and metrics["data"]["kind"] == "folder"
+    )
     assert metrics["test"]["accuracy"] > 0.5  # ten classes: chance is 0.1
     with (digits_run / "splits.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -39,13 +45,19 @@ def test_a_folder_of_digits_trains_reports_and_predicts(digits_run, digits):
     for d in range(10):  # stratified: each class gives 10% to validation and 20% to test, rounded
         mine = [r["split"] for r in rows if r["label"] == str(d)]
         want = {"val": round(0.1 * len(mine)), "test": round(0.2 * len(mine))}
-        assert {s: mine.count(s) for s in want} == want and mine.count("train") == len(mine) - sum(want.values())
+        assert {s: mine.count(s) for s in want} == want and mine.count("train") == len(mine) - sum(
+            want.values()
+        )
     assert all(Path(r["file"]).parent.name == r["label"] for r in rows)
     report = (digits_run / "report.md").read_text()
-    assert "10 classes from the folder" in report and "CIFAR-10H labels CIFAR-10's test set" in report
+    assert (
+        "10 classes from the folder" in report and "CIFAR-10H labels CIFAR-10's test set" in report
+    )
     assert "92.00%" not in report  # no CIFAR-10 claim for a folder of digits
     predictor = ct.load(digits_run, device="cpu")
-    assert predictor.classes == tuple(str(d) for d in range(10)) and predictor.model.image_size == 64
+    assert (
+        predictor.classes == tuple(str(d) for d in range(10)) and predictor.model.image_size == 64
+    )
     test_files = [r["file"] for r in rows if r["split"] == "test"][:20]
     right = sum(predictor.predict_file(f).top(1)[0][0] == Path(f).parent.name for f in test_files)
     assert right >= 10
@@ -61,7 +73,10 @@ def test_evaluate_a_folder_with_the_runs_classes_and_refuse_others(digits_run, t
     assert all(r["file"].startswith(str(other)) for r in m["test"]["misclassified"])
     (other / "cat").mkdir()
     done = run_cli("evaluate", str(digits_run), "--data", str(other))
-    assert done.returncode == 1 and f"error: {other / 'cat'}: not one of the model's classes (0, 1, 2" in done.stderr
+    assert (
+        done.returncode == 1
+        and f"error: {other / 'cat'}: not one of the model's classes (0, 1, 2" in done.stderr
+    )
 
 
 @pytest.mark.slow
@@ -75,9 +90,14 @@ def test_serve_and_export_speak_the_folders_classes(digits_run, digits, tmp_path
 
     picture = next((digits / "3").iterdir())
     with TestClient(create_app(digits_run, device="cpu")) as client:
-        body = client.post("/predict", files={"file": ("3.png", picture.read_bytes(), "image/png")}).json()
+        body = client.post(
+            "/predict", files={"file": ("3.png", picture.read_bytes(), "image/png")}
+        ).json()
         assert set(body["probabilities"]) == {str(d) for d in range(10)}
-        assert "Classes: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9" in client.get("/openapi.json").json()["info"]["description"]
+        assert (
+            "Classes: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9"
+            in client.get("/openapi.json").json()["info"]["description"]
+        )
     out = tmp_path / "digits.onnx"
     export_onnx(digits_run, out)
     meta = metadata(out)
@@ -85,7 +105,9 @@ def test_serve_and_export_speak_the_folders_classes(digits_run, digits, tmp_path
     predictor = Predictor(digits_run, "cpu")
     images = np.stack([predictor_input(p) for p in sorted((digits / "7").iterdir())[:8]])
     x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255
-    _, probabilities = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    _, probabilities = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(
+        None, {"image": x}
+    )
     assert np.abs(probabilities - predictor.probabilities(images)).max() < 1e-4
 
 
@@ -113,7 +135,8 @@ def test_a_train_test_layout_keeps_its_test_set_and_splits_validation_from_train
     (root / "README.txt").write_text("notes")
     data = read_labelled_folder(root, 32, 0.2, 0.3, seed=0, progress=False)
     assert len(data.splits.test) == 30 and all("/test/" in f for f in data.splits.test.files)
-    assert len(data.splits.val) == 20 and len(data.splits.train) == 80  # val from train/; test/ as given
+    # val from train/; test/ as given
+    assert len(data.splits.val) == 20 and len(data.splits.train) == 80
     assert any("README.txt: beside train/, val/ and test/" in s for s in data.skipped)
     shutil.rmtree(root / "test" / "3")
     (root / "test" / "three").mkdir()
@@ -121,7 +144,9 @@ def test_a_train_test_layout_keeps_its_test_set_and_splits_validation_from_train
         read_labelled_folder(root, 32, 0.2, 0.3, seed=0, progress=False)
 
 
-def test_the_second_read_decodes_nothing_and_a_changed_file_is_decoded_again(digits, tmp_path, monkeypatch):
+def test_the_second_read_decodes_nothing_and_a_changed_file_is_decoded_again(
+    digits, tmp_path, monkeypatch
+):
     from cifar_transfer.data import folder
 
     root = small(digits, tmp_path / "pics", 5)
@@ -140,9 +165,12 @@ def test_the_second_read_decodes_nothing_and_a_changed_file_is_decoded_again(dig
 
 
 def photo_folder(cifar, root: Path) -> tuple[Path, list[Path]]:
-    """Real photographs (CIFAR-10 test images, 12 cats and 12 dogs) in train/, 4 others of each in test/; and
-    test/ copies of three training photos as users meet them: the same file twice, re-saved as a JPEG at 48 px,
-    and brightened. Returns the folder and the three copies."""
+    """Real photographs (CIFAR-10 test images, 12 cats and 12 dogs) in train/, 4 others of each in
+    test/; and test/ copies of three training photos as users meet them: the same file twice, re-
+    saved as a JPEG at 48 px, and brightened.
+
+    Returns the folder and the three copies.
+    """
     _, test = cifar
     for name in ("cat", "dog"):
         rows = np.flatnonzero(test.labels == test.classes.index(name))
@@ -172,13 +200,18 @@ def test_copies_of_training_pictures_in_later_sets_are_found_and_can_be_dropped(
     assert not found["resaved.jpg"]["exact"] and not found["lit.png"]["exact"]
     assert all(c["same_class"] and not c["dropped"] for c in data.duplicates)
     assert {str(c) for c in copies} <= set(data.splits.test.files)
-    exact_only = read_labelled_folder(root, 32, 0.25, 0.0, seed=0, progress=False, duplicates="drop-exact")
+    exact_only = read_labelled_folder(
+        root, 32, 0.25, 0.0, seed=0, progress=False, duplicates="drop-exact"
+    )
     assert set(data.splits.test.files) - set(exact_only.splits.test.files) == {str(copies[0])}
     near = read_labelled_folder(root, 32, 0.25, 0.0, seed=0, progress=False, duplicates="drop-near")
     assert not {str(c) for c in copies} & set(near.splits.test.files) and len(near.splits.test) == 8
-    assert near.splits.train.files == data.splits.train.files  # a copy leaves its later set, never train
+    # a copy leaves its later set, never train
+    assert near.splits.train.files == data.splits.train.files
     dropped = [r for r in near.rows() if r[1] == "dropped"]
-    assert sorted(r[0] for r in dropped) == sorted(str(c) for c in copies) and {r[2] for r in dropped} == {"cat"}
+    assert sorted(r[0] for r in dropped) == sorted(str(c) for c in copies) and {
+        r[2] for r in dropped
+    } == {"cat"}
 
 
 def test_a_copy_with_another_label_is_flagged(cifar, tmp_path):
@@ -186,7 +219,11 @@ def test_a_copy_with_another_label_is_flagged(cifar, tmp_path):
     copies[0].rename(root / "test" / "dog" / "same.png")  # the same photo filed as a dog
     data = read_labelled_folder(root, 32, 0.25, 0.0, seed=0, progress=False)
     (conflict,) = [c for c in data.duplicates if not c["same_class"]]
-    assert conflict["exact"] and Path(conflict["later"]).parent.name == "dog" and conflict["class"] == "dog"
+    assert (
+        conflict["exact"]
+        and Path(conflict["later"]).parent.name == "dog"
+        and conflict["class"] == "dog"
+    )
 
 
 @pytest.mark.parametrize(
@@ -194,7 +231,10 @@ def test_a_copy_with_another_label_is_flagged(cifar, tmp_path):
     [
         (lambda root: None, "0 class folders; a classifier needs at least 2"),
         (lambda root: (root / "only").mkdir(), "1 class folder; a classifier needs at least 2"),
-        (lambda root: ((root / "a").mkdir(), (root / "b").mkdir()), "class a: 0 images, too few to split"),
+        (
+            lambda root: ((root / "a").mkdir(), (root / "b").mkdir()),
+            "class a: 0 images, too few to split",
+        ),
     ],
 )
 def test_folders_that_cannot_make_a_classifier_are_named(make, fragment, tmp_path, digits):
@@ -210,7 +250,8 @@ def test_a_class_too_small_to_split_is_named_with_its_count(digits, tmp_path):
     for f in sorted((root / "7").iterdir())[2:]:
         f.unlink()
     with pytest.raises(
-        DataError, match=r"class 7: 2 images, too few to split into train / validation / test \(at least 3"
+        DataError,
+        match=r"class 7: 2 images, too few to split into train / validation / test \(at least 3",
     ):
         read_labelled_folder(root, 32, 0.1, 0.2, seed=0, progress=False)
 
@@ -240,7 +281,8 @@ def test_every_kind_of_picture_a_user_has_is_read_and_the_rest_skipped_by_name(d
     (root / "plain" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
     (root / "plain" / "labels.txt").write_text("8\n")
     (root / "plain" / "loop.png").symlink_to(root / "plain" / "loop.png")
-    Image.new("L", (8000, 8000)).save(root / "plain" / "huge.png")  # 64 megapixels: Pillow's bomb guard
+    # 64 megapixels: Pillow's bomb guard
+    Image.new("L", (8000, 8000)).save(root / "plain" / "huge.png")
     data = read_labelled_folder(root, 32, 0.2, 0.2, seed=0, progress=False)
     assert data.splits.train.classes == ("plain", "ünïcode class")
     total = sum(len(s) for s in (data.splits.train, data.splits.val, data.splits.test))
@@ -254,8 +296,12 @@ def test_every_kind_of_picture_a_user_has_is_read_and_the_rest_skipped_by_name(d
     assert ".DS_Store" not in skipped  # hidden files are not pictures and not worth a line
 
 
-# root reads folders whatever their mode: as root, the command runs without the two capabilities that allow it
-AS_A_USER = ["setpriv", *(f"--{s}=-dac_override,-dac_read_search" for s in ("bounding-set", "inh-caps"))]
+# root reads folders whatever their mode: as root, the command runs without the two capabilities
+# that allow it
+AS_A_USER = [
+    "setpriv",
+    *(f"--{s}=-dac_override,-dac_read_search" for s in ("bounding-set", "inh-caps")),
+]
 
 
 def test_an_unreadable_class_folder_is_one_line_naming_it(digits, tmp_path, weights_path):
@@ -264,49 +310,80 @@ def test_an_unreadable_class_folder_is_one_line_naming_it(digits, tmp_path, weig
 
     root = small(digits, tmp_path / "pics", 5)
     (root / "4").chmod(0)
-    command = [sys.executable, "-m", "cifar_transfer", "run", "--preset", "smoke", "--data", str(root)]
+    command = [
+        sys.executable,
+        "-m",
+        "cifar_transfer",
+        "run",
+        "--preset",
+        "smoke",
+        "--data",
+        str(root),
+    ]
     command += ["--weights", str(weights_path), "--out", str(tmp_path / "run")]
     try:
-        done = subprocess.run([*AS_A_USER, *command] if os.geteuid() == 0 else command, capture_output=True, text=True)
+        done = subprocess.run(
+            [*AS_A_USER, *command] if os.geteuid() == 0 else command, capture_output=True, text=True
+        )
     finally:
         (root / "4").chmod(0o755)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert (
-        done.stderr.strip().splitlines()[-1] == f"error: {root / '4'}: a folder that cannot be read (permission denied)"
+        done.stderr.strip().splitlines()[-1]
+        == f"error: {root / '4'}: a folder that cannot be read (permission denied)"
     )
 
 
 def test_class_names_that_look_like_formulas_are_drawn_as_text(tmp_path):
     from cifar_transfer.reporting import figures
 
-    classes = ("$\\frac$", "price $5 or $6")  # matplotlib would parse these as math, and fail on the first
+    # matplotlib would parse these as math, and fail on the first
+    classes = (
+        "$\\frac$",
+        "price $5 or $6",
+    )
     figures.confusion([[3, 1], [0, 4]], classes, tmp_path / "cm.png")
     assert (tmp_path / "cm.png").stat().st_size > 0
 
 
 @pytest.mark.slow
-def test_every_training_command_takes_a_folder(digits, tmp_path, run_cli, weights_path, monkeypatch):
+def test_every_training_command_takes_a_folder(
+    digits, tmp_path, run_cli, weights_path, monkeypatch
+):
     root = small(digits, tmp_path / "pics", 12)
     common = ["--data", str(root), "--weights", str(weights_path), "--no-progress"]
     monkeypatch.setenv("CIFAR_TRANSFER_CACHE", str(tmp_path / "cache"))  # run_cli cleared it
     done = run_cli("eda", "--data", str(root), "--out", str(tmp_path / "eda"))
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "eda" / "class_counts.png").is_file() and (tmp_path / "eda" / "samples.png").is_file()
-    done = run_cli("lr-find", "--preset", "smoke", "--steps", "5", "--out", str(tmp_path / "lr"), *common)
+    assert (tmp_path / "eda" / "class_counts.png").is_file() and (
+        tmp_path / "eda" / "samples.png"
+    ).is_file()
+    done = run_cli(
+        "lr-find", "--preset", "smoke", "--steps", "5", "--out", str(tmp_path / "lr"), *common
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "lr" / "lr_find.json").read_text())["steps"] >= 3
-    done = run_cli("repeat", "--preset", "smoke", "--seeds", "2", "--out", str(tmp_path / "rep"), *common)
+    done = run_cli(
+        "repeat", "--preset", "smoke", "--seeds", "2", "--out", str(tmp_path / "rep"), *common
+    )
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "rep" / "repeat.json").read_text())["summary"]
-    seeds = [json.loads((tmp_path / "rep" / f"seed-{k}" / "metrics.json").read_text()) for k in (0, 1)]
+    seeds = [
+        json.loads((tmp_path / "rep" / f"seed-{k}" / "metrics.json").read_text()) for k in (0, 1)
+    ]
     assert summary["test accuracy"]["values"] == [m["test"]["accuracy"] for m in seeds]
-    pair = seeds[0]["test"]["leakage"][0]  # the first seed's most confused digits, followed in both seeds
-    assert f"{pair['a']} → {pair['b']}" in summary and summary[f"{pair['a']} → {pair['b']}"]["values"][0] == (
-        pytest.approx(pair["a_as_b"], abs=1e-6)
+    pair = seeds[0]["test"]["leakage"][
+        0
+    ]  # the first seed's most confused digits, followed in both seeds
+    assert f"{pair['a']} → {pair['b']}" in summary and summary[f"{pair['a']} → {pair['b']}"][
+        "values"
+    ][0] == (pytest.approx(pair["a_as_b"], abs=1e-6))
+    assert all(
+        m["data"]["kind"] == "folder" and m["run"]["data_source"] == str(root) for m in seeds
     )
-    assert all(m["data"]["kind"] == "folder" and m["run"]["data_source"] == str(root) for m in seeds)
     run = tmp_path / "rep" / "seed-1"
-    done = run_cli("analyze", str(run), "--device", "cpu")  # the folder the run recorded, split by its seed
+    # the folder the run recorded, split by its seed
+    done = run_cli("analyze", str(run), "--device", "cpu")
     assert done.returncode == 0, done.stderr
     analysis = json.loads((run / "analysis" / "analysis.json").read_text())
     with (run / "splits.csv").open() as f:
@@ -317,13 +394,34 @@ def test_every_training_command_takes_a_folder(digits, tmp_path, run_cli, weight
     space = tmp_path / "space.toml"
     space.write_text("[head_lr]\nlow = 1e-4\nhigh = 1e-2\n")
     done = run_cli(
-        "tune", "--preset", "smoke", "--trials", "1", "--space", str(space), "--out", str(tmp_path / "t"), *common
+        "tune",
+        "--preset",
+        "smoke",
+        "--trials",
+        "1",
+        "--space",
+        str(space),
+        "--out",
+        str(tmp_path / "t"),
+        *common,
     )
     assert done.returncode == 0, done.stderr
     trial = json.loads((tmp_path / "t" / "trial-0000" / "metrics.json").read_text())
-    assert trial["run"]["data_source"] == str(root) and trial["validation"]["n"] == 10  # 10% of 12 a class
+    # 10% of 12 a class
+    assert trial["run"]["data_source"] == str(root) and trial["validation"]["n"] == 10
     space.write_text("[seed]\nlow = 0\nhigh = 9\n")
     done = run_cli(
-        "tune", "--preset", "smoke", "--trials", "1", "--space", str(space), "--out", str(tmp_path / "t2"), *common
+        "tune",
+        "--preset",
+        "smoke",
+        "--trials",
+        "1",
+        "--space",
+        str(space),
+        "--out",
+        str(tmp_path / "t2"),
+        *common,
     )
-    assert done.returncode == 1 and "split once for the whole study; seed cannot vary" in done.stderr
+    assert (
+        done.returncode == 1 and "split once for the whole study; seed cannot vary" in done.stderr
+    )

@@ -1,5 +1,8 @@
-"""The second hardening pass: one run folder per run, images that decode wrong or not at all, and one line
-instead of a traceback for each foreseeable mistake. Each test failed before its fix."""
+"""The second hardening pass: one run folder per run, images that decode wrong or not at all, and
+one line instead of a traceback for each foreseeable mistake.
+
+Each test failed before its fix.
+"""
 
 from __future__ import annotations
 
@@ -21,13 +24,19 @@ from safetensors.torch import load_file, save_file
 from cifar_transfer.data.images import ImageError, read_image
 from cifar_transfer.runfolder import LOCK, FolderInUse, clear_run, run_folder
 
-UNSAFE_ADVICE = re.compile(r"weights_only.{0,20}False|arbitrary code|Re-running|trusted source", re.I | re.S)
+UNSAFE_ADVICE = re.compile(
+    r"weights_only.{0,20}False|arbitrary code|Re-running|trusted source", re.I | re.S
+)
 
 
 def one_line(done: subprocess.CompletedProcess, *fragments: str, status: int = 1) -> str:
     assert done.returncode == status, done.stderr
     assert "Traceback" not in done.stderr and "unexpected" not in done.stderr, done.stderr
-    lines = [line for line in done.stderr.strip().splitlines() if line.startswith("error:") or status == 1]
+    lines = [
+        line
+        for line in done.stderr.strip().splitlines()
+        if line.startswith("error:") or status == 1
+    ]
     text = lines[-1] if lines else done.stderr
     for f in fragments:
         assert f in text, (f, done.stderr)
@@ -49,8 +58,8 @@ def test_a_folder_in_use_is_refused_and_released_when_its_holder_is_killed(tmp_p
         [
             sys.executable,
             "-c",
-            "import pathlib, sys, time\nfrom cifar_transfer.runfolder import run_folder\n"
-            "with run_folder(pathlib.Path(sys.argv[1])):\n print('held', flush=True); time.sleep(600)",
+            "import pathlib, sys, time\nfrom cifar_transfer.runfolder import run_folder\nwith "
+            "run_folder(pathlib.Path(sys.argv[1])):\n print('held', flush=True); time.sleep(600)",
             str(folder),
         ],
         stdout=subprocess.PIPE,
@@ -70,7 +79,9 @@ def test_a_finished_run_is_not_overwritten_silently(smoke_copy, run_cli):
     before = (smoke_copy / "metrics.json").read_bytes()
     done = run_cli("run", "--preset", "smoke", "--out", str(smoke_copy))
     one_line(done, f"{smoke_copy}: holds a finished run", "--overwrite")
-    assert (smoke_copy / "metrics.json").read_bytes() == before and not (smoke_copy / "error.txt").exists()
+    assert (smoke_copy / "metrics.json").read_bytes() == before and not (
+        smoke_copy / "error.txt"
+    ).exists()
 
 
 def test_an_interrupted_run_points_at_resume_and_overwrite_starts_clean(tmp_path, run_cli):
@@ -79,7 +90,9 @@ def test_an_interrupted_run_points_at_resume_and_overwrite_starts_clean(tmp_path
     (folder / "checkpoint.pt").write_bytes(b"x")
     (folder / "tensorboard").mkdir()
     (folder / "tensorboard" / "events.out.tfevents.1.host").write_bytes(b"x")
-    one_line(run_cli("run", "--preset", "smoke", "--out", str(folder)), f"--resume {folder} continues it")
+    one_line(
+        run_cli("run", "--preset", "smoke", "--out", str(folder)), f"--resume {folder} continues it"
+    )
     with pytest.raises(FolderInUse), run_folder(folder):
         pass
     with run_folder(folder, overwrite=True):
@@ -93,9 +106,12 @@ def test_an_interrupted_run_points_at_resume_and_overwrite_starts_clean(tmp_path
 
 
 def corrupt_avif() -> bytes:
-    """A valid AVIF with one byte flipped where Pillow's AVIF decoder raises something other than OSError."""
+    """A valid AVIF with one byte flipped where Pillow's AVIF decoder raises something other than
+    OSError."""
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "AVIF")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+        buf, "AVIF"
+    )
     data = buf.getvalue()
     for pos in range(len(data)):
         bad = bytearray(data)
@@ -106,7 +122,9 @@ def corrupt_avif() -> bytes:
             continue
         except Exception:
             return bytes(bad)
-    pytest.fail("no byte flip makes Pillow's AVIF decoder raise outside OSError/SyntaxError/ValueError")
+    pytest.fail(
+        "no byte flip makes Pillow's AVIF decoder raise outside OSError/SyntaxError/ValueError"
+    )
 
 
 def test_any_decoder_failure_is_a_bad_image(smoke_run, cifar, tmp_path, run_cli):
@@ -118,7 +136,10 @@ def test_any_decoder_failure_is_a_bad_image(smoke_run, cifar, tmp_path, run_cli)
     good.write_bytes(png(cifar[1].images[0]))
     done = run_cli("predict", str(smoke_run), str(good), str(bad))
     assert done.returncode == 1 and done.stdout.count("good.png: ") == 1
-    assert done.stderr.startswith(f"error: {bad}: truncated or corrupt image") and "Traceback" not in done.stderr
+    assert (
+        done.stderr.startswith(f"error: {bad}: truncated or corrupt image")
+        and "Traceback" not in done.stderr
+    )
 
 
 def test_high_bit_depth_is_scaled_as_its_8_bit_file_and_float_is_refused():
@@ -142,7 +163,9 @@ def test_predict_reads_only_regular_files(smoke_run, cifar, tmp_path, run_cli):
     assert time.monotonic() - started < 60  # a FIFO with no writer used to hang forever
     assert done.returncode == 1 and "good.png: " in done.stdout
     assert f"error: {fifo}: a FIFO, not an image file" in done.stderr
-    assert "error: /dev/zero: not a regular file" in done.stderr and "MemoryError" not in done.stderr
+    assert (
+        "error: /dev/zero: not a regular file" in done.stderr and "MemoryError" not in done.stderr
+    )
 
 
 def test_evaluate_names_everything_it_skips(smoke_copy, cifar, tmp_path, run_cli):
@@ -156,24 +179,44 @@ def test_evaluate_names_everything_it_skips(smoke_copy, cifar, tmp_path, run_cli
     done = run_cli("evaluate", str(smoke_copy), "--data", str(photos))
     assert done.returncode == 0, done.stderr
     skipped = done.stderr
-    assert f"skipped: {photos / 'cat' / 'broken'}: cannot be read (No such file or directory)" in skipped
+    assert (
+        f"skipped: {photos / 'cat' / 'broken'}: cannot be read (No such file or directory)"
+        in skipped
+    )
     assert f"skipped: {photos / 'cat' / 'loop'}: a symbolic link loop" in skipped
     assert f"skipped: {photos / 'cat' / 'pipe'}: a FIFO, not an image file" in skipped
-    assert f"skipped: {photos / 'cat' / 'linked'}: a symbolic link to a folder, not followed" in skipped
+    assert (
+        f"skipped: {photos / 'cat' / 'linked'}: a symbolic link to a folder, not followed"
+        in skipped
+    )
     assert "on 1 images (4 skipped)" in done.stdout
 
 
-# root reads folders whatever their mode: as root, the command runs without the two capabilities that allow it
-AS_A_USER = ["setpriv", *(f"--{s}=-dac_override,-dac_read_search" for s in ("bounding-set", "inh-caps"))]
+# root reads folders whatever their mode: as root, the command runs without the two capabilities
+# that allow it
+AS_A_USER = [
+    "setpriv",
+    *(f"--{s}=-dac_override,-dac_read_search" for s in ("bounding-set", "inh-caps")),
+]
 
 
 def test_an_unreadable_photo_folder_is_named_as_itself(smoke_copy, tmp_path):
     photos = tmp_path / "photos"
     (photos / "cat").mkdir(parents=True)
     photos.chmod(0)
-    command = [sys.executable, "-m", "cifar_transfer", "evaluate", str(smoke_copy), "--data", str(photos)]
+    command = [
+        sys.executable,
+        "-m",
+        "cifar_transfer",
+        "evaluate",
+        str(smoke_copy),
+        "--data",
+        str(photos),
+    ]
     try:
-        done = subprocess.run([*AS_A_USER, *command] if os.geteuid() == 0 else command, capture_output=True, text=True)
+        done = subprocess.run(
+            [*AS_A_USER, *command] if os.geteuid() == 0 else command, capture_output=True, text=True
+        )
         one_line(done, f"{photos}: a folder that cannot be read")
     finally:
         photos.chmod(0o755)
@@ -216,7 +259,9 @@ def test_compare_says_what_tune_trials_lack(smoke_run, tmp_path, run_cli):
         for name in ("recipe.json", "history.csv"):
             (trial / name).write_bytes((smoke_run / name).read_bytes())
         metrics = json.loads((smoke_run / "metrics.json").read_text())
-        (trial / "metrics.json").write_text(json.dumps({"run": metrics["run"], "timings": metrics["timings"]}))
+        (trial / "metrics.json").write_text(
+            json.dumps({"run": metrics["run"], "timings": metrics["timings"]})
+        )
         trials.append(str(trial))
     done = run_cli("compare", *trials, "--out", str(tmp_path / "cmp"))
     assert done.returncode == 0, done.stderr
@@ -226,10 +271,16 @@ def test_compare_says_what_tune_trials_lack(smoke_run, tmp_path, run_cli):
 
 
 def test_export_checks_its_target_first(smoke_run, tmp_path, run_cli):
-    one_line(run_cli("export", str(smoke_run), "--onnx", str(tmp_path)), f"{tmp_path}: a folder; --onnx takes a file")
+    one_line(
+        run_cli("export", str(smoke_run), "--onnx", str(tmp_path)),
+        f"{tmp_path}: a folder; --onnx takes a file",
+    )
     (tmp_path / "f").write_text("x")
     started = time.monotonic()
-    one_line(run_cli("export", str(smoke_run), "--onnx", str(tmp_path / "f" / "x.onnx")), "f: a file, not a folder")
+    one_line(
+        run_cli("export", str(smoke_run), "--onnx", str(tmp_path / "f" / "x.onnx")),
+        "f: a file, not a folder",
+    )
     assert time.monotonic() - started < 10  # refused before the export, not after
 
 
@@ -259,7 +310,11 @@ def test_a_tampered_model_file_is_one_line(smoke_run, tmp_path, run_cli, key, va
         meta = dict(f.metadata())
     meta.pop(key) if value is None else meta.__setitem__(key, value)
     (tmp_path / "run").mkdir()
-    save_file(load_file(smoke_run / "model.safetensors"), tmp_path / "run" / "model.safetensors", metadata=meta)
+    save_file(
+        load_file(smoke_run / "model.safetensors"),
+        tmp_path / "run" / "model.safetensors",
+        metadata=meta,
+    )
     one_line(run_cli("evaluate", str(tmp_path / "run")), fragment)
 
 
@@ -273,11 +328,17 @@ def test_a_tampered_model_file_is_one_line(smoke_run, tmp_path, run_cli, key, va
 )
 def test_bad_recipe_files_are_one_line(tmp_path, run_cli, content, fragment):
     (tmp_path / "r.json").write_text(content)
-    one_line(run_cli("run", "--recipe", str(tmp_path / "r.json"), "--out", str(tmp_path / "run")), "r.json", fragment)
+    one_line(
+        run_cli("run", "--recipe", str(tmp_path / "r.json"), "--out", str(tmp_path / "run")),
+        "r.json",
+        fragment,
+    )
 
 
 def test_widths_that_would_not_fit_in_memory_are_refused_up_front(tmp_path, run_cli):
-    done = run_cli("run", "--preset", "smoke", "--set", "head_hidden=1000000000", "--out", str(tmp_path / "r"))
+    done = run_cli(
+        "run", "--preset", "smoke", "--set", "head_hidden=1000000000", "--out", str(tmp_path / "r")
+    )
     one_line(done, "head_hidden=(1000000000,): at most 16 layers, each 1 to 65,536 wide")
 
 
@@ -286,19 +347,33 @@ class Evil:
         return (os.system, ("true",))
 
 
-def test_a_pickle_with_a_blocked_global_never_prints_torchs_unsafe_advice(tmp_path, run_cli, cifar_dir):
+def test_a_pickle_with_a_blocked_global_never_prints_torchs_unsafe_advice(
+    tmp_path, run_cli, cifar_dir
+):
     torch.save({"state": Evil()}, tmp_path / "w.pth")
-    weights = run_cli("run", "--preset", "smoke", "--weights", str(tmp_path / "w.pth"), "--out", str(tmp_path / "a"))
+    weights = run_cli(
+        "run",
+        "--preset",
+        "smoke",
+        "--weights",
+        str(tmp_path / "w.pth"),
+        "--out",
+        str(tmp_path / "a"),
+    )
     text = one_line(weights, "w.pth: not a plain state_dict", "posix.system")
     run = tmp_path / "b"
     run.mkdir()
     torch.save({"recipe": Evil()}, run / "checkpoint.pt")
-    checkpoint = one_line(run_cli("run", "--resume", str(run)), "not a readable checkpoint", "posix.system")
+    checkpoint = one_line(
+        run_cli("run", "--resume", str(run)), "not a readable checkpoint", "posix.system"
+    )
     for line in (text, checkpoint):
         assert not UNSAFE_ADVICE.search(line), line
 
 
-def test_predict_says_once_whether_its_probabilities_are_calibrated(smoke_run, cifar, tmp_path, run_cli):
+def test_predict_says_once_whether_its_probabilities_are_calibrated(
+    smoke_run, cifar, tmp_path, run_cli
+):
     from cifar_transfer.serving.predictor import Predictor
 
     files = []

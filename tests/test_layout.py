@@ -1,5 +1,8 @@
-"""The tree tells the pipeline: each stage imports only the stages before it, and jobs never import each
-other. Read from the source with `ast`, so a new import that breaks the order fails here."""
+"""The tree tells the pipeline: each stage imports only the stages before it, and jobs never import
+each other.
+
+Read from the source with `ast`, so a new import that breaks the order fails here.
+"""
 
 from __future__ import annotations
 
@@ -29,14 +32,18 @@ def layer(name: str) -> int:
 
 
 def imports(path: Path) -> set[str]:
-    """The project modules `path` imports (relative imports resolved), as dotted names below cifar_transfer."""
+    """The project modules `path` imports (relative imports resolved), as dotted names below
+    cifar_transfer."""
     here = path.relative_to(PACKAGE).with_suffix("").parts
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level:
             base = list(here[: len(here) - node.level])
             target = [*base, *node.module.split(".")] if node.module else base
-            found |= {".".join([*target, a.name]) if not node.module else ".".join(target) for a in node.names}
+            found |= {
+                ".".join([*target, a.name]) if not node.module else ".".join(target)
+                for a in node.names
+            }
     return found
 
 
@@ -50,7 +57,9 @@ def test_nothing_imports_upward_and_jobs_import_no_job(path):
         top = target.split(".")[0]
         assert layer(top) <= layer(mine), f"{path.name} ({mine}) imports {target}, a later stage"
         if mine == "jobs" and top == "jobs":
-            assert target.split(".")[1] == path.stem, f"job {path.stem} imports another job: {target}"
+            assert target.split(".")[1] == path.stem, (
+                f"job {path.stem} imports another job: {target}"
+            )
 
 
 def test_every_module_is_in_a_layer():

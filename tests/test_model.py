@@ -48,7 +48,10 @@ def test_save_and_load_gives_the_same_function(pretrained, tmp_path):
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
-    sd, meta = load_file(tmp_path / "model.safetensors"), safe_open(tmp_path / "model.safetensors", "pt").metadata()
+    sd, meta = (
+        load_file(tmp_path / "model.safetensors"),
+        safe_open(tmp_path / "model.safetensors", "pt").metadata(),
+    )
     for bad in ("-1", "0", "NaN", '"hot"', "[1]"):
         save_file(sd, tmp_path / "bad.safetensors", metadata=meta | {"temperature": bad})
         with pytest.raises(WeightsError, match=r"metadata temperature=.* is not a positive number"):
@@ -66,7 +69,8 @@ def test_the_inference_copy_folds_every_batchnorm_and_keeps_the_function(pretrai
     assert inference.temperature == 1.7
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(inference(x), model(x), rtol=1e-4, atol=1e-4)  # the same function, up to rounding
+        # the same function, up to rounding
+        assert torch.allclose(inference(x), model(x), rtol=1e-4, atol=1e-4)
     # the trained model is untouched: it is what model.safetensors keeps
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules()) == 53
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -82,16 +86,31 @@ def resnet_state() -> dict[str, torch.Tensor]:
     ("change", "fragment"),
     [
         (lambda sd: sd.pop("layer3.2.conv2.weight"), "missing keys \\['layer3.2.conv2.weight'\\]"),
-        (lambda sd: sd.update({"extra.weight": torch.zeros(1)}), "unexpected keys \\['extra.weight'\\]"),
-        (lambda sd: sd.update({"bn1.weight": torch.zeros(32)}), "bn1.weight has shape \\(32,\\), expected \\(64,\\)"),
-        (lambda sd: sd["layer1.0.conv1.weight"].view(-1).__setitem__(0, float("nan")), "non-finite"),
+        (
+            lambda sd: sd.update({"extra.weight": torch.zeros(1)}),
+            "unexpected keys \\['extra.weight'\\]",
+        ),
+        (
+            lambda sd: sd.update({"bn1.weight": torch.zeros(32)}),
+            "bn1.weight has shape \\(32,\\), expected \\(64,\\)",
+        ),
+        (
+            lambda sd: sd["layer1.0.conv1.weight"].view(-1).__setitem__(0, float("nan")),
+            "non-finite",
+        ),
         (
             lambda sd: sd.update({"conv1.weight": sd["conv1.weight"].to(torch.int16)}),
             "conv1.weight has dtype int16, expected a floating-point tensor",
         ),
-        (lambda sd: sd["layer2.0.bn1.running_var"].fill_(-1), "layer2.0.bn1.running_var holds negative variances"),
+        (
+            lambda sd: sd["layer2.0.bn1.running_var"].fill_(-1),
+            "layer2.0.bn1.running_var holds negative variances",
+        ),
         ({"input_std": "0,0,0"}, "input_std='0,0,0': each value must be in \\(0, 1\\]"),
-        ({"input_mean": "0.5,nan,0.4"}, "input_mean='0.5,nan,0.4': each value must be in \\[0, 1\\]"),
+        (
+            {"input_mean": "0.5,nan,0.4"},
+            "input_mean='0.5,nan,0.4': each value must be in \\[0, 1\\]",
+        ),
         ({"input_mean": "120,115,100"}, "input_mean='120,115,100'"),
         ({"stride_in_1x1": "yes"}, "stride_in_1x1='yes'"),
     ],

@@ -28,7 +28,8 @@ def test_centre_crop_to_square_before_downscaling():
     wide[:, :, 2] = 255  # blue everywhere ...
     wide[:, 100:200] = (255, 0, 0)  # ... but a red centre square
     out = to_square(Image.fromarray(wide)).astype(int)
-    assert np.abs(out[:, 1:-1] - (255, 0, 0)).max() <= 2  # Lanczos rings slightly and reads past the edges
+    # Lanczos rings slightly and reads past the edges
+    assert np.abs(out[:, 1:-1] - (255, 0, 0)).max() <= 2
     assert (out[..., 0] > 200).all() and (out[..., 2] < 60).all()
 
 
@@ -57,7 +58,9 @@ def test_unreadable_bytes(data, fragment):
 
 
 def test_truncated_and_oversized_images():
-    png = encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)), "PNG")
+    png = encode(
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)), "PNG"
+    )
     with pytest.raises(ImageError, match="truncated or corrupt"):
         read_image(png[: len(png) // 2])
     side = int(MAX_PIXELS**0.5) + 100
@@ -70,7 +73,9 @@ def test_truncated_and_oversized_images():
 def test_large_jpegs_decode_at_reduced_scale_and_other_formats_are_refused():
     side = 6000  # 36 megapixels: over the decoded-pixel limit unless decoded at a reduced scale
     assert side * side > MAX_PIXELS
-    photo = Image.fromarray(np.broadcast_to(np.linspace(0, 255, side, dtype=np.uint8)[None, :, None], (side, side, 3)))
+    photo = Image.fromarray(
+        np.broadcast_to(np.linspace(0, 255, side, dtype=np.uint8)[None, :, None], (side, side, 3))
+    )
     assert read_image(encode(photo, "JPEG")).shape == (32, 32, 3)  # decoded at 1/8 scale: 750 x 750
     with pytest.raises(ImageError, match="6000x6000 pixels is over the limit"):
         read_image(encode(photo, "PNG"))
@@ -98,7 +103,15 @@ def images(cifar, tmp_path_factory):
 
 def test_predict_command_on_several_formats(smoke_run, images):
     done = subprocess.run(
-        [sys.executable, "-m", "cifar_transfer.cli", "predict", str(smoke_run), *map(str, images), "--json"],
+        [
+            sys.executable,
+            "-m",
+            "cifar_transfer.cli",
+            "predict",
+            str(smoke_run),
+            *map(str, images),
+            "--json",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -118,7 +131,8 @@ def test_predict_command_on_several_formats(smoke_run, images):
 
 @pytest.mark.slow
 def test_predict_command_reports_every_file_and_each_bad_one(smoke_run, images, tmp_path, run_cli):
-    """One bad file among good ones: results for the good ones, one error line per bad one, exit status 1."""
+    """One bad file among good ones: results for the good ones, one error line per bad one, exit
+    status 1."""
 
     def predict(*args: str) -> subprocess.CompletedProcess:
         return run_cli("predict", str(smoke_run), *args)

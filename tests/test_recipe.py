@@ -9,7 +9,12 @@ def test_seed_preset_is_the_literal_recipe():
     r = preset("seed")
     assert (r.resolution, r.augment, r.batch_size, r.finetune_from) == (32, "none", 32, "stem")
     assert (r.head_optimizer, r.head_lr, r.head_epochs) == ("adam", 1e-3, 10)
-    assert (r.finetune_optimizer, r.finetune_lr, r.finetune_epochs, r.finetune_bn) == ("adam", 1e-5, 10, "frozen")
+    assert (r.finetune_optimizer, r.finetune_lr, r.finetune_epochs, r.finetune_bn) == (
+        "adam",
+        1e-5,
+        10,
+        "frozen",
+    )
     assert r.head_hidden == (128, 64)
 
 
@@ -22,7 +27,13 @@ def test_every_preset_builds_and_round_trips_through_json():
 
 def test_overrides_are_parsed_by_field_type():
     r = preset("seed").with_overrides(
-        ["finetune_epochs=3", "head_lr=0.01", "augment=true", "head_hidden=256,32", "precision=bf16"]
+        [
+            "finetune_epochs=3",
+            "head_lr=0.01",
+            "augment=true",
+            "head_hidden=256,32",
+            "precision=bf16",
+        ]
     )
     assert r.finetune_epochs == 3 and isinstance(r.finetune_epochs, int)
     assert r.head_lr == 0.01
@@ -57,7 +68,10 @@ def test_overrides_are_parsed_by_field_type():
         ("label_smoothing=nan", "label_smoothing=nan"),
         ("eval_batch_size=0", "eval_batch_size=0"),
         ("consistency=-1", r"consistency=-1.0: must be in \[0, 1000\]"),
-        ("consistency=12", "consistency=12.0: AugMix's consistency loss .* needs augment='flip\\+augmix'"),
+        (
+            "consistency=12",
+            "consistency=12.0: AugMix's consistency loss .* needs augment='flip\\+augmix'",
+        ),
     ],
 )
 def test_bad_overrides_name_the_field(assignment, fragment):
@@ -109,8 +123,14 @@ def test_recipe_files_apply_over_the_preset_and_under_set(tmp_path):
     partial = tmp_path / "mine.toml"
     partial.write_text("finetune_epochs = 3\nhead_hidden = [256, 32]\nlabel_smoothing = 0.2\n")
     r = compose("smoke", partial, ["finetune_epochs=5"])
-    assert (r.finetune_epochs, r.head_hidden, r.label_smoothing) == (5, (256, 32), 0.2)  # --set wins over the file
-    assert r.train_size == preset("smoke").train_size and r.name == "smoke"  # the rest from the preset
+    # --set wins over the file
+    assert (r.finetune_epochs, r.head_hidden, r.label_smoothing) == (
+        5,
+        (256, 32),
+        0.2,
+    )
+    # the rest from the preset
+    assert r.train_size == preset("smoke").train_size and r.name == "smoke"
 
 
 @pytest.mark.parametrize(

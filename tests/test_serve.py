@@ -1,4 +1,5 @@
-"""The service started for real on 127.0.0.1 and called over HTTP; the upload page in headless Chromium."""
+"""The service started for real on 127.0.0.1 and called over HTTP; the upload page in headless
+Chromium."""
 
 import asyncio
 import contextlib
@@ -43,7 +44,17 @@ def serving(run_dir: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     """`serve RUN_DIR` in its own process, once it answers: (base URL, process)."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cifar_transfer.cli", "serve", str(run_dir), "--port", str(port), "--device", "cpu"],
+        [
+            sys.executable,
+            "-m",
+            "cifar_transfer.cli",
+            "serve",
+            str(run_dir),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -100,8 +111,14 @@ def test_health_and_docs(server, predictor):
 @pytest.mark.parametrize("options", [Options(), Options(calibrated=False), Options(tta=True)])
 def test_predict_one_image_matches_the_model(server, predictor, cifar, options):
     image = cifar[1].images[7]
-    params = {"top": 5, "calibrated": str(options.calibrated).lower(), "tta": str(options.tta).lower()}
-    r = httpx.post(f"{server}/predict", files={"file": ("x.png", png(image), "image/png")}, params=params)
+    params = {
+        "top": 5,
+        "calibrated": str(options.calibrated).lower(),
+        "tta": str(options.tta).lower(),
+    }
+    r = httpx.post(
+        f"{server}/predict", files={"file": ("x.png", png(image), "image/png")}, params=params
+    )
     assert r.status_code == 200
     body = r.json()
     want = predictor.probabilities(image[None], options)[0]
@@ -132,14 +149,32 @@ def bomb() -> bytes:
     ("path", "files", "status", "fragment"),
     [
         ("/predict", {"file": ("a.txt", b"just text", "text/plain")}, 400, "not an image"),
-        ("/predict", {"file": ("t.png", png(np.full((64, 64, 3), 9, np.uint8))[:60], "image/png")}, 400, "truncated"),
+        (
+            "/predict",
+            {"file": ("t.png", png(np.full((64, 64, 3), 9, np.uint8))[:60], "image/png")},
+            400,
+            "truncated",
+        ),
         ("/predict", {"file": ("z.png", b"", "image/png")}, 400, "empty (0 bytes)"),
-        ("/predict", {"file": ("big.bin", b"\0" * (10_000_000 + 1), "image/png")}, 413, "larger than the limit"),
+        (
+            "/predict",
+            {"file": ("big.bin", b"\0" * (10_000_000 + 1), "image/png")},
+            413,
+            "larger than the limit",
+        ),
         ("/predict", {"file": ("bomb.png", bomb(), "image/png")}, 400, "over the limit"),
-        ("/predict", {"image": ("x.png", png(np.zeros((32, 32, 3), np.uint8)), "image/png")}, 422, "file"),
+        (
+            "/predict",
+            {"image": ("x.png", png(np.zeros((32, 32, 3), np.uint8)), "image/png")},
+            422,
+            "file",
+        ),
         (
             "/predict/batch",
-            [("files", (f"{i}.png", png(np.zeros((32, 32, 3), np.uint8)), "image/png")) for i in range(33)],
+            [
+                ("files", (f"{i}.png", png(np.zeros((32, 32, 3), np.uint8)), "image/png"))
+                for i in range(33)
+            ],
             413,
             "at most 32",
         ),
@@ -154,14 +189,19 @@ def test_bad_input_gets_a_json_4xx_and_the_service_stays_up(server, path, files,
 
 @pytest.mark.slow
 def test_bounded_load_has_no_failures_and_is_batched(server, cifar):
-    """500 requests, 8 at a time, with every tenth client disconnecting mid-request; prints p50/p99 latency.
-    The ones that stay are all answered, and concurrent requests share forward passes."""
+    """500 requests, 8 at a time, with every tenth client disconnecting mid-request; prints p50/p99
+    latency.
+
+    The ones that stay are all answered, and concurrent requests share forward passes.
+    """
     bodies = [png(im) for im in cifar[1].images[:50]]
     before = httpx.get(f"{server}/health").json()["batches"]
 
     def call(i: int) -> tuple[int, float]:
         t0 = time.perf_counter()
-        try:  # a client that gives up after 5 ms: the request is queued or being classified when it leaves
+        # a client that gives up after 5 ms: the request is queued or being classified when it
+        # leaves
+        try:
             r = httpx.post(
                 f"{server}/predict",
                 files={"file": ("x.png", bodies[i % 50], "image/png")},
@@ -181,9 +221,9 @@ def test_bounded_load_has_no_failures_and_is_batched(server, cifar):
     after = httpx.get(f"{server}/health").json()["batches"]
     passes, images = after["count"] - before["count"], after["images"] - before["images"]
     print(
-        f"\nload: 500 requests (50 disconnecting), 8 concurrent, {wall:.1f} s, {500 / wall:.0f} req/s, "
-        f"p50 {1000 * p50:.0f} ms, p99 {1000 * p99:.0f} ms; {images} images in {passes} forward passes, "
-        f"largest {after['largest']}"
+        f"\nload: 500 requests (50 disconnecting), 8 concurrent, {wall:.1f} s, {500 / wall:.0f} "
+        f"req/s, p50 {1000 * p50:.0f} ms, p99 {1000 * p99:.0f} ms; {images} images in {passes} "
+        f"forward passes, largest {after['largest']}"
     )
     assert [s for _, s, _ in stayed] == [200] * 450
     assert passes < images and after["largest"] > 1  # batched under concurrency
@@ -191,7 +231,8 @@ def test_bounded_load_has_no_failures_and_is_batched(server, cifar):
 
 
 def test_a_cancelled_request_does_not_break_the_batcher():
-    """A client that goes away cancels its future while its batch is in the model; the next batch still runs."""
+    """A client that goes away cancels its future while its batch is in the model; the next batch
+    still runs."""
 
     def slow_logits(images: np.ndarray) -> np.ndarray:
         time.sleep(0.3)
@@ -203,7 +244,9 @@ def test_a_cancelled_request_does_not_break_the_batcher():
         leaving = asyncio.create_task(batcher.classify(np.zeros((1, 32, 32, 3), np.uint8)))
         await asyncio.sleep(0.1)  # its batch is in the model now
         leaving.cancel()
-        result = await asyncio.wait_for(batcher.classify(np.zeros((2, 32, 32, 3), np.uint8)), timeout=10)
+        result = await asyncio.wait_for(
+            batcher.classify(np.zeros((2, 32, 32, 3), np.uint8)), timeout=10
+        )
         assert not worker.done(), worker.exception()
         worker.cancel()
         return result
@@ -212,15 +255,20 @@ def test_a_cancelled_request_does_not_break_the_batcher():
 
 
 def test_a_slow_batch_does_not_starve_health(smoke_run, monkeypatch, cifar):
-    """The model's forward pass made slow (3 s): /health answers at once while a prediction waits for it."""
+    """The model's forward pass made slow (3 s): /health answers at once while a prediction waits
+    for it."""
     import uvicorn
 
     from cifar_transfer.serving import service as serve
 
     original = Predictor.logits
-    monkeypatch.setattr(Predictor, "logits", lambda self, images: (time.sleep(3), original(self, images))[1])
+    monkeypatch.setattr(
+        Predictor, "logits", lambda self, images: (time.sleep(3), original(self, images))[1]
+    )
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(serve.create_app(smoke_run, device="cpu"), port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(serve.create_app(smoke_run, device="cpu"), port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -229,7 +277,10 @@ def test_a_slow_batch_does_not_starve_health(smoke_run, monkeypatch, cifar):
             time.sleep(0.05)
         with ThreadPoolExecutor(1) as pool:
             slow = pool.submit(
-                httpx.post, f"{url}/predict", files={"file": ("x.png", png(cifar[1].images[0]))}, timeout=60
+                httpx.post,
+                f"{url}/predict",
+                files={"file": ("x.png", png(cifar[1].images[0]))},
+                timeout=60,
             )
             time.sleep(0.5)  # the prediction is in the model now
             t0 = time.perf_counter()
@@ -246,7 +297,9 @@ def test_a_slow_batch_does_not_starve_health(smoke_run, monkeypatch, cifar):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (make test installs it)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian chromium is not installed (make test installs it)"
+)
 @pytest.mark.browser
 def test_upload_page_in_headless_chromium(server, predictor, cifar, tmp_path):
     from playwright.sync_api import sync_playwright
@@ -276,7 +329,9 @@ def test_upload_page_in_headless_chromium(server, predictor, cifar, tmp_path):
         assert page.inner_text("#top-class") == expected
         assert page.locator("#bars .row").count() == 10
         assert page.get_attribute("#bars .row.best", "data-class") == expected
-        temperature = f"{predictor.temperature:.3g}"  # the page says the bars are calibrated, and how
+        temperature = (
+            f"{predictor.temperature:.3g}"  # the page says the bars are calibrated, and how
+        )
         assert page.inner_text("#calibration") == (
             f"calibrated probabilities (temperature {temperature}, fitted on the validation split)"
         )
@@ -289,15 +344,21 @@ def test_upload_page_in_headless_chromium(server, predictor, cifar, tmp_path):
 
 def peak_rss_mib(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+    return (
+        int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+        / 1024
+    )
 
 
 def test_huge_uploads_neither_multiply_memory_nor_delay_small_requests(service, cifar):
-    """Eight concurrent uploads of a 16-megapixel RGBA PNG (a few hundred kB each) while small requests and
-    health checks go on: each small one is answered about as fast as without the load."""
+    """Eight concurrent uploads of a 16-megapixel RGBA PNG (a few hundred kB each) while small
+    requests and health checks go on: each small one is answered about as fast as without the
+    load."""
     url, proc = service
     buf = io.BytesIO()
-    ramp = np.broadcast_to(np.linspace(0, 255, 4000, dtype=np.uint8)[:, None, None], (4000, 4000, 4))
+    ramp = np.broadcast_to(
+        np.linspace(0, 255, 4000, dtype=np.uint8)[:, None, None], (4000, 4000, 4)
+    )
     Image.fromarray(np.ascontiguousarray(ramp), "RGBA").save(buf, format="PNG")
     huge, small = buf.getvalue(), png(cifar[1].images[3])
     assert len(huge) < 1_000_000
@@ -325,8 +386,9 @@ def test_huge_uploads_neither_multiply_memory_nor_delay_small_requests(service, 
         heavy_s = [f.result() for f in heavy]
     grown = peak_rss_mib(proc.pid) - rss_before
     print(
-        f"\nunder 8 huge uploads ({max(heavy_s):.1f} s): small request {1000 * quiet:.0f} ms quiet, worst "
-        f"{1000 * max(busy):.0f} ms busy; /health worst {1000 * max(health):.0f} ms; peak RSS +{grown:.0f} MiB"
+        f"\nunder 8 huge uploads ({max(heavy_s):.1f} s): small request {1000 * quiet:.0f} ms "
+        f"quiet, worst {1000 * max(busy):.0f} ms busy; /health worst {1000 * max(health):.0f} ms; "
+        f"peak RSS +{grown:.0f} MiB"
     )
     assert len(busy) >= 3, "the huge uploads finished before small requests could be timed"
     assert max(health) < 0.5
@@ -335,8 +397,8 @@ def test_huge_uploads_neither_multiply_memory_nor_delay_small_requests(service, 
 
 
 def raw_request(url: str, head: str, chunks: list[bytes] = ()) -> tuple[bytes, int]:
-    """Send `head`, then `chunks` in chunked encoding until the server answers; return the answer's first bytes
-    and how many body bytes were sent before it came."""
+    """Send `head`, then `chunks` in chunked encoding until the server answers; return the answer's
+    first bytes and how many body bytes were sent before it came."""
     host, port = url.removeprefix("http://").split(":")
     sent = 0
     with socket.create_connection((host, int(port)), timeout=60) as s:
@@ -354,16 +416,25 @@ def raw_request(url: str, head: str, chunks: list[bytes] = ()) -> tuple[bytes, i
 
 def test_a_body_is_cut_off_at_the_limit_with_or_without_content_length(server):
     multipart = "multipart/form-data; boundary=xyz"
+    # one image's limit is 10 MB
     answer, _ = raw_request(
         server,
-        f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {multipart}\r\nContent-Length: {20_000_000}\r\n\r\n",
-    )  # one image's limit is 10 MB
+        f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {multipart}\r\nContent-Length: "
+        f"{20_000_000}\r\n\r\n",
+    )
     assert answer.startswith(b"HTTP/1.1 413"), answer
-    head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {multipart}\r\nTransfer-Encoding: chunked\r\n\r\n"
-    part = b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\nContent-Type: image/png\r\n\r\n'
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {multipart}\r\nTransfer-Encoding: "
+        "chunked\r\n\r\n"
+    )
+    part = (
+        b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\nContent-Type: '
+        b"image/png\r\n\r\n"
+    )
     answer, sent = raw_request(server, head, [part, *[b"\0" * 1_000_000] * 400])
     assert answer.startswith(b"HTTP/1.1 413"), answer
-    assert sent < 40_000_000  # stopped near the 10 MB limit (plus what socket buffers hold), not after 400 MB
+    # stopped near the 10 MB limit (plus what socket buffers hold), not after 400 MB
+    assert sent < 40_000_000
     assert httpx.get(f"{server}/health").status_code == 200
 
 
@@ -390,15 +461,23 @@ def test_a_busy_port_is_one_line_before_anything_is_printed(smoke_run):
         )
     assert done.returncode == 1 and done.stdout == "", done.stdout
     assert done.stderr.strip().splitlines() == [
-        f"error: cannot listen on 127.0.0.1:{port}: Address already in use "
-        "(another process is using it: choose one with --port)"
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use (another process is "
+        "using it: choose one with --port)"
     ]
 
 
-# Schemathesis' data-acceptance checks judge a multipart file part by its JSON type, but an upload is bytes: the
-# "integer" -44988 is a valid (non-image) upload, and no schema can say "bytes that decode as an image". What it
-# checks here is the contract: no 5xx, every status documented, every body and header as documented.
-CONTRACT = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
+# Schemathesis' data-acceptance checks judge a multipart file part by its JSON type, but an upload
+# is bytes: the "integer" -44988 is a valid (non-image) upload, and no schema can say "bytes that
+# decode as an image". What it checks here is the contract: no 5xx, every status documented, every
+# body and header as documented.
+CONTRACT = ",".join(
+    [
+        "not_a_server_error",
+        "status_code_conformance",
+        "content_type_conformance",
+        "response_schema_conformance",
+    ]
+)
 
 
 def test_the_service_answers_as_its_openapi_document_says(server, tmp_path):
@@ -417,8 +496,22 @@ def check_contract(url: str, folder: Path, examples: int = 40) -> None:
     st = Path(sys.executable).with_name("st")
     done = subprocess.run(
         [
-            *(str(st), "run", f"{url}/openapi.json", "--checks", f"{CONTRACT},response_headers_conformance"),
-            *("--max-examples", str(examples), "--seed", "0", "--no-color", "--request-timeout", "60"),
+            *(
+                str(st),
+                "run",
+                f"{url}/openapi.json",
+                "--checks",
+                f"{CONTRACT},response_headers_conformance",
+            ),
+            *(
+                "--max-examples",
+                str(examples),
+                "--seed",
+                "0",
+                "--no-color",
+                "--request-timeout",
+                "60",
+            ),
         ],
         cwd=folder,  # its example database stays out of the checkout
         capture_output=True,
@@ -439,7 +532,9 @@ def test_one_bad_image_in_a_batch_gets_its_own_error(server, predictor, cifar):
     good, bad, empty = body["results"]
     assert good["top"][0]["class"] == CLASSES[predictor.probabilities(cifar[1].images[:1]).argmax()]
     assert bad == {"filename": "bad.png", "top": None, "probabilities": None, "error": bad["error"]}
-    assert "bad.png: not an image" in bad["error"] and "empty.png: empty (0 bytes)" in empty["error"]
+    assert (
+        "bad.png: not an image" in bad["error"] and "empty.png: empty (0 bytes)" in empty["error"]
+    )
 
 
 def test_two_files_sent_to_predict_are_refused(server, cifar):

@@ -1,4 +1,5 @@
-"""What a user ships: calibrated probabilities (predict, ONNX), flip TTA, and evaluation on real photographs."""
+"""What a user ships: calibrated probabilities (predict, ONNX), flip TTA, and evaluation on real
+photographs."""
 
 import json
 import shutil
@@ -20,31 +21,46 @@ PHOTOS = Path(__file__).parent / "fixtures" / "photos"
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cifar_transfer.cli", *args], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "cifar_transfer.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
 @pytest.mark.slow
-def test_the_validation_temperature_ships_with_the_model_and_calibrates_predictions(smoke_run, cifar):
+def test_the_validation_temperature_ships_with_the_model_and_calibrates_predictions(
+    smoke_run, cifar
+):
     metrics = json.loads((smoke_run / "metrics.json").read_text())
     predictor = Predictor(smoke_run, "cpu")
     r = preset("smoke")
     val = split(*cifar, r.train_size, r.val_size, r.seed).val
     assert predictor.temperature == metrics["calibration"]["temperature"]
     assert "calibration" not in metrics["analysis"]  # one fit, reported once
-    # fitted on validation only, from the logits the shipped epoch's validation computed (through the cached
-    # activations: the same mathematics as a fresh pass, to float rounding)
+    # fitted on validation only, from the logits the shipped epoch's validation computed (through
+    # the cached activations: the same mathematics as a fresh pass, to float rounding)
     refit = fit_temperature(predictor.logits(val.images), val.labels)
     assert predictor.temperature == pytest.approx(refit, rel=1e-6)
     test = cifar[1]
     some = test.images[:200]
-    assert np.allclose(predictor.probabilities(some), softmax(predictor.logits(some), predictor.temperature), atol=1e-6)
     assert np.allclose(
-        predictor.probabilities(some, Options(calibrated=False)), softmax(predictor.logits(some)), atol=1e-6
+        predictor.probabilities(some),
+        softmax(predictor.logits(some), predictor.temperature),
+        atol=1e-6,
     )
-    sample = np.arange(0, len(test), 5)  # 2,000 test images: mean confidence and accuracy to about 1 point
+    assert np.allclose(
+        predictor.probabilities(some, Options(calibrated=False)),
+        softmax(predictor.logits(some)),
+        atol=1e-6,
+    )
+    # 2,000 test images: mean confidence and accuracy to about 1 point
+    sample = np.arange(0, len(test), 5)
     logits = predictor.logits(test.images[sample])
-    calibrated, raw = predictor.combine(logits, Options()), predictor.combine(logits, Options(calibrated=False))
+    calibrated, raw = (
+        predictor.combine(logits, Options()),
+        predictor.combine(logits, Options(calibrated=False)),
+    )
     accuracy = (calibrated.argmax(1) == test.labels[sample]).mean()
     assert (raw.argmax(1) == calibrated.argmax(1)).all()
     # the target: mean confidence within 0.05 of accuracy on the CIFAR-10 test set
@@ -54,7 +70,10 @@ def test_the_validation_temperature_ships_with_the_model_and_calibrates_predicti
     )
     assert abs(calibrated.max(1).mean() - accuracy) <= 0.05
     assert abs(calibrated.max(1).mean() - accuracy) < abs(raw.max(1).mean() - accuracy)
-    assert f"T = {predictor.temperature:.3f}" in (smoke_run / "report.md").read_text().split("## Calibration")[1]
+    assert (
+        f"T = {predictor.temperature:.3f}"
+        in (smoke_run / "report.md").read_text().split("## Calibration")[1]
+    )
 
 
 def test_predict_says_how_its_probabilities_were_made(run_cli, smoke_run, cifar, tmp_path):
@@ -80,12 +99,15 @@ def test_predict_says_how_its_probabilities_were_made(run_cli, smoke_run, cifar,
         assert np.allclose([got[c] for c in CLASSES], want, atol=1e-5)
     mirrored = predictor.probabilities(x[:, :, ::-1])[0]
     assert np.allclose(
-        predictor.probabilities(x, Options(tta=True))[0], (predictor.probabilities(x)[0] + mirrored) / 2, atol=1e-6
+        predictor.probabilities(x, Options(tta=True))[0],
+        (predictor.probabilities(x)[0] + mirrored) / 2,
+        atol=1e-6,
     )
 
 
 def test_evaluate_with_tta_agrees_with_the_analysis(run_cli, smoke_copy, cifar, tmp_path):
-    """`evaluate --tta` on the class-balanced test images the run's TTA analysis sampled gives its accuracy."""
+    """`evaluate --tta` on the class-balanced test images the run's TTA analysis sampled gives its
+    accuracy."""
     from cifar_transfer.analysis.analyze import balanced_sample
 
     analysis = json.loads((smoke_copy / "metrics.json").read_text())["analysis"]["tta"]
@@ -114,7 +136,9 @@ def test_evaluate_on_a_folder_of_photos(run_cli, smoke_copy, tmp_path):
     (photos / "notes.txt").write_text("not in a class folder")
     done = run_cli("evaluate", str(smoke_copy), "--data", str(photos))
     assert done.returncode == 0, done.stderr
-    skipped = [line for line in done.stderr.splitlines() if line.startswith("skipped: ")]  # besides progress bars
+    skipped = [
+        line for line in done.stderr.splitlines() if line.startswith("skipped: ")
+    ]  # besides progress bars
     assert len(skipped) == 2, done.stderr
     assert any("broken.jpg: truncated or corrupt image" in s for s in skipped)
     assert any("notes.txt: not inside a class folder" in s for s in skipped)
@@ -127,12 +151,16 @@ def test_evaluate_on_a_folder_of_photos(run_cli, smoke_copy, tmp_path):
     assert m["cifar10_test_accuracy"] == reference
     report = (out / "report.md").read_text()
     assert f"a drop of **{100 * (reference - m['test']['accuracy']):.1f} points**" in report
-    assert all((out / f).is_file() for f in ("confusion_matrix.png", "misclassified.png", "report.html"))
+    assert all(
+        (out / f).is_file() for f in ("confusion_matrix.png", "misclassified.png", "report.html")
+    )
     assert all(r["file"].startswith(str(photos)) for r in m["test"]["misclassified"])
 
 
 @pytest.mark.slow
-def test_without_a_validation_split_calibration_is_skipped_and_said(run_cli, small_data, weights_path, tmp_path):
+def test_without_a_validation_split_calibration_is_skipped_and_said(
+    run_cli, small_data, weights_path, tmp_path
+):
     out = tmp_path / "no-val"
     done = run_cli(
         "run",

@@ -66,7 +66,9 @@ def test_phase_one_leaves_the_base_alone_and_frozen_bn_keeps_its_statistics(pret
     trained = frozen.with_overrides(["finetune_bn=train"])
     model = fresh(trained, pretrained)
     fit(model, trained, *tiny_data, progress=False)
-    assert not torch.equal(model.backbone.state_dict()["bn1.running_mean"], before["bn1.running_mean"])
+    assert not torch.equal(
+        model.backbone.state_dict()["bn1.running_mean"], before["bn1.running_mean"]
+    )
 
 
 def test_cosine_schedule_warms_up_and_decays(pretrained):
@@ -112,7 +114,9 @@ def test_resume_from_any_epoch_ends_identically(pretrained, tiny_data, tmp_path,
 
     monkeypatch.setattr(atomic, "write_with", keep_each)
     full = fresh(r, pretrained)
-    history = fit(full, r, *tiny_data, saving=Saving(checkpoint=tmp_path / "checkpoint.pt"), progress=False)
+    history = fit(
+        full, r, *tiny_data, saving=Saving(checkpoint=tmp_path / "checkpoint.pt"), progress=False
+    )
     assert len(saved) == 4 and (tmp_path / "checkpoint.pt").is_file()
     for k in (0, 2):  # interrupted in phase 1 (after epoch 1) and in phase 2 (after epoch 3)
         state = checkpoint.load_checkpoint(saved[k])
@@ -125,7 +129,13 @@ def test_resume_from_any_epoch_ends_identically(pretrained, tiny_data, tmp_path,
 
 def test_resume_with_another_recipe_is_refused(pretrained, tiny_data, tmp_path):
     r = preset("seed").with_overrides([*TINY, "finetune_epochs=0", "head_epochs=1"])
-    fit(fresh(r, pretrained), r, *tiny_data, saving=Saving(checkpoint=tmp_path / "c.pt"), progress=False)
+    fit(
+        fresh(r, pretrained),
+        r,
+        *tiny_data,
+        saving=Saving(checkpoint=tmp_path / "c.pt"),
+        progress=False,
+    )
     other = r.with_overrides(["head_lr=0.5"])
     with pytest.raises(TrainingError, match="different recipe"):
         fit(
@@ -148,24 +158,32 @@ def test_cached_activations_give_the_full_forward_passes_outputs(pretrained, tin
     for cached, expected in ((plain, full), (mirror, mirrored)):
         with torch.no_grad():
             assert torch.allclose(Part(model, "layer3")(cached), expected, atol=1e-5)
-    # phase 1's features, computed from the cached activations, are the base's features (up to fp32 rounding:
-    # the cached steps run with their BatchNorm folded into the convolutions)
+    # phase 1's features, computed from the cached activations, are the base's features (up to fp32
+    # rounding: the cached steps run with their BatchNorm folded into the convolutions)
     (feats,) = inputs.cache_activations(model, (plain,), "layer3", "head", r)
     with torch.no_grad():
         assert torch.allclose(feats, model.features(to_input(images)), rtol=1e-4, atol=1e-5)
 
 
-def test_auto_precision_without_bf16_hardware_computes_in_fp32_and_caches_in_bf16(pretrained, tiny_data, monkeypatch):
-    monkeypatch.setattr(inference, "native_bf16", lambda device_type: False)  # e.g. an Ice Lake Xeon
-    r = preset("seed").with_overrides([*TINY, "resolution=64", "finetune_from=layer3", "precision=auto"])
+def test_auto_precision_without_bf16_hardware_computes_in_fp32_and_caches_in_bf16(
+    pretrained, tiny_data, monkeypatch
+):
+    # e.g. an Ice Lake Xeon
+    monkeypatch.setattr(inference, "native_bf16", lambda device_type: False)
+    r = preset("seed").with_overrides(
+        [*TINY, "resolution=64", "finetune_from=layer3", "precision=auto"]
+    )
     model = fresh(r, pretrained).eval()
     images = tiny_data[0][0][:12]
     (cached,) = inputs.cache_activations(model, images, "stem", "layer3", r)
     with torch.no_grad():
         exact = Part(model, "stem", "layer3")(to_input(images))  # fp32, no autocast
         logits, full = Part(model, "layer3")(cached), model(to_input(images))
-    # computed in fp32 (BatchNorm folded) and rounded once: a bf16 step off at most (autocast rounds every block)
-    assert cached.dtype == torch.bfloat16 and torch.allclose(cached.float(), exact, rtol=2**-7, atol=1e-4)
+    # computed in fp32 (BatchNorm folded) and rounded once: a bf16 step off at most (autocast rounds
+    # every block)
+    assert cached.dtype == torch.bfloat16 and torch.allclose(
+        cached.float(), exact, rtol=2**-7, atol=1e-4
+    )
     assert logits.dtype == torch.float32 and torch.allclose(logits, full, atol=1e-2)
     history = fit(model, r, *tiny_data, progress=False)  # the fp32 blocks train on the bf16 cache
     assert len(history) == 4 and all(math.isfinite(h["val_loss"]) for h in history)
@@ -173,7 +191,14 @@ def test_auto_precision_without_bf16_hardware_computes_in_fp32_and_caches_in_bf1
 
 def test_only_the_chosen_stages_learn(pretrained, tiny_data):
     r = preset("seed").with_overrides(
-        [*TINY, "head_epochs=1", "finetune_from=layer4", "finetune_bn=train", "augment=flip", "finetune_lr=1e-3"]
+        [
+            *TINY,
+            "head_epochs=1",
+            "finetune_from=layer4",
+            "finetune_bn=train",
+            "augment=flip",
+            "finetune_lr=1e-3",
+        ]
     )
     model = fresh(r, pretrained)
     names = {n for n, p in model.named_parameters() if p in set(phases.set_phase(model, 2, r))}
@@ -193,7 +218,9 @@ def test_best_val_ships_the_best_validation_epoch(pretrained, tiny_data, tmp_pat
     r = preset("seed").with_overrides([*TINY, "keep=best_val", "finetune_lr=1e-3"])
     scripted = iter([0.2, 0.6, 0.4, 0.5])  # epoch 2 (the last of phase 1) is the best
     validate = loop._validate
-    monkeypatch.setattr(loop, "_validate", lambda *a: (lambda v: (v[0], next(scripted), v[2]))(validate(*a)))
+    monkeypatch.setattr(
+        loop, "_validate", lambda *a: (lambda v: (v[0], next(scripted), v[2]))(validate(*a))
+    )
     saved = []
     write_with = atomic.write_with
 
@@ -203,14 +230,17 @@ def test_best_val_ships_the_best_validation_epoch(pretrained, tiny_data, tmp_pat
 
     monkeypatch.setattr(atomic, "write_with", keep_each)
     model = fresh(r, pretrained)
-    history = fit(model, r, *tiny_data, saving=Saving(checkpoint=tmp_path / "checkpoint.pt"), progress=False)
+    history = fit(
+        model, r, *tiny_data, saving=Saving(checkpoint=tmp_path / "checkpoint.pt"), progress=False
+    )
     assert [h["shipped"] for h in history] == [False, True, False, False]
     at_epoch_2 = checkpoint.load_checkpoint(saved[1])["model"]
     last = checkpoint.load_checkpoint(saved[3])["model"]
     for k, v in model.state_dict().items():
         assert torch.equal(v, at_epoch_2[k]), k
     assert any(not torch.equal(v, last[k]) for k, v in model.state_dict().items())
-    # the shipped epoch's validation logits are kept, so calibration needs no second pass: they are the model's
+    # the shipped epoch's validation logits are kept, so calibration needs no second pass: they are
+    # the model's
     with torch.inference_mode():
         fresh_pass = model(to_input(tiny_data[1][0]))
     torch.testing.assert_close(model.val_logits, fresh_pass, rtol=1e-4, atol=1e-4)
@@ -218,18 +248,25 @@ def test_best_val_ships_the_best_validation_epoch(pretrained, tiny_data, tmp_pat
     # resumed after epoch 3, the run still remembers epoch 2 as the best and ships it
     scripted = iter([0.5])
     resumed = fresh(r, pretrained)
-    h = fit(resumed, r, *tiny_data, saving=Saving(resume=checkpoint.load_checkpoint(saved[2])), progress=False)
+    h = fit(
+        resumed,
+        r,
+        *tiny_data,
+        saving=Saving(resume=checkpoint.load_checkpoint(saved[2])),
+        progress=False,
+    )
     assert [x["shipped"] for x in h] == [False, True, False, False]
     for k, v in resumed.state_dict().items():
         assert torch.equal(v, at_epoch_2[k]), k
-    assert resumed.val_logits is None  # computed before the resume: the run makes one more pass instead
+    # computed before the resume: the run makes one more pass instead
+    assert resumed.val_logits is None
 
 
 def test_each_history_row_follows_its_checkpoint_and_write_errors_stop_training(
     pretrained, tiny_data, tmp_path, monkeypatch
 ):
-    """Checkpoints are written in the background; `on_saved` (history.csv in a run) runs once the epoch's
-    checkpoint is in place, and a failed write surfaces in the training loop."""
+    """Checkpoints are written in the background; `on_saved` (history.csv in a run) runs once the
+    epoch's checkpoint is in place, and a failed write surfaces in the training loop."""
     r = preset("seed").with_overrides(TINY)
     seen = []
 
@@ -250,15 +287,22 @@ def test_each_history_row_follows_its_checkpoint_and_write_errors_stop_training(
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(atomic.DiskFullError, match=r"d\.pt: no space left on device"):
-        fit(fresh(r, pretrained), r, *tiny_data, saving=Saving(checkpoint=tmp_path / "d.pt"), progress=False)
+        fit(
+            fresh(r, pretrained),
+            r,
+            *tiny_data,
+            saving=Saving(checkpoint=tmp_path / "d.pt"),
+            progress=False,
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
 
 
 def test_compile_builds_one_graph_per_phase_and_module_mode(pretrained, tiny_data, monkeypatch):
-    """Ragged last batches (40 % 24 = 16 training images, 20 % 7 = 6 validation images) and the evaluation batch
-    size reuse their mode's graph: two phases x (training, evaluation) = 4 graphs, counted at the backend.
-    (Convolutions guard a dynamic batch at >= 16 on the CPU: a ragged training batch below 16 compiles once more.
-    The presets' ragged batches are 16: 10,000 % 32, % 64 and % 128.)"""
+    """Ragged last batches (40 % 24 = 16 training images, 20 % 7 = 6 validation images) and the
+    evaluation batch size reuse their mode's graph: two phases x (training, evaluation) = 4
+    graphs, counted at the backend. (Convolutions guard a dynamic batch at >= 16 on the CPU: a
+    ragged training batch below 16 compiles once more. The presets' ragged batches are 16: 10,000
+    % 32, % 64 and % 128.)"""
     graphs = []
 
     def counting(graph, example_inputs):
@@ -266,7 +310,9 @@ def test_compile_builds_one_graph_per_phase_and_module_mode(pretrained, tiny_dat
         return graph.forward
 
     compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda module, mode=None: compile_(module, backend=counting))
+    monkeypatch.setattr(
+        torch, "compile", lambda module, mode=None: compile_(module, backend=counting)
+    )
     torch._dynamo.reset()
     r = preset("seed").with_overrides(
         [*TINY, "batch_size=24", "eval_batch_size=7", "finetune_from=layer4.2", "compile=default"]
@@ -274,24 +320,32 @@ def test_compile_builds_one_graph_per_phase_and_module_mode(pretrained, tiny_dat
     history = fit(fresh(r, pretrained), r, *tiny_data, progress=False)
     eager = fit(fresh(r, pretrained), r.with_overrides(["compile=off"]), *tiny_data, progress=False)
     assert len(graphs) == 4
-    assert [h["val_loss"] for h in history] == pytest.approx([h["val_loss"] for h in eager], rel=1e-5)
+    assert [h["val_loss"] for h in history] == pytest.approx(
+        [h["val_loss"] for h in eager], rel=1e-5
+    )
 
 
 def test_without_caching_the_frozen_stages_run_every_step_to_the_same_result(pretrained, tiny_data):
     r = preset("seed").with_overrides([*TINY, "finetune_from=layer4.2"])
     cached = fit(fresh(r, pretrained), r, *tiny_data, progress=False)
     plain = fit(fresh(r, pretrained), r.with_overrides(["cache=false"]), *tiny_data, progress=False)
-    assert [h["val_loss"] for h in plain] == pytest.approx([h["val_loss"] for h in cached], rel=1e-4)
+    assert [h["val_loss"] for h in plain] == pytest.approx(
+        [h["val_loss"] for h in cached], rel=1e-4
+    )
 
 
 @pytest.mark.parametrize(
-    ("mode", "precision"), [("default", "fp32"), ("reduce-overhead", "bf16"), ("max-autotune", "fp32")]
+    ("mode", "precision"),
+    [("default", "fp32"), ("reduce-overhead", "bf16"), ("max-autotune", "fp32")],
 )
 @pytest.mark.slow
 def test_inductor_compiled_training_matches_eager(pretrained, tiny_data, mode, precision):
-    """Every compile mode the recipe accepts trains through inductor (which runs on the CPU too) to the eager
-    loop's results, within the precision's tolerance. Phase 2 alone (a residual block and the head): phase 1's
-    head is the same kind of graph, smaller, and each graph costs seconds of C++ compilation."""
+    """Every compile mode the recipe accepts trains through inductor (which runs on the CPU too) to
+    the eager loop's results, within the precision's tolerance.
+
+    Phase 2 alone (a residual block and the head): phase 1's head is the same kind of graph,
+    smaller, and each graph costs seconds of C++ compilation.
+    """
     r = preset("seed").with_overrides(
         [
             *TINY,
@@ -307,16 +361,26 @@ def test_inductor_compiled_training_matches_eager(pretrained, tiny_data, mode, p
     eager = fit(fresh(r, pretrained), r.with_overrides(["compile=off"]), *tiny_data, progress=False)
     tolerance = 2e-2 if precision == "bf16" else 1e-3
     for key in ("train_loss", "val_loss"):
-        assert [h[key] for h in compiled] == pytest.approx([h[key] for h in eager], rel=tolerance), key
+        assert [h[key] for h in compiled] == pytest.approx(
+            [h[key] for h in eager], rel=tolerance
+        ), key
 
 
 def test_consistency_changes_phase_2_alone(pretrained, tiny_data):
     lean = preset("lean").with_overrides(
-        [*TINY, "resolution=32", "precision=fp32", "augment=flip+augmix", "head_epochs=1", "finetune_epochs=1"]
+        [
+            *TINY,
+            "resolution=32",
+            "precision=fp32",
+            "augment=flip+augmix",
+            "head_epochs=1",
+            "finetune_epochs=1",
+        ]
     )
     plain = fit(fresh(lean, pretrained), lean, *tiny_data, progress=False)
     consistent = lean.with_overrides(["consistency=12"])
     history = fit(fresh(consistent, pretrained), consistent, *tiny_data, progress=False)
     assert [h["phase"] for h in history] == [1, 2]
-    assert history[0]["train_loss"] == plain[0]["train_loss"]  # phase 1 trains the head on flips alone
+    # phase 1 trains the head on flips alone
+    assert history[0]["train_loss"] == plain[0]["train_loss"]
     assert history[1]["train_loss"] != plain[1]["train_loss"]

@@ -1,5 +1,6 @@
-"""`tune`: search spaces, workers sharing one study (SQLite, then a real PostgreSQL server), the trial cap across
-workers, pruning reports, killed workers, and the best recipe re-running to the same validation accuracy."""
+"""`tune`: search spaces, workers sharing one study (SQLite, then a real PostgreSQL server), the
+trial cap across workers, pruning reports, killed workers, and the best recipe re-running to the
+same validation accuracy."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from optuna.trial import FixedTrial, TrialState
 from cifar_transfer.jobs.tune import SPACES, TuneError, check_space, open_study, read_space, sample
 from cifar_transfer.recipe import preset
 
-# A trial of a couple of seconds: 100 images, two head epochs and one fine-tuning epoch of the last block.
+# A trial of a couple of seconds: 100 images, two head epochs and one fine-tuning epoch of the last
+# block.
 TINY = [
     "--preset",
     "smoke",
@@ -82,16 +84,23 @@ def history(run_dir: str) -> list[dict]:
 
 
 def check_study(study: optuna.Study, trials: int) -> list[optuna.trial.FrozenTrial]:
-    """Exactly `trials` trials finished; failures only from kills or simultaneous asks; each trial reported every
-    epoch of its history.csv to the pruner. Returns the failed trials."""
+    """Exactly `trials` trials finished; failures only from kills or simultaneous asks; each trial
+    reported every epoch of its history.csv to the pruner.
+
+    Returns the failed trials.
+    """
     finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     assert len(finished) == trials
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
     for t in finished:
         rows = history(t.user_attrs["run_dir"])
-        assert t.intermediate_values == {int(r["epoch"]): pytest.approx(float(r["val_acc"])) for r in rows}
+        assert t.intermediate_values == {
+            int(r["epoch"]): pytest.approx(float(r["val_acc"])) for r in rows
+        }
         if t.state == TrialState.COMPLETE:  # scored by the shipped epoch's validation accuracy
-            assert t.value == pytest.approx(float(next(r for r in rows if r["shipped"] == "True")["val_acc"]))
+            assert t.value == pytest.approx(
+                float(next(r for r in rows if r["shipped"] == "True")["val_acc"])
+            )
     return study.get_trials(states=(TrialState.FAIL,))
 
 
@@ -105,7 +114,10 @@ def test_default_spaces_sample_valid_recipes() -> None:
     for name, space in SPACES.items():
         check_space(space, name)
         for end in ("low", "high"):  # both corners of every range make recipes the preset accepts
-            fixed = {k: spec["choices"][0] if "choices" in spec else spec[end] for k, spec in space.items()}
+            fixed = {
+                k: spec["choices"][0] if "choices" in spec else spec[end]
+                for k, spec in space.items()
+            }
             recipe = sample(FixedTrial(fixed), preset(name), space)
             assert {k: getattr(recipe, k) for k in space} == fixed
 
@@ -115,16 +127,27 @@ def test_default_spaces_sample_valid_recipes() -> None:
     [
         ("[head_lr]\nlow = 0.1\nhigh = 0.01\n", "field head_lr: low=0.1 must be below high=0.01"),
         ("[head_lrr]\nlow = 0.1\nhigh = 1.0\n", "field head_lrr: not a recipe field"),
-        ("[head_lr]\nlow = 0.0\nhigh = 1.0\nlog = true\n", "field head_lr: a log scale needs low > 0"),
-        ("[batch_size]\nlow = 16.5\nhigh = 64\n", "field batch_size: an integer field needs integer low and high"),
+        (
+            "[head_lr]\nlow = 0.0\nhigh = 1.0\nlog = true\n",
+            "field head_lr: a log scale needs low > 0",
+        ),
+        (
+            "[batch_size]\nlow = 16.5\nhigh = 64\n",
+            "field batch_size: an integer field needs integer low and high",
+        ),
         ("[augment]\nlow = 0\nhigh = 1\n", "field augment: is not a number: give choices"),
         ("[augment]\nchoices = []\n", "field augment: choices must be a non-empty list"),
-        ('[head_lr]\nlow = 0.001\nhigh = 0.1\nscale = "log"\n', "field head_lr: unknown keys scale"),
+        (
+            '[head_lr]\nlow = 0.001\nhigh = 0.1\nscale = "log"\n',
+            "field head_lr: unknown keys scale",
+        ),
         ("head_lr = 0.01\n", "field head_lr: expected a table"),
         ("[head_lr\n", "not valid TOML"),
     ],
 )
-def test_bad_space_files_are_refused_naming_the_field(tmp_path: Path, text: str, message: str) -> None:
+def test_bad_space_files_are_refused_naming_the_field(
+    tmp_path: Path, text: str, message: str
+) -> None:
     path = tmp_path / "space.toml"
     path.write_text(text)
     with pytest.raises(TuneError, match=f"^{path}: .*") as e:
@@ -153,11 +176,12 @@ def test_two_sqlite_workers_share_one_study_without_the_test_set(
 
     # a third worker finds the study full: it trains nothing and leaves the count as it was
     finish(worker(out, no_test_set, weights_path, "--trials", "4"))
-    assert len(optuna.load_study(study_name="tune", storage=f"sqlite:///{out / 'study.db'}").trials) == len(
-        study.trials
-    )
+    assert len(
+        optuna.load_study(study_name="tune", storage=f"sqlite:///{out / 'study.db'}").trials
+    ) == len(study.trials)
 
-    # `run` re-trains the best recipe (against a 100-image test set: the validation accuracy is what is compared)
+    # `run` re-trains the best recipe (against a 100-image test set: the validation accuracy is what
+    # is compared)
     data = tmp_path / "npz"
     data.mkdir()
     np.savez(data / "train.npz", images=cifar[0].images, labels=cifar[0].labels)
@@ -210,8 +234,8 @@ def _open_at_once(barrier, url: str) -> str:
 
 @pytest.mark.slow
 def test_workers_starting_together_all_open_a_new_study(tmp_path: Path) -> None:
-    """Four processes create the same new SQLite study at the same moment: the race to create its tables
-    ("table studies already exists") is retried, not reported."""
+    """Four processes create the same new SQLite study at the same moment: the race to create its
+    tables ("table studies already exists") is retried, not reported."""
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Manager().Barrier(4)
     with ctx.Pool(4) as pool:
@@ -221,10 +245,16 @@ def test_workers_starting_together_all_open_a_new_study(tmp_path: Path) -> None:
 
 def test_joining_a_study_with_another_recipe_is_refused(tmp_path: Path, run_cli) -> None:
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    optuna.create_study(study_name="s", storage=storage).set_user_attr("base_recipe", {"head_lr": 1.0})
-    done = run_cli("tune", "--preset", "smoke", "--out", str(tmp_path), "--storage", storage, "--study", "s")
+    optuna.create_study(study_name="s", storage=storage).set_user_attr(
+        "base_recipe", {"head_lr": 1.0}
+    )
+    done = run_cli(
+        "tune", "--preset", "smoke", "--out", str(tmp_path), "--storage", storage, "--study", "s"
+    )
     assert done.returncode == 1
-    assert f"study 's' in {storage} was started with another base recipe (differs in: " in done.stderr
+    assert (
+        f"study 's' in {storage} was started with another base recipe (differs in: " in done.stderr
+    )
 
 
 def test_unreachable_storage_is_named_without_its_password(tmp_path: Path, run_cli) -> None:
@@ -242,15 +272,16 @@ def test_unreachable_storage_is_named_without_its_password(tmp_path: Path, run_c
         )
     assert done.returncode == 1
     assert done.stderr.startswith(
-        f"error: --storage postgresql://tuner:***@127.0.0.1:{port}/study: cannot open the study storage ("
+        f"error: --storage postgresql://tuner:***@127.0.0.1:{port}/study: cannot open the study "
+        "storage ("
     )
     assert "secret" not in done.stderr
 
 
 @pytest.fixture
 def postgres() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster on 127.0.0.1 (Debian's `postgresql`), run as the `postgres` user when the
-    tests run as root (the server refuses root); yields its URL."""
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (Debian's `postgresql`), run as the `postgres`
+    user when the tests run as root (the server refuses root); yields its URL."""
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not found:
         pytest.skip("PostgreSQL is not installed (make test installs Debian's postgresql)")
@@ -266,7 +297,9 @@ def postgres() -> Iterator[str]:
         port = s.getsockname()[1]
     data = home / "data"
     subprocess.run(
-        [*as_user, bin_dir / "initdb", "-D", data, "-U", "postgres", "--auth=trust"], check=True, capture_output=True
+        [*as_user, bin_dir / "initdb", "-D", data, "-U", "postgres", "--auth=trust"],
+        check=True,
+        capture_output=True,
     )
     subprocess.run(
         [
@@ -287,7 +320,10 @@ def postgres() -> Iterator[str]:
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*as_user, bin_dir / "pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True)
+        subprocess.run(
+            [*as_user, bin_dir / "pg_ctl", "-D", data, "-m", "immediate", "stop"],
+            capture_output=True,
+        )
         shutil.rmtree(home, ignore_errors=True)
 
 
@@ -315,9 +351,12 @@ def test_postgres_workers_survive_stopped_and_killed_workers(
     stopped.send_signal(signal.SIGTERM)
     assert stopped.wait(timeout=60) == 130, stopped.communicate()[1][-3000:]
     study = optuna.load_study(study_name="shared", storage=postgres)
-    assert [(t.state, t.user_attrs["run_dir"]) for t in study.trials] == [(TrialState.FAIL, str(trial_dir))]
+    assert [(t.state, t.user_attrs["run_dir"]) for t in study.trials] == [
+        (TrialState.FAIL, str(trial_dir))
+    ]
 
-    killed = worker(tmp_path / "b", no_test_set, weights_path, *common)  # SIGKILL: failed once its heartbeat stops
+    # SIGKILL: failed once its heartbeat stops
+    killed = worker(tmp_path / "b", no_test_set, weights_path, *common)
     trial_dir = first_epoch_written(tmp_path / "b", killed)
     killed.kill()
     killed.wait()
@@ -329,7 +368,11 @@ def test_postgres_workers_survive_stopped_and_killed_workers(
 
     study = optuna.load_study(study_name="shared", storage=postgres)
     failed = [t for t in check_study(study, 4) if not t.user_attrs.get("surplus")]
-    assert [t.user_attrs["run_dir"] for t in failed] == [str(tmp_path / "a" / "trial-0000"), str(trial_dir)]
-    assert all(len(history(t.user_attrs["run_dir"])) >= 1 for t in failed)  # the failed trials' epochs are kept
+    assert [t.user_attrs["run_dir"] for t in failed] == [
+        str(tmp_path / "a" / "trial-0000"),
+        str(trial_dir),
+    ]
+    # the failed trials' epochs are kept
+    assert all(len(history(t.user_attrs["run_dir"])) >= 1 for t in failed)
     summary = json.loads((tmp_path / "d" / "study.json").read_text())
     assert summary["counts"]["FAIL"] >= 2 and summary["best"] is not None

@@ -1,9 +1,10 @@
 """Design probe for the `lean` preset, step 1: cache the frozen stages' activations once.
 
-Runs stem..layer3[:BLOCK] at RES px under bf16 autocast (channels_last, batch 32) over the class-balanced
-10,000-image training subsample of SEED, its mirror images, the 5,000 validation images and the test set, and
-saves them to /tmp/lean-design/cache{RES}_s{SEED}_b{BLOCK}.pt for `train.py`. This is the exploration the
-preset was chosen with; `cifar-transfer run --preset lean` does the same inside `train.fit`.
+Runs stem..layer3[:BLOCK] at RES px under bf16 autocast (channels_last, batch 32) over the class-
+balanced 10,000-image training subsample of SEED, its mirror images, the 5,000 validation images and
+the test set, and saves them to /tmp/lean-design/cache{RES}_s{SEED}_b{BLOCK}.pt for `train.py`. This
+is the exploration the preset was chosen with; `cifar-transfer run --preset lean` does the same
+inside `train.fit`.
 
 usage: python bench/design/cache.py RES SEED BLOCK   (e.g. 128 0 3; BLOCK 6 caches layer3's output)
 """
@@ -28,7 +29,9 @@ def main() -> None:
     torch.set_grad_enabled(False)
     train, test = load_cifar10(os.environ.get("CIFAR_TRANSFER_DATA"), allow_download=False)
     sp = split(train, test, 10_000, 5_000, seed)
-    model = build_model(Recipe(resolution=res), load_pretrained(os.environ["CIFAR_TRANSFER_WEIGHTS"])).eval()
+    model = build_model(
+        Recipe(resolution=res), load_pretrained(os.environ["CIFAR_TRANSFER_WEIGHTS"])
+    ).eval()
     model = model.to(memory_format=torch.channels_last)
     stop = f"layer3.{block}" if block < 6 else "layer4"
 

@@ -1,16 +1,17 @@
-"""Parity of the two doors: CIFAR-10 read from its batch files against the same images as a folder of PNG files.
+"""Parity of the two doors: CIFAR-10 read from its batch files against the same images as a folder
+of PNG files.
 
     python bench/design/cifar_folder.py FOLDER [--cifar ../shared/data] [--preset lean] [--seed 0]
 
-writes the preset's split of CIFAR-10 (its class-balanced training and validation subsamples, and the 10,000 test
-images) into FOLDER/train, FOLDER/val and FOLDER/test, one PNG file per image and one subfolder per class, and
-prints the two commands to time against each other:
+writes the preset's split of CIFAR-10 (its class-balanced training and validation subsamples, and
+the 10,000 test images) into FOLDER/train, FOLDER/val and FOLDER/test, one PNG file per image and
+one subfolder per class, and prints the two commands to time against each other:
 
     cifar-transfer run --preset lean --out runs/parity-batches
     cifar-transfer run --preset lean --data FOLDER --set image_size=32 --out runs/parity-folder
 
-`image_size=32` stores the pictures at CIFAR-10's own size, so that both runs see the same pixels; the folder
-run's first read decodes all 25,000 files (its cache is then warm for a second run).
+`image_size=32` stores the pictures at CIFAR-10's own size, so that both runs see the same pixels;
+the folder run's first read decodes all 25,000 files (its cache is then warm for a second run).
 """
 
 from __future__ import annotations
@@ -36,9 +37,13 @@ def write_folder(folder: Path, cifar: str | None, preset_name: str, seed: int) -
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("folder", type=Path)
-    p.add_argument("--cifar", help="the folder holding CIFAR-10 (default: as the tool looks for it)")
+    p.add_argument(
+        "--cifar", help="the folder holding CIFAR-10 (default: as the tool looks for it)"
+    )
     p.add_argument("--preset", default="lean")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

@@ -1,8 +1,8 @@
-"""How far apart, in perceptual-hash bits, are CIFAR-10's test images from their nearest training image? The
-measurement behind data.duplicates.NEAR: the pairs at each distance are counted (and how many share a label),
-and a strip of ten pairs per distance is written for a person to judge.
+"""How far apart, in perceptual-hash bits, are CIFAR-10's test images from their nearest training
+image? The measurement behind data.duplicates.NEAR: the pairs at each distance are counted (and how
+many share a label), and a strip of ten pairs per distance is written for a person to judge.
 
-    python bench/design/near_copies.py [--out /tmp/near]     # CIFAR-10 from $CIFAR_TRANSFER_DATA
+python bench/design/near_copies.py [--out /tmp/near]     # CIFAR-10 from $CIFAR_TRANSFER_DATA
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from cifar_transfer.data.duplicates import perceptual_hashes
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", type=Path, default=Path("/tmp/near"))
     a = p.parse_args()
     train, test = load_cifar10(os.environ.get("CIFAR_TRANSFER_DATA"), allow_download=False)
@@ -31,11 +33,15 @@ def main() -> None:
     for start in range(0, len(test), 256):
         bits = np.bitwise_count(test_hashes[start : start + 256, None] ^ train_hashes[None, :])
         nearest[start : start + 256], which[start : start + 256] = bits.min(1), bits.argmin(1)
-    print(f"hashed 60,000 images in {hashed:.1f} s; nearest training image found in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"hashed 60,000 images in {hashed:.1f} s; nearest training image found in "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
     same = train.labels[which] == test.labels
     for k in range(9):
         print(
-            f"<= {k} bits: {(nearest <= k).sum():4d} test images ({((nearest <= k) & same).sum()} with the same label)"
+            f"<= {k} bits: {(nearest <= k).sum():4d} test images ({((nearest <= k) & same).sum()} "
+            "with the same label)"
         )
     a.out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)

@@ -1,10 +1,12 @@
-"""Design probe for `precision="auto"`: is bf16 worth it on this CPU, and does folding BatchNorm pay?
+"""Design probe for `precision="auto"`: is bf16 worth it on this CPU, and does folding BatchNorm
+pay?
 
-On lean's network (128 px, the shared ResNet-50 weights) it times, in bf16 autocast and in fp32, channels-last and
-contiguous: the frozen pass (stem..layer3.2, evaluation batch 32, 128 images) and a fine-tune step (layer3.3..head,
-batch 64, SGD); then, in fp32 channels-last, the frozen pass at batches 32, 64 and 96 and the full forward at 64,
-each with the frozen BatchNorm as it is and folded into the convolutions (`model.network.folded`). Images per
-second, best of two timed calls after a warm-up. A CPU without bf16 units (AMX, AVX-512 BF16) emulates bf16.
+On lean's network (128 px, the shared ResNet-50 weights) it times, in bf16 autocast and in fp32,
+channels-last and contiguous: the frozen pass (stem..layer3.2, evaluation batch 32, 128 images) and
+a fine-tune step (layer3.3..head, batch 64, SGD); then, in fp32 channels-last, the frozen pass at
+batches 32, 64 and 96 and the full forward at 64, each with the frozen BatchNorm as it is and folded
+into the convolutions (`model.network.folded`). Images per second, best of two timed calls after a
+warm-up. A CPU without bf16 units (AMX, AVX-512 BF16) emulates bf16.
 
 usage: python bench/design/precision.py [WEIGHTS]   (default: $CIFAR_TRANSFER_WEIGHTS)
 """
@@ -41,12 +43,17 @@ def lean_model(pretrained, precision: str, memory_format: str):
 
 def step_rate(model, precision: str, memory_format: str) -> float:
     for name, p in model.named_parameters():
-        p.requires_grad_(not name.startswith("backbone") or name.startswith(("backbone.layer4", "backbone.layer3.3")))
+        p.requires_grad_(
+            not name.startswith("backbone")
+            or name.startswith(("backbone.layer4", "backbone.layer3.3"))
+        )
     top = Part(model, "layer3.3")
     x = torch.randn(64, 1024, 8, 8, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     x = x.contiguous(memory_format=torch.channels_last) if memory_format == "channels_last" else x
     y = torch.randint(0, 10, (64,))
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9, nesterov=True)
+    opt = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9, nesterov=True
+    )
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -59,7 +66,9 @@ def step_rate(model, precision: str, memory_format: str) -> float:
 
 
 def main() -> None:
-    pretrained = load_pretrained(sys.argv[1] if len(sys.argv) > 1 else os.environ["CIFAR_TRANSFER_WEIGHTS"])
+    pretrained = load_pretrained(
+        sys.argv[1] if len(sys.argv) > 1 else os.environ["CIFAR_TRANSFER_WEIGHTS"]
+    )
     print(f"CPU: {cpu_model()}; torch {torch.__version__}")
     x = torch.randint(0, 255, (128, 3, 32, 32), dtype=torch.uint8)
     for precision in ("bf16", "fp32"):
@@ -68,7 +77,11 @@ def main() -> None:
             frozen = Part(model, "stem", "layer3.3")
             a = rate(lambda f=frozen, p=precision: predict_logits(f, x, 32, p, dtype=None), len(x))
             b = step_rate(model, precision, memory_format)
-            print(f"{precision} {memory_format}: frozen pass {a:.1f} img/s, fine-tune step {b:.1f} img/s", flush=True)
+            print(
+                f"{precision} {memory_format}: frozen pass {a:.1f} img/s, fine-tune step {b:.1f} "
+                "img/s",
+                flush=True,
+            )
     model = lean_model(pretrained, "fp32", "channels_last")
     x = torch.randint(0, 255, (192, 3, 32, 32), dtype=torch.uint8)
     for label, m in (("plain", model), ("BN folded", folded(model))):
@@ -76,7 +89,10 @@ def main() -> None:
             frozen = Part(m, "stem", "layer3.3")
             r = rate(lambda f=frozen, b=batch: predict_logits(f, x, b, "fp32", dtype=None), len(x))
             print(f"{label} frozen pass batch {batch}: {r:.1f} img/s", flush=True)
-        print(f"{label} full forward batch 64: {rate(lambda m=m: predict_logits(m, x, 64, 'fp32'), len(x)):.1f} img/s")
+        print(
+            f"{label} full forward batch 64: "
+            f"{rate(lambda m=m: predict_logits(m, x, 64, 'fp32'), len(x)):.1f} img/s"
+        )
 
 
 if __name__ == "__main__":

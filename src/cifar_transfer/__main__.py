@@ -1,4 +1,5 @@
-"""`python -m cifar_transfer ...` (what `torchrun -m cifar_transfer` needs): the same command line."""
+"""`python -m cifar_transfer ...` (what `torchrun -m cifar_transfer` needs): the same command
+line."""
 
 import sys
 

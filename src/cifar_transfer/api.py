@@ -1,5 +1,6 @@
-"""The Python API, the same calls the command line makes: one line for the common case, every layer below it
-reachable (`cifar_transfer.data`, `.model`, `.training`, `.analysis`, `.reporting`, `.serving`).
+"""The Python API, the same calls the command line makes: one line for the common case, every layer
+below it reachable (`cifar_transfer.data`, `.model`, `.training`, `.analysis`, `.reporting`,
+`.serving`).
 
     import cifar_transfer as ct
     ct.eda("smoke").show("samples")             # the data first: a row of images per class
@@ -22,7 +23,8 @@ from .recipe import Recipe, RecipeError, compose
 
 
 class Run:
-    """A folder a job wrote (a run, an evaluation, an analysis): its metrics, history, recipe and figures."""
+    """A folder a job wrote (a run, an evaluation, an analysis): its metrics, history, recipe and
+    figures."""
 
     def __init__(self, folder: str | Path, metrics_file: str = "metrics.json"):
         self.dir = Path(folder)
@@ -53,7 +55,8 @@ class Run:
 
     @property
     def figures(self) -> dict[str, Path]:
-        """Every figure in the folder by name: "confusion_matrix", "learning_curves", "misclassified", ..."""
+        """Every figure in the folder by name: "confusion_matrix", "learning_curves",
+        "misclassified", ..."""
         return {p.stem: p for p in sorted(self.dir.glob("*.png"))}
 
     @property
@@ -78,8 +81,9 @@ def choose_recipe(
     device: str = "auto",
     **fields: object,
 ) -> Recipe:
-    """A Recipe from a preset name (`auto`: the one for this machine) or a Recipe, then a recipe file, then
-    `KEY=VALUE` strings (`--set`), then recipe fields as keywords: `choose_recipe("lean", finetune_epochs=3)`."""
+    """A Recipe from a preset name (`auto`: the one for this machine) or a Recipe, then a recipe
+    file, then `KEY=VALUE` strings (`--set`), then recipe fields as keywords: `choose_recipe("lean",
+    finetune_epochs=3)`."""
     if isinstance(preset, Recipe):
         chosen = preset.with_file(recipe_file) if recipe_file else preset
         chosen = chosen.with_overrides(list(overrides))
@@ -108,13 +112,16 @@ def run(
     exclude: str | Path | None = None,
     **fields: object,
 ) -> Run | None:
-    """Train a recipe, evaluate it on the 10,000 test images, analyse its errors and write the report into
-    `out` (default runs/<preset>-<time>; with `resume`, the interrupted run's folder; a folder holding another run
-    is refused unless `overwrite`). `data`: a folder of your own labelled pictures (one subfolder per class, or
-    train/ [val/] [test/] with class subfolders) instead of CIFAR-10; `exclude`: a CSV of images to leave out
-    (`audit`'s label_issues.csv). Recipe fields may be given as keywords
-    (`ct.run("lean", finetune_epochs=3)`), applied after `recipe_file` and `overrides`. Under torchrun the
-    processes other than rank 0 (which writes the folder) get None."""
+    """Train a recipe, evaluate it on the 10,000 test images, analyse its errors and write the
+    report into `out` (default runs/<preset>-<time>; with `resume`, the interrupted run's folder; a
+    folder holding another run is refused unless `overwrite`).
+
+    `data`: a folder of your own labelled pictures (one subfolder per class, or train/ [val/]
+    [test/] with class subfolders) instead of CIFAR-10; `exclude`: a CSV of images to leave out
+    (`audit`'s label_issues.csv). Recipe fields may be given as keywords (`ct.run("lean",
+    finetune_epochs=3)`), applied after `recipe_file` and `overrides`. Under torchrun the processes
+    other than rank 0 (which writes the folder) get None.
+    """
     from .jobs.run import resolve_preset
     from .jobs.run import run as run_job
     from .machine import default_run_dir
@@ -145,10 +152,14 @@ def run(
 
 
 def _check_resumed_recipe(
-    folder: Path, recipe_file: str | Path | None, overrides: Sequence[str], fields: dict[str, object]
+    folder: Path,
+    recipe_file: str | Path | None,
+    overrides: Sequence[str],
+    fields: dict[str, object],
 ) -> None:
-    """A resumed run keeps the recipe it started with: fields given again with the same values are fine (the same
-    command with --resume added), a changed one is refused rather than silently ignored."""
+    """A resumed run keeps the recipe it started with: fields given again with the same values are
+    fine (the same command with --resume added), a changed one is refused rather than silently
+    ignored."""
     saved = folder / "recipe.json"
     if not saved.is_file():
         return  # the run job says there is nothing to resume
@@ -157,10 +168,12 @@ def _check_resumed_recipe(
     given = given.with_overrides(list(overrides)).replace(**fields)
     changed = [k for k, v in given.to_dict().items() if started.to_dict()[k] != v]
     if changed:
-        now = ", ".join(f"{k}={getattr(started, k)!r} (given {getattr(given, k)!r})" for k in changed)
+        now = ", ".join(
+            f"{k}={getattr(started, k)!r} (given {getattr(given, k)!r})" for k in changed
+        )
         raise RecipeError(
-            f"{saved}: a resumed run keeps the recipe it started with: {now}; to change it, start a new run "
-            f"with --recipe {saved}"
+            f"{saved}: a resumed run keeps the recipe it started with: {now}; to change it, start "
+            f"a new run with --recipe {saved}"
         )
 
 
@@ -173,16 +186,17 @@ def eda(
     data: str | Path | None = None,
     **fields: object,
 ) -> Run:
-    """The data before any training: a labelled row of images per class and the images per class in each split
-    (of CIFAR-10, or of the folder `data` as the recipe splits it)."""
+    """The data before any training: a labelled row of images per class and the images per class in
+    each split (of CIFAR-10, or of the folder `data` as the recipe splits it)."""
     from .jobs.run import eda as eda_job
 
     return Run(eda_job(choose_recipe(preset, **fields), Path(out), data_dir, download, data))
 
 
 def load(run: str | Path | Run, device: str = "auto"):
-    """The run's model as a `serving.predictor.Predictor` (probabilities for uint8 N x 32 x 32 x 3 images);
-    `.adapt(images)` gives one adapted to a new domain's unlabelled images (test-time adaptation)."""
+    """The run's model as a `serving.predictor.Predictor` (probabilities for uint8 N x 32 x 32 x 3
+    images); `.adapt(images)` gives one adapted to a new domain's unlabelled images (test-time
+    adaptation)."""
     from .serving.predictor import Predictor
 
     return Predictor(Path(run), device)
@@ -198,11 +212,16 @@ def evaluate(
     download: bool = True,
     progress: bool = True,
 ) -> Run:
-    """The run's model on the test set, an .npz, a CIFAR-10 folder or a folder of photos (one subfolder per class):
-    RUN/evaluations/<data>/; `adapt`: adapted to those images first (transductive; <data>-adapted/)."""
+    """The run's model on the test set, an .npz, a CIFAR-10 folder or a folder of photos (one
+    subfolder per class):
+
+    RUN/evaluations/<data>/; `adapt`: adapted to those images first (transductive; <data>-adapted/).
+    """
     from .jobs.evaluate import evaluate as evaluate_job
 
-    _, folder = evaluate_job(Path(run), str(data) if data else None, device, download, tta, progress, adapt)
+    _, folder = evaluate_job(
+        Path(run), str(data) if data else None, device, download, tta, progress, adapt
+    )
     return Run(folder)
 
 
@@ -215,8 +234,11 @@ def analyze(
     download: bool = True,
     data: str | Path | None = None,
 ) -> Run:
-    """The error analysis of a saved run again: RUN/analysis/. A run trained on a folder of pictures is analysed
-    on that folder's split (`data` names it where it has moved)."""
+    """The error analysis of a saved run again: RUN/analysis/.
+
+    A run trained on a folder of pictures is analysed on that folder's split (`data` names it where
+    it has moved).
+    """
     from .jobs.evaluate import analyze as analyze_job
 
     human = Path(human_labels) if human_labels else None
@@ -235,12 +257,15 @@ def audit(
     device: str = "auto",
     download: bool = True,
 ) -> Run:
-    """Which labels are likely wrong: RUN/audit/ (label_issues.csv, a gallery, `.metrics`: audit.json)."""
+    """Which labels are likely wrong: RUN/audit/ (label_issues.csv, a gallery, `.metrics`:
+    audit.json)."""
     from .jobs.audit import audit as audit_job
 
     human = Path(human_labels) if human_labels else None
     sources = {"data": data, "data_dir": data_dir, "weights": weights, "download": download}
-    _, folder = audit_job(Path(run), device=device, resolution=resolution, human_labels=human, **sources)
+    _, folder = audit_job(
+        Path(run), device=device, resolution=resolution, human_labels=human, **sources
+    )
     return Run(folder, "audit.json")
 
 
@@ -254,8 +279,9 @@ def robustness(
     device: str = "auto",
     download: bool = True,
 ) -> Run:
-    """CIFAR-10-C's corruptions at its own strength on `images` class-balanced test images: RUN/robustness/;
-    `adapt`: the model adapted to each corruption and severity's images first (RUN/robustness-adapted/)."""
+    """CIFAR-10-C's corruptions at its own strength on `images` class-balanced test images:
+    RUN/robustness/; `adapt`: the model adapted to each corruption and severity's images first
+    (RUN/robustness-adapted/)."""
     from .jobs.evaluate import robustness_job
 
     _, folder = robustness_job(Path(run), images, held_out, data_dir, device, download, adapt)
@@ -284,14 +310,19 @@ def repeat(
 
     chosen = choose_recipe(preset, recipe_file, overrides, device, **fields)
     folder = Path(out) if out is not None else default_run_dir(f"{chosen.name}-repeat")
-    sources = {"data": data, "data_dir": data_dir, "download": download, "weights": weights or default_weights()}
+    sources = {
+        "data": data,
+        "data_dir": data_dir,
+        "download": download,
+        "weights": weights or default_weights(),
+    }
     repeat_job(chosen, seeds, folder, device=device, progress=progress, **sources)
     return Run(folder, "repeat.json")
 
 
 def compare(runs: Sequence[str | Path | Run], out: str | Path) -> Run:
-    """Finished runs side by side: the recipe fields that differ, results, times, curves (`.metrics` is
-    compare.json)."""
+    """Finished runs side by side: the recipe fields that differ, results, times, curves (`.metrics`
+    is compare.json)."""
     from .reporting.compare import compare as compare_runs
 
     compare_runs([Path(r) for r in runs], Path(out))
@@ -316,15 +347,24 @@ def lr_find(
     download: bool = True,
     **fields: object,
 ) -> Run:
-    """The learning-rate range test for `phase` (1: the head; 2: the fine-tune, best `start_from` a saved run):
-    OUT/lr_find.json (`.metrics`: the suggestion, rates and losses) and lr_find.png."""
+    """The learning-rate range test for `phase` (1: the head; 2: the fine-tune, best `start_from` a
+    saved run):
+
+    OUT/lr_find.json (`.metrics`: the suggestion, rates and losses) and lr_find.png.
+    """
     from .jobs.lr_find import lr_find_job
     from .machine import default_run_dir
 
     chosen = choose_recipe(preset, recipe_file, overrides, device, **fields)
     folder = Path(out) if out is not None else default_run_dir(f"lr-find-{chosen.name}")
     found = {"phase": phase, "start_from": Path(start_from) if start_from else None, "steps": steps}
-    sources = {"data": data, "data_dir": data_dir, "weights": weights, "device": device, "download": download}
+    sources = {
+        "data": data,
+        "data_dir": data_dir,
+        "weights": weights,
+        "device": device,
+        "download": download,
+    }
     lr_find_job(chosen, folder, start=start, end=end, **found, **sources)
     return Run(folder, "lr_find.json")
 
@@ -350,8 +390,9 @@ def tune(
     download: bool = True,
     **fields: object,
 ) -> Run:
-    """An Optuna study over recipe fields scored on validation accuracy (`space`: a TOML/JSON file or a dict;
-    default: the preset's): OUT/trial-NNNN/, best_recipe.json, and `.metrics`, study.json."""
+    """An Optuna study over recipe fields scored on validation accuracy (`space`: a TOML/JSON
+    file or a dict; default: the preset's): OUT/trial-NNNN/, best_recipe.json, and `.metrics`,
+    study.json."""
     from .errors import require
 
     require("tune", "optuna")
@@ -365,15 +406,35 @@ def tune(
         space = check_space(space, "space")
     elif space is not None:
         space = read_space(Path(space))
-    study_args = {"space": space, "storage": storage, "study_name": study, "trials": trials, "pruner": pruner}
-    sources = {"data": data, "data_dir": data_dir, "weights": weights, "device": device, "download": download}
-    tune_job(chosen, folder, heartbeat=heartbeat, sampler_seed=sampler_seed, progress=progress, **study_args, **sources)
+    study_args = {
+        "space": space,
+        "storage": storage,
+        "study_name": study,
+        "trials": trials,
+        "pruner": pruner,
+    }
+    sources = {
+        "data": data,
+        "data_dir": data_dir,
+        "weights": weights,
+        "device": device,
+        "download": download,
+    }
+    tune_job(
+        chosen,
+        folder,
+        heartbeat=heartbeat,
+        sampler_seed=sampler_seed,
+        progress=progress,
+        **study_args,
+        **sources,
+    )
     return Run(folder, "study.json")
 
 
 def export(run: str | Path | Run, onnx: str | Path, *, calibrated: bool = True) -> Path:
-    """The run's model as an ONNX file (class names and image size in its metadata), checked against PyTorch with
-    ONNX Runtime; returns its path."""
+    """The run's model as an ONNX file (class names and image size in its metadata), checked against
+    PyTorch with ONNX Runtime; returns its path."""
     from .errors import require
 
     require("export", "onnx", "onnxscript", "onnxruntime")

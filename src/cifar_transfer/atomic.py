@@ -1,7 +1,8 @@
 """Atomic file output: write to a temporary file beside the target, fsync, then rename.
 
-A reader (or a crash) never sees a half-written report, model or checkpoint: the old file or the new one.
-A full disk is reported as such, naming the file, however deep in a library the failed write happened.
+A reader (or a crash) never sees a half-written report, model or checkpoint: the old file or the new
+one. A full disk is reported as such, naming the file, however deep in a library the failed write
+happened.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ MiB = 2**20
 
 
 class OutputError(CifarTransferError, OSError):
-    """An output cannot be written (permission, a file where a folder should be); the message names it."""
+    """An output cannot be written (permission, a file where a folder should be); the message names
+    it."""
 
 
 class DiskFullError(OutputError):
@@ -42,15 +44,19 @@ def check_writable(folder: Path) -> None:
 
 
 def child(parent: Path, name: str) -> Path:
-    """`parent / name` for a derived output folder or file, refused unless `name` is one plain path component: a
-    name taken from user input (a data folder's, a recipe's) never leads out of its parent."""
+    """`parent / name` for a derived output folder or file, refused unless `name` is one plain path
+    component: a name taken from user input (a data folder's, a recipe's) never leads out of its
+    parent."""
     if name in ("", ".", "..") or "/" in name or "\0" in name:
-        raise OutputError(f"{name!r}: not a plain file or folder name, so no output is written under {parent}")
+        raise OutputError(
+            f"{name!r}: not a plain file or folder name, so no output is written under {parent}"
+        )
     return parent / name
 
 
 def write_with(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
-    """Call `write(f)` on a temporary file in the target's folder and atomically move it into place."""
+    """Call `write(f)` on a temporary file in the target's folder and atomically move it into
+    place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -66,8 +72,12 @@ def write_with(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
         # torch.save reports what interrupted it as "[enforce fail ...] unexpected pos": look inside
         if _in_chain(e, lambda x: isinstance(x, KeyboardInterrupt)):
             raise KeyboardInterrupt from None
-        if _in_chain(e, lambda x: isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT)):
-            raise DiskFullError(f"{path}: no space left on device ({free_mib(path.parent):,.0f} MiB free)") from None
+        if _in_chain(
+            e, lambda x: isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT)
+        ):
+            raise DiskFullError(
+                f"{path}: no space left on device ({free_mib(path.parent):,.0f} MiB free)"
+            ) from None
         if isinstance(e, PermissionError):
             raise OutputError(f"{path}: cannot be written ({e.strerror})") from None
         raise
@@ -92,12 +102,14 @@ def ensure_free(folder: Path, needed: int, what: str) -> None:
     free = free_mib(folder)
     if free * MiB < needed:
         raise DiskFullError(
-            f"{folder}: no space left on device for {what}: about {needed / MiB:,.0f} MiB needed, {free:,.0f} MiB free"
+            f"{folder}: no space left on device for {what}: about {needed / MiB:,.0f} MiB needed, "
+            f"{free:,.0f} MiB free"
         )
 
 
 def remove_stale(folder: Path) -> None:
-    """Delete the temporary files interrupted atomic writes left in `folder` (a killed run's half checkpoint)."""
+    """Delete the temporary files interrupted atomic writes left in `folder` (a killed run's half
+    checkpoint)."""
     for p in folder.glob(".*.tmp"):
         p.unlink(missing_ok=True)
 
@@ -121,16 +133,24 @@ def write_json(path: str | Path, obj: object) -> Path:
 
 
 class Background:
-    """Atomic writes in a background thread, one at a time: training goes on while a checkpoint is written.
+    """Atomic writes in a background thread, one at a time: training goes on while a checkpoint is
+    written.
 
-    `submit` first waits for the previous write; an error of a write surfaces in the caller at the next `submit`
-    or `wait`. `then` runs once the file is in place (e.g. the history row that says the checkpoint exists)."""
+    `submit` first waits for the previous write; an error of a write surfaces in the caller at the
+    next `submit` or `wait`. `then` runs once the file is in place (e.g. the history row that says
+    the checkpoint exists).
+    """
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atomic-write")
         self._pending: Future | None = None
 
-    def submit(self, path: Path, write: Callable[[IO[bytes]], object], then: Callable[[], None] | None = None) -> None:
+    def submit(
+        self,
+        path: Path,
+        write: Callable[[IO[bytes]], object],
+        then: Callable[[], None] | None = None,
+    ) -> None:
         self.wait()
 
         def job() -> None:
@@ -146,5 +166,6 @@ class Background:
             pending.result()
 
     def close(self) -> None:
-        """Let the last write finish (its error, if any, is dropped: call `wait` first to see it)."""
+        """Let the last write finish (its error, if any, is dropped: call `wait` first to see
+        it)."""
         self._pool.shutdown(wait=True)

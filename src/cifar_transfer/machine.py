@@ -1,5 +1,5 @@
-"""What several jobs share: the machine they run on (CPU model, bf16 units, peak memory, library versions) and
-their default paths."""
+"""What several jobs share: the machine they run on (CPU model, bf16 units, peak memory, library
+versions) and their default paths."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import torchvision
 
 
 def cpu_model() -> dict:
-    """The CPU's model name, cores and bf16 matrix units: CPU figures differ 2x between machines of one kind."""
+    """The CPU's model name, cores and bf16 matrix units: CPU figures differ 2x between machines of
+    one kind."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
@@ -37,7 +38,8 @@ def cpu_model() -> dict:
 
 
 def command_line() -> str:
-    """The command this process runs, as a user would type it again (recorded in every metrics.json)."""
+    """The command this process runs, as a user would type it again (recorded in every
+    metrics.json)."""
     return shlex.join(["cifar-transfer", *sys.argv[1:]])
 
 
@@ -51,9 +53,15 @@ def environment(device: torch.device) -> dict:
     cpu = cpu_model()
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        gpu = {"name": name, "memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30}
+        gpu = {
+            "name": name,
+            "memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30,
+        }
     else:
-        name, gpu = f"CPU: {cpu['model']} ({cpu['threads']} threads, bf16 units: {cpu['bf16_units']})", None
+        name, gpu = (
+            f"CPU: {cpu['model']} ({cpu['threads']} threads, bf16 units: {cpu['bf16_units']})",
+            None,
+        )
     return {
         "device": str(device),
         "device_name": name,

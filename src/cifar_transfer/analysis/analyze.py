@@ -1,6 +1,9 @@
-"""Error analysis that tests the original report's explanations: human ambiguity (CIFAR-10H), where the model
-looks (Grad-CAM, centre vs border), flip test-time augmentation, and robustness to CIFAR-10-C's corruptions. It
-computes; `reporting.figures.analysis_figures` draws. (Calibration belongs to the shipped model: analysis.calibration.)
+"""Error analysis that tests the original report's explanations: human ambiguity (CIFAR-10H), where
+the model looks (Grad-CAM, centre vs border), flip test-time augmentation, and robustness to
+CIFAR-10-C's corruptions.
+
+It computes; `reporting.figures.analysis_figures` draws. (Calibration belongs to the shipped model:
+analysis.calibration.)
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from . import attribution, robustness
 from .human import human_analysis, load_human
 
 NOT_CIFAR_SIZE = (
-    "CIFAR-10-C's corruptions are defined for CIFAR-10's 32 x 32 images and classes; this data is neither, and no "
-    "benchmark of corruptions at its size is built in"
+    "CIFAR-10-C's corruptions are defined for CIFAR-10's 32 x 32 images and classes; this data is "
+    "neither, and no benchmark of corruptions at its size is built in"
 )
 
 
@@ -35,7 +38,8 @@ class Analysis:
 
     result: dict
     predictions: np.ndarray  # the model's class for each test image
-    gradcam: np.ndarray  # Grad-CAM overlays of the worst errors (uint8 RGB), described by `gradcam_rows`
+    # Grad-CAM overlays of the worst errors (uint8 RGB), described by `gradcam_rows`
+    gradcam: np.ndarray
     gradcam_rows: list[dict]
 
 
@@ -46,16 +50,21 @@ def analyze(
     human_dir: Path | None = None,
     test_logits: np.ndarray | None = None,
 ) -> Analysis:
-    """Every analysis on `test`; `test_logits`, when the caller has them already, save a pass over it."""
+    """Every analysis on `test`; `test_logits`, when the caller has them already, save a pass over
+    it."""
     if test_logits is None:
         test_logits = logits_for(model, test.images, recipe)
-    losses = F.cross_entropy(torch.from_numpy(test_logits), torch.from_numpy(test.labels), reduction="none").numpy()
+    losses = F.cross_entropy(
+        torch.from_numpy(test_logits), torch.from_numpy(test.labels), reduction="none"
+    ).numpy()
     pred = test_logits.argmax(1)
     result: dict = {}
     result["tta"] = _flip_tta(model, recipe, test, test_logits)
     result["human"] = _human(human_dir, test, pred, losses)
     if importlib.util.find_spec("pytorch_grad_cam") is None:
-        result["attribution"] = {"skipped": "grad-cam is not installed: pip install 'cifar-transfer[analysis]'"}
+        result["attribution"] = {
+            "skipped": "grad-cam is not installed: pip install 'cifar-transfer[analysis]'"
+        }
         overlays, rows = np.zeros((0, 32, 32, 3), np.uint8), []
     else:
         result["attribution"], overlays, rows = _attribution(model, recipe, test, pred, losses)
@@ -63,7 +72,9 @@ def analyze(
     def classify(batch: np.ndarray) -> np.ndarray:
         return logits_for(model, batch, recipe).argmax(1)
 
-    result["robustness"] = corruption_robustness(classify, recipe, test, pred, recipe.corruption_images)
+    result["robustness"] = corruption_robustness(
+        classify, recipe, test, pred, recipe.corruption_images
+    )
     return Analysis(result, pred, overlays, rows)
 
 
@@ -75,8 +86,8 @@ def corruption_robustness(
     images: int,
     names: tuple[str, ...] = corruptions.BENCHMARK,
 ) -> dict:
-    """CIFAR-10-C's corruptions on `images` class-balanced test images; `classify` gives a batch's classes, `pred`
-    the clean predictions, if known."""
+    """CIFAR-10-C's corruptions on `images` class-balanced test images; `classify` gives a batch's
+    classes, `pred` the clean predictions, if known."""
     if (why := robustness.missing_dependency()) is not None:
         return {"skipped": why}
     if not test.is_cifar10:
@@ -94,7 +105,8 @@ def corruption_robustness(
 
 
 def _flip_tta(model: TransferNet, recipe: Recipe, test: Dataset, test_logits: np.ndarray) -> dict:
-    """Accuracy with and without flip test-time augmentation on `tta_images` class-balanced test images."""
+    """Accuracy with and without flip test-time augmentation on `tta_images` class-balanced test
+    images."""
     tta = balanced_sample(test, recipe.tta_images, recipe.seed)
     flipped = logits_for(model, test.images[tta], recipe, flip=True)
     plain = float((test_logits[tta].argmax(1) == test.labels[tta]).mean())
@@ -122,7 +134,10 @@ def _human(human_dir: Path | None, test: Dataset, pred: np.ndarray, losses: np.n
     if not test.is_cifar10:
         return {"skipped": "CIFAR-10H labels CIFAR-10's test set; this test set is another"}
     if human_dir is None:
-        return {"skipped": "no CIFAR-10H folder given (--human-labels DIR or $CIFAR_TRANSFER_HUMAN_LABELS)"}
+        return {
+            "skipped": "no CIFAR-10H folder given "
+            "(--human-labels DIR or $CIFAR_TRANSFER_HUMAN_LABELS)"
+        }
     try:
         human = load_human(human_dir, test.labels)
     except DataError as e:
@@ -133,8 +148,8 @@ def _human(human_dir: Path | None, test: Dataset, pred: np.ndarray, losses: np.n
 def _attribution(
     model: TransferNet, recipe: Recipe, test: Dataset, pred: np.ndarray, losses: np.ndarray
 ) -> tuple[dict, np.ndarray, list[dict]]:
-    """Centre share of Grad-CAM for a sample of errors vs correct predictions, and the overlays of the worst
-    errors."""
+    """Centre share of Grad-CAM for a sample of errors vs correct predictions, and the overlays of
+    the worst errors."""
     rng = np.random.default_rng(recipe.seed)
     wrong, right = np.flatnonzero(pred != test.labels), np.flatnonzero(pred == test.labels)
     k = recipe.gradcam_images
@@ -147,7 +162,10 @@ def _attribution(
     worst = wrong[np.argsort(-losses[wrong], kind="stable")][:16]
     maps = attribution.grad_cam(model, test.images[worst], pred[worst])
     names = test.classes
-    rows = [{"index": i, "true": names[test.labels[w]], "predicted": names[pred[w]]} for i, w in enumerate(worst)]
+    rows = [
+        {"index": i, "true": names[test.labels[w]], "predicted": names[pred[w]]}
+        for i, w in enumerate(worst)
+    ]
     result = {
         "layer": attribution.target_layer(model)[0],
         "images_per_group": k,

@@ -1,7 +1,9 @@
-"""Where the model looks: Grad-CAM (the `grad-cam` package) and the share of attribution in the image centre.
+"""Where the model looks: Grad-CAM (the `grad-cam` package) and the share of attribution in the
+image centre.
 
-At 32 px the last ResNet stage is 1 x 1, where Grad-CAM says nothing about position, so the target layer is
-the deepest stage whose output is at least 4 x 4 at the recipe's resolution (layer2 at 32 px, layer4 at 224).
+At 32 px the last ResNet stage is 1 x 1, where Grad-CAM says nothing about position, so the target
+layer is the deepest stage whose output is at least 4 x 4 at the recipe's resolution (layer2 at 32
+px, layer4 at 224).
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ CENTRE = slice(8, 24)  # the central 16 x 16 of a 32 x 32 image: a quarter of it
 
 
 def target_layer(model: TransferNet) -> tuple[str, torch.nn.Module]:
-    """The deepest of layer1..layer4 whose output is at least MIN_SIDE x MIN_SIDE for this model's input."""
+    """The deepest of layer1..layer4 whose output is at least MIN_SIDE x MIN_SIDE for this model's
+    input."""
     sides: dict[str, int] = {}
-    last = {name: getattr(model.backbone, name)[-1] for name in ("layer1", "layer2", "layer3", "layer4")}
+    last = {
+        name: getattr(model.backbone, name)[-1] for name in ("layer1", "layer2", "layer3", "layer4")
+    }
     hooks = [
         block.register_forward_hook(lambda m, i, o, name=name: sides.__setitem__(name, o.shape[-1]))
         for name, block in last.items()
@@ -32,8 +37,11 @@ def target_layer(model: TransferNet) -> tuple[str, torch.nn.Module]:
     return name, last[name]
 
 
-def grad_cam(model: TransferNet, images: np.ndarray, classes: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """N x 32 x 32 Grad-CAM maps in [0, 1] for uint8 images (N x 32 x 32 x 3), explaining `classes`."""
+def grad_cam(
+    model: TransferNet, images: np.ndarray, classes: np.ndarray, batch_size: int = 64
+) -> np.ndarray:
+    """N x 32 x 32 Grad-CAM maps in [0, 1] for uint8 images (N x 32 x 32 x 3), explaining
+    `classes`."""
     from pytorch_grad_cam import GradCAM  # the analysis extra: imported only when used
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -43,9 +51,13 @@ def grad_cam(model: TransferNet, images: np.ndarray, classes: np.ndarray, batch_
     with GradCAM(model=model.eval(), target_layers=[layer]) as cam:
         for i in range(0, len(images), batch_size):
             x = to_input(to_nchw(images[i : i + batch_size], device))
-            x.requires_grad_(True)  # so activations carry gradients even when the base is frozen (phase 1 only)
+            # so activations carry gradients even when the base is frozen (phase 1 only)
+            x.requires_grad_(True)
             maps.append(
-                cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in classes[i : i + batch_size]])
+                cam(
+                    input_tensor=x,
+                    targets=[ClassifierOutputTarget(int(c)) for c in classes[i : i + batch_size]],
+                )
             )
     return np.concatenate(maps) if maps else np.zeros((0, 32, 32))
 
@@ -62,7 +74,12 @@ def overlays(images: np.ndarray, maps: np.ndarray) -> np.ndarray:
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
     return (
-        np.stack([show_cam_on_image(im.astype(np.float32) / 255, m, use_rgb=True) for im, m in zip(images, maps)])
+        np.stack(
+            [
+                show_cam_on_image(im.astype(np.float32) / 255, m, use_rgb=True)
+                for im, m in zip(images, maps)
+            ]
+        )
         if len(images)
         else images
     )

@@ -1,11 +1,12 @@
-"""Which labels are wrong: confident learning (cleanlab; Northcutt et al., JAIR 2021) on out-of-sample
-predicted probabilities.
+"""Which labels are wrong: confident learning (cleanlab; Northcutt et al., JAIR 2021) on out-of-
+sample predicted probabilities.
 
-A label can only be judged by a model that did not learn it. The training and validation images are scored by
-K-fold logistic-regression heads on the pretrained base's pooled features (the ImageNet weights, which never saw
-these labels): each image's probabilities come from a head fitted on the other folds. The test images are scored
-by the shipped model, which never trained on them, with its temperature. cleanlab flags the issues (`prune by
-noise rate`) and ranks them by self-confidence (the probability given to the given label).
+A label can only be judged by a model that did not learn it. The training and validation images are
+scored by K-fold logistic-regression heads on the pretrained base's pooled features (the ImageNet
+weights, which never saw these labels): each image's probabilities come from a head fitted on the
+other folds. The test images are scored by the shipped model, which never trained on them, with its
+temperature. cleanlab flags the issues (`prune by noise rate`) and ranks them by self-confidence
+(the probability given to the given label).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import numpy as np
 FOLDS = 5
 
 
-def out_of_sample_probabilities(features: np.ndarray, labels: np.ndarray, classes: int, seed: int) -> np.ndarray:
-    """Each row's class probabilities from a head fitted on the other folds (stratified, seeded): no row is
-    scored by a head that trained on it."""
+def out_of_sample_probabilities(
+    features: np.ndarray, labels: np.ndarray, classes: int, seed: int
+) -> np.ndarray:
+    """Each row's class probabilities from a head fitted on the other folds (stratified, seeded): no
+    row is scored by a head that trained on it."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
@@ -26,7 +29,9 @@ def out_of_sample_probabilities(features: np.ndarray, labels: np.ndarray, classe
     counts = np.bincount(labels, minlength=classes)
     folds = int(max(2, min(FOLDS, counts[counts > 0].min())))  # a class of 3 images allows 3 folds
     probs = np.zeros((len(labels), classes))
-    for fitted, held_out in StratifiedKFold(folds, shuffle=True, random_state=seed).split(features, labels):
+    for fitted, held_out in StratifiedKFold(folds, shuffle=True, random_state=seed).split(
+        features, labels
+    ):
         head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, C=0.05))
         head.fit(features[fitted], labels[fitted])
         probs[np.ix_(held_out, head.classes_)] = head.predict_proba(features[held_out])
@@ -34,8 +39,9 @@ def out_of_sample_probabilities(features: np.ndarray, labels: np.ndarray, classe
 
 
 def label_issues(labels: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]:
-    """cleanlab's verdict for each image: flagged (a likely label error), its label-quality score (the
-    probability of its given label: low is suspect) and the suggested label (the most probable)."""
+    """cleanlab's verdict for each image: flagged (a likely label error), its label-quality score
+    (the probability of its given label: low is suspect) and the suggested label (the most
+    probable)."""
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
@@ -46,9 +52,12 @@ def label_issues(labels: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]
     }
 
 
-def ranking_quality(quality: np.ndarray, flagged: np.ndarray, wrong: np.ndarray, top: int = 500) -> dict:
-    """How well an audit finds labels known to be wrong (`wrong`): precision and recall of what it flags, the
-    share of the wrong ones among its `top` most suspect, and the precision-recall curve down the ranking."""
+def ranking_quality(
+    quality: np.ndarray, flagged: np.ndarray, wrong: np.ndarray, top: int = 500
+) -> dict:
+    """How well an audit finds labels known to be wrong (`wrong`): precision and recall of what it
+    flags, the share of the wrong ones among its `top` most suspect, and the precision-recall curve
+    down the ranking."""
     order = np.argsort(quality, kind="stable")
     hits = np.cumsum(wrong[order])
     ranks = np.arange(1, len(order) + 1)
@@ -68,8 +77,9 @@ def ranking_quality(quality: np.ndarray, flagged: np.ndarray, wrong: np.ndarray,
 
 
 def against_people(human: np.ndarray, labels: np.ndarray, flagged: np.ndarray) -> dict:
-    """CIFAR-10H's verdict on the test audit: people's mean agreement with the given label on the flagged images
-    and on the rest, and the flagged images whose majority human label is another class."""
+    """CIFAR-10H's verdict on the test audit: people's mean agreement with the given label on the
+    flagged images and on the rest, and the flagged images whose majority human label is another
+    class."""
     agreement = human[np.arange(len(labels)), labels]
     majority = human.argmax(1)
     return {

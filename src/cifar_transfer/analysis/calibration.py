@@ -1,7 +1,7 @@
 """Calibration: expected calibration error, reliability-diagram bins, and temperature scaling.
 
-The temperature is fitted once, on the validation set (never the test set), when a run ships its model; the
-report and `analyze` measure that same temperature on the test set.
+The temperature is fitted once, on the validation set (never the test set), when a run ships its
+model; the report and `analyze` measure that same temperature on the test set.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 
 def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict:
-    """Per-bin confidence, accuracy and count (equal-width confidence bins), and the ECE they give."""
+    """Per-bin confidence, accuracy and count (equal-width confidence bins), and the ECE they
+    give."""
     conf = probs.max(1)
     correct = probs.argmax(1) == labels
     edges = np.linspace(0, 1, bins + 1)
@@ -31,7 +32,9 @@ def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict:
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
-    return F.cross_entropy(torch.from_numpy(logits).double() / temperature, torch.from_numpy(labels).long()).item()
+    return F.cross_entropy(
+        torch.from_numpy(logits).double() / temperature, torch.from_numpy(labels).long()
+    ).item()
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -56,16 +59,20 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 
 def calibration(
-    temperature: float | None, validation_images: int, test_logits: np.ndarray, test_labels: np.ndarray
+    temperature: float | None,
+    validation_images: int,
+    test_logits: np.ndarray,
+    test_labels: np.ndarray,
 ) -> dict:
     """What the temperature a model ships with (fitted on `validation_images` validation images by
-    `fit_temperature`, or None: there were none) does on the test set: expected calibration error, cross-entropy
-    and mean top-class probability, before and after, with the reliability bins; the accuracy beside them."""
+    `fit_temperature`, or None: there were none) does on the test set: expected calibration error,
+    cross-entropy and mean top-class probability, before and after, with the reliability bins; the
+    accuracy beside them."""
     if temperature is None:
         return {
             "temperature": None,
-            "skipped": "no validation split (val_size=0) to fit a temperature on: "
-            "predict and serve return uncalibrated probabilities",
+            "skipped": "no validation split (val_size=0) to fit a temperature on: predict and "
+            "serve return uncalibrated probabilities",
         }
     before = reliability(softmax(test_logits), test_labels)
     after = reliability(softmax(test_logits, temperature), test_labels)

@@ -1,4 +1,5 @@
-"""Human ambiguity from CIFAR-10H: how much of the model's confusion falls on images people found ambiguous.
+"""Human ambiguity from CIFAR-10H: how much of the model's confusion falls on images people found
+ambiguous.
 
 CIFAR-10H holds about 51 human labels per test image, in the original test order.
 """
@@ -24,20 +25,26 @@ def load_human(folder: Path, labels: np.ndarray) -> np.ndarray:
         raise DataError(f"{path}: no such file (CIFAR-10H: {PROBS} from the cifar-10h release)")
     probs = np.load(path, allow_pickle=False)
     if probs.shape != (len(labels), len(CLASSES)):
-        raise DataError(f"{path}: shape {probs.shape} does not match {len(labels)} test images x 10 classes")
+        raise DataError(
+            f"{path}: shape {probs.shape} does not match {len(labels)} test images x 10 classes"
+        )
     agreement = float((probs.argmax(1) == labels).mean())
     if agreement < 0.95:
-        raise DataError(f"{path}: agrees with only {agreement:.1%} of the test labels: not the same test order")
+        raise DataError(
+            f"{path}: agrees with only {agreement:.1%} of the test labels: not the same test order"
+        )
     return probs
 
 
 def human_analysis(
     human: np.ndarray, labels: np.ndarray, pred: np.ndarray, losses: np.ndarray, top_k: int = 16
 ) -> dict:
-    """Human vs model confusion, the leakage split by human ambiguity, and errors on human-clear images."""
+    """Human vs model confusion, the leakage split by human ambiguity, and errors on human-clear
+    images."""
     n = len(CLASSES)
     human_cm = np.zeros((n, n))
-    np.add.at(human_cm, labels, human)  # each image adds its human label distribution to its true row
+    # each image adds its human label distribution to its true row
+    np.add.at(human_cm, labels, human)
     human_cm /= np.maximum(human_cm.sum(1, keepdims=True), 1e-12)
     p_true = human[np.arange(len(labels)), labels]
     ambiguous = p_true < AMBIGUOUS_BELOW
@@ -55,7 +62,9 @@ def human_analysis(
                     "on_ambiguous": amb,
                     "on_clear": int(errors.sum()) - amb,
                     "share_ambiguous": amb / max(int(errors.sum()), 1),
-                    "ambiguous_rate_in_class": float(ambiguous[labels == i].mean()) if (labels == i).any() else 0.0,
+                    "ambiguous_rate_in_class": float(ambiguous[labels == i].mean())
+                    if (labels == i).any()
+                    else 0.0,
                 }
             )
     wrong = pred != labels
@@ -71,7 +80,12 @@ def human_analysis(
         "errors_on_clear": int((wrong & (p_true >= CLEAR_FROM)).sum()),
         "leakage": pairs,
         "clear_errors": [
-            {"index": int(i), "true": CLASSES[labels[i]], "predicted": CLASSES[pred[i]], "human_true": float(p_true[i])}
+            {
+                "index": int(i),
+                "true": CLASSES[labels[i]],
+                "predicted": CLASSES[pred[i]],
+                "human_true": float(p_true[i]),
+            }
             for i in clear_errors
         ],
     }

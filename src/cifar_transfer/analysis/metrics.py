@@ -1,4 +1,5 @@
-"""The test-set numbers: accuracy, loss, per-class scores, confusion, class leakage and the worst errors."""
+"""The test-set numbers: accuracy, loss, per-class scores, confusion, class leakage and the worst
+errors."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ def score_predictions(
     probs = logits_t.softmax(1).numpy()
     pred = probs.argmax(1)
     ks = list(range(len(classes)))
-    precision, recall, f1, support = precision_recall_fscore_support(labels, pred, labels=ks, zero_division=0)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, pred, labels=ks, zero_division=0
+    )
     cm = confusion_matrix(labels, pred, labels=ks)
     cm_norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     wrong = np.flatnonzero(pred != labels)
@@ -42,7 +45,8 @@ def score_predictions(
             }
             for i, c in enumerate(classes)
         },
-        "macro_f1": float(f1[support > 0].mean()),  # over the classes present (a photo set may lack some)
+        # over the classes present (a photo set may lack some)
+        "macro_f1": float(f1[support > 0].mean()),
         "confusion": cm.tolist(),
         "confusion_normalised": cm_norm.round(6).tolist(),
         "leakage": leakage(cm, classes),
@@ -65,8 +69,11 @@ def score_predictions(
 
 
 def leakage(cm: np.ndarray, classes: tuple[str, ...] = CLASSES) -> list[dict]:
-    """For each look-alike pair (a, b): the share of a predicted as b and of b predicted as a. The pairs are the
-    original report's four for CIFAR-10, and this data's four most-confused pairs for any other classes."""
+    """For each look-alike pair (a, b): the share of a predicted as b and of b predicted as a.
+
+    The pairs are the original report's four for CIFAR-10, and this data's four most-confused pairs
+    for any other classes.
+    """
     rows = cm.sum(1)
     out = []
     if classes == CLASSES:
@@ -92,13 +99,20 @@ def most_confused(cm: np.ndarray, classes: tuple[str, ...] = CLASSES, k: int = 5
     """The k unordered class pairs with the most errors between them (both directions counted)."""
     pairs = _confused_pairs(cm)
     return [
-        {"a": classes[i], "b": classes[j], "errors": total, "a_as_b": int(cm[i, j]), "b_as_a": int(cm[j, i])}
+        {
+            "a": classes[i],
+            "b": classes[j],
+            "errors": total,
+            "a_as_b": int(cm[i, j]),
+            "b_as_a": int(cm[j, i]),
+        }
         for total, i, j in pairs[:k]
     ]
 
 
 def _confused_pairs(cm: np.ndarray) -> list[tuple[int, int, int]]:
-    """(errors both ways, i, j) for every unordered class pair, most errors first (ties by class order)."""
+    """(errors both ways, i, j) for every unordered class pair, most errors first (ties by class
+    order)."""
     n = len(cm)
     pairs = [(int(cm[i, j] + cm[j, i]), i, j) for i in range(n) for j in range(i + 1, n)]
     return sorted(pairs, key=lambda t: (-t[0], t[1], t[2]))

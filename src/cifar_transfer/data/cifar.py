@@ -1,9 +1,9 @@
 """CIFAR-10 in: find it, read it safely, check it, and split it into train / validation / test.
 
-Sources, in the order they are looked for: `--data-dir`, `$CIFAR_TRANSFER_DATA`, `./data`; in each, the
-official `cifar-10-batches-py/` folder, the official `cifar-10-python.tar.gz` archive, or `.npz` files
-(`train.npz` or `train_subset.npz`, and `test.npz`) holding `images` (N x 32 x 32 x 3 uint8 RGB) and `labels`.
-If none holds it, the official archive is downloaded (md5-checked) into `./data`.
+Sources, in the order they are looked for: `--data-dir`, `$CIFAR_TRANSFER_DATA`, `./data`; in each,
+the official `cifar-10-batches-py/` folder, the official `cifar-10-python.tar.gz` archive, or `.npz`
+files (`train.npz` or `train_subset.npz`, and `test.npz`) holding `images` (N x 32 x 32 x 3 uint8
+RGB) and `labels`. If none holds it, the official archive is downloaded (md5-checked) into `./data`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ TEST_BATCH = "test_batch"
 
 
 class DataError(CifarTransferError):
-    """The data could not be found or is not valid CIFAR-10; the message names the file and the problem."""
+    """The data could not be found or is not valid CIFAR-10; the message names the file and the
+    problem."""
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,15 @@ class Dataset:
         return len(self.labels)
 
     def take(self, index: np.ndarray) -> Dataset:
-        files = None if self.files is None else tuple(self.files[i] for i in np.asarray(index).tolist())
+        files = (
+            None if self.files is None else tuple(self.files[i] for i in np.asarray(index).tolist())
+        )
         return Dataset(self.images[index], self.labels[index], self.source, self.classes, files)
 
     @property
     def is_cifar10(self) -> bool:
-        """CIFAR-10 itself, or a set in its classes and size: what CIFAR-10H and CIFAR-10-C are made for."""
+        """CIFAR-10 itself, or a set in its classes and size: what CIFAR-10H and CIFAR-10-C are made
+        for."""
         return self.classes == CLASSES and self.images.shape[1:] == (32, 32, 3)
 
     def name_of(self, i: int) -> str:
@@ -70,12 +74,18 @@ class Splits:
 def validate(images: np.ndarray, labels: np.ndarray, name: str) -> Dataset:
     """Check shape, dtype and label range; return a Dataset or raise DataError naming `name`."""
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-        raise DataError(f"{name}: images must be a uint8 array, got {getattr(images, 'dtype', type(images).__name__)}")
+        raise DataError(
+            f"{name}: images must be a uint8 array, got "
+            f"{getattr(images, 'dtype', type(images).__name__)}"
+        )
     if images.ndim != 4 or images.shape[1:] != (32, 32, 3):
         raise DataError(f"{name}: images must have shape N x 32 x 32 x 3, got {images.shape}")
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{name}: labels must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}")
+        raise DataError(
+            f"{name}: labels must be a 1-D integer array, got shape {labels.shape} dtype "
+            f"{labels.dtype}"
+        )
     if len(labels) != len(images):
         raise DataError(f"{name}: {len(images)} images but {len(labels)} labels")
     if len(labels) == 0:
@@ -105,8 +115,12 @@ class _ArrayUnpickler(pickle.Unpickler):
 def _unpickle(f: IO[bytes], name: str) -> dict:
     try:
         d = _ArrayUnpickler(f, encoding="bytes").load()
-    except Exception as e:  # any failure of a corrupt pickle: EOFError, UnpicklingError, ValueError, ...
-        raise DataError(f"{name}: truncated or corrupt batch file ({type(e).__name__}: {e})") from None
+    except (
+        Exception
+    ) as e:  # any failure of a corrupt pickle: EOFError, UnpicklingError, ValueError, ...
+        raise DataError(
+            f"{name}: truncated or corrupt batch file ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(d, dict):
         raise DataError(f"{name}: expected a dict, found {type(d).__name__}")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
@@ -120,7 +134,10 @@ def read_batch(f: IO[bytes], name: str) -> Dataset:
             raise DataError(f"{name}: missing key {key!r}")
     data = d["data"]
     if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072:
-        raise DataError(f"{name}: 'data' must be an N x 3072 array, got {getattr(data, 'shape', type(data).__name__)}")
+        raise DataError(
+            f"{name}: 'data' must be an N x 3072 array, got "
+            f"{getattr(data, 'shape', type(data).__name__)}"
+        )
     if data.dtype != np.uint8:
         raise DataError(f"{name}: 'data' must be uint8, got {data.dtype}")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
@@ -128,8 +145,8 @@ def read_batch(f: IO[bytes], name: str) -> Dataset:
 
 
 def _read_official(open_member, where: str, test: bool = True) -> tuple[Dataset, Dataset | None]:
-    """Read the five training batches (and the test batch, unless `test` is false) through `open_member(name) ->
-    binary file`, and check counts against the meta."""
+    """Read the five training batches (and the test batch, unless `test` is false) through
+    `open_member(name) -> binary file`, and check counts against the meta."""
 
     def read(name: str) -> Dataset:
         with open_member(name) as f:
@@ -146,8 +163,14 @@ def _read_official(open_member, where: str, test: bool = True) -> tuple[Dataset,
     for n, p in zip(names, parts):
         if len(p) != per_batch:
             raise DataError(f"{where}/{n}: {len(p)} images, batches.meta says {per_batch}")
-    train = Dataset(np.concatenate([p.images for p in parts[:5]]), np.concatenate([p.labels for p in parts[:5]]), where)
-    return train, Dataset(parts[5].images, parts[5].labels, f"{where}/{TEST_BATCH}") if test else None
+    train = Dataset(
+        np.concatenate([p.images for p in parts[:5]]),
+        np.concatenate([p.labels for p in parts[:5]]),
+        where,
+    )
+    return train, Dataset(
+        parts[5].images, parts[5].labels, f"{where}/{TEST_BATCH}"
+    ) if test else None
 
 
 def read_folder(folder: Path, test: bool = True) -> tuple[Dataset, Dataset | None]:
@@ -191,13 +214,19 @@ def read_npz(path: Path) -> Dataset:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in ("images", "labels") if k not in z.files]
             if missing:
-                raise DataError(f"{path}: no {' or '.join(repr(m) for m in missing)} array (found: {z.files})")
+                raise DataError(
+                    f"{path}: no {' or '.join(repr(m) for m in missing)} array (found: {z.files})"
+                )
             images, labels = z["images"], z["labels"]
     except DataError:
         raise
-    except Exception as e:  # corrupt archives fail in many ways: BadZipFile, zlib.error, header parse errors, ...
+    except (
+        Exception
+    ) as e:  # corrupt archives fail in many ways: BadZipFile, zlib.error, header parse errors, ...
         detail = " ".join(str(e).split())
-        raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {detail})") from None
+        raise DataError(
+            f"{path}: not a readable .npz file ({type(e).__name__}: {detail})"
+        ) from None
     return validate(images, labels, str(path))
 
 
@@ -221,7 +250,8 @@ def check_readable_folder(folder: Path) -> None:
 
 
 def find_source(folder: Path) -> Path | tuple[Path, Path] | None:
-    """What in `folder` holds CIFAR-10: the batches folder (or `folder` itself), the archive, or an npz pair."""
+    """What in `folder` holds CIFAR-10: the batches folder (or `folder` itself), the archive, or an
+    npz pair."""
     if folder.is_dir():
         check_readable_folder(folder)
     for f in (folder / FOLDER, folder):
@@ -232,7 +262,9 @@ def find_source(folder: Path) -> Path | tuple[Path, Path] | None:
     return _npz_pair(folder)
 
 
-def read_source(source: Path | tuple[Path, Path], test: bool = True) -> tuple[Dataset, Dataset | None]:
+def read_source(
+    source: Path | tuple[Path, Path], test: bool = True
+) -> tuple[Dataset, Dataset | None]:
     if isinstance(source, tuple):
         return read_npz(source[0]), read_npz(source[1]) if test else None
     if source.is_dir():
@@ -260,15 +292,20 @@ def load_cifar10(
     md5: str = CIFAR_MD5,
     test: bool = True,
 ) -> tuple[Dataset, Dataset | None]:
-    """Return (train, test) from the first place that holds CIFAR-10, downloading into ./data if none does.
+    """Return (train, test) from the first place that holds CIFAR-10, downloading into ./data if
+    none does.
 
-    With `test=False` the test images are never read (test is None): tuning and the LR finder must not see them.
-    A `data_dir` given is the only place looked: a folder named on purpose that holds no CIFAR-10 is an error, never
-    a silent fall-back to $CIFAR_TRANSFER_DATA, ./data or a download."""
+    With `test=False` the test images are never read (test is None): tuning and the LR finder must
+    not see them. A `data_dir` given is the only place looked: a folder named on purpose that holds
+    no CIFAR-10 is an error, never a silent fall-back to $CIFAR_TRANSFER_DATA, ./data or a download.
+    """
     if data_dir is not None:
         source = find_source(Path(data_dir)) if Path(data_dir).is_dir() else None
         if source is None:
-            raise DataError(f"--data-dir {data_dir}: holds no CIFAR-10 ({FOLDER}/, {ARCHIVE} or train.npz + test.npz)")
+            raise DataError(
+                f"--data-dir {data_dir}: holds no CIFAR-10 ({FOLDER}/, {ARCHIVE} or train.npz + "
+                "test.npz)"
+            )
         return read_source(source, test)
     looked = candidate_dirs(None)
     for folder in looked:
@@ -276,21 +313,28 @@ def load_cifar10(
         if source is not None:
             return read_source(source, test)
     where = ", ".join(str(p.resolve()) for p in looked)
-    hint = f"point --data-dir or $CIFAR_TRANSFER_DATA at a folder holding {FOLDER}/, {ARCHIVE} or test.npz"
+    hint = (
+        f"point --data-dir or $CIFAR_TRANSFER_DATA at a folder holding {FOLDER}/, {ARCHIVE} or "
+        "test.npz"
+    )
     if not allow_download:
         raise DataError(f"CIFAR-10 not found in: {where}; {hint}")
     try:
         return read_source(download(Path("data"), url, md5), test)
     except DataError:
         raise
-    except Exception as e:  # network failures come in many types (URLError, OSError, RuntimeError, ...)
+    except (
+        Exception
+    ) as e:  # network failures come in many types (URLError, OSError, RuntimeError, ...)
         raise DataError(
-            f"CIFAR-10 not found in: {where}; downloading {url} failed ({type(e).__name__}: {e}); {hint}"
+            f"CIFAR-10 not found in: {where}; downloading {url} failed ({type(e).__name__}: {e}); "
+            f"{hint}"
         ) from None
 
 
 def load_test_set(path: str | Path) -> Dataset:
-    """A test set for `evaluate --data`: an .npz file, or a folder holding CIFAR-10 in any layout above."""
+    """A test set for `evaluate --data`: an .npz file, or a folder holding CIFAR-10 in any layout
+    above."""
     path = Path(path)
     if path.suffix == ".npz":
         if not path.is_file():
@@ -303,21 +347,30 @@ def load_test_set(path: str | Path) -> Dataset:
 
 
 def balanced_indices(
-    labels: np.ndarray, per_class: int, rng: np.random.Generator, name: str, classes: tuple[str, ...] = CLASSES
+    labels: np.ndarray,
+    per_class: int,
+    rng: np.random.Generator,
+    name: str,
+    classes: tuple[str, ...] = CLASSES,
 ) -> np.ndarray:
     picks = []
     for c in range(len(classes)):
         rows = np.flatnonzero(labels == c)
         if len(rows) < per_class:
-            raise DataError(f"{name}: class {classes[c]} has {len(rows)} images, {per_class} needed")
+            raise DataError(
+                f"{name}: class {classes[c]} has {len(rows)} images, {per_class} needed"
+            )
         picks.append(rng.choice(rows, per_class, replace=False))
     index = np.concatenate(picks)
     rng.shuffle(index)
     return index
 
 
-def split(train: Dataset, test: Dataset | None, train_size: int, val_size: int, seed: int) -> Splits:
-    """Class-balanced seeded training subsample, and a validation set from the training images NOT in it."""
+def split(
+    train: Dataset, test: Dataset | None, train_size: int, val_size: int, seed: int
+) -> Splits:
+    """Class-balanced seeded training subsample, and a validation set from the training images NOT
+    in it."""
     rng = np.random.default_rng(seed)
     train_index = balanced_indices(train.labels, train_size // 10, rng, train.source)
     rest = np.setdiff1d(np.arange(len(train)), train_index)

@@ -1,14 +1,15 @@
 """CIFAR-10-C's corruptions at their own strength, and the official CIFAR-10-C files.
 
-Hendrycks & Dietterich (ICLR 2019) corrupted the CIFAR-10 test set with 15 benchmark corruptions and 4 held-out
-ones, each at five severities, with constants chosen for 32 x 32 images (ImageNet-C's, made for 224 pixels, are
-two to four times stronger). The constants below are those of the paper's CIFAR-10 generator; the code is this
-project's own, drawn from a seeded generator (one seed, one array) and vectorised over the batch where the
-operation allows. Where the generator used ImageMagick's motion blur (motion blur, snow), `motion_kernel_blur`
-computes the same one-sided Gaussian line kernel (tests/test_corruptions.py measures it against ImageMagick).
+Hendrycks & Dietterich (ICLR 2019) corrupted the CIFAR-10 test set with 15 benchmark corruptions and
+4 held-out ones, each at five severities, with constants chosen for 32 x 32 images (ImageNet-C's,
+made for 224 pixels, are two to four times stronger). The constants below are those of the paper's
+CIFAR-10 generator; the code is this project's own, drawn from a seeded generator (one seed, one
+array) and vectorised over the batch where the operation allows. Where the generator used
+ImageMagick's motion blur (motion blur, snow), `motion_kernel_blur` computes the same one-sided
+Gaussian line kernel (tests/test_corruptions.py measures it against ImageMagick).
 
-The draws are this tool's own, not the released files: `read_official` reads those (one .npy per corruption
-holding 5 x 10,000 images in severity order, and labels.npy) when a user has them.
+The draws are this tool's own, not the released files: `read_official` reads those (one .npy per
+corruption holding 5 x 10,000 images in severity order, and labels.npy) when a user has them.
 """
 
 from __future__ import annotations
@@ -50,8 +51,11 @@ _CORRUPTIONS: dict[str, tuple[Corruption, tuple]] = {}
 
 
 def _corruption(*constants: object) -> Callable[[Corruption], Corruption]:
-    """Register a corruption with its five severities' constants. It maps N x 32 x 32 x 3 floats in [0, 1] to
-    floats (clipped to [0, 1] afterwards) and draws only from the generator it is given."""
+    """Register a corruption with its five severities' constants.
+
+    It maps N x 32 x 32 x 3 floats in [0, 1] to floats (clipped to [0, 1] afterwards) and draws only
+    from the generator it is given.
+    """
 
     def register(f: Corruption) -> Corruption:
         _CORRUPTIONS[f.__name__] = (f, constants)
@@ -61,9 +65,12 @@ def _corruption(*constants: object) -> Callable[[Corruption], Corruption]:
 
 
 def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.ndarray:
-    """N x 32 x 32 x 3 uint8 images under corruption `name` at `severity` (1-5); one seed gives one array."""
+    """N x 32 x 32 x 3 uint8 images under corruption `name` at `severity` (1-5); one seed gives one
+    array."""
     if name not in _CORRUPTIONS:
-        raise ValueError(f"unknown corruption {name!r}: one of {', '.join((*BENCHMARK, *HELD_OUT))}")
+        raise ValueError(
+            f"unknown corruption {name!r}: one of {', '.join((*BENCHMARK, *HELD_OUT))}"
+        )
     if severity not in SEVERITIES:
         raise ValueError(f"severity {severity}: must be one of 1-5")
     f, constants = _CORRUPTIONS[name]
@@ -75,7 +82,8 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.n
 
 
 def available() -> tuple[str, ...]:
-    """The corruptions this installation can compute: frost needs the pictures `imagecorruptions` ships."""
+    """The corruptions this installation can compute: frost needs the pictures `imagecorruptions`
+    ships."""
     return tuple(n for n in (*BENCHMARK, *HELD_OUT) if n != "frost" or _frost_dir() is not None)
 
 
@@ -94,7 +102,8 @@ def shot_noise(x, photons, rng):
 
 @_corruption(0.01, 0.02, 0.03, 0.05, 0.07)
 def impulse_noise(x, amount, rng):
-    """Salt and pepper on each value independently, half of each (scikit-image's `random_noise(mode="s&p")`)."""
+    """Salt and pepper on each value independently, half of each (scikit-image's
+    `random_noise(mode="s&p")`)."""
     flipped = rng.random(x.shape) < amount
     salt = rng.random(x.shape) < 0.5
     return np.where(flipped, salt.astype(x.dtype), x)
@@ -108,8 +117,10 @@ def speckle_noise(x, sigma, rng):
 # ---- blur ----
 
 
-def _gaussian(x: np.ndarray, sigma: float, mode: str = "nearest", truncate: float = 4.0) -> np.ndarray:
-    """scikit-image's `gaussian` on a batch of images: no blur across images or channels."""
+def _gaussian(
+    x: np.ndarray, sigma: float, mode: str = "nearest", truncate: float = 4.0
+) -> np.ndarray:
+    """Scikit-image's `gaussian` on a batch of images: no blur across images or channels."""
     from scipy.ndimage import gaussian_filter
 
     return gaussian_filter(x, sigma=(0, sigma, sigma, 0)[: x.ndim], mode=mode, truncate=truncate)
@@ -124,15 +135,18 @@ def gaussian_blur(x, sigma, rng):
 def glass_blur(x, c, rng):
     """Blur, then move pixels locally (bottom-right to top-left), then blur again.
 
-    The generator meant to swap each pixel with a neighbour, but its tuple assignment of numpy views copies the
-    neighbour over the pixel and leaves the neighbour as it was; the released files hold that, so it is kept."""
+    The generator meant to swap each pixel with a neighbour, but its tuple assignment of numpy views
+    copies the neighbour over the pixel and leaves the neighbour as it was; the released files hold
+    that, so it is kept.
+    """
     sigma, delta, iterations = c
     x = (_gaussian(x, sigma) * 255).astype(np.uint8)
     n = np.arange(len(x))
     for _ in range(iterations):
         for h in range(SIZE - delta, delta, -1):
             for w in range(SIZE - delta, delta, -1):
-                dx, dy = rng.integers(-delta, delta, size=(2, len(x)))  # as numpy's randint: `delta` excluded
+                # as numpy's randint: `delta` excluded
+                dx, dy = rng.integers(-delta, delta, size=(2, len(x)))
                 x[n, h, w] = x[n, h + dy, w + dx]
     return _gaussian(x / 255.0, sigma)
 
@@ -156,10 +170,13 @@ def defocus_blur(x, c, rng):
     return correlate(x.astype(np.float32), kernel, mode="mirror")  # mirror: OpenCV's default border
 
 
-def motion_kernel_blur(x: np.ndarray, radius: float, sigma: float, angles: np.ndarray) -> np.ndarray:
-    """ImageMagick's motion blur, per image: a one-sided Gaussian (width 2 * radius + 1) along `angle` degrees,
-    each tap at the nearest pixel, the edge pixel repeated past the border; truncated to 8-bit levels, as
-    ImageMagick's 16-bit result written to an 8-bit PNG is (measured against it: tests/test_corruptions.py)."""
+def motion_kernel_blur(
+    x: np.ndarray, radius: float, sigma: float, angles: np.ndarray
+) -> np.ndarray:
+    """ImageMagick's motion blur, per image: a one-sided Gaussian (width 2 * radius + 1) along
+    `angle` degrees, each tap at the nearest pixel, the edge pixel repeated past the border;
+    truncated to 8-bit levels, as ImageMagick's 16-bit result written to an 8-bit PNG is (measured
+    against it: tests/test_corruptions.py)."""
     width = int(2 * np.ceil(radius) + 1)
     weights = np.exp(-(np.arange(width) ** 2) / (2 * sigma**2))
     weights /= weights.sum()
@@ -167,18 +184,28 @@ def motion_kernel_blur(x: np.ndarray, radius: float, sigma: float, angles: np.nd
     out = np.zeros_like(x)
     for i, angle in enumerate(np.deg2rad(angles)):
         for tap, weight in enumerate(weights):
-            dx, dy = int(np.ceil(tap * np.cos(angle) - 0.5)), int(np.ceil(tap * np.sin(angle) - 0.5))
-            out[i] += weight * x[i, np.clip(rows + dy, 0, SIZE - 1), np.clip(cols + dx, 0, SIZE - 1)]
+            dx, dy = (
+                int(np.ceil(tap * np.cos(angle) - 0.5)),
+                int(np.ceil(tap * np.sin(angle) - 0.5)),
+            )
+            out[i] += (
+                weight * x[i, np.clip(rows + dy, 0, SIZE - 1), np.clip(cols + dx, 0, SIZE - 1)]
+            )
     return np.floor(out * 255 + 1e-6) / 255
 
 
 @_corruption((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5))
 def motion_blur(x, c, rng):
-    return (motion_kernel_blur(x, *c, rng.uniform(-45, 45, size=len(x))) * 255).round().astype(np.uint8)
+    return (
+        (motion_kernel_blur(x, *c, rng.uniform(-45, 45, size=len(x))) * 255)
+        .round()
+        .astype(np.uint8)
+    )
 
 
 def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """n_out x n_in weights of linear interpolation with the end points aligned (scipy.ndimage.zoom, order 1)."""
+    """n_out x n_in weights of linear interpolation with the end points aligned (scipy.ndimage.zoom,
+    order 1)."""
     where = np.arange(n_out) * (n_in - 1) / max(n_out - 1, 1)
     left = np.minimum(np.floor(where).astype(int), n_in - 2)
     weights = np.zeros((n_out, n_in))
@@ -188,8 +215,9 @@ def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 
 def _clipped_zoom(x: np.ndarray, factor: float) -> np.ndarray:
-    """Zoom the centre of a batch of images (N x H x W x C) by `factor`, keeping H x W: scipy's `zoom` at order 1,
-    computed as two matrix products (separable), which is 40 times faster on a batch."""
+    """Zoom the centre of a batch of images (N x H x W x C) by `factor`, keeping H x W: scipy's
+    `zoom` at order 1, computed as two matrix products (separable), which is 40 times faster on a
+    batch."""
     h = x.shape[1]
     crop = int(np.ceil(h / factor))
     top = (h - crop) // 2
@@ -218,8 +246,8 @@ def zoom_blur(x, factors, rng):
     (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8),
 )
 def snow(x, c, rng):
-    """Flakes: zoomed Gaussian noise above a threshold, motion-blurred, added twice (once rotated 180 degrees)
-    onto the image brightened towards grey."""
+    """Flakes: zoomed Gaussian noise above a threshold, motion-blurred, added twice (once rotated
+    180 degrees) onto the image brightened towards grey."""
     mean, std, zoom, threshold, radius, sigma, keep = c
     x = x.astype(np.float32)
     layer = _clipped_zoom(rng.normal(mean, std, size=(len(x), SIZE, SIZE, 1)), zoom)
@@ -241,13 +269,15 @@ def _frost_dir() -> Path | None:
 
 @functools.cache
 def _frost_pictures() -> tuple[np.ndarray, ...]:
-    """The first five of the frost photographs, at a fifth of their size (as the generator used them)."""
+    """The first five of the frost photographs, at a fifth of their size (as the generator used
+    them)."""
     import cv2
 
     folder = _frost_dir()
     if folder is None:
         raise DataError(
-            "frost needs the pictures of the imagecorruptions package: pip install 'cifar-transfer[analysis]'"
+            "frost needs the pictures of the imagecorruptions package: pip install "
+            "'cifar-transfer[analysis]'"
         )
     names = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg")
     pictures = [cv2.imread(str(folder / n))[..., ::-1] for n in names]  # BGR -> RGB
@@ -266,7 +296,8 @@ def frost(x, c, rng):
 
 
 def plasma_fractal(rng: np.random.Generator, n: int, decay: float, size: int = SIZE) -> np.ndarray:
-    """n height maps in [0, 1] by the diamond-square algorithm (the fog of ImageNet-C and CIFAR-10-C)."""
+    """N height maps in [0, 1] by the diamond-square algorithm (the fog of ImageNet-C and
+    CIFAR-10-C)."""
     heights = np.zeros((n, size, size))
     step, wibble = size, 100.0
 
@@ -278,7 +309,9 @@ def plasma_fractal(rng: np.random.Generator, n: int, decay: float, size: int = S
         corners = heights[:, 0:size:step, 0:size:step]  # squares: each centre from its four corners
         square = corners + np.roll(corners, -1, axis=1)
         heights[:, half:size:step, half:size:step] = wibbled(square + np.roll(square, -1, axis=2))
-        centres = heights[:, half:size:step, half:size:step]  # diamonds: each edge midpoint from its four
+        centres = heights[
+            :, half:size:step, half:size:step
+        ]  # diamonds: each edge midpoint from its four
         corners = heights[:, 0:size:step, 0:size:step]
         left = centres + np.roll(centres, 1, axis=1) + corners + np.roll(corners, -1, axis=2)
         heights[:, 0:size:step, half:size:step] = wibbled(left)
@@ -318,7 +351,8 @@ def spatter(x, c, rng):
 
 
 def _water(x: np.ndarray, liquid: np.ndarray, strength: float) -> np.ndarray:
-    """Pale turquoise drops whose edges are found with Canny and shaded by their distance to the edge."""
+    """Pale turquoise drops whose edges are found with Canny and shaded by their distance to the
+    edge."""
     import cv2
 
     liquid = (liquid * 255).astype(np.uint8)
@@ -379,11 +413,16 @@ def jpeg_compression(x, quality, rng):
 @_corruption(0.95, 0.9, 0.85, 0.75, 0.65)
 def pixelate(x, scale, rng):
     small = int(SIZE * scale)
-    return _through_pil(x, lambda im: im.resize((small, small), Image.BOX).resize((SIZE, SIZE), Image.BOX))
+    return _through_pil(
+        x, lambda im: im.resize((small, small), Image.BOX).resize((SIZE, SIZE), Image.BOX)
+    )
 
 
 @_corruption(
-    *((SIZE * a, SIZE * s, SIZE * d) for a, s, d in [(0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06)]),
+    *(
+        (SIZE * a, SIZE * s, SIZE * d)
+        for a, s, d in [(0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06)]
+    ),
     *((SIZE * a, SIZE * s, SIZE * d) for a, s, d in [(0.1, 0.04, 0.05), (0.1, 0.03, 0.03)]),
 )
 def elastic_transform(x, c, rng):
@@ -399,10 +438,16 @@ def elastic_transform(x, c, rng):
     for i, image in enumerate(x.astype(np.float32)):
         moved = points + rng.uniform(-shift, shift, size=points.shape).astype(np.float32)
         image = cv2.warpAffine(
-            image, cv2.getAffineTransform(points, moved), (SIZE, SIZE), borderMode=cv2.BORDER_REFLECT_101
+            image,
+            cv2.getAffineTransform(points, moved),
+            (SIZE, SIZE),
+            borderMode=cv2.BORDER_REFLECT_101,
         )
         dx, dy = (
-            gaussian_filter(rng.uniform(-1, 1, size=(SIZE, SIZE)), sigma, mode="reflect", truncate=3) * alpha
+            gaussian_filter(
+                rng.uniform(-1, 1, size=(SIZE, SIZE)), sigma, mode="reflect", truncate=3
+            )
+            * alpha
             for _ in range(2)
         )
         coords = (ys + dy[..., None]).ravel(), (xs + dx[..., None]).ravel(), zs.ravel()
@@ -414,7 +459,8 @@ def elastic_transform(x, c, rng):
 
 
 def is_official_folder(folder: Path) -> bool:
-    """A folder in the released layout; one that cannot be looked into is not (the photo-folder reader names it)."""
+    """A folder in the released layout; one that cannot be looked into is not (the photo-folder
+    reader names it)."""
     try:
         labels = (folder / "labels.npy").is_file()
         return labels and any((folder / f"{n}.npy").is_file() for n in (*BENCHMARK, *HELD_OUT))
@@ -423,37 +469,54 @@ def is_official_folder(folder: Path) -> bool:
 
 
 def read_official(folder: Path) -> Iterator[tuple[str, int, Dataset]]:
-    """The released CIFAR-10-C (or a folder in its layout), one corruption and severity at a time: each .npy holds
-    5 blocks of images in severity order, `labels.npy` their labels. Read through a memory map, so the 2.9 GB of
-    the full release never sit in memory at once."""
+    """The released CIFAR-10-C (or a folder in its layout), one corruption and severity at a time:
+    each .npy holds 5 blocks of images in severity order, `labels.npy` their labels.
+
+    Read through a memory map, so the 2.9 GB of the full release never sit in memory at once.
+    """
     labels = _read_labels(folder / "labels.npy")
     found = [n for n in (*BENCHMARK, *HELD_OUT) if (folder / f"{n}.npy").is_file()]
     if not found:
-        raise DataError(f"{folder}: no CIFAR-10-C files ({', '.join(f'{n}.npy' for n in BENCHMARK[:3])}, ...)")
+        raise DataError(
+            f"{folder}: no CIFAR-10-C files ({', '.join(f'{n}.npy' for n in BENCHMARK[:3])}, ...)"
+        )
     for name in found:
         images = _load_npy(folder / f"{name}.npy", mmap=True)
         if len(images) != len(labels) or len(images) % len(SEVERITIES):
             raise DataError(
-                f"{folder / name}.npy: {len(images)} images for {len(labels)} labels; expected 5 equal blocks"
+                f"{folder / name}.npy: {len(images)} images for {len(labels)} labels; expected 5 "
+                "equal blocks"
             )
         block = len(images) // len(SEVERITIES)
         for s in SEVERITIES:
             part = slice((s - 1) * block, s * block)
-            yield name, s, validate(np.array(images[part]), labels[part], str(folder / f"{name}.npy"))
+            yield (
+                name,
+                s,
+                validate(np.array(images[part]), labels[part], str(folder / f"{name}.npy")),
+            )
 
 
 def _read_labels(path: Path) -> np.ndarray:
-    """labels.npy, checked before any value is read or converted: a 1-D integer array of class indices (a float,
-    bool or structured array would be truncated or zeroed without a word). Read through a memory map, so a
-    header that claims more labels than the file holds is refused without allocating them."""
+    """labels.npy, checked before any value is read or converted: a 1-D integer array of class
+    indices (a float, bool or structured array would be truncated or zeroed without a word).
+
+    Read through a memory map, so a header that claims more labels than the file holds is refused
+    without allocating them.
+    """
     labels = _load_npy(path, mmap=True)
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
-        raise DataError(f"{path}: labels must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}")
+        raise DataError(
+            f"{path}: labels must be a 1-D integer array, got shape {labels.shape} dtype "
+            f"{labels.dtype}"
+        )
     if len(labels) == 0:
         raise DataError(f"{path}: holds no labels")
     labels = np.array(labels, dtype=np.int64)
     if labels.min() < 0 or labels.max() >= len(CLASSES):
-        raise DataError(f"{path}: labels must be in 0..{len(CLASSES) - 1}, found {labels.min()}..{labels.max()}")
+        raise DataError(
+            f"{path}: labels must be in 0..{len(CLASSES) - 1}, found {labels.min()}..{labels.max()}"
+        )
     return labels
 
 

@@ -1,12 +1,13 @@
 """A folder of the user's own labelled pictures, as train / validation / test sets.
 
-Two layouts, as torchvision's `ImageFolder` and the Hugging Face `imagefolder` read them: one subfolder per class
-(split here by a seeded, class-stratified split), or `train/` with optional `val/` and `test/`, each with class
-subfolders (a missing `val/` or `test/` is split from `train/`). Class names and their order come from the
-folders, sorted. Each picture is prepared as `predict` prepares one (EXIF orientation, transparency on white,
-centre-cropped, resized to the recipe's `image_size`); anything that is not a readable image is one `skipped:`
-line. Decoded arrays are cached beside nothing of the user's: in a cache folder, keyed by each file's path, size
-and modification time, so a second run over the same folder decodes nothing again.
+Two layouts, as torchvision's `ImageFolder` and the Hugging Face `imagefolder` read them: one
+subfolder per class (split here by a seeded, class-stratified split), or `train/` with optional
+`val/` and `test/`, each with class subfolders (a missing `val/` or `test/` is split from `train/`).
+Class names and their order come from the folders, sorted. Each picture is prepared as `predict`
+prepares one (EXIF orientation, transparency on white, centre-cropped, resized to the recipe's
+`image_size`); anything that is not a readable image is one `skipped:` line. Decoded arrays are
+cached beside nothing of the user's: in a cache folder, keyed by each file's path, size and
+modification time, so a second run over the same folder decodes nothing again.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class Picture:
 
 @dataclass(frozen=True)
 class FolderData:
-    """A folder read and split: the sets, what was skipped, and the copies across sets (data.duplicates)."""
+    """A folder read and split: the sets, what was skipped, and the copies across sets
+    (data.duplicates)."""
 
     splits: Splits
     skipped: list[str]
@@ -49,14 +51,23 @@ class FolderData:
         return [d["later"] for d in self.duplicates if d["dropped"]]
 
     def rows(self, used: Splits | None = None) -> list[tuple[str, str, str]]:
-        """splits.csv: (file, split, class) for every picture read, as `used` (default: as read) holds them; a
-        dropped copy's split says `dropped`, a picture left out of `used` (run --exclude) `excluded`."""
+        """splits.csv: (file, split, class) for every picture read, as `used` (default: as read)
+        holds them; a dropped copy's split says `dropped`, a picture left out of `used` (run
+        --exclude) `excluded`."""
         used = used or self.splits
         sets = (("train", used.train), ("val", used.val), ("test", used.test))
-        rows = [(f, name, ds.classes[y]) for name, ds in sets for f, y in zip(ds.files, ds.labels.tolist())]
+        rows = [
+            (f, name, ds.classes[y])
+            for name, ds in sets
+            for f, y in zip(ds.files, ds.labels.tolist())
+        ]
         listed = {f for f, _, _ in rows}
         read = (self.splits.train, self.splits.val)
-        left_out = [(f, "excluded", ds.classes[y]) for ds in read for f, y in zip(ds.files, ds.labels.tolist())]
+        left_out = [
+            (f, "excluded", ds.classes[y])
+            for ds in read
+            for f, y in zip(ds.files, ds.labels.tolist())
+        ]
         classes = {d["later"]: d["class"] for d in self.duplicates}
         dropped = [(f, "dropped", classes[f]) for f in self.dropped]
         return rows + [r for r in left_out if r[0] not in listed] + dropped
@@ -71,11 +82,16 @@ def read_labelled_folder(
     progress: bool = True,
     duplicates: str = "keep",
 ) -> FolderData:
-    """The pictures under `root`, decoded (or read from the cache) and split; see the module docstring.
-    `duplicates`: "keep", or "drop-exact" / "drop-near" to remove those copies from their later set."""
+    """The pictures under `root`, decoded (or read from the cache) and split; see the module
+    docstring.
+
+    `duplicates`: "keep", or "drop-exact" / "drop-near" to remove those copies from their later set.
+    """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"--data {root}: not a folder (one subfolder per class, or train/ [val/] [test/])")
+        raise DataError(
+            f"--data {root}: not a folder (one subfolder per class, or train/ [val/] [test/])"
+        )
     check_readable_folder(root)
     pictures, classes, skipped = scan(root)
     images, hashes, kept = decode_all(pictures, size, skipped, progress)
@@ -91,13 +107,21 @@ def read_labelled_folder(
         files = tuple(str(data[i].file) for i in rows)
         sets[name] = Dataset(images[rows], labels, f"{root} ({name})", classes, files)
     splits = Splits(
-        sets["train"], sets["val"], sets["test"], np.arange(len(sets["train"])), np.arange(len(sets["val"]))
+        sets["train"],
+        sets["val"],
+        sets["test"],
+        np.arange(len(sets["train"])),
+        np.arange(len(sets["val"])),
     )
     return FolderData(splits, skipped, listed)
 
 
 def _described(
-    copy: Duplicate, data: list[Picture], assignment: np.ndarray, classes: tuple[str, ...], policy: str
+    copy: Duplicate,
+    data: list[Picture],
+    assignment: np.ndarray,
+    classes: tuple[str, ...],
+    policy: str,
 ) -> dict:
     """A copy as metrics.json lists it; whether the recipe's policy drops it."""
     drop = policy == "drop-near" or (policy == "drop-exact" and copy.exact)
@@ -115,11 +139,13 @@ def _described(
 
 
 def scan(root: Path) -> tuple[list[Picture], tuple[str, ...], list[str]]:
-    """Every candidate picture with its class (and split, where the layout gives one), the sorted class names, and
-    the `skipped` lines for what is not a class folder's file."""
+    """Every candidate picture with its class (and split, where the layout gives one), the sorted
+    class names, and the `skipped` lines for what is not a class folder's file."""
     layout = [d for d in SPLIT_FOLDERS if (root / d).is_dir()]
     if layout and "train" not in layout:
-        raise DataError(f"{root}: has {'/, '.join(layout)}/ but no train/ (its classes come from train/)")
+        raise DataError(
+            f"{root}: has {'/, '.join(layout)}/ but no train/ (its classes come from train/)"
+        )
     tops = {name: root / name for name in layout} if layout else {None: root}
     skipped: list[str] = []
     for entry in sorted(root.iterdir()) if layout else []:
@@ -130,14 +156,19 @@ def scan(root: Path) -> tuple[list[Picture], tuple[str, ...], list[str]]:
     if len(classes) < 2:
         where = root / "train" if layout else root
         count = f"{len(classes)} class folder{'' if len(classes) == 1 else 's'}"
-        raise DataError(f"{where}: {count}; a classifier needs at least 2 (one subfolder per class)")
+        raise DataError(
+            f"{where}: {count}; a classifier needs at least 2 (one subfolder per class)"
+        )
     if len(classes) > MAX_CLASSES:
         raise DataError(f"{root}: {len(classes):,} class folders; at most {MAX_CLASSES:,}")
     pictures = []
     for split, folders in found.items():
         unknown = sorted(set(folders) - set(classes))
         if unknown:
-            raise DataError(f"{tops[split] / unknown[0]}: a class that train/ does not have ({', '.join(classes)})")
+            raise DataError(
+                f"{tops[split] / unknown[0]}: a class that train/ does not have "
+                f"({', '.join(classes)})"
+            )
         for name, folder in sorted(folders.items()):
             pictures += [Picture(f, split, classes.index(name)) for f in _files(folder, skipped)]
     return pictures, classes, skipped
@@ -161,7 +192,8 @@ def _class_folders(folder: Path, skipped: list[str]) -> dict[str, Path]:
 
 
 def _files(folder: Path, skipped: list[str]) -> list[Path]:
-    """The files directly in a class folder; a folder inside it is one `skipped` line (classes are one level)."""
+    """The files directly in a class folder; a folder inside it is one `skipped` line (classes are
+    one level)."""
     files = []
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
@@ -169,7 +201,8 @@ def _files(folder: Path, skipped: list[str]) -> list[Path]:
         if entry.is_dir() and not entry.is_symlink():
             n = sum(1 for _ in entry.rglob("*"))
             skipped.append(
-                f"{entry}: a folder inside a class folder (classes are one level deep); its {n} entries skipped"
+                f"{entry}: a folder inside a class folder (classes are one level deep); its {n} "
+                "entries skipped"
             )
         else:
             files.append(entry)
@@ -179,11 +212,13 @@ def _files(folder: Path, skipped: list[str]) -> list[Path]:
 def decode_all(
     pictures: list[Picture], size: int, skipped: list[str], progress: bool
 ) -> tuple[np.ndarray, np.ndarray, list[bool]]:
-    """Every picture at `size` and its perceptual hash (from the cache where its file is unchanged), on all
-    cores; which ones decoded."""
+    """Every picture at `size` and its perceptual hash (from the cache where its file is unchanged),
+    on all cores; which ones decoded."""
     cache = DecodeCache(size)
     keys = [cache.key(p.file) for p in pictures]
-    todo = [i for i, k in enumerate(keys) if k is None or k not in cache]  # no key: the read names the problem
+    todo = [
+        i for i, k in enumerate(keys) if k is None or k not in cache
+    ]  # no key: the read names the problem
 
     def one(i: int) -> tuple[np.ndarray, np.uint64] | str:
         try:
@@ -193,7 +228,15 @@ def decode_all(
         return image, perceptual_hash(image)
 
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        done = list(tqdm(pool.map(one, todo), total=len(todo), desc="decode", unit="image", disable=not progress))
+        done = list(
+            tqdm(
+                pool.map(one, todo),
+                total=len(todo),
+                desc="decode",
+                unit="image",
+                disable=not progress,
+            )
+        )
     for i, result in zip(todo, done):
         if isinstance(result, str):
             skipped.append(f"{result}; skipped")
@@ -205,23 +248,34 @@ def decode_all(
     if not any(kept):
         return np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.uint64), kept
     found = [cache[k] for k, ok in zip(keys, kept) if ok]
-    return np.stack([image for image, _ in found]), np.array([h for _, h in found], dtype=np.uint64), kept
+    return (
+        np.stack([image for image, _ in found]),
+        np.array([h for _, h in found], dtype=np.uint64),
+        kept,
+    )
 
 
 class DecodeCache:
-    """Decoded pictures at one size and their perceptual hashes, keyed by file path, size in bytes and
-    modification time: a changed file is decoded again. One .npz file per stored size under
-    $CIFAR_TRANSFER_CACHE (default ~/.cache/cifar-transfer)."""
+    """Decoded pictures at one size and their perceptual hashes, keyed by file path, size in
+    bytes and modification time: a changed file is decoded again. One .npz file per stored size
+    under $CIFAR_TRANSFER_CACHE (default ~/.cache/cifar-transfer)."""
 
     def __init__(self, size: int):
-        folder = Path(os.environ.get("CIFAR_TRANSFER_CACHE", Path.home() / ".cache" / "cifar-transfer"))
+        folder = Path(
+            os.environ.get("CIFAR_TRANSFER_CACHE", Path.home() / ".cache" / "cifar-transfer")
+        )
         self.path = folder / f"pictures-{size}px.npz"
         self.entries: dict[str, tuple[np.ndarray, np.uint64]] = {}
         if self.path.is_file():
             try:
                 with np.load(self.path, allow_pickle=False) as z:
                     self.entries = dict(zip(z["keys"].tolist(), zip(z["images"], z["hashes"])))
-            except (OSError, ValueError, KeyError):  # a damaged (or older) cache is rebuilt, never trusted
+            # a damaged (or older) cache is rebuilt, never trusted
+            except (
+                OSError,
+                ValueError,
+                KeyError,
+            ):
                 self.entries = {}
 
     @staticmethod
@@ -247,30 +301,44 @@ class DecodeCache:
             keys = np.array(list(self.entries), dtype=str)
             images = np.stack([image for image, _ in self.entries.values()])
             hashes = np.array([h for _, h in self.entries.values()], dtype=np.uint64)
-            atomic.write_with(self.path, lambda f: np.savez(f, keys=keys, images=images, hashes=hashes))
+            atomic.write_with(
+                self.path, lambda f: np.savez(f, keys=keys, images=images, hashes=hashes)
+            )
         except OSError:  # a cache that cannot be written costs a decode next time, nothing more
             pass
 
 
 def assign_splits(
-    pictures: list[Picture], classes: tuple[str, ...], val_fraction: float, test_fraction: float, seed: int
+    pictures: list[Picture],
+    classes: tuple[str, ...],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
 ) -> np.ndarray:
-    """Each picture's set: the layout's where it gives one; else a seeded split of each class, so every class is
-    in every set in proportion. A class too small to split is named with its count."""
+    """Each picture's set: the layout's where it gives one; else a seeded split of each class, so
+    every class is in every set in proportion.
+
+    A class too small to split is named with its count.
+    """
     out = np.array([p.split or "" for p in pictures], dtype=object)
     rng = np.random.default_rng(seed)
     given = set(out.tolist())
-    need = {"val": val_fraction if "val" not in given else 0.0, "test": test_fraction if "test" not in given else 0.0}
+    need = {
+        "val": val_fraction if "val" not in given else 0.0,
+        "test": test_fraction if "test" not in given else 0.0,
+    }
     pool = "train" if given - {""} else ""
     for c, name in enumerate(classes):
-        rows = np.array([i for i, p in enumerate(pictures) if p.label == c and out[i] == pool], dtype=np.int64)
+        rows = np.array(
+            [i for i, p in enumerate(pictures) if p.label == c and out[i] == pool], dtype=np.int64
+        )
         rows = rows[rng.permutation(len(rows))]
         counts = {s: max(1, round(f * len(rows))) if f > 0 else 0 for s, f in need.items()}
         if len(rows) - sum(counts.values()) < 1:
             least = 1 + sum(1 for f in need.values() if f > 0)
             raise DataError(
-                f"class {name}: {len(rows)} images, too few to split into train / validation / test "
-                f"(at least {least} needed)"
+                f"class {name}: {len(rows)} images, too few to split into train / validation / "
+                f"test (at least {least} needed)"
             )
         out[rows[: counts["val"]]] = "val"
         out[rows[counts["val"] : counts["val"] + counts["test"]]] = "test"

@@ -1,6 +1,9 @@
-"""Where a job's pictures come from: CIFAR-10 (the default: the recipe's class-balanced subsample) or a folder of
-the user's own labelled pictures (data.folder). Every job that trains or analyses reads its data here, so a folder
-is split the same way by `run`, `repeat`, `tune`, `lr-find`, `analyze` and `eda`."""
+"""Where a job's pictures come from: CIFAR-10 (the default: the recipe's class-balanced subsample)
+or a folder of the user's own labelled pictures (data.folder).
+
+Every job that trains or analyses reads its data here, so a folder is split the same way by `run`,
+`repeat`, `tune`, `lr-find`, `analyze` and `eda`.
+"""
 
 from __future__ import annotations
 
@@ -33,27 +36,35 @@ def load_splits(
     progress: bool = True,
     exclude: str | Path | None = None,
 ) -> Loaded:
-    """The recipe's train / validation / test sets from the folder `data`, else from CIFAR-10 (looked for in
-    `data_dir`). A folder's skipped files are printed as `skipped:` lines; `progress` shows its decoding.
-    `exclude`: a CSV whose `image` column names training or validation images to leave out (`audit`'s
-    label_issues.csv or a reviewed copy); the test set is never changed."""
+    """The recipe's train / validation / test sets from the folder `data`, else from CIFAR-10
+    (looked for in `data_dir`).
+
+    A folder's skipped files are printed as `skipped:` lines; `progress` shows its decoding.
+    `exclude`: a CSV whose `image` column names training or validation images to leave out
+    (`audit`'s label_issues.csv or a reviewed copy); the test set is never changed.
+    """
     loaded = _load(recipe, data, data_dir, download, progress)
     if exclude is None:
         return loaded
     names = read_exclusions(Path(exclude))
     s = loaded.splits
     train, val = _kept(s.train, s.train_index, names), _kept(s.val, s.val_index, names)
-    splits = Splits(s.train.take(train), s.val.take(val), s.test, s.train_index[train], s.val_index[val])
+    splits = Splits(
+        s.train.take(train), s.val.take(val), s.test, s.train_index[train], s.val_index[val]
+    )
     left_out = len(s.train) + len(s.val) - len(splits.train) - len(splits.val)
-    if names and not left_out:  # another run's list, or a folder's list given to CIFAR-10: say so, drop nothing
+    # another run's list, or a folder's list given to CIFAR-10: say so, drop nothing
+    if names and not left_out:
         raise DataError(
-            f"--exclude {exclude}: none of its {len(names):,} images is among this run's training and validation "
-            "images (a list from another run or data set?)"
+            f"--exclude {exclude}: none of its {len(names):,} images is among this run's training "
+            "and validation images (a list from another run or data set?)"
         )
     return dataclasses.replace(loaded, splits=splits, excluded=left_out)
 
 
-def _load(recipe: Recipe, data: str | Path | None, data_dir: str | None, download: bool, progress: bool) -> Loaded:
+def _load(
+    recipe: Recipe, data: str | Path | None, data_dir: str | None, download: bool, progress: bool
+) -> Loaded:
     if data is not None:
         folder = read_labelled_folder(
             Path(data),
@@ -73,15 +84,21 @@ def _load(recipe: Recipe, data: str | Path | None, data_dir: str | None, downloa
 
 
 def read_exclusions(path: Path) -> frozenset[str]:
-    """The `image` column of a CSV (a file for a folder's pictures, an index among CIFAR-10's 50,000 training
-    images), rows of the test split left out: what `run --exclude` leaves out of training and validation."""
+    """The `image` column of a CSV (a file for a folder's pictures, an index among CIFAR-10's 50,000
+    training images), rows of the test split left out: what `run --exclude` leaves out of training
+    and validation."""
     try:
         with path.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"--exclude {path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+        raise DataError(
+            f"--exclude {path}: cannot be read ({getattr(e, 'strerror', None) or e})"
+        ) from None
     if rows and "image" not in rows[0]:
-        raise DataError(f"--exclude {path}: no `image` column (columns: {', '.join(rows[0])}); give label_issues.csv")
+        raise DataError(
+            f"--exclude {path}: no `image` column (columns: {', '.join(rows[0])}); give "
+            "label_issues.csv"
+        )
     return frozenset(r["image"] for r in rows if r.get("split", "") != "test")
 
 
@@ -92,9 +109,9 @@ def _kept(ds: Dataset, index: np.ndarray, names: frozenset[str]) -> np.ndarray:
 
 
 def scaled_epochs(recipe: Recipe, train_images: int) -> Recipe:
-    """The recipe with its epochs multiplied for a folder whose training set is smaller than `epoch_images`, so
-    that it takes the optimiser steps the preset was tuned with (the frozen steps are still computed once);
-    recipe.json keeps the epochs actually run."""
+    """The recipe with its epochs multiplied for a folder whose training set is smaller than
+    `epoch_images`, so that it takes the optimiser steps the preset was tuned with (the frozen steps
+    are still computed once); recipe.json keeps the epochs actually run."""
     times = round(recipe.epoch_images / train_images) if recipe.epoch_images else 1
     if times <= 1:
         return recipe

@@ -1,5 +1,8 @@
-"""`cifar-transfer audit RUN`: which of a run's labels are likely wrong (analysis.audit), into RUN/audit/:
-label_issues.csv (every flagged image, most suspect first), audit.json, a gallery and a report."""
+"""`cifar-transfer audit RUN`: which of a run's labels are likely wrong (analysis.audit), into
+RUN/audit/:
+
+label_issues.csv (every flagged image, most suspect first), audit.json, a gallery and a report.
+"""
 
 from __future__ import annotations
 
@@ -41,29 +44,40 @@ def audit(
     resolution: int | None = None,
     human_labels: Path | None = None,
 ) -> tuple[dict, Path]:
-    """Flag the likely label errors of a run's training, validation and test images; returns the summary and
-    RUN/audit/. `resolution`: the size the pretrained base sees the images at (its features score the training
-    and validation labels; default: the run's own, which docs/audit.md measured to pay). With CIFAR-10H
-    (`human_labels`), the test audit is checked against people."""
+    """Flag the likely label errors of a run's training, validation and test images; returns the
+    summary and RUN/audit/.
+
+    `resolution`: the size the pretrained base sees the images at (its features score the training
+    and validation labels; default: the run's own, which docs/audit.md measured to pay). With
+    CIFAR-10H (`human_labels`), the test audit is checked against people.
+    """
     model, recipe = load_model(run_dir / "model.safetensors")
     out = run_dir / "audit"
     atomic.check_writable(out)
     made = recorded(run_dir)
     data = data if data is not None else made.get("data")
-    recipe = dataclasses.replace(recipe, image_size=model.image_size)  # the folder read as the model saw it
+    # the folder read as the model saw it
+    recipe = dataclasses.replace(recipe, image_size=model.image_size)
     splits = load_splits(recipe, data, data_dir, download, progress=False).splits
     if splits.test.classes != model.classes:
-        raise DataError(f"{data or 'CIFAR-10'}: classes {', '.join(splits.test.classes)}; the model knows others")
+        raise DataError(
+            f"{data or 'CIFAR-10'}: classes {', '.join(splits.test.classes)}; the model knows "
+            "others"
+        )
     dev = pick_device(device)
     t0 = time.perf_counter()
     pool = _pooled(splits)
     pretrained = load_pretrained(weights or made.get("weights") or default_weights())
     resolution = resolution or recipe.resolution
     base = place(
-        build_model(dataclasses.replace(recipe, resolution=resolution), pretrained, model.classes), recipe, dev
+        build_model(dataclasses.replace(recipe, resolution=resolution), pretrained, model.classes),
+        recipe,
+        dev,
     )
     (features,) = cache_activations(base, to_nchw(pool.images, dev), "stem", "head", recipe)
-    probs = out_of_sample_probabilities(features.float().cpu().numpy(), pool.labels, len(model.classes), recipe.seed)
+    probs = out_of_sample_probabilities(
+        features.float().cpu().numpy(), pool.labels, len(model.classes), recipe.seed
+    )
     test_logits = logits_for(for_inference(model, recipe, dev), splits.test.images, recipe)
     test_probs = softmax(test_logits, model.temperature or 1.0)
     parts = {"train+val": (pool, probs), "test": (splits.test, test_probs)}
@@ -80,8 +94,9 @@ def audit(
 
 
 def _pooled(splits: Splits) -> Dataset:
-    """Training and validation images in one set (their labels are judged together), named as label_issues.csv
-    names them: the file for a folder, else the index among CIFAR-10's 50,000 training images."""
+    """Training and validation images in one set (their labels are judged together), named as
+    label_issues.csv names them: the file for a folder, else the index among CIFAR-10's 50,000
+    training images."""
     names = splits.train.files, splits.val.files
     if names[0] is None:
         names = tuple(str(i) for i in splits.train_index), tuple(str(i) for i in splits.val_index)
@@ -119,9 +134,11 @@ def _issue_rows(splits: Splits, pool: Dataset, verdicts: dict) -> list[dict]:
     return sorted(rows, key=lambda r: r["quality"])
 
 
-def _summary(rows: list[dict], verdicts: dict, parts: dict, seconds: float, resolution: int) -> dict:
-    """audit.json: how many images each part has and how many it flags, the class pairs flagged most, the top
-    issues."""
+def _summary(
+    rows: list[dict], verdicts: dict, parts: dict, seconds: float, resolution: int
+) -> dict:
+    """audit.json: how many images each part has and how many it flags, the class pairs flagged
+    most, the top issues."""
     pairs: dict[str, int] = {}
     for r in rows:
         key = f"{r['given']} → {r['suggested']}"
@@ -132,10 +149,12 @@ def _summary(rows: list[dict], verdicts: dict, parts: dict, seconds: float, reso
             for name, (ds, _) in parts.items()
         },
         "how": {
-            "train+val": f"{FOLDS}-fold logistic-regression heads on the pretrained base's features at {resolution} px "
-            "(out of sample: each image scored by a head that never saw it)",
+            "train+val": f"{FOLDS}-fold logistic-regression heads on the pretrained base's "
+            f"features at {resolution} px (out of sample: each image scored by "
+            "a head that never saw it)",
             "test": "the shipped model with its temperature (it never trained on the test images)",
-            "flagging": "cleanlab.filter.find_label_issues (prune by noise rate), ranked by self-confidence",
+            "flagging": "cleanlab.filter.find_label_issues (prune by noise rate), "
+            "ranked by self-confidence",
         },
         "pairs": dict(sorted(pairs.items(), key=lambda kv: -kv[1])),
         "top": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows[:50]],
@@ -143,7 +162,9 @@ def _summary(rows: list[dict], verdicts: dict, parts: dict, seconds: float, reso
     }
 
 
-def _write(out: Path, rows: list[dict], summary: dict, pool: Dataset, test: Dataset, verdicts: dict) -> None:
+def _write(
+    out: Path, rows: list[dict], summary: dict, pool: Dataset, test: Dataset, verdicts: dict
+) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
@@ -152,13 +173,21 @@ def _write(out: Path, rows: list[dict], summary: dict, pool: Dataset, test: Data
     atomic.write_json(out / "audit.json", summary)
     shown = rows[:SHOWN]
     images = (
-        np.stack([(pool if r["_part"] == "train+val" else test).images[r["_row"]] for r in shown]) if shown else None
+        np.stack([(pool if r["_part"] == "train+val" else test).images[r["_row"]] for r in shown])
+        if shown
+        else None
     )
     gallery_rows = [
-        {"index": k, "true": f"{r['split']}: {r['given']}", "predicted": r["suggested"]} for k, r in enumerate(shown)
+        {"index": k, "true": f"{r['split']}: {r['given']}", "predicted": r["suggested"]}
+        for k, r in enumerate(shown)
     ]
     if images is not None:
         figures.gallery(
-            images, gallery_rows, out / "label_issues.png", title="Most likely label errors (given → suggested)"
+            images,
+            gallery_rows,
+            out / "label_issues.png",
+            title="Most likely label errors (given → suggested)",
         )
-    report.write(out, report.audit_markdown(summary, bool(shown)) + "\n", "cifar-transfer label audit")
+    report.write(
+        out, report.audit_markdown(summary, bool(shown)) + "\n", "cifar-transfer label audit"
+    )

@@ -1,15 +1,17 @@
 """`cifar-transfer tune`: an Optuna study over recipe fields, scored on validation accuracy only.
 
-Each trial trains the base recipe with the sampled fields into its own run folder (recipe.json, history.csv,
-TensorBoard events, learning curves, model.safetensors, metrics.json), reports its validation accuracy after
-every epoch to a pruner that stops poor trials early, and scores the validation accuracy of the epoch it ships.
-The test set is never read: only the training batches are loaded.
+Each trial trains the base recipe with the sampled fields into its own run folder (recipe.json,
+history.csv, TensorBoard events, learning curves, model.safetensors, metrics.json), reports its
+validation accuracy after every epoch to a pruner that stops poor trials early, and scores the
+validation accuracy of the epoch it ships. The test set is never read: only the training batches are
+loaded.
 
-The study lives in an Optuna RDB storage: SQLite on one machine (default `<out>/study.db`), PostgreSQL for many
-workers on many machines. Workers that name the same `--study` share its trials; `--trials` caps the study's
-total across all of them (completed, pruned and running trials count; failed ones do not, so they are replaced).
-A worker stopped with Ctrl-C or SIGTERM marks its trial failed at once; one killed outright stops its heartbeat,
-and the next worker to start or finish a trial marks that trial failed. A failed trial keeps its run folder.
+The study lives in an Optuna RDB storage: SQLite on one machine (default `<out>/study.db`),
+PostgreSQL for many workers on many machines. Workers that name the same `--study` share its trials;
+`--trials` caps the study's total across all of them (completed, pruned and running trials count;
+failed ones do not, so they are replaced). A worker stopped with Ctrl-C or SIGTERM marks its trial
+failed at once; one killed outright stops its heartbeat, and the next worker to start or finish a
+trial marks that trial failed. A failed trial keeps its run folder.
 """
 
 from __future__ import annotations
@@ -42,11 +44,18 @@ from ..reporting import figures, report
 from ..training.phases import TrainingError
 from ..training.trainer import CHECKPOINT, shipped_epoch, train_to_folder
 
-# The default search space of each preset: the fields that moved its accuracy most when tuned by hand.
+# The default search space of each preset: the fields that moved its accuracy most when tuned by
+# hand.
 LOG = {"log": True}
 SPACES: dict[str, dict[str, dict]] = {
-    "seed": {"head_lr": {"low": 1e-4, "high": 1e-2, **LOG}, "finetune_lr": {"low": 1e-6, "high": 1e-4, **LOG}},
-    "smoke": {"head_lr": {"low": 1e-4, "high": 1e-2, **LOG}, "finetune_lr": {"low": 1e-6, "high": 1e-3, **LOG}},
+    "seed": {
+        "head_lr": {"low": 1e-4, "high": 1e-2, **LOG},
+        "finetune_lr": {"low": 1e-6, "high": 1e-4, **LOG},
+    },
+    "smoke": {
+        "head_lr": {"low": 1e-4, "high": 1e-2, **LOG},
+        "finetune_lr": {"low": 1e-6, "high": 1e-3, **LOG},
+    },
     "lean": {
         "head_lr": {"low": 3e-4, "high": 1e-2, **LOG},
         "finetune_lr": {"low": 3e-3, "high": 5e-2, **LOG},
@@ -71,12 +80,13 @@ class TuneError(CifarTransferError):
 
 
 class Surplus(Exception):
-    """This trial was created after the study had reached `--trials` (two workers asked at the same moment)."""
+    """This trial was created after the study had reached `--trials` (two workers asked at the same
+    moment)."""
 
 
 def read_space(path: Path) -> dict[str, dict]:
-    """A search-space file (TOML or JSON): a table per recipe field, with `low`/`high` (and `log`, `step`) or
-    `choices`."""
+    """A search-space file (TOML or JSON): a table per recipe field, with `low`/`high` (and `log`,
+    `step`) or `choices`."""
     return check_space(read_table(path, TuneError), str(path))
 
 
@@ -94,7 +104,10 @@ def check_space(space: object, where: str) -> dict[str, dict]:
             raise TuneError(f"{field}: expected a table with low/high or choices, found {spec!r}")
         unknown = set(spec) - {"low", "high", "log", "step", "choices"}
         if unknown:
-            raise TuneError(f"{field}: unknown keys {', '.join(sorted(unknown))} (low, high, log, step, choices)")
+            raise TuneError(
+                f"{field}: unknown keys {', '.join(sorted(unknown))} (low, high, log, step, "
+                "choices)"
+            )
         if "choices" in spec:
             choices = spec["choices"]
             if set(spec) != {"choices"} or not isinstance(choices, list) or not choices:
@@ -103,11 +116,17 @@ def check_space(space: object, where: str) -> dict[str, dict]:
                 raise TuneError(f"{field}: choices must be strings, numbers or booleans")
         else:
             if kind not in (int, float):
-                wanted = typing.get_args(kind) if typing.get_origin(kind) is Literal else "a list of values"
+                wanted = (
+                    typing.get_args(kind)
+                    if typing.get_origin(kind) is Literal
+                    else "a list of values"
+                )
                 raise TuneError(f"{field}: is not a number: give choices (one or more of {wanted})")
             low, high = spec.get("low"), spec.get("high")
             if not (finite_number(low) and finite_number(high)):
-                raise TuneError(f"{field}: needs numbers low and high (got low={low!r}, high={high!r})")
+                raise TuneError(
+                    f"{field}: needs numbers low and high (got low={low!r}, high={high!r})"
+                )
             if kind is int and not (isinstance(low, int) and isinstance(high, int)):
                 raise TuneError(f"{field}: an integer field needs integer low and high")
             if not low < high:
@@ -131,7 +150,11 @@ def sample(trial: optuna.Trial, base: Recipe, space: dict[str, dict]) -> Recipe:
             values[name] = trial.suggest_categorical(name, spec["choices"])
         elif hints[name] is int:
             values[name] = trial.suggest_int(
-                name, spec["low"], spec["high"], step=spec.get("step", 1), log=spec.get("log", False)
+                name,
+                spec["low"],
+                spec["high"],
+                step=spec.get("step", 1),
+                log=spec.get("log", False),
             )
         else:
             values[name] = trial.suggest_float(
@@ -142,7 +165,11 @@ def sample(trial: optuna.Trial, base: Recipe, space: dict[str, dict]) -> Recipe:
 
 def taken(study: optuna.Study, before: int | None = None) -> int:
     """Trials that count toward the cap (numbered below `before`, if given)."""
-    return sum(1 for t in study.get_trials(deepcopy=False, states=COUNTED) if before is None or t.number < before)
+    return sum(
+        1
+        for t in study.get_trials(deepcopy=False, states=COUNTED)
+        if before is None or t.number < before
+    )
 
 
 def redact(url: str) -> str:
@@ -156,7 +183,10 @@ def redact(url: str) -> str:
 
 
 def with_driver(url: str) -> str:
-    """postgresql://... driven by psycopg 3, the driver this package installs (SQLAlchemy 2.0 would pick psycopg2)."""
+    """postgresql://...
+
+    driven by psycopg 3, the driver this package installs (SQLAlchemy 2.0 would pick psycopg2).
+    """
     from sqlalchemy.engine import make_url
 
     try:
@@ -182,13 +212,23 @@ def open_study(
     """Create the study or join it; a study started with another base recipe or space is refused."""
     from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
-    engine = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {"pool_pre_ping": True}
+    engine = (
+        {"connect_args": {"timeout": 60}}
+        if storage.startswith("sqlite")
+        else {"pool_pre_ping": True}
+    )
     rdb, failure = None, None
     for attempt in range(5):
         try:
-            rdb = optuna.storages.RDBStorage(with_driver(storage), engine_kwargs=engine, heartbeat_interval=heartbeat)
+            rdb = optuna.storages.RDBStorage(
+                with_driver(storage), engine_kwargs=engine, heartbeat_interval=heartbeat
+            )
             break
-        except (IntegrityError, OperationalError, ProgrammingError) as e:  # workers started together race to
+        except (
+            IntegrityError,
+            OperationalError,
+            ProgrammingError,
+        ) as e:  # workers started together race to
             failure = e  # create the tables ("already exists"); a server may be starting: try again
             time.sleep(0.2 * (attempt + 1))
         except Exception as e:  # bad URLs and missing drivers fail in many types
@@ -197,7 +237,8 @@ def open_study(
     if rdb is None:
         detail = " ".join(str(failure).split())[:300]
         raise TuneError(
-            f"--storage {redact(storage)}: cannot open the study storage ({type(failure).__name__}: {detail})"
+            f"--storage {redact(storage)}: cannot open the study storage "
+            f"({type(failure).__name__}: {detail})"
         )
     pruners = {
         "median": optuna.pruners.MedianPruner(n_startup_trials=2),
@@ -205,10 +246,18 @@ def open_study(
         "none": optuna.pruners.NopPruner(),
     }
     sampler = optuna.samplers.TPESampler(
-        seed=sampler_seed, multivariate=True, constant_liar=True, n_startup_trials=min(10, max(2, trials // 3))
+        seed=sampler_seed,
+        multivariate=True,
+        constant_liar=True,
+        n_startup_trials=min(10, max(2, trials // 3)),
     )
     study = optuna.create_study(
-        storage=rdb, study_name=name, direction="maximize", load_if_exists=True, sampler=sampler, pruner=pruners[pruner]
+        storage=rdb,
+        study_name=name,
+        direction="maximize",
+        load_if_exists=True,
+        sampler=sampler,
+        pruner=pruners[pruner],
     )
     mine = {"base_recipe": base.to_dict(), "space": space}
     for key, value in mine.items():
@@ -222,17 +271,21 @@ def open_study(
             what = "base recipe" if key == "base_recipe" else "search space"
             raise TuneError(
                 f"study {name!r} in {redact(storage)} was started with another {what} (differs in: "
-                f"{', '.join(differ)}): join it with the same --preset/--recipe/--set/--space, or "
-                "start a new --study"
+                f"{', '.join(differ)}): join it with the same "
+                "--preset/--recipe/--set/--space, or start a new --study"
             )
     return study
 
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[Callable[[], None]]:
-    """SIGTERM (what schedulers and `kill` send) ends the trial as Ctrl-C does: Optuna marks it failed. A
-    KeyboardInterrupt raised while Python runs a finaliser is dropped ("Exception ignored in ..."), so the signal
-    is also remembered: the check this yields raises it again at the next epoch's end."""
+    """SIGTERM (what schedulers and `kill` send) ends the trial as Ctrl-C does: Optuna marks it
+    failed.
+
+    A KeyboardInterrupt raised while Python runs a finaliser is dropped ("Exception ignored in
+    ..."), so the signal is also remembered: the check this yields raises it again at the next
+    epoch's end.
+    """
     received = []
 
     def interrupt(signum: int, frame: object) -> None:
@@ -268,8 +321,11 @@ def tune(
     download: bool = True,
     progress: bool = True,
 ) -> dict:
-    """Run trials of the study until it holds `trials` (across every worker); then write the study's summary.
-    Trials train on CIFAR-10's training images, or on the folder `data` (split once by `base`)."""
+    """Run trials of the study until it holds `trials` (across every worker); then write the study's
+    summary.
+
+    Trials train on CIFAR-10's training images, or on the folder `data` (split once by `base`).
+    """
     if base.val_size == 0:
         raise TuneError("tune scores trials on the validation split: the recipe needs val_size > 0")
     if trials < 1:
@@ -278,12 +334,15 @@ def tune(
         raise TuneError(f"--heartbeat {heartbeat}: must be at least 1 second")
     if space is None:
         if base.name not in SPACES:
-            raise TuneError(f"no default search space for recipe {base.name!r}: give one with --space FILE")
+            raise TuneError(
+                f"no default search space for recipe {base.name!r}: give one with --space FILE"
+            )
         space = SPACES[base.name]
     atomic.check_writable(out)
     name = study_name or out.resolve().name
     storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    with warnings.catch_warnings():  # heartbeats and stale-trial checks are marked experimental in Optuna
+    # heartbeats and stale-trial checks are marked experimental in Optuna
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study = open_study(
             storage,
@@ -301,7 +360,18 @@ def tune(
             pretrained = load_pretrained(weights or default_weights())
             prepare, source = trial_data(base, space, data, data_dir, download, progress)
             with sigterm_as_interrupt() as interrupted:
-                worker = Worker(base, space, out, trials, dev, pretrained, prepare, source, progress, interrupted)
+                worker = Worker(
+                    base,
+                    space,
+                    out,
+                    trials,
+                    dev,
+                    pretrained,
+                    prepare,
+                    source,
+                    progress,
+                    interrupted,
+                )
 
                 def stop_when_full(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
                     if taken(study) >= trials:
@@ -315,17 +385,28 @@ FIXED_BY_A_FOLDER = ("seed", "image_size", "val_fraction", "test_fraction", "dup
 
 
 def trial_data(
-    base: Recipe, space: dict[str, dict], data: str | Path | None, data_dir: str | None, download: bool, progress: bool
+    base: Recipe,
+    space: dict[str, dict],
+    data: str | Path | None,
+    data_dir: str | None,
+    download: bool,
+    progress: bool,
 ) -> tuple[Callable[[Recipe], tuple[Recipe, Splits]], str]:
-    """How a trial gets its training and validation sets (never the test set), and their source. CIFAR-10's
-    training images are split as each trial's recipe says; a folder is split once, by `base`, its test set left
-    out, and each trial's epochs scaled to the folder's size as `run` scales them."""
+    """How a trial gets its training and validation sets (never the test set), and their source.
+
+    CIFAR-10's training images are split as each trial's recipe says; a folder is split once, by
+    `base`, its test set left out, and each trial's epochs scaled to the folder's size as `run`
+    scales them.
+    """
     if data is None:
         images = load_cifar10(data_dir, allow_download=download, test=False)[0]
         return (lambda r: (r, split(images, None, r.train_size, r.val_size, r.seed))), images.source
     fixed = sorted(set(space) & set(FIXED_BY_A_FOLDER))
     if fixed:
-        raise TuneError(f"--data {data}: the folder is split once for the whole study; {', '.join(fixed)} cannot vary")
+        raise TuneError(
+            f"--data {data}: the folder is split once for the whole study; {', '.join(fixed)} "
+            "cannot vary"
+        )
     loaded = load_splits(base, data, progress=progress)
     splits = dataclasses.replace(loaded.splits, test=None)
     return (lambda r: (scaled_epochs(r, len(splits.train)), splits)), loaded.source
@@ -333,7 +414,8 @@ def trial_data(
 
 @dataclasses.dataclass
 class Worker:
-    """The objective: one trial is one run folder, trained on training and validation images only."""
+    """The objective: one trial is one run folder, trained on training and validation images
+    only."""
 
     base: Recipe
     space: dict[str, dict]
@@ -341,10 +423,14 @@ class Worker:
     cap: int
     device: torch.device
     pretrained: Pretrained
-    prepare: Callable[[Recipe], tuple[Recipe, Splits]]  # a trial's recipe as run, its train and validation sets
+    prepare: Callable[
+        [Recipe], tuple[Recipe, Splits]
+    ]  # a trial's recipe as run, its train and validation sets
     source: str
     progress: bool
-    interrupted: Callable[[], None]  # raises KeyboardInterrupt once SIGTERM has come, even if its raise was lost
+    interrupted: Callable[
+        [], None
+    ]  # raises KeyboardInterrupt once SIGTERM has come, even if its raise was lost
 
     def __call__(self, trial: optuna.Trial) -> float:
         if taken(trial.study, before=trial.number) >= self.cap:
@@ -353,12 +439,16 @@ class Worker:
             raise Surplus(f"the study already had {self.cap} trials when this one was created")
         run_dir = self.out / f"trial-{trial.number:04d}"
         if (run_dir / "history.csv").exists():
-            raise TuneError(f"{run_dir}: already holds a run (another study's?): give each study its own --out")
+            raise TuneError(
+                f"{run_dir}: already holds a run (another study's?): give each study its own --out"
+            )
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
         trial.set_user_attr("host", socket.gethostname())
         try:
             recipe = sample(trial, self.base, self.space)
-        except RecipeError as e:  # a combination the recipe refuses: scored as pruned so the sampler avoids it
+        except (
+            RecipeError
+        ) as e:  # a combination the recipe refuses: scored as pruned so the sampler avoids it
             trial.set_user_attr("invalid", str(e))
             raise optuna.TrialPruned(f"invalid recipe: {e}") from None
 
@@ -367,19 +457,31 @@ class Worker:
             row = history[-1]
             trial.report(row["val_acc"], row["epoch"])
             if trial.should_prune():
-                raise optuna.TrialPruned(f"epoch {row['epoch']}: validation accuracy {row['val_acc']:.4f}")
+                raise optuna.TrialPruned(
+                    f"epoch {row['epoch']}: validation accuracy {row['val_acc']:.4f}"
+                )
 
         recipe, splits = self.prepare(recipe)
         t0 = time.perf_counter()
         try:
             model, history, train_s = train_to_folder(
-                recipe, run_dir, splits, self.pretrained, self.device, progress=self.progress, on_epoch=report_epoch
+                recipe,
+                run_dir,
+                splits,
+                self.pretrained,
+                self.device,
+                progress=self.progress,
+                on_epoch=report_epoch,
             )
-        except TrainingError as e:  # a diverged loss is an outcome of the sampled rates, not a broken worker
-            trial.set_user_attr("diverged", str(e).split(";")[0])  # its advice is about resuming runs
+        except (
+            TrainingError
+        ) as e:  # a diverged loss is an outcome of the sampled rates, not a broken worker
+            # its advice is about resuming runs
+            trial.set_user_attr("diverged", str(e).split(";")[0])
             raise optuna.TrialPruned(f"diverged: {e}") from None
         finally:
-            (run_dir / CHECKPOINT).unlink(missing_ok=True)  # a trial is never resumed: free its disk at once
+            # a trial is never resumed: free its disk at once
+            (run_dir / CHECKPOINT).unlink(missing_ok=True)
         figures.learning_curves(history, run_dir / "learning_curves.png", recipe.finetune_from)
         save_model(model, recipe, run_dir / "model.safetensors")
         kept = shipped_epoch(history, recipe)
@@ -398,17 +500,26 @@ class Worker:
                 "timings": {"train_s": train_s, "total_s": time.perf_counter() - t0},
                 "final_epoch": history[-1],
                 "shipped": kept,
-                "validation": {"accuracy": kept["val_acc"], "epoch": kept["epoch"], "n": len(splits.val)},
+                "validation": {
+                    "accuracy": kept["val_acc"],
+                    "epoch": kept["epoch"],
+                    "n": len(splits.val),
+                },
             },
         )
         return kept["val_acc"]
 
 
 def write_summary(study: optuna.Study, base: Recipe, out: Path, cap: int) -> dict:
-    """The whole study (every worker's trials): best_recipe.json, study.json, Optuna's plots and a report."""
+    """The whole study (every worker's trials): best_recipe.json, study.json, Optuna's plots and a
+    report."""
     rows = []
     for t in study.get_trials(deepcopy=False):
-        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
+        seconds = (
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            if t.datetime_complete
+            else None
+        )
         rows.append(
             {
                 "number": t.number,
@@ -420,7 +531,11 @@ def write_summary(study: optuna.Study, base: Recipe, out: Path, cap: int) -> dic
                 "host": t.user_attrs.get("host"),
                 "run_dir": t.user_attrs.get("run_dir"),
                 "note": next(
-                    (f"{k}: {t.user_attrs[k]}" for k in ("diverged", "invalid") if k in t.user_attrs),
+                    (
+                        f"{k}: {t.user_attrs[k]}"
+                        for k in ("diverged", "invalid")
+                        if k in t.user_attrs
+                    ),
                     "surplus (created after the cap)" if t.user_attrs.get("surplus") else "",
                 ),
             }
@@ -453,8 +568,8 @@ def write_summary(study: optuna.Study, base: Recipe, out: Path, cap: int) -> dic
 
 
 def plots(study: optuna.Study, out: Path) -> dict[str, str]:
-    """Optuna's optimisation history, parameter importances and per-epoch curves, where the study allows them;
-    a plot it cannot draw (too few finished trials) is named with the reason."""
+    """Optuna's optimisation history, parameter importances and per-epoch curves, where the study
+    allows them; a plot it cannot draw (too few finished trials) is named with the reason."""
     from optuna.visualization import matplotlib as ovm
 
     drawn = {}

@@ -22,7 +22,8 @@ if TYPE_CHECKING:  # the analysis imports Grad-CAM, which only runs that analyse
 
 
 def save(fig: Figure, path: Path) -> Path:
-    for label in fig.findobj(Text):  # class and file names are the user's: a `$` in one is no formula
+    # class and file names are the user's: a `$` in one is no formula
+    for label in fig.findobj(Text):
         label.set_parse_math(False)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -30,7 +31,8 @@ def save(fig: Figure, path: Path) -> Path:
     return atomic.write_bytes(path, buf.getvalue())
 
 
-MAX_ROWS = 20  # a sample grid shows at most this many classes (a row each), so 100 classes still fit a page
+# a sample grid shows at most this many classes (a row each), so 100 classes still fit a page
+MAX_ROWS = 20
 MAX_NAMED = 120  # class names a bar chart can still print, one under each group of bars
 
 
@@ -40,7 +42,8 @@ def sample_grid(ds: Dataset, path: Path, per_class: int = 10, seed: int = 0) -> 
     shown = min(len(ds.classes), MAX_ROWS)
     height = shown * 0.7 + 0.4  # rows as tall as the square images are wide
     fig, axes = plt.subplots(shown, per_class, figsize=(per_class * 0.8, height), squeeze=False)
-    fig.subplots_adjust(top=1 - 0.4 / height, bottom=0.01, hspace=0.08, wspace=0.05)  # the title 0.4 in above
+    # the title 0.4 in above
+    fig.subplots_adjust(top=1 - 0.4 / height, bottom=0.01, hspace=0.08, wspace=0.05)
     for c, row in enumerate(axes):
         rows = np.flatnonzero(ds.labels == c)
         picks = rng.choice(rows, min(per_class, len(rows)), replace=False)
@@ -57,13 +60,20 @@ def sample_grid(ds: Dataset, path: Path, per_class: int = 10, seed: int = 0) -> 
 
 
 def class_counts(counts: dict[str, list[int]], classes: tuple[str, ...], path: Path) -> Path:
-    """Images per class in each split, as grouped bars; the legend above the bars, never on them. Past
-    MAX_NAMED classes the names are left out (metrics.json has every count)."""
+    """Images per class in each split, as grouped bars; the legend above the bars, never on them.
+
+    Past MAX_NAMED classes the names are left out (metrics.json has every count).
+    """
     fig, ax = plt.subplots(figsize=(min(max(9, 0.25 * len(classes)), 30), 3.2))
     width = 0.8 / len(counts)
     x = np.arange(len(classes))
     for k, (split, values) in enumerate(counts.items()):
-        ax.bar(x + (k - (len(counts) - 1) / 2) * width, values, width, label=f"{split} ({sum(values):,})")
+        ax.bar(
+            x + (k - (len(counts) - 1) / 2) * width,
+            values,
+            width,
+            label=f"{split} ({sum(values):,})",
+        )
     if len(classes) <= 20:
         ax.set_xticks(x, classes, rotation=30, ha="right", fontsize=8)
     elif len(classes) <= MAX_NAMED:
@@ -73,13 +83,16 @@ def class_counts(counts: dict[str, list[int]], classes: tuple[str, ...], path: P
         ax.set_xlabel(f"{len(classes)} classes, in name order (metrics.json lists each count)")
     ax.set_ylabel("images")
     ax.set_xlim(-0.6, len(classes) - 0.4)
-    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=len(counts), frameon=False, fontsize=8)
+    ax.legend(
+        loc="lower left", bbox_to_anchor=(0, 1.0), ncol=len(counts), frameon=False, fontsize=8
+    )
     ax.set_title("Images per class", loc="right")
     return save(fig, path)
 
 
 def learning_curves(history: list[dict], path: Path, finetune_from: str = "stem") -> Path:
-    """Train and validation loss and accuracy per epoch, with the phase boundary and the shipped epoch marked."""
+    """Train and validation loss and accuracy per epoch, with the phase boundary and the shipped
+    epoch marked."""
     finetuned = "all layers" if finetune_from == "stem" else f"{finetune_from} onwards and the head"
     epochs = [h["epoch"] for h in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -117,7 +130,8 @@ def overlaid_curves(histories: dict[str, list[dict]], path: Path) -> Path:
 
 
 def lr_find(result: dict, path: Path) -> Path:
-    """The range test: loss against learning rate (log scale), smoothed, with the suggested rate marked."""
+    """The range test: loss against learning rate (log scale), smoothed, with the suggested rate
+    marked."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
     ax.plot(result["lrs"], result["losses"], color="lightgrey", label="loss per step")
     ax.plot(result["lrs"], result["smoothed"], label="smoothed")
@@ -129,12 +143,15 @@ def lr_find(result: dict, path: Path) -> Path:
             label=f"suggested {result['suggestion']:.1e} ({result['method']})",
         )
     ax.set_xscale("log")
-    ax.set_ylim(min(result["smoothed"]) * 0.9, 4 * min(result["smoothed"]))  # up to where the test stops
+    # up to where the test stops
+    ax.set_ylim(min(result["smoothed"]) * 0.9, 4 * min(result["smoothed"]))
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"Learning-rate range test, phase {result['phase']} ({result['optimizer']})", fontsize=10)
+    ax.set_title(
+        f"Learning-rate range test, phase {result['phase']} ({result['optimizer']})", fontsize=10
+    )
     return save(fig, path)
 
 
@@ -144,12 +161,17 @@ def confusion(cm: list[list[int]], classes: tuple[str, ...], path: Path) -> Path
     norm = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     side = max(5.4, 0.16 * len(classes))
     fig, axes = plt.subplots(1, 2, figsize=(2.4 * side, side))
-    for ax, m, title, fmt in ((axes[0], counts, "counts", "d"), (axes[1], norm, "share of each true class", ".2f")):
+    for ax, m, title, fmt in (
+        (axes[0], counts, "counts", "d"),
+        (axes[1], norm, "share of each true class", ".2f"),
+    ):
         class_matrix(ax, norm, m, fmt, "Blues", "predicted", f"Confusion matrix ({title})", classes)
     return save(fig, path)
 
 
-ANNOTATED = 20  # class heat maps write each cell's value up to this many classes; beyond, colour alone
+ANNOTATED = (
+    20  # class heat maps write each cell's value up to this many classes; beyond, colour alone
+)
 
 
 def class_matrix(
@@ -162,8 +184,8 @@ def class_matrix(
     title: str,
     classes: tuple[str, ...] = CLASSES,
 ) -> None:
-    """A class x class heat map, coloured by `shade` (in [0, 1]) and annotated with `values` (up to ANNOTATED
-    classes)."""
+    """A class x class heat map, coloured by `shade` (in [0, 1]) and annotated with `values` (up to
+    ANNOTATED classes)."""
     ax.imshow(shade, cmap=cmap, vmin=0, vmax=1)
     n = len(classes) if len(classes) <= ANNOTATED else 0
     for i in range(n):
@@ -179,7 +201,11 @@ def class_matrix(
             )
     size = 8 if len(classes) <= ANNOTATED else 5
     ax.set_xticks(
-        range(len(classes)), classes, rotation=45 if len(classes) <= ANNOTATED else 90, ha="right", fontsize=size
+        range(len(classes)),
+        classes,
+        rotation=45 if len(classes) <= ANNOTATED else 90,
+        ha="right",
+        fontsize=size,
     )
     ax.set_yticks(range(len(classes)), classes, fontsize=size)
     ax.set_xlabel(xlabel)
@@ -190,7 +216,9 @@ def class_matrix(
 GALLERY_TITLE = "Misclassified test images with the highest loss (true → predicted, confidence)"
 
 
-def gallery(images: np.ndarray, rows: list[dict], path: Path, cols: int = 8, title: str = GALLERY_TITLE) -> Path:
+def gallery(
+    images: np.ndarray, rows: list[dict], path: Path, cols: int = 8, title: str = GALLERY_TITLE
+) -> Path:
     """Images with their true class and prediction (and its confidence, when the rows have one)."""
     n = max(len(rows), 1)
     r = (n + cols - 1) // cols
@@ -206,13 +234,23 @@ def gallery(images: np.ndarray, rows: list[dict], path: Path, cols: int = 8, tit
 
 
 def reliability(before: dict, after: dict, temperature: float, path: Path) -> Path:
-    """Reliability diagram: accuracy against confidence per bin, before and after temperature scaling."""
+    """Reliability diagram: accuracy against confidence per bin, before and after temperature
+    scaling."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, bins, title in ((axes[0], before, "as trained"), (axes[1], after, f"temperature {temperature:.2f}")):
+    for ax, bins, title in (
+        (axes[0], before, "as trained"),
+        (axes[1], after, f"temperature {temperature:.2f}"),
+    ):
         edges = np.asarray(bins["edges"])
         centres, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
         used = np.asarray(bins["count"]) > 0
-        ax.bar(centres[used], np.asarray(bins["accuracy"])[used], width=width, edgecolor="black", label="accuracy")
+        ax.bar(
+            centres[used],
+            np.asarray(bins["accuracy"])[used],
+            width=width,
+            edgecolor="black",
+            label="accuracy",
+        )
         ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
         ax.set_xlabel("confidence")
         ax.set_ylabel("accuracy")
@@ -224,7 +262,10 @@ def reliability(before: dict, after: dict, temperature: float, path: Path) -> Pa
 def human_vs_model(human: list[list[float]], model: list[list[float]], path: Path) -> Path:
     """Row-normalised confusion of CIFAR-10H's people beside the model's."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.4))
-    for ax, m, title in ((axes[0], np.asarray(human), "people (CIFAR-10H)"), (axes[1], np.asarray(model), "model")):
+    for ax, m, title in (
+        (axes[0], np.asarray(human), "people (CIFAR-10H)"),
+        (axes[1], np.asarray(model), "model"),
+    ):
         # shaded by the square root so that small rates stay visible
         class_matrix(ax, np.sqrt(m), m, ".2f", "Purples", "labelled as", f"Confusion of {title}")
     return save(fig, path)
@@ -238,12 +279,21 @@ def robustness(result: dict, path: Path) -> Path:
     colours = plt.get_cmap("tab20").colors
     for i, (name, accs) in enumerate(result["accuracy"].items()):
         style = "o--" if name in HELD_OUT else "o-"
-        ax.plot(result["severities"], accs, style, color=colours[i % 20], label=name.replace("_", " "), ms=3)
+        ax.plot(
+            result["severities"],
+            accs,
+            style,
+            color=colours[i % 20],
+            label=name.replace("_", " "),
+            ms=3,
+        )
     ax.axhline(result["clean"], color="black", linestyle=":", label="clean")
     ax.set_xlabel("severity")
     ax.set_ylabel("accuracy")
     ax.set_xticks(result["severities"])
-    ax.set_title(f"Accuracy under CIFAR-10-C's corruptions ({result['images']:,} test images)", fontsize=10)
+    ax.set_title(
+        f"Accuracy under CIFAR-10-C's corruptions ({result['images']:,} test images)", fontsize=10
+    )
     ax.legend(fontsize=6, ncol=2, loc="lower left")
     ax.grid(alpha=0.3)
     return save(fig, path)
@@ -269,7 +319,11 @@ def data_figures(splits: Splits, out: Path, seed: int = 0) -> None:
     """The data's figures: random samples of each class and the class counts of each split."""
     sample_grid(splits.train, out / "samples.png", seed=seed)
     class_counts(
-        {"train": counts(splits.train), "validation": counts(splits.val), "test": counts(splits.test)},
+        {
+            "train": counts(splits.train),
+            "validation": counts(splits.val),
+            "test": counts(splits.test),
+        },
         splits.train.classes,
         out / "class_counts.png",
     )
@@ -287,7 +341,8 @@ def calibration(cal: dict, path: Path) -> None:
 
 
 def analysis_figures(analysis: Analysis, test: Dataset, out: Path) -> None:
-    """The error analysis's figures: human vs model confusion, clear errors, Grad-CAM, corruptions."""
+    """The error analysis's figures: human vs model confusion, clear errors, Grad-CAM,
+    corruptions."""
     from sklearn.metrics import confusion_matrix
 
     result = analysis.result
@@ -295,7 +350,9 @@ def analysis_figures(analysis: Analysis, test: Dataset, out: Path) -> None:
         model_cm = confusion_matrix(
             test.labels, analysis.predictions, labels=range(len(test.classes)), normalize="true"
         )
-        human_vs_model(result["human"]["human_confusion"], model_cm.tolist(), out / "human_vs_model.png")
+        human_vs_model(
+            result["human"]["human_confusion"], model_cm.tolist(), out / "human_vs_model.png"
+        )
         gallery(
             test.images,
             result["human"]["clear_errors"],

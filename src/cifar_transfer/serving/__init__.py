@@ -1,1 +1,2 @@
-"""Stage 6, serving: a saved model classifying images (`Predictor`), over HTTP, and exported to ONNX."""
+"""Stage 6, serving: a saved model classifying images (`Predictor`), over HTTP, and exported to
+ONNX."""

@@ -1,10 +1,12 @@
-"""Slow clients cannot hold the service: a request must arrive whole, headers and body, within a deadline.
+"""Slow clients cannot hold the service: a request must arrive whole, headers and body, within a
+deadline.
 
-uvicorn times out idle keep-alive connections, but not a request that trickles in (one header line or one body
-byte a second keeps a connection open for ever, and enough of them exhaust the server). This protocol starts a
-clock when a connection opens and again after each response; the clock stops once the whole request has been
-read, so a prediction that takes long to compute is never cut off. When the clock runs out the connection is
-closed. uvicorn's `limit_concurrency` bounds how many connections are served at once (503 beyond it).
+uvicorn times out idle keep-alive connections, but not a request that trickles in (one header line
+or one body byte a second keeps a connection open for ever, and enough of them exhaust the server).
+This protocol starts a clock when a connection opens and again after each response; the clock stops
+once the whole request has been read, so a prediction that takes long to compute is never cut off.
+When the clock runs out the connection is closed. uvicorn's `limit_concurrency` bounds how many
+connections are served at once (503 beyond it).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
 def with_read_timeout(seconds: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol, closing a connection whose request has not arrived whole within `seconds`."""
+    """Uvicorn's h11 protocol, closing a connection whose request has not arrived whole within
+    `seconds`."""
 
     class ReadDeadline(H11Protocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -27,10 +30,12 @@ def with_read_timeout(seconds: float) -> type[H11Protocol]:
         def handle_events(self) -> None:
             super().handle_events()
             if self.conn.their_state is not h11.IDLE and self.conn.their_state is not h11.SEND_BODY:
-                self._stop_clock()  # the request is in (or the connection is ending): no deadline while computing
+                # the request is in (or the connection is ending): no deadline while computing
+                self._stop_clock()
 
         def on_response_complete(self) -> None:
-            self._start_clock()  # first: a pipelined request that the call below reads whole stops it again
+            # first: a pipelined request that the call below reads whole stops it again
+            self._start_clock()
             super().on_response_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:

@@ -1,4 +1,5 @@
-"""ONNX export of a trained model, checked against PyTorch with ONNX Runtime before it is written."""
+"""ONNX export of a trained model, checked against PyTorch with ONNX Runtime before it is
+written."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from ..model.network import load_model
 
 TOLERANCE = 1e-4
 PREPROCESSING = (
-    "input 'image': float32 RGB in [0, 1], N x 3 x {size} x {size} (centre-crop to square, Lanczos "
-    "resize to {size}x{size}); normalisation and any resizing happen inside the graph; outputs "
-    "'logits': N x {classes}, and 'probabilities': N x {classes}, softmax(logits / temperature)"
+    "input 'image': float32 RGB in [0, 1], N x 3 x {size} x {size} (centre-crop to square, "
+    "Lanczos resize to {size}x{size}); normalisation and any resizing happen inside the graph; "
+    "outputs 'logits': N x {classes}, and 'probabilities': N x {classes}, "
+    "softmax(logits / temperature)"
 )
 
 
@@ -39,9 +41,11 @@ class WithProbabilities(nn.Module):
 
 
 def export_onnx(run_dir: Path, out: Path, calibrated: bool = True, opset: int = 18) -> float:
-    """Write `out` and return the largest |ONNX - PyTorch| difference (logits and probabilities) on a check batch.
+    """Write `out` and return the largest |ONNX - PyTorch| difference (logits and probabilities)
+    on a check batch.
 
-    The probabilities use the model's temperature unless `calibrated` is false (or the model has none)."""
+    The probabilities use the model's temperature unless `calibrated` is false (or the model has
+    none)."""
     out = Path(out)
     if out.is_dir():
         raise ExportError(f"{out}: a folder; --onnx takes a file name, e.g. {out / 'model.onnx'}")
@@ -79,7 +83,9 @@ def export_onnx(run_dir: Path, out: Path, calibrated: bool = True, opset: int = 
     data = proto.SerializeToString()
     diff = max_difference(net, data, example)
     if diff > TOLERANCE:
-        raise ExportError(f"ONNX export differs from PyTorch by {diff:.2e} (> {TOLERANCE}); not written")
+        raise ExportError(
+            f"ONNX export differs from PyTorch by {diff:.2e} (> {TOLERANCE}); not written"
+        )
     atomic.write_bytes(out, data)
     return diff
 

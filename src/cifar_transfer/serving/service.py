@@ -1,11 +1,13 @@
-"""The model as a web service (FastAPI): JSON prediction endpoints, health, OpenAPI docs and an upload page.
+"""The model as a web service (FastAPI): JSON prediction endpoints, health, OpenAPI docs and an
+upload page.
 
-Concurrent requests are batched: each request's images wait in a queue for at most a few milliseconds, then
-everything queued is classified in one forward pass on the model's own thread, so the event loop never blocks
-and the device sees large batches under load. Images are decoded on a separate pool where at most two large
-ones decode at a time, so a burst of huge uploads neither multiplies memory nor delays small requests. Request
-bodies are counted as they arrive and cut off at the limit. Bad input is answered with a 4xx and a JSON
-`detail`; it never reaches the model and never takes the service down.
+Concurrent requests are batched: each request's images wait in a queue for at most a few
+milliseconds, then everything queued is classified in one forward pass on the model's own thread, so
+the event loop never blocks and the device sees large batches under load. Images are decoded on a
+separate pool where at most two large ones decode at a time, so a burst of huge uploads neither
+multiplies memory nor delays small requests. Request bodies are counted as they arrive and cut off
+at the limit. Bad input is answered with a 4xx and a JSON `detail`; it never reaches the model and
+never takes the service down.
 """
 
 import asyncio
@@ -40,27 +42,41 @@ MAX_IMAGES = 32
 LARGE_PIXELS = 1_000_000  # a decode above this many pixels waits for one of the LARGE_DECODES slots
 LARGE_DECODES = 2
 FORM_OVERHEAD = 65_536  # multipart headers and boundaries around the image bytes
-TopK = Annotated[int, Query(ge=1, le=MAX_CLASSES, description="how many classes to list, best first (at most all)")]
+TopK = Annotated[
+    int,
+    Query(ge=1, le=MAX_CLASSES, description="how many classes to list, best first (at most all)"),
+]
 Calibrated = Annotated[
     bool,
     Query(
-        description="divide the logits by the model's temperature (fitted on the "
-        "validation split) before the softmax; false: raw probabilities"
+        description="divide the logits by the model's temperature (fitted on the validation "
+        "split) before the softmax; false: raw probabilities"
     ),
 ]
-TTA = Annotated[bool, Query(description="average the probabilities of the image and its mirror image")]
+TTA = Annotated[
+    bool, Query(description="average the probabilities of the image and its mirror image")
+]
 
 
 class Batcher:
-    """Micro-batching: gathers the images of concurrent requests and runs them through the model together.
+    """Micro-batching: gathers the images of concurrent requests and runs them through the model
+    together.
 
-    `logits` is the model's logits for the batch; it is a parameter so the batching can be tested on its own."""
+    `logits` is the model's logits for the batch; it is a parameter so the batching can be tested on
+    its own.
+    """
 
-    def __init__(self, logits: Callable[[np.ndarray], np.ndarray], max_batch: int = 128, wait_s: float = 0.004):
+    def __init__(
+        self,
+        logits: Callable[[np.ndarray], np.ndarray],
+        max_batch: int = 128,
+        wait_s: float = 0.004,
+    ):
         self.logits, self.max_batch, self.wait_s = logits, max_batch, wait_s
         self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="model")  # the model's own thread
-        self.sizes: collections.Counter[int] = collections.Counter()  # images per forward pass -> how often
+        # images per forward pass -> how often
+        self.sizes: collections.Counter[int] = collections.Counter()
 
     async def classify(self, images: np.ndarray) -> np.ndarray:
         """The logits of `images`, computed in the next batch."""
@@ -73,7 +89,10 @@ class Batcher:
         while True:
             items = [await self.queue.get()]
             deadline = loop.time() + self.wait_s
-            while sum(len(i[0]) for i in items) < self.max_batch and (left := deadline - loop.time()) > 0:
+            while (
+                sum(len(i[0]) for i in items) < self.max_batch
+                and (left := deadline - loop.time()) > 0
+            ):
                 try:
                     items.append(await asyncio.wait_for(self.queue.get(), left))
                 except TimeoutError:
@@ -95,10 +114,12 @@ class Batcher:
 
 
 class Decoder:
-    """Image decoding off the event loop, on its own threads: small images at once, large ones two at a time."""
+    """Image decoding off the event loop, on its own threads: small images at once, large ones two
+    at a time."""
 
     def __init__(self, size: int, threads: int = 2 + LARGE_DECODES):
-        self.size = size  # the model's stored image size: every upload is prepared as its training images were
+        # the model's stored image size: every upload is prepared as its training images were
+        self.size = size
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix="decode")
         self.large = asyncio.Semaphore(LARGE_DECODES)
 
@@ -112,8 +133,8 @@ class Decoder:
 
 
 class BodyLimit:
-    """Counts a request's body as it arrives and answers 413 once it passes the path's limit: a body without
-    Content-Length (chunked) is never read past the limit."""
+    """Counts a request's body as it arrives and answers 413 once it passes the path's limit: a body
+    without Content-Length (chunked) is never read past the limit."""
 
     def __init__(self, app: ASGIApp, limits: dict[str, int], default: int = FORM_OVERHEAD):
         self.app, self.limits, self.default = app, limits, default
@@ -124,7 +145,9 @@ class BodyLimit:
         limit = self.limits.get(scope["path"], self.default)
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
-            return await _too_large(send, f"request body of {int(length):,} bytes is over the limit of {limit:,}")
+            return await _too_large(
+                send, f"request body of {int(length):,} bytes is over the limit of {limit:,}"
+            )
         seen, over, started = 0, False, False
 
         async def counted() -> Message:
@@ -138,7 +161,8 @@ class BodyLimit:
 
         async def guarded(message: Message) -> None:
             nonlocal started
-            if over:  # whatever the app answers to the interrupted body is replaced by the 413 below
+            # whatever the app answers to the interrupted body is replaced by the 413 below
+            if over:
                 return
             started = started or message["type"] == "http.response.start"
             await send(message)
@@ -209,8 +233,14 @@ REFUSALS = {
         "description": "not an image this service can read (empty, truncated, not an image, a "
         "decompression bomb), or two images sent to /predict",
     },
-    413: {"model": Problem, "description": "a body, image or image count over the service's limits"},
-    422: {"model": Problem, "description": "the request's form or query does not match this schema"},
+    413: {
+        "model": Problem,
+        "description": "a body, image or image count over the service's limits",
+    },
+    422: {
+        "model": Problem,
+        "description": "the request's form or query does not match this schema",
+    },
 }
 
 
@@ -240,20 +270,30 @@ def create_app(
         lifespan=lifespan,
         version="1",
         # Swagger UI renders this as Markdown: class names are folder names, the user's text
-        description=f"Image classifier `{predictor.model_id}`. Classes: {html.escape(', '.join(predictor.classes))}.",
+        description=(
+            f"Image classifier `{predictor.model_id}`. Classes: "
+            f"{html.escape(', '.join(predictor.classes))}."
+        ),
     )
     batch_limit = max_bytes * max_images + FORM_OVERHEAD * max_images
-    app.add_middleware(BodyLimit, limits={"/predict": max_bytes + FORM_OVERHEAD, "/predict/batch": batch_limit})
+    app.add_middleware(
+        BodyLimit, limits={"/predict": max_bytes + FORM_OVERHEAD, "/predict/batch": batch_limit}
+    )
     app.add_exception_handler(RequestValidationError, _validation_error)
-    _prediction_routes(app, predictor, batcher, Decoder(predictor.model.image_size), max_bytes, max_images)
+    _prediction_routes(
+        app, predictor, batcher, Decoder(predictor.model.image_size), max_bytes, max_images
+    )
     _page_routes(app, predictor, batcher)
     _files_are_never_empty(app.openapi())  # cached by FastAPI: what /openapi.json serves
     return app
 
 
 def _files_are_never_empty(schema: dict) -> None:
-    """Document what /predict checks: its one file holds at least one byte (an empty one is a 400). In a batch an
-    empty file is one image's error among the others' results, so there it stays valid."""
+    """Document what /predict checks: its one file holds at least one byte (an empty one is a 400).
+
+    In a batch an empty file is one image's error among the others' results, so there it stays
+    valid.
+    """
     for body in schema["components"]["schemas"].values():
         for field in body.get("properties", {}).values():
             if "contentMediaType" in field:
@@ -261,25 +301,36 @@ def _files_are_never_empty(schema: dict) -> None:
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}" for e in exc.errors())
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}" for e in exc.errors()
+    )
     hint = "upload the image as multipart/form-data field 'file' (or 'files' for /predict/batch)"
     return JSONResponse({"detail": f"{problems} ({hint})"}, status_code=422)
 
 
 def _prediction_routes(
-    app: FastAPI, predictor: Predictor, batcher: Batcher, decoder: Decoder, max_bytes: int, max_images: int
+    app: FastAPI,
+    predictor: Predictor,
+    batcher: Batcher,
+    decoder: Decoder,
+    max_bytes: int,
+    max_images: int,
 ) -> None:
     async def decode(upload: UploadFile) -> np.ndarray:
         data = await upload.read(max_bytes + 1)
         if len(data) > max_bytes:
-            raise HTTPException(413, f"{upload.filename}: larger than the limit of {max_bytes:,} bytes")
+            raise HTTPException(
+                413, f"{upload.filename}: larger than the limit of {max_bytes:,} bytes"
+            )
         try:
             return await decoder(data, upload.filename or "image")
         except ImageError as e:
             raise HTTPException(400, str(e)) from None
 
     async def classify(images: np.ndarray, options: Options) -> np.ndarray:
-        return predictor.combine(await batcher.classify(predictor.model_inputs(images, options)), options)
+        return predictor.combine(
+            await batcher.classify(predictor.model_inputs(images, options)), options
+        )
 
     @app.post("/predict", summary="Classify one image (multipart field 'file')", responses=REFUSALS)
     async def predict(
@@ -290,12 +341,20 @@ def _prediction_routes(
         tta: TTA = False,
     ) -> PredictionResponse:
         if (parts := len((await request.form()).getlist("file"))) > 1:
-            raise HTTPException(400, f"{parts} 'file' parts: /predict classifies one image; use /predict/batch")
+            raise HTTPException(
+                400, f"{parts} 'file' parts: /predict classifies one image; use /predict/batch"
+            )
         options = Options(calibrated, tta)
         probs = await classify((await decode(file))[None], options)
-        return PredictionResponse(**predictor.describe(options), **_classes(probs[0], predictor.classes, top))
+        return PredictionResponse(
+            **predictor.describe(options), **_classes(probs[0], predictor.classes, top)
+        )
 
-    @app.post("/predict/batch", summary="Classify several images (multipart fields 'files')", responses=REFUSALS)
+    @app.post(
+        "/predict/batch",
+        summary="Classify several images (multipart fields 'files')",
+        responses=REFUSALS,
+    )
     async def predict_batch(
         files: Annotated[list[UploadFile], File(min_length=1)],
         top: TopK = 3,
@@ -313,7 +372,9 @@ def _prediction_routes(
                 results[i].error = e.detail
         if images:
             for i, probs in zip(images, await classify(np.stack(list(images.values())), options)):
-                results[i] = ImageResult(filename=files[i].filename, **_classes(probs, predictor.classes, top))
+                results[i] = ImageResult(
+                    filename=files[i].filename, **_classes(probs, predictor.classes, top)
+                )
         return BatchResponse(**predictor.describe(options), results=results)
 
 
@@ -326,7 +387,9 @@ def _classes(probs: np.ndarray, classes: tuple[str, ...], top: int) -> dict:
 
 
 def _page_routes(app: FastAPI, predictor: Predictor, batcher: Batcher) -> None:
-    @app.get("/health", summary="Liveness, the model's id and temperature, and how requests were batched")
+    @app.get(
+        "/health", summary="Liveness, the model's id and temperature, and how requests were batched"
+    )
     async def health() -> dict:
         sizes = batcher.sizes
         return {
@@ -341,8 +404,13 @@ def _page_routes(app: FastAPI, predictor: Predictor, batcher: Batcher) -> None:
             },
         }
 
-    page = resources.files("cifar_transfer.serving").joinpath("static/index.html").read_text(encoding="utf-8")
-    page = page.replace("{{MODEL}}", html.escape(predictor.model_id))  # a run folder's name is the user's text
+    page = (
+        resources.files("cifar_transfer.serving")
+        .joinpath("static/index.html")
+        .read_text(encoding="utf-8")
+    )
+    # a run folder's name is the user's text
+    page = page.replace("{{MODEL}}", html.escape(predictor.model_id))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
@@ -358,13 +426,19 @@ class PortError(CifarTransferError, OSError):
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A listening socket, made here so a busy port is one clear error before anything is printed."""
+    """A listening socket, made here so a busy port is one clear error before anything is
+    printed."""
     try:
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         return socket.create_server(address, family=family)
     except OSError as e:
-        hint = " (another process is using it: choose one with --port)" if e.errno == errno.EADDRINUSE else ""
-        reason = os.strerror(e.errno) if isinstance(e.errno, int) and e.errno > 0 else str(e)  # gaierror: < 0
+        hint = (
+            " (another process is using it: choose one with --port)"
+            if e.errno == errno.EADDRINUSE
+            else ""
+        )
+        # gaierror: < 0
+        reason = os.strerror(e.errno) if isinstance(e.errno, int) and e.errno > 0 else str(e)
         raise PortError(f"cannot listen on {host}:{port}: {reason}{hint}") from None
 
 
@@ -378,13 +452,18 @@ def serve(
     read_timeout: float,
     max_connections: int,
 ) -> None:
-    """Serve until stopped. A request must arrive whole within `read_timeout` seconds; at most `max_connections`
-    connections are served at once (503 beyond)."""
+    """Serve until stopped.
+
+    A request must arrive whole within `read_timeout` seconds; at most `max_connections` connections
+    are served at once (503 beyond).
+    """
     import uvicorn
 
     app = create_app(run_dir, max_bytes, max_images, device)
     sock = listen(host, port)
     print(f"serving {run_dir} on http://{host}:{port}  (docs: /docs)", flush=True)
     protocol = with_read_timeout(read_timeout)
-    config = uvicorn.Config(app, log_level="warning", http=protocol, limit_concurrency=max_connections)
+    config = uvicorn.Config(
+        app, log_level="warning", http=protocol, limit_concurrency=max_connections
+    )
     uvicorn.Server(config).run(sockets=[sock])

@@ -1,8 +1,10 @@
-"""Checkpoints: what training writes after every epoch, and how a run resumes from one with identical results.
+"""Checkpoints: what training writes after every epoch, and how a run resumes from one with
+identical results.
 
-A checkpoint holds the model, the optimizer and scheduler, every random generator, the history and (with
-keep=best_val) the best epoch's weights. It is written from a copy of the state in a background thread while
-the next epoch trains (`Checkpointer`), atomically, and read back with weights_only=True.
+A checkpoint holds the model, the optimizer and scheduler, every random generator, the history and
+(with keep=best_val) the best epoch's weights. It is written from a copy of the state in a
+background thread while the next epoch trains (`Checkpointer`), atomically, and read back with
+weights_only=True.
 """
 
 from __future__ import annotations
@@ -26,15 +28,15 @@ from .phases import TrainingError, trainable_stages
 
 @dataclass
 class Progress:
-    """Where training stands: the history so far, the best epoch (keep=best_val: its number, validation accuracy
-    and weights) and the last epoch done (`epoch` epochs of `phase`)."""
+    """Where training stands: the history so far, the best epoch (keep=best_val: its number,
+    validation accuracy and weights) and the last epoch done (`epoch` epochs of `phase`)."""
 
     history: list[dict] = field(default_factory=list)
     best: dict | None = None
     phase: int = 1
     epoch: int = 0
-    # the validation logits of the epoch that will ship (not checkpointed: after a resume they may be unknown),
-    # so the temperature is fitted without another pass over the validation images
+    # the validation logits of the epoch that will ship (not checkpointed: after a resume they may
+    # be unknown), so the temperature is fitted without another pass over the validation images
     shipped_val_logits: torch.Tensor | None = None
 
     def first_epoch(self, phase: int, epochs: int) -> int | None:
@@ -42,7 +44,9 @@ class Progress:
         first = self.epoch if phase == self.phase else 0
         return None if phase < self.phase or first >= epochs else first
 
-    def record(self, row: dict, model: TransferNet, keep_best: bool, val_logits: torch.Tensor | None = None) -> None:
+    def record(
+        self, row: dict, model: TransferNet, keep_best: bool, val_logits: torch.Tensor | None = None
+    ) -> None:
         self.history.append(row)
         self.phase, self.epoch = row["phase"], row["phase_epoch"]
         if not keep_best:
@@ -54,29 +58,46 @@ class Progress:
 
 
 def restore(
-    state: dict, model: TransferNet, recipe: Recipe, order: torch.Generator, augmentation: torch.Generator, world: World
+    state: dict,
+    model: TransferNet,
+    recipe: Recipe,
+    order: torch.Generator,
+    augmentation: torch.Generator,
+    world: World,
 ) -> Progress:
-    """Put the model and every random generator back as `state` (a checkpoint) had them; where training stood."""
-    if Recipe.from_dict(state["recipe"]) != recipe:  # as recipes: fields added since take their defaults
+    """Put the model and every random generator back as `state` (a checkpoint) had them; where
+    training stood."""
+    # as recipes: fields added since take their defaults
+    if Recipe.from_dict(state["recipe"]) != recipe:
         raise TrainingError("checkpoint was written by a different recipe")
     model.load_state_dict(state["model"])
     order.set_state(state["generator"])
     ranks = state.get("rank_generators")
-    if world.size > 1 and ranks is not None and len(ranks) == world.size:  # same world: the same streams
-        augmentation.set_state(ranks[world.rank].clone())  # a row of a saved tensor: set_state reads from its start
+    # same world: the same streams
+    if world.size > 1 and ranks is not None and len(ranks) == world.size:
+        # a row of a saved tensor: set_state reads from its start
+        augmentation.set_state(ranks[world.rank].clone())
     torch.set_rng_state(state["torch_rng"])
-    if order.device.type == "cuda" and state.get("cuda_rng") is not None:  # dropout on CUDA draws from these
+    # dropout on CUDA draws from these
+    if order.device.type == "cuda" and state.get("cuda_rng") is not None:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return Progress(list(state["history"]), state.get("best"), state["phase"], state["epoch"])
 
 
 class Checkpointer:
-    """Writes a checkpoint after every epoch in a background thread, one at a time; `on_saved(history)` runs once
-    it is in place. Without a path (ranks other than 0) nothing is written. On leaving the `with` block the last
-    write is waited for, and its error raised."""
+    """Writes a checkpoint after every epoch in a background thread, one at a time;
+    `on_saved(history)` runs once it is in place.
+
+    Without a path (ranks other than 0) nothing is written. On leaving the `with` block the last
+    write is waited for, and its error raised.
+    """
 
     def __init__(
-        self, path: Path | None, meta: dict | None, on_saved: Callable[[list[dict]], None] | None, world: World
+        self,
+        path: Path | None,
+        meta: dict | None,
+        on_saved: Callable[[list[dict]], None] | None,
+        world: World,
     ):
         self.path, self.meta, self.on_saved, self.world = path, meta or {}, on_saved, world
         self.writer = atomic.Background()
@@ -87,7 +108,8 @@ class Checkpointer:
     def __exit__(self, kind: type | None, *_: object) -> None:
         try:
             if kind is None:
-                self.writer.wait()  # the last checkpoint is in place (or its error raised) before fit returns
+                # the last checkpoint is in place (or its error raised) before fit returns
+                self.writer.wait()
         finally:
             self.writer.close()
 
@@ -101,8 +123,12 @@ class Checkpointer:
         order: torch.Generator,
         augmentation: torch.Generator,
     ) -> None:
-        saved = None if self.on_saved is None else functools.partial(self.on_saved, list(done.history))
-        ranks = None  # each rank's augmentation stream, for a resume with the same number of processes
+        saved = (
+            None if self.on_saved is None else functools.partial(self.on_saved, list(done.history))
+        )
+        ranks = (
+            None  # each rank's augmentation stream, for a resume with the same number of processes
+        )
         if self.world.size > 1:  # a collective: every rank takes part
             ranks = gather(augmentation.get_state().to(order.device)[None], self.world).cpu()
         if self.path is None:
@@ -130,13 +156,17 @@ class Checkpointer:
 
 
 def host_copy(state: dict, unchanging: dict) -> Callable[[IO[bytes]], None]:
-    """A copy of `state`'s tensors that training cannot change, and the function that saves it with the
-    `unchanging` entries (which training no longer touches) to a file.
+    """A copy of `state`'s tensors that training cannot change, and the function that saves it with
+    the `unchanging` entries (which training no longer touches) to a file.
 
-    On CUDA the copies go to pinned memory without blocking; the write waits for them (an event)."""
+    On CUDA the copies go to pinned memory without blocking; the write waits for them (an event).
+    """
     cuda = any(t.is_cuda for t in tree_leaves(state) if isinstance(t, torch.Tensor))
     copy = tree_map(
-        lambda t: t.detach().to("cpu", copy=True, non_blocking=cuda) if isinstance(t, torch.Tensor) else t, state
+        lambda t: (
+            t.detach().to("cpu", copy=True, non_blocking=cuda) if isinstance(t, torch.Tensor) else t
+        ),
+        state,
     )
     copied = torch.cuda.Event() if cuda else None
     if copied is not None:
@@ -151,13 +181,16 @@ def host_copy(state: dict, unchanging: dict) -> Callable[[IO[bytes]], None]:
 
 
 def checkpoint_bytes(model: TransferNet, recipe: Recipe) -> int:
-    """About how large `fit`'s checkpoint grows: the model, the optimizer's state for what trains in phase 2
-    (Adam keeps two moments, SGD with momentum one) and, with keep=best_val, the best epoch's weights."""
+    """About how large `fit`'s checkpoint grows: the model, the optimizer's state for what trains in
+    phase 2 (Adam keeps two moments, SGD with momentum one) and, with keep=best_val, the best
+    epoch's weights."""
 
     def size(params) -> int:
         return sum(p.numel() * p.element_size() for p in params)
 
-    trainable = [p for m in [*trainable_stages(model, 2, recipe), model.head] for p in m.parameters()]
+    trainable = [
+        p for m in [*trainable_stages(model, 2, recipe), model.head] for p in m.parameters()
+    ]
     moments = {"adam": 2, "sgd": 1 if recipe.momentum else 0}
     optimizer = max(
         moments[recipe.head_optimizer] * size(model.head.parameters()),
@@ -169,12 +202,14 @@ def checkpoint_bytes(model: TransferNet, recipe: Recipe) -> int:
 
 def check_same_network(recorded: dict, given: dict, path: Path) -> None:
     """Refuse to resume with weights that make a different network than the run was started with."""
-    differ = [k for k in ("sha256", "stride_in_1x1", "mean", "std") if recorded.get(k) != given.get(k)]
+    differ = [
+        k for k in ("sha256", "stride_in_1x1", "mean", "std") if recorded.get(k) != given.get(k)
+    ]
     if differ:
         names = ", ".join("the tensors" if k == "sha256" else k for k in differ)
         raise TrainingError(
-            f"{path}: the run was started from weights {recorded.get('weights')}; the weights given "
-            f"({given.get('weights')}) differ in {names}: resume with --weights "
+            f"{path}: the run was started from weights {recorded.get('weights')}; the weights "
+            f"given ({given.get('weights')}) differ in {names}: resume with --weights "
             f"{recorded.get('weights')} (or without --weights)"
         )
 
@@ -185,7 +220,13 @@ def load_checkpoint(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file fails in many ways
         raise TrainingError(f"{path}: not a readable checkpoint ({first_line(e)})") from None
-    missing = {"recipe", "phase", "epoch", "model"} - set(state) if isinstance(state, dict) else {"recipe"}
+    missing = (
+        {"recipe", "phase", "epoch", "model"} - set(state)
+        if isinstance(state, dict)
+        else {"recipe"}
+    )
     if missing:
-        raise TrainingError(f"{path}: not a checkpoint written by cifar-transfer (no {', '.join(sorted(missing))})")
+        raise TrainingError(
+            f"{path}: not a checkpoint written by cifar-transfer (no {', '.join(sorted(missing))})"
+        )
     return state

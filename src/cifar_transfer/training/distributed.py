@@ -1,10 +1,11 @@
-"""Several processes, one run: `torchrun --nproc_per_node=N -m cifar_transfer run ...` (and `--nnodes`,
-`--rdzv-endpoint` across machines), as torchvision's reference scripts do it.
+"""Several processes, one run: `torchrun --nproc_per_node=N -m cifar_transfer run ...` (and
+`--nnodes`, `--rdzv-endpoint` across machines), as torchvision's reference scripts do it.
 
-Each process (rank) finds its place in torchrun's environment; NCCL joins GPUs (one per process), gloo joins CPU
-processes. A plain `cifar-transfer run` is a world of one and touches none of this. Work is split by rows:
-every rank takes a contiguous share of a batch, of the images whose activations are cached, of the validation
-and test images, and `gather` puts the pieces back together in order on every rank.
+Each process (rank) finds its place in torchrun's environment; NCCL joins GPUs (one per process),
+gloo joins CPU processes. A plain `cifar-transfer run` is a world of one and touches none of this.
+Work is split by rows: every rank takes a contiguous share of a batch, of the images whose
+activations are cached, of the validation and test images, and `gather` puts the pieces back
+together in order on every rank.
 """
 
 from __future__ import annotations
@@ -50,20 +51,25 @@ ALONE = World()  # a plain process
 
 
 def join(device: str = "auto") -> World:
-    """The world torchrun started this process in (WORLD_SIZE, RANK, LOCAL_RANK), joined; a world of one
-    without torchrun. CUDA processes use the GPU of their local rank and NCCL; CPU processes use gloo."""
+    """The world torchrun started this process in (WORLD_SIZE, RANK, LOCAL_RANK), joined; a world of
+    one without torchrun.
+
+    CUDA processes use the GPU of their local rank and NCCL; CPU processes use gloo.
+    """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return ALONE
     if dist.is_initialized():  # joined already (a second run in the same process)
-        return World(dist.get_rank(), size, int(os.environ.get("LOCAL_RANK", "0")), dist.get_backend())
+        return World(
+            dist.get_rank(), size, int(os.environ.get("LOCAL_RANK", "0")), dist.get_backend()
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device != "cpu" and torch.cuda.is_available()
     if cuda:
         if local_rank >= torch.cuda.device_count():
             raise DistributedError(
-                f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible): "
-                "give torchrun --nproc_per_node at most the number of GPUs"
+                f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible): give "
+                "torchrun --nproc_per_node at most the number of GPUs"
             )
         torch.cuda.set_device(local_rank)
     backend = "nccl" if cuda else "gloo"
@@ -73,7 +79,11 @@ def join(device: str = "auto") -> World:
 
 def device_for(world: World, device: torch.device) -> torch.device:
     """One GPU per process: a CUDA rank trains on the GPU of its local rank."""
-    return torch.device("cuda", world.local_rank) if world.size > 1 and device.type == "cuda" else device
+    return (
+        torch.device("cuda", world.local_rank)
+        if world.size > 1 and device.type == "cuda"
+        else device
+    )
 
 
 def gather(x: torch.Tensor, world: World) -> torch.Tensor:

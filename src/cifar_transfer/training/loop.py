@@ -1,11 +1,12 @@
-"""Two-phase training, as one explicit loop (after torchvision's reference train.py): freeze the base and train
-the head on its features, then unfreeze the base from `finetune_from` and fine-tune it with the head.
+"""Two-phase training, as one explicit loop (after torchvision's reference train.py): freeze the
+base and train the head on its features, then unfreeze the base from `finetune_from` and fine-tune
+it with the head.
 
-Data is resident on the device; losses and accuracies are accumulated in device tensors and read back only when
-the progress bar is refreshed. What each phase trains on (cached activations of the frozen steps, or images) is
-`inputs`' concern; the loss is `losses`'; the forward passes (DDP, compile) are `passes`'; the random streams
-follow `seeds`' rule. A checkpoint is written after every epoch (`checkpoint.Checkpointer`); `resume` continues
-from one with identical results.
+Data is resident on the device; losses and accuracies are accumulated in device tensors and read
+back only when the progress bar is refreshed. What each phase trains on (cached activations of the
+frozen steps, or images) is `inputs`' concern; the loss is `losses`'; the forward passes (DDP,
+compile) are `passes`'; the random streams follow `seeds`' rule. A checkpoint is written after every
+epoch (`checkpoint.Checkpointer`); `resume` continues from one with identical results.
 """
 
 from __future__ import annotations
@@ -33,20 +34,28 @@ from .passes import Forward, forward_passes
 from .phases import Phase, TrainingError, freeze_base, make_optimizer, make_schedule, unfreeze_from
 from .seeds import order_and_augmentation
 
-Pair = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N x 3 x S x S) and int64 labels, on the device
+Pair = tuple[
+    torch.Tensor, torch.Tensor
+]  # uint8 images (N x 3 x S x S) and int64 labels, on the device
 EpochHook = Callable[[list[dict], list[float], list[float]], None]
 
-LOG_EVERY = 25  # steps between progress-bar refreshes and loss checks (each one is a host synchronisation)
+LOG_EVERY = (
+    25  # steps between progress-bar refreshes and loss checks (each one is a host synchronisation)
+)
 
 
 @dataclass(frozen=True)
 class Saving:
     """Where `fit` keeps its checkpoints and what it resumes from."""
 
-    checkpoint: Path | None = None  # written after every epoch (None: not written, as on ranks other than 0)
+    checkpoint: Path | None = (
+        None  # written after every epoch (None: not written, as on ranks other than 0)
+    )
     resume: dict | None = None  # a checkpoint written by an earlier call with the same recipe
     meta: dict | None = None  # kept in every checkpoint as it is
-    on_saved: Callable[[list[dict]], None] | None = None  # runs (in the writer's thread) once a checkpoint is in place
+    on_saved: Callable[[list[dict]], None] | None = (
+        None  # runs (in the writer's thread) once a checkpoint is in place
+    )
 
 
 def fit(
@@ -60,17 +69,18 @@ def fit(
     progress: bool = True,
     world: World = ALONE,
 ) -> list[dict]:
-    """Train `model` in place: freeze the base and train the head, then unfreeze from `finetune_from` and
-    fine-tune; return the per-epoch history.
+    """Train `model` in place: freeze the base and train the head, then unfreeze from
+    `finetune_from` and fine-tune; return the per-epoch history.
 
     `train` and `val` are uint8 image and label tensors on the training device. After each epoch,
-    `on_epoch(history, step_losses, step_lrs)` is called at once; the checkpoint is written in a background thread
-    while the next epoch trains. With `keep=best_val` the model ends with the weights of the epoch with the best
-    validation accuracy; each history row's `shipped` says whether its epoch's weights are the ones kept.
+    `on_epoch(history, step_losses, step_lrs)` is called at once; the checkpoint is written in a
+    background thread while the next epoch trains. With `keep=best_val` the model ends with the
+    weights of the epoch with the best validation accuracy; each history row's `shipped` says
+    whether its epoch's weights are the ones kept.
 
-    Under torchrun (`world`), every rank calls fit with all the data; each trains on its share of every global
-    batch (DistributedDataParallel averages the gradients), and caching and validation are split and gathered.
-    Only the rank given a checkpoint path writes one.
+    Under torchrun (`world`), every rank calls fit with all the data; each trains on its share of
+    every global batch (DistributedDataParallel averages the gradients), and caching and validation
+    are split and gathered. Only the rank given a checkpoint path writes one.
     """
     if recipe.batch_size % world.size:
         raise DistributedError(
@@ -81,11 +91,22 @@ def fit(
     torch.manual_seed(recipe.seed)  # dropout
     if world.size > 1 and recipe.sync_bn and recipe.finetune_bn == "train" and train[0].is_cuda:
         nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)  # statistics of the global batch
-    done = Progress() if saving.resume is None else restore(saving.resume, model, recipe, order, augmentation, world)
+    done = (
+        Progress()
+        if saving.resume is None
+        else restore(saving.resume, model, recipe, order, augmentation, world)
+    )
     inputs = PhaseInputs(model, recipe, train[0], val[0], world, progress)
     with Checkpointer(saving.checkpoint, saving.meta, saving.on_saved, world) as saver:
-        trainer = _Trainer(model, recipe, (train[1], val[1]), inputs, done, saver, world, order, augmentation)
-        trainer.progress, trainer.on_epoch, trainer.resume = progress, on_epoch, saving.resume  # the caller's say
+        trainer = _Trainer(
+            model, recipe, (train[1], val[1]), inputs, done, saver, world, order, augmentation
+        )
+        # the caller's say
+        trainer.progress, trainer.on_epoch, trainer.resume = (
+            progress,
+            on_epoch,
+            saving.resume,
+        )
         trainer.phase(Phase.HEAD, freeze_base, recipe.head_epochs)
         trainer.phase(Phase.FINETUNE, unfreeze_from, recipe.finetune_epochs)
     keep_shipped(model, done)
@@ -93,21 +114,23 @@ def fit(
 
 
 def keep_shipped(model: TransferNet, done: Progress) -> None:
-    """Load the best epoch's weights (keep=best_val) unless they are the last's; mark the shipped epoch."""
+    """Load the best epoch's weights (keep=best_val) unless they are the last's; mark the shipped
+    epoch."""
     best = done.best
     if best is not None and done.history and best["epoch"] != done.history[-1]["epoch"]:
         model.load_state_dict(best["model"])
     shipped = best["epoch"] if best is not None else len(done.history)
     for row in done.history:
         row["shipped"] = row["epoch"] == shipped
-    model.val_logits = done.shipped_val_logits  # None when unknown (the shipped epoch ran before a resume)
+    # None when unknown (the shipped epoch ran before a resume)
+    model.val_logits = done.shipped_val_logits
     model.eval()
 
 
 @contextlib.contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
-    """The model in inference mode inside the block, every module's own mode (frozen BatchNorm, trained dropout)
-    back after it."""
+    """The model in inference mode inside the block, every module's own mode (frozen BatchNorm,
+    trained dropout) back after it."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -134,8 +157,11 @@ class _Trainer:
     on_epoch: EpochHook | None = None
     resume: dict | None = None
 
-    def phase(self, phase: Phase, make_trainable: Callable[[TransferNet, Recipe], list], epochs: int) -> None:
-        """The phase's epochs not yet done, with a fresh optimizer (or the checkpoint's, mid-phase)."""
+    def phase(
+        self, phase: Phase, make_trainable: Callable[[TransferNet, Recipe], list], epochs: int
+    ) -> None:
+        """The phase's epochs not yet done, with a fresh optimizer (or the checkpoint's, mid-
+        phase)."""
         first = self.done.first_epoch(phase, epochs)
         if first is None:
             return
@@ -144,7 +170,9 @@ class _Trainer:
         xs, begin = self.inputs.for_phase(phase)
         evaluate, learn = forward_passes(self.model, begin, self.recipe, self.world)
         opt = make_optimizer(params, phase, self.recipe)
-        sched = make_schedule(opt, phase, self.recipe, math.ceil(len(self.labels[0]) / self.recipe.batch_size))
+        sched = make_schedule(
+            opt, phase, self.recipe, math.ceil(len(self.labels[0]) / self.recipe.batch_size)
+        )
         if first > 0:  # resumed within this phase
             opt.load_state_dict(self.resume["optimizer"])
             sched.load_state_dict(self.resume["scheduler"])
@@ -152,31 +180,54 @@ class _Trainer:
             t0 = started if epoch == first else time.perf_counter()
             desc = f"phase {int(phase)} epoch {epoch + 1}/{epochs}"
             lr = opt.param_groups[0]["lr"]
-            train_loss, train_acc, step_losses, step_lrs = self.train_epoch(learn, xs[0], opt, sched, desc)
+            train_loss, train_acc, step_losses, step_lrs = self.train_epoch(
+                learn, xs[0], opt, sched, desc
+            )
             with evaluating(self.model):
-                val_loss, val_acc, val_logits = _validate(evaluate, xs[1], self.labels[1], self.recipe, self.world)
-            row = {"phase": int(phase), "epoch": len(self.done.history) + 1, "phase_epoch": epoch + 1, "lr": lr}
-            row |= {"train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc}
+                val_loss, val_acc, val_logits = _validate(
+                    evaluate, xs[1], self.labels[1], self.recipe, self.world
+                )
+            row = {
+                "phase": int(phase),
+                "epoch": len(self.done.history) + 1,
+                "phase_epoch": epoch + 1,
+                "lr": lr,
+            }
+            row |= {
+                "train_loss": train_loss,
+                "train_acc": train_acc,
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+            }
             row["seconds"] = time.perf_counter() - t0
             self.finish_epoch(row, val_logits, desc, opt, sched, step_losses, step_lrs)
 
-    def finish_epoch(self, row: dict, val_logits, desc: str, opt, sched, step_losses: list, step_lrs: list) -> None:
+    def finish_epoch(
+        self, row: dict, val_logits, desc: str, opt, sched, step_losses: list, step_lrs: list
+    ) -> None:
         """Record the epoch, say it, checkpoint it and tell the caller."""
-        self.done.record(row, self.model, keep_best=self.recipe.keep == "best_val", val_logits=val_logits)
+        self.done.record(
+            row, self.model, keep_best=self.recipe.keep == "best_val", val_logits=val_logits
+        )
         if self.progress:
             tqdm.write(
-                f"{desc}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
-                f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} | {row['seconds']:.1f}s"
+                f"{desc}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | val loss "
+                f"{row['val_loss']:.4f} acc {row['val_acc']:.4f} | {row['seconds']:.1f}s"
             )
-        self.saver.save(self.done, self.recipe, self.model, opt, sched, self.order, self.augmentation)
+        self.saver.save(
+            self.done, self.recipe, self.model, opt, sched, self.order, self.augmentation
+        )
         if self.on_epoch is not None:
             self.on_epoch(self.done.history, step_losses, step_lrs)
 
     def train_epoch(
         self, learn: Forward, x: TrainingInputs, opt, sched, desc: str
     ) -> tuple[float, float, list[float], list[float]]:
-        """One pass over the training set in shuffled batches; returns mean loss and accuracy, and each step's loss
-        and learning rate (read back once, at the end). Each rank takes its share of every global batch."""
+        """One pass over the training set in shuffled batches; returns mean loss and accuracy, and
+        each step's loss and learning rate (read back once, at the end).
+
+        Each rank takes its share of every global batch.
+        """
         y, recipe, world = self.labels[0], self.recipe, self.world
         n, bs = len(y), recipe.batch_size
         steps = math.ceil(n / bs)
@@ -201,31 +252,48 @@ class _Trainer:
             correct[i] = (out[: len(yb)].argmax(1) == yb).sum()
             if i + 1 == steps:  # every rank's sums, in every rank
                 loss_sums, correct = total(loss_sums, world), total(correct, world)
-            if (self.progress and (i + 1) % LOG_EVERY == 0) or i + 1 == steps:  # else one host sync an epoch
+            if (
+                self.progress and (i + 1) % LOG_EVERY == 0
+            ) or i + 1 == steps:  # else one host sync an epoch
                 _check_finite(loss_sums[: i + 1], desc)
                 seen = min(n, (i + 1) * bs)
-                loss_so_far, acc_so_far = loss_sums[: i + 1].sum().item() / seen, correct[: i + 1].sum().item() / seen
+                loss_so_far, acc_so_far = (
+                    loss_sums[: i + 1].sum().item() / seen,
+                    correct[: i + 1].sum().item() / seen,
+                )
                 bar.set_postfix(loss=f"{loss_so_far:.4f}", acc=f"{acc_so_far:.4f}")
         sizes = torch.full((steps,), float(bs), device=y.device)
         sizes[-1] = n - (steps - 1) * bs
-        return loss_sums.sum().item() / n, correct.sum().item() / n, (loss_sums / sizes).tolist(), lrs
+        return (
+            loss_sums.sum().item() / n,
+            correct.sum().item() / n,
+            (loss_sums / sizes).tolist(),
+            lrs,
+        )
 
 
 def _check_finite(loss_sums: torch.Tensor, desc: str) -> None:
     bad = (~torch.isfinite(loss_sums)).nonzero()
     if len(bad):
         raise TrainingError(
-            f"{desc}, step {int(bad[0]) + 1}: non-finite loss; the last good checkpoint "
-            "(if any) is kept: lower the learning rate, or resume with --resume"
+            f"{desc}, step {int(bad[0]) + 1}: non-finite loss; the last good checkpoint (if any) "
+            "is kept: lower the learning rate, or resume with --resume"
         )
 
 
 def _validate(
-    evaluate: Forward, x: torch.Tensor | Activations, y: torch.Tensor, recipe: Recipe, world: World = ALONE
+    evaluate: Forward,
+    x: torch.Tensor | Activations,
+    y: torch.Tensor,
+    recipe: Recipe,
+    world: World = ALONE,
 ) -> tuple[float, float, torch.Tensor | None]:
     """Loss, accuracy and logits on the validation images, each rank predicting its share."""
     if len(y) == 0:
         return math.nan, math.nan, None
     x = x[0] if isinstance(x, tuple) else x
-    logits = gather(predict_logits(evaluate, x[world.rows(len(x))], recipe.eval_batch_size, recipe.precision), world)
+    logits = gather(
+        predict_logits(evaluate, x[world.rows(len(x))], recipe.eval_batch_size, recipe.precision),
+        world,
+    )
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item(), logits

@@ -1,5 +1,8 @@
-"""A run folder's training: both phases into `out`, leaving the files that make a run resumable and readable:
-recipe.json, the checkpoint and a history.csv row after every epoch, and TensorBoard events."""
+"""A run folder's training: both phases into `out`, leaving the files that make a run resumable and
+readable:
+
+recipe.json, the checkpoint and a history.csv row after every epoch, and TensorBoard events.
+"""
 
 from __future__ import annotations
 
@@ -43,7 +46,13 @@ def shipped_epoch(history: list[dict], recipe: Recipe) -> dict:
         if recipe.keep == "best_val"
         else "the last epoch (keep=last)"
     )
-    return {"epoch": row["epoch"], "phase": row["phase"], "val_acc": row["val_acc"], "keep": recipe.keep, "why": why}
+    return {
+        "epoch": row["epoch"],
+        "phase": row["phase"],
+        "val_acc": row["val_acc"],
+        "keep": recipe.keep,
+        "why": why,
+    }
 
 
 def train_to_folder(
@@ -59,12 +68,14 @@ def train_to_folder(
     on_epoch: Callable[[list[dict]], None] | None = None,
     world: World = ALONE,
 ) -> tuple[TransferNet, list[dict], float]:
-    """Both phases on `splits`' training and validation images, into `out`: the checkpoint, history.csv and
-    TensorBoard events after every epoch, and recipe.json. The test set is not touched.
+    """Both phases on `splits`' training and validation images, into `out`: the checkpoint,
+    history.csv and TensorBoard events after every epoch, and recipe.json. The test set is not
+    touched.
 
-    `on_epoch(history)` runs after each epoch's files are written (`tune` reports to its pruner there). Returns
-    the trained model (the shipped epoch's weights), the history and the training seconds. Under torchrun every
-    rank trains; rank 0 alone writes."""
+    `on_epoch(history)` runs after each epoch's files are written (`tune` reports to its pruner
+    there). Returns the trained model (the shipped epoch's weights), the history and the training
+    seconds. Under torchrun every rank trains; rank 0 alone writes.
+    """
     if world.main:
         atomic.write_text(out / "recipe.json", recipe.dumps() + "\n")
     torch.manual_seed(recipe.seed)  # the head's initialisation
@@ -84,7 +95,9 @@ def train_to_folder(
         if on_epoch is not None:
             on_epoch(history)
 
-    try:  # history.csv gains a row once the checkpoint holding that epoch is in place: a row means it can resume
+    # history.csv gains a row once the checkpoint holding that epoch is in place: a row means it can
+    # resume
+    try:
         history = fit(
             model,
             recipe,
@@ -94,7 +107,9 @@ def train_to_folder(
                 checkpoint=out / CHECKPOINT if world.main else None,
                 resume=resume_state,
                 meta=meta,
-                on_saved=(lambda rows: write_history(rows, out / "history.csv")) if world.main else None,
+                on_saved=(lambda rows: write_history(rows, out / "history.csv"))
+                if world.main
+                else None,
             ),
             on_epoch=after_epoch if world.main else None,
             progress=progress and world.main,
