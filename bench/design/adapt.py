@@ -2,10 +2,10 @@
 and how strong a prior it needs. Behind model.adapt.PRIOR and the --adapt numbers in
 docs/robustness.md.
 
-python bench/design/adapt.py cost RUN            # Predictor.adapt on 64 images vs one prediction
-pass over them python bench/design/adapt.py prior RUN           # accuracy on 500 held-apart images
-of a corruption after                                                  # adapting on n others of it,
-for several priors
+    python bench/design/adapt.py cost RUN    # Predictor.adapt on 64 images against one prediction
+                                             # pass over them; the moments `run` saves
+    python bench/design/adapt.py prior RUN   # accuracy on 500 test images of a corruption after
+                                             # adapting on n others of it, for several priors
 
 `prior` is inductive: the images adapted on and the images scored are different test images (the
 transductive number, adapting on the scored images themselves, is `cifar-transfer robustness RUN

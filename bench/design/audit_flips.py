@@ -4,7 +4,7 @@ this script knows which), audited as `cifar-transfer audit` audits a run's train
 images: K-fold heads on the pretrained base's features at the run's resolution, cleanlab on their
 out-of-sample probabilities.
 
-python bench/design/audit_flips.py [--flip 0.05] [--resolution 128] [--folder OUT]
+    python bench/design/audit_flips.py [--flip 0.05] [--resolution 128] [--folder OUT]
 
 prints the audit's precision and recall at cleanlab's threshold, the share of the flips among its
 500 most suspect images, the time it took, and (with --folder) writes the noisy split as PNG files

@@ -1,8 +1,9 @@
 """How long reading a folder of pictures takes: the first read (decode on all cores, cache written)
 and the second (everything from the cache), and the peak memory of each, in fresh processes.
 
-python bench/design/folder_read.py FOLDER [--size 64] python bench/design/folder_read.py FOLDER
---make 10000 --cifar ../shared/data   # photo-sized JPEGs first
+    python bench/design/folder_read.py FOLDER [--size 64]
+    python bench/design/folder_read.py FOLDER --make 10000 --cifar ../shared/data
+                                           # photo-sized JPEGs first
 
 `--make N` writes N JPEGs of photo size into FOLDER first: CIFAR-10 test images (real pictures)
 upscaled to 640 x 480 (0.3 megapixels) and saved at quality 90, one folder per class. Decoding cost

@@ -2,7 +2,7 @@
 image? The measurement behind data.duplicates.NEAR: the pairs at each distance are counted (and how
 many share a label), and a strip of ten pairs per distance is written for a person to judge.
 
-python bench/design/near_copies.py [--out /tmp/near]     # CIFAR-10 from $CIFAR_TRANSFER_DATA
+    python bench/design/near_copies.py [--out /tmp/near]     # CIFAR-10 from $CIFAR_TRANSFER_DATA
 """
 
 from __future__ import annotations
