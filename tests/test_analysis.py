@@ -133,9 +133,8 @@ def test_the_smoke_report_contains_every_analysis(smoke_run):
     # fitted once
     assert f"{metrics['calibration']['ece_before']:.4f}" in md and "calibration" not in analysis
     assert f"{analysis['attribution']['centre_share_errors']:.3f}" in md
-    robust = analysis[
-        "robustness"
-    ]  # CIFAR-10-C's 15 at their strength, the subset's size and margin stated
+    # CIFAR-10-C's 15 at their strength, the subset's size and margin stated
+    robust = analysis["robustness"]
     assert robust["benchmark_corruptions"] == 15 and robust["images"] == 50
     assert (
         f"**{100 * robust['mean_corrupted']:.2f}%** ± {100 * robust['margin_95']:.1f} points" in md
@@ -174,6 +173,10 @@ def test_analyze_command_without_human_labels(smoke_copy, cifar_dir, run_cli):
     assert result["tta"] == pytest.approx(first["tta"], abs=1e-6)
     md = (smoke_copy / "analysis" / "report.md").read_text()
     assert "Skipped: " in md and all(s in md for s in SECTIONS)
+    audit = result["label_audit"]  # the test labels the shipped model finds suspect
+    assert audit["images"] == 10_000 and 0 < audit["flagged"] < 10_000 and "human" not in audit
+    qualities = [r["quality"] for r in audit["top"]]
+    assert qualities == sorted(qualities) and f"flags **{audit['flagged']:,}**" in md
 
 
 @pytest.mark.slow

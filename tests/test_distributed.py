@@ -227,10 +227,11 @@ def test_killing_one_rank_ends_the_job_and_resume_finishes_it(small_data, weight
     out = tmp_path / "run"
     args = run_args(small_data, weights_path, out)
     args[args.index("finetune_epochs=1")] = "finetune_epochs=3"
+    # phase 2 runs every frozen stage each step: slow enough to be caught
     args += [
         "--set",
         "cache=false",
-    ]  # phase 2 runs every frozen stage each step: slow enough to be caught
+    ]
     job = subprocess.Popen(
         [*TORCHRUN, "-m", "cifar_transfer", *args],
         stdout=subprocess.PIPE,

@@ -36,10 +36,11 @@ FILES = {
 RECIPE_FIELDS = {f.name for f in dataclasses.fields(Recipe)}
 SUBPACKAGES = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
 MODULES = {p.stem for p in PACKAGE.rglob("*.py")} | set(SUBPACKAGES) | {"cifar_transfer"}
+# where a cited name may start
 PACKAGES = [
     "cifar_transfer",
     *(f"cifar_transfer.{p}" for p in SUBPACKAGES),
-]  # where a cited name may start
+]
 
 
 def resolves(name: str, package: str) -> bool:

@@ -372,9 +372,8 @@ def test_every_training_command_takes_a_folder(
         json.loads((tmp_path / "rep" / f"seed-{k}" / "metrics.json").read_text()) for k in (0, 1)
     ]
     assert summary["test accuracy"]["values"] == [m["test"]["accuracy"] for m in seeds]
-    pair = seeds[0]["test"]["leakage"][
-        0
-    ]  # the first seed's most confused digits, followed in both seeds
+    # the first seed's most confused digits, followed in both seeds
+    pair = seeds[0]["test"]["leakage"][0]
     assert f"{pair['a']} → {pair['b']}" in summary and summary[f"{pair['a']} → {pair['b']}"][
         "values"
     ][0] == (pytest.approx(pair["a_as_b"], abs=1e-6))
@@ -389,6 +388,8 @@ def test_every_training_command_takes_a_folder(
     with (run / "splits.csv").open() as f:
         tested = [r for r in csv.DictReader(f) if r["split"] == "test"]
     assert analysis["tta"]["images"] == len(tested) == 20 and not analysis["tta"]["sampled"]
+    files = {r["file"] for r in tested}  # the label audit names a folder's test pictures by file
+    assert all(r["image"] in files for r in analysis["label_audit"]["top"])
     done = run_cli("robustness", str(run))
     assert done.returncode == 1 and "trained on other pictures than CIFAR-10's" in done.stderr
     space = tmp_path / "space.toml"

@@ -58,9 +58,8 @@ def test_lr_find_command_writes_its_plot_and_suggestion(run_cli, cifar_dir, weig
 
 def test_the_suggestion_on_curves_of_known_shape():
     lrs = [10 ** (-7 + 8 * i / 99) for i in range(100)]
-    falling = [
-        2.3 - 1.5 / (1 + math.exp(-4 * (math.log10(lr) + 3))) for lr in lrs
-    ]  # falls fastest at 1e-3
+    # falls fastest at 1e-3
+    falling = [2.3 - 1.5 / (1 + math.exp(-4 * (math.log10(lr) + 3))) for lr in lrs]
     assert suggest(lrs, falling)["suggestion"] == pytest.approx(1e-3, rel=0.25)
     flat = [0.5] * 90 + [0.5 * 1.1**k for k in range(1, 11)]  # a trained model: flat, then it rises
     result = suggest(lrs, flat)

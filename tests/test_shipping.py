@@ -136,9 +136,8 @@ def test_evaluate_on_a_folder_of_photos(run_cli, smoke_copy, tmp_path):
     (photos / "notes.txt").write_text("not in a class folder")
     done = run_cli("evaluate", str(smoke_copy), "--data", str(photos))
     assert done.returncode == 0, done.stderr
-    skipped = [
-        line for line in done.stderr.splitlines() if line.startswith("skipped: ")
-    ]  # besides progress bars
+    # besides progress bars
+    skipped = [line for line in done.stderr.splitlines() if line.startswith("skipped: ")]
     assert len(skipped) == 2, done.stderr
     assert any("broken.jpg: truncated or corrupt image" in s for s in skipped)
     assert any("notes.txt: not inside a class folder" in s for s in skipped)

@@ -25,10 +25,11 @@ def target_layer(model: TransferNet) -> tuple[str, torch.nn.Module]:
     last = {
         name: getattr(model.backbone, name)[-1] for name in ("layer1", "layer2", "layer3", "layer4")
     }
+    # a stage's output is its last block's
     hooks = [
         block.register_forward_hook(lambda m, i, o, name=name: sides.__setitem__(name, o.shape[-1]))
         for name, block in last.items()
-    ]  # a stage's output is its last block's
+    ]
     with torch.no_grad():
         model(torch.zeros(1, 3, 32, 32, device=model.mean.device))
     for h in hooks:

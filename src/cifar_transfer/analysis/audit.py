@@ -11,6 +11,8 @@ temperature. cleanlab flags the issues (`prune by noise rate`) and ranks them by
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 FOLDS = 5
@@ -88,3 +90,36 @@ def against_people(human: np.ndarray, labels: np.ndarray, flagged: np.ndarray) -
         "agreement_rest": float(agreement[~flagged].mean()),
         "majority_disagrees": [int(i) for i in np.flatnonzero(flagged & (majority != labels))],
     }
+
+
+def audit_test_labels(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    classes: tuple[str, ...],
+    names: tuple[str, ...] | None = None,
+    human: np.ndarray | None = None,
+) -> dict:
+    """The shipped model's verdict on the test labels (`probs`: its calibrated probabilities; it
+    never trained on these images): how many it flags, the given -> suggested pairs most often, the
+    most suspect (named by file, else index), and with CIFAR-10H (`human`) people's verdict."""
+    v = label_issues(labels, probs)
+    flagged = np.flatnonzero(v["flagged"])
+    order = flagged[np.argsort(v["quality"][flagged], kind="stable")]
+    pairs = Counter(f"{classes[labels[i]]} → {classes[v['suggested'][i]]}" for i in flagged)
+    result = {
+        "images": len(labels),
+        "flagged": len(flagged),
+        "pairs": dict(pairs.most_common(10)),
+        "top": [
+            {
+                "image": names[i] if names is not None else str(i),
+                "given": classes[labels[i]],
+                "suggested": classes[v["suggested"][i]],
+                "quality": float(v["quality"][i]),
+            }
+            for i in order[:10]
+        ],
+    }
+    if human is not None:
+        result["human"] = against_people(human, labels, v["flagged"])
+    return result

@@ -309,9 +309,8 @@ def plasma_fractal(rng: np.random.Generator, n: int, decay: float, size: int = S
         corners = heights[:, 0:size:step, 0:size:step]  # squares: each centre from its four corners
         square = corners + np.roll(corners, -1, axis=1)
         heights[:, half:size:step, half:size:step] = wibbled(square + np.roll(square, -1, axis=2))
-        centres = heights[
-            :, half:size:step, half:size:step
-        ]  # diamonds: each edge midpoint from its four
+        # diamonds: each edge midpoint from its four
+        centres = heights[:, half:size:step, half:size:step]
         corners = heights[:, 0:size:step, 0:size:step]
         left = centres + np.roll(centres, 1, axis=1) + corners + np.roll(corners, -1, axis=2)
         heights[:, 0:size:step, half:size:step] = wibbled(left)

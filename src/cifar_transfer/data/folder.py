@@ -216,9 +216,8 @@ def decode_all(
     on all cores; which ones decoded."""
     cache = DecodeCache(size)
     keys = [cache.key(p.file) for p in pictures]
-    todo = [
-        i for i, k in enumerate(keys) if k is None or k not in cache
-    ]  # no key: the read names the problem
+    # no key: the read names the problem
+    todo = [i for i, k in enumerate(keys) if k is None or k not in cache]
 
     def one(i: int) -> tuple[np.ndarray, np.uint64] | str:
         try:

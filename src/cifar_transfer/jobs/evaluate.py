@@ -14,10 +14,12 @@ import torch
 
 from .. import atomic
 from ..analysis import robustness
-from ..analysis.calibration import calibration
+from ..analysis.audit import audit_test_labels
+from ..analysis.calibration import calibration, softmax
+from ..analysis.human import load_human
 from ..data import corruptions
 from ..data.augment import TRAINS_ON_CORRUPTIONS
-from ..data.cifar import CLASSES, DataError, find_source, load_cifar10, load_test_set
+from ..data.cifar import CLASSES, DataError, Dataset, find_source, load_cifar10, load_test_set
 from ..data.images import read_image_folder
 from ..data.sources import load_splits
 from ..errors import CifarTransferError
@@ -284,14 +286,17 @@ def analyze(
     result = {
         "calibration": calibration(temperature, len(splits.val), logits, splits.test.labels),
         **analysis.result,
+        "label_audit": _audit_test_labels(splits.test, logits, temperature, human_labels),
     }
     figures.calibration(result["calibration"], out / "reliability.png")
     figures.analysis_figures(analysis, splits.test, out)
     atomic.write_json(out / "analysis.json", result)
-    md = (
-        report.calibration_markdown(result["calibration"])
-        + "\n\n"
-        + report.analysis_markdown(analysis.result)
+    md = "\n\n".join(
+        [
+            report.calibration_markdown(result["calibration"]),
+            report.analysis_markdown(analysis.result),
+            report.label_audit_section(result["label_audit"]),
+        ]
     )
     report.write(
         out,
@@ -299,3 +304,18 @@ def analyze(
         f"cifar-transfer analysis: {run_dir.name}",
     )
     return result, out
+
+
+def _audit_test_labels(
+    test: Dataset, logits: np.ndarray, temperature: float | None, human_labels: Path | None
+) -> dict:
+    """`audit`'s test part as a section of the analysis: free, from the logits it has; with
+    CIFAR-10H where it labels this test set."""
+    human = None
+    if human_labels is not None and test.is_cifar10:
+        try:
+            human = load_human(human_labels, test.labels)
+        except DataError:
+            human = None  # the analysis's human section says why
+    probs = softmax(logits, temperature or 1.0)
+    return audit_test_labels(test.labels, probs, test.classes, test.files, human)

@@ -423,14 +423,12 @@ class Worker:
     cap: int
     device: torch.device
     pretrained: Pretrained
-    prepare: Callable[
-        [Recipe], tuple[Recipe, Splits]
-    ]  # a trial's recipe as run, its train and validation sets
+    # a trial's recipe as run, its train and validation sets
+    prepare: Callable[[Recipe], tuple[Recipe, Splits]]
     source: str
     progress: bool
-    interrupted: Callable[
-        [], None
-    ]  # raises KeyboardInterrupt once SIGTERM has come, even if its raise was lost
+    # raises KeyboardInterrupt once SIGTERM has come, even if its raise was lost
+    interrupted: Callable[[], None]
 
     def __call__(self, trial: optuna.Trial) -> float:
         if taken(trial.study, before=trial.number) >= self.cap:

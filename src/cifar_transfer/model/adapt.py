@@ -47,9 +47,8 @@ TRANSDUCTIVE = (
     "standard, image-by-image results"
 )
 
-Moments = dict[
-    str, tuple[torch.Tensor, torch.Tensor]
-]  # BatchNorm name -> per-channel (mean, variance) of its input
+# BatchNorm name -> per-channel (mean, variance) of its input
+Moments = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 class AdaptError(CifarTransferError):

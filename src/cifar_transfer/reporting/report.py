@@ -196,6 +196,7 @@ def calibration_markdown(c: dict) -> str:
 def results_markdown(test: dict, pictures: dict[str, str]) -> str:
     """The test-set sections: per-class scores, confusion, leakage, misclassified images."""
     per = test["per_class"]
+    # the classes present
     rows = [
         [
             text(c),
@@ -206,7 +207,7 @@ def results_markdown(test: dict, pictures: dict[str, str]) -> str:
         ]
         for c in per
         if per[c]["support"]
-    ]  # the classes present
+    ]
     leak = [
         [
             f"{text(r['a'])} ↔ {text(r['b'])}",
@@ -775,6 +776,30 @@ def tune_markdown(s: dict) -> str:
                 f"![{title}]({drawn})" if drawn.endswith(".png") else drawn.capitalize() + ".",
             ]
     return "\n\n".join(parts) + "\n"
+
+
+def label_audit_section(a: dict) -> str:
+    """`analyze`'s label-audit section: the test labels the shipped model finds suspect."""
+    lines = [
+        "## Label audit (test set)",
+        f"The shipped model, which never trained on the test images, flags **{a['flagged']:,}** of "
+        f"their {a['images']:,} labels as likely wrong (cleanlab's confident learning on its "
+        "calibrated probabilities). `cifar-transfer audit RUN` judges the training and validation "
+        "labels too, out of sample, and writes label_issues.csv for `run --exclude`.",
+    ]
+    if "human" in a:
+        h = a["human"]
+        lines.append(
+            "People (CIFAR-10H) agree with the given label on "
+            f"{pct(h['agreement_flagged'] or 0)} of the flagged images on average, "
+            f"{pct(h['agreement_rest'])} on the rest; most people chose another class for "
+            f"{len(h['majority_disagrees']):,} of the flagged."
+        )
+    if a["pairs"]:
+        lines.append(
+            table(["given → suggested", "images"], [[text(k), v] for k, v in a["pairs"].items()])
+        )
+    return "\n\n".join(lines)
 
 
 def audit_markdown(summary: dict, gallery: bool) -> str:

@@ -23,9 +23,8 @@ from .distributed import ALONE, World, gather
 from .phases import Phase
 from .seeds import shifted_copies
 
-Activations = tuple[
-    torch.Tensor, ...
-]  # one tensor per cached view of every image: as stored, mirrored, shifted
+# one tensor per cached view of every image: as stored, mirrored, shifted
+Activations = tuple[torch.Tensor, ...]
 # augmentations whose cache holds each image's mirror
 MIRRORED = (
     "flip",

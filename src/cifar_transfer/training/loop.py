@@ -34,9 +34,8 @@ from .passes import Forward, forward_passes
 from .phases import Phase, TrainingError, freeze_base, make_optimizer, make_schedule, unfreeze_from
 from .seeds import order_and_augmentation
 
-Pair = tuple[
-    torch.Tensor, torch.Tensor
-]  # uint8 images (N x 3 x S x S) and int64 labels, on the device
+# uint8 images (N x 3 x S x S) and int64 labels, on the device
+Pair = tuple[torch.Tensor, torch.Tensor]
 EpochHook = Callable[[list[dict], list[float], list[float]], None]
 
 LOG_EVERY = (
