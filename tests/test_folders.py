@@ -393,36 +393,19 @@ def test_every_training_command_takes_a_folder(
     done = run_cli("robustness", str(run))
     assert done.returncode == 1 and "trained on other pictures than CIFAR-10's" in done.stderr
     space = tmp_path / "space.toml"
+
+    def tune_one_trial(out: str):
+        trial = ["--preset", "smoke", "--trials", "1", "--space", str(space)]
+        return run_cli("tune", *trial, "--out", str(tmp_path / out), *common)
+
     space.write_text("[head_lr]\nlow = 1e-4\nhigh = 1e-2\n")
-    done = run_cli(
-        "tune",
-        "--preset",
-        "smoke",
-        "--trials",
-        "1",
-        "--space",
-        str(space),
-        "--out",
-        str(tmp_path / "t"),
-        *common,
-    )
+    done = tune_one_trial("t")
     assert done.returncode == 0, done.stderr
     trial = json.loads((tmp_path / "t" / "trial-0000" / "metrics.json").read_text())
     # 10% of 12 a class
     assert trial["run"]["data_source"] == str(root) and trial["validation"]["n"] == 10
     space.write_text("[seed]\nlow = 0\nhigh = 9\n")
-    done = run_cli(
-        "tune",
-        "--preset",
-        "smoke",
-        "--trials",
-        "1",
-        "--space",
-        str(space),
-        "--out",
-        str(tmp_path / "t2"),
-        *common,
-    )
+    done = tune_one_trial("t2")
     assert (
         done.returncode == 1 and "split once for the whole study; seed cannot vary" in done.stderr
     )
