@@ -10,7 +10,12 @@ import json
 import numpy as np
 import pytest
 
-from cifar_transfer.analysis.audit import label_issues, out_of_sample_probabilities, ranking_quality
+from cifar_transfer.analysis.audit import (
+    confirmed,
+    label_issues,
+    out_of_sample_probabilities,
+    ranking_quality,
+)
 
 
 def test_probabilities_are_out_of_sample():
@@ -29,6 +34,34 @@ def test_probabilities_are_out_of_sample():
     probs = out_of_sample_probabilities(features, labels, 4, seed=0)
     assert probs.shape == (200, 4) and np.allclose(probs.sum(1), 1)
     assert (probs.argmax(1) == labels).mean() < 0.45  # chance is a quarter
+
+
+def test_a_flag_stands_only_where_the_trained_model_still_disagrees():
+    """The run's own model learnt the given labels: where it predicts them anyway, the flag was the
+    heads' mistake and is dropped; flags are never added, and cleanlab's own are kept apart."""
+    labels = np.array([0, 1, 2, 3, 0, 1])
+    flagged = np.array([True, True, True, False, False, True])
+    verdict = {"flagged": flagged, "quality": np.linspace(0, 1, 6), "suggested": labels[::-1]}
+    asked = np.array([5, 0, 1, 2])
+    out = confirmed(verdict, labels, asked, predicted=np.array([3, 0, 2, 2]))
+    assert np.flatnonzero(out["flagged"]).tolist() == [1, 5]
+    assert out["flagged_out_of_sample"] is flagged and out["quality"] is verdict["quality"]
+    with pytest.raises(ValueError, match="exactly the flagged images"):
+        confirmed(verdict, labels, np.array([0, 1, 3]), np.array([1, 2, 0]))
+
+
+def test_saved_test_logits_are_read_back_only_for_the_test_set_they_were_saved_for(tmp_path):
+    from cifar_transfer.atomic import OutputError
+    from cifar_transfer.runfolder import TEST_LOGITS, saved_test_logits
+
+    assert saved_test_logits(tmp_path, 4, 3) is None  # a run older than the file
+    logits = np.arange(12, dtype=np.float32).reshape(4, 3)
+    np.save(tmp_path / TEST_LOGITS, logits)
+    assert np.array_equal(saved_test_logits(tmp_path, 4, 3), logits)
+    assert saved_test_logits(tmp_path, 5, 3) is None and saved_test_logits(tmp_path, 4, 2) is None
+    (tmp_path / TEST_LOGITS).write_bytes(b"not an array")
+    with pytest.raises(OutputError, match=r"test_logits.npy: not the test logits a run saves"):
+        saved_test_logits(tmp_path, 4, 3)
 
 
 @pytest.mark.slow
@@ -75,6 +108,8 @@ def test_audit_a_folder_run_and_train_without_what_it_flags(
         issues = list(csv.DictReader(f))
     summary = json.loads((audit / "audit.json").read_text())
     assert sum(p["flagged"] for p in summary["parts"].values()) == len(issues) > 0
+    pool = summary["parts"]["train+val"]
+    assert pool["flagged"] <= pool["flagged_out_of_sample"]
     assert all(r["image"].startswith(str(digits)) and r["given"] != r["suggested"] for r in issues)
     assert [float(r["quality"]) for r in issues] == sorted(float(r["quality"]) for r in issues)
     assert (audit / "label_issues.png").is_file() and "Label audit" in (

@@ -32,6 +32,7 @@ OUTPUTS = {
     "confusion_matrix.png",
     "misclassified.png",
     "model.safetensors",
+    "test_logits.npy",
     "report.md",
     "report.html",
     "reliability.png",
@@ -63,6 +64,9 @@ def test_metrics_cover_the_whole_test_set(smoke_run):
     )
     assert m["run"]["versions"]["torch"] == torch.__version__
     assert {r["a"] for r in t["leakage"]} == {"cat", "automobile", "bird", "deer"}
+    # the logits `audit` and `analyze` read back are the ones these metrics came from
+    predicted = np.load(smoke_run / "test_logits.npy").argmax(1)
+    assert np.bincount(predicted, minlength=10).tolist() == np.array(t["confusion"]).sum(0).tolist()
 
 
 def test_reports_show_the_numbers_in_metrics(smoke_run):

@@ -1,19 +1,26 @@
 """Does the label audit find labels known to be wrong? `lean`'s split of CIFAR-10 (10,000 training
 and 5,000 validation images, seed 0), 5% of the training labels moved to another class (seeded; only
-this script knows which), audited as `cifar-transfer audit` audits a run's training and validation
-images: K-fold heads on the pretrained base's features at the run's resolution, cleanlab on their
-out-of-sample probabilities.
+this script knows which).
 
-    python bench/design/audit_flips.py [--flip 0.05] [--resolution 128] [--folder OUT]
+    python bench/design/audit_flips.py [--flip 0.05] [--resolution 128] [--head-c C ...]
+                                       [--folder OUT]
+    python bench/design/audit_flips.py --score RUN/audit/label_issues.csv
 
-prints the audit's precision and recall at cleanlab's threshold, the share of the flips among its
-500 most suspect images, the time it took, and (with --folder) writes the noisy split as PNG files
-(train/ val/ test/ by class) for `run --data OUT` and `audit` / `run --exclude` on it.
+The first audits the training and validation images as `cifar-transfer audit` ranks them: K-fold
+heads on the pretrained base's features at the run's resolution, cleanlab on their out-of-sample
+probabilities. It prints the share of the flips among the 500 most suspect images, the precision
+and recall of cleanlab's flags before the run's own model confirms them (there is no run here), the
+time it took, and (with --folder) writes the noisy split as PNG files (train/ val/ test/ by class)
+for `run --data OUT --set image_size=32`.
+
+The second scores what `audit` flagged on a run trained on that folder: the precision and recall of
+its label_issues.csv's training rows against the flips, and how many validation images it flagged.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import os
@@ -22,15 +29,81 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cifar_folder import write_splits  # this folder's parity bench: the same file names
 
-from cifar_transfer.analysis.audit import label_issues, out_of_sample_probabilities, ranking_quality
+from cifar_transfer.analysis.audit import (
+    HEAD_C,
+    label_issues,
+    out_of_sample_probabilities,
+    ranking_quality,
+)
 from cifar_transfer.data.augment import to_nchw
-from cifar_transfer.data.cifar import load_cifar10, split
+from cifar_transfer.data.cifar import Splits, load_cifar10, split
 from cifar_transfer.machine import cpu_model
 from cifar_transfer.model.network import build_model
 from cifar_transfer.model.weights import load_pretrained
 from cifar_transfer.recipe import preset
 from cifar_transfer.training.inputs import cache_activations
+
+
+def noisy_split(fraction: float) -> tuple[Splits, np.ndarray, np.ndarray]:
+    """`lean`'s split, the training labels with `fraction` of them moved to another class, and the
+    indices of those moved."""
+    recipe = preset("lean")
+    train, test = load_cifar10(os.environ.get("CIFAR_TRANSFER_DATA"), allow_download=False)
+    splits = split(train, test, recipe.train_size, recipe.val_size, recipe.seed)
+    rng = np.random.default_rng(1)
+    flipped = rng.choice(len(splits.train), round(fraction * len(splits.train)), replace=False)
+    given = splits.train.labels.copy()
+    given[flipped] = (given[flipped] + rng.integers(1, 10, len(flipped))) % 10
+    return splits, given, flipped
+
+
+def rank(
+    splits: Splits, given: np.ndarray, flipped: np.ndarray, resolution: int, cs: list[float]
+) -> dict:
+    """The out-of-sample ranking of the training and validation labels, scored against the flips,
+    for heads of each inverse regularisation strength in `cs`."""
+    recipe = dataclasses.replace(preset("lean"), resolution=resolution)
+    labels = np.concatenate([given, splits.val.labels])
+    wrong = np.concatenate([given != splits.train.labels, np.zeros(len(splits.val), bool)])
+    images = np.concatenate([splits.train.images, splits.val.images])
+    t0 = time.perf_counter()
+    base = build_model(recipe, load_pretrained(os.environ["CIFAR_TRANSFER_WEIGHTS"])).eval()
+    (features,) = cache_activations(base, to_nchw(images), "stem", "head", recipe)
+    true = np.concatenate([splits.train.labels, splits.val.labels])
+    found = {"images": len(labels), "features_s": round(time.perf_counter() - t0, 1)}
+    for c in cs:
+        t0 = time.perf_counter()
+        probs = out_of_sample_probabilities(features.float().numpy(), labels, 10, recipe.seed, c)
+        verdict = label_issues(labels, probs)
+        ranked = ranking_quality(verdict["quality"], verdict["flagged"], wrong, top=500)
+        ranked.pop("curve")
+        suggested = verdict["suggested"][flipped] == splits.train.labels[flipped]
+        found[f"C={c:g}"] = ranked | {
+            "heads_accuracy": float((probs.argmax(1) == true).mean()),
+            "suggested_is_true": float(suggested.mean()),
+            "heads_s": round(time.perf_counter() - t0, 1),
+        }
+    return found
+
+
+def score(issues: Path, flipped: np.ndarray) -> dict:
+    """Precision and recall of an audit's flags against the flips: on the training images (where the
+    flips are; a row names a file split/class/NNNNN.png as --folder writes them), and with the
+    validation images' flags counted in too (their labels are CIFAR-10's own)."""
+    with issues.open() as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] in ("train", "val")]
+    train = {int(Path(r["image"]).stem) for r in rows if r["split"] == "train"}
+    hits = len(train & set(flipped.tolist()))
+    return {
+        "flipped": len(flipped),
+        "flagged_train": len(train),
+        "precision_train": hits / max(len(train), 1),
+        "recall": hits / len(flipped),
+        "flagged_val": len(rows) - len(train),
+        "precision_train_and_val": hits / max(len(rows), 1),
+    }
 
 
 def main() -> None:
@@ -44,57 +117,28 @@ def main() -> None:
         default=128,
         help="default 128: lean's, what audit uses on its runs",
     )
-    p.add_argument("--folder", type=Path, help="write the noisy split here as PNG files")
-    a = p.parse_args()
-    recipe = preset("lean")
-    train, test = load_cifar10(os.environ.get("CIFAR_TRANSFER_DATA"), allow_download=False)
-    splits = split(train, test, recipe.train_size, recipe.val_size, recipe.seed)
-    rng = np.random.default_rng(1)
-    flipped = rng.choice(len(splits.train), round(a.flip * len(splits.train)), replace=False)
-    given = splits.train.labels.copy()
-    given[flipped] = (given[flipped] + rng.integers(1, 10, len(flipped))) % 10
-    labels = np.concatenate([given, splits.val.labels])
-    wrong = np.concatenate([given != splits.train.labels, np.zeros(len(splits.val), bool)])
-    images = np.concatenate([splits.train.images, splits.val.images])
-    t0 = time.perf_counter()
-    scoring = dataclasses.replace(recipe, resolution=a.resolution)
-    base = build_model(scoring, load_pretrained(os.environ["CIFAR_TRANSFER_WEIGHTS"])).eval()
-    (features,) = cache_activations(base, to_nchw(images), "stem", "head", scoring)
-    t_features = time.perf_counter() - t0
-    probs = out_of_sample_probabilities(features.float().numpy(), labels, 10, recipe.seed)
-    verdict = label_issues(labels, probs)
-    seconds = time.perf_counter() - t0
-    found = ranking_quality(verdict["quality"], verdict["flagged"], wrong, top=500)
-    found.pop("curve")
-    found |= {
-        "features_s": round(t_features, 1),
-        "audit_s": round(seconds, 1),
-        "images": len(labels),
-    }
-    found["suggested_is_true"] = float(
-        (verdict["suggested"][flipped] == splits.train.labels[flipped]).mean()
+    p.add_argument(
+        "--head-c",
+        type=float,
+        nargs="+",
+        default=[HEAD_C],
+        help=f"the heads' inverse regularisation strengths to compare (default {HEAD_C}: audit's)",
     )
+    p.add_argument("--folder", type=Path, help="write the noisy split here as PNG files")
+    p.add_argument("--score", type=Path, help="score an audit's label_issues.csv instead")
+    a = p.parse_args()
+    splits, given, flipped = noisy_split(a.flip)
+    if a.score:
+        print(json.dumps({"audit": str(a.score), **score(a.score, flipped)}, indent=1))
+        return
+    found = rank(splits, given, flipped, a.resolution, a.head_c)
     print(
         json.dumps(
             {"cpu": cpu_model()["model"], "threads": torch.get_num_threads(), **found}, indent=1
         )
     )
     if a.folder:
-        write_folder(a.folder, splits, given)
-
-
-def write_folder(folder: Path, splits, given: np.ndarray) -> None:
-    from PIL import Image
-
-    for name, ds, labels in (
-        ("train", splits.train, given),
-        ("val", splits.val, None),
-        ("test", splits.test, None),
-    ):
-        for i, image in enumerate(ds.images):
-            out = folder / name / ds.classes[(labels if labels is not None else ds.labels)[i]]
-            out.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(out / f"{i:05d}.png")
+        write_splits(a.folder, splits, given)
 
 
 if __name__ == "__main__":

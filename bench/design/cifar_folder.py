@@ -28,9 +28,16 @@ from cifar_transfer.recipe import preset
 def write_folder(folder: Path, cifar: str | None, preset_name: str, seed: int) -> None:
     recipe = preset(preset_name)
     train, test = load_cifar10(cifar, allow_download=False)
-    splits = split(train, test, recipe.train_size, recipe.val_size, seed)
+    write_splits(folder, split(train, test, recipe.train_size, recipe.val_size, seed))
+
+
+def write_splits(folder: Path, splits, train_labels=None) -> None:
+    """One PNG file per image under FOLDER/<split>/<class>/, named by its index in the split;
+    `train_labels` files the training images under other classes than their own (audit_flips.py's
+    noisy copy: the same files, some in another class's folder)."""
     for name, ds in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
-        for i, (image, label) in enumerate(zip(ds.images, ds.labels)):
+        labels = train_labels if name == "train" and train_labels is not None else ds.labels
+        for i, (image, label) in enumerate(zip(ds.images, labels)):
             out = folder / name / ds.classes[label]
             out.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image).save(out / f"{i:05d}.png")

@@ -25,9 +25,14 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 from .atomic import OutputError, check_writable
 
 LOCK = ".lock"
+# the shipped model's logits on the run's test images, in their order: `audit` and `analyze` read
+# them instead of predicting the test set again
+TEST_LOGITS = "test_logits.npy"
 # what a run writes first (recipe.json, history.csv, checkpoint.pt) or last (metrics.json,
 # model.safetensors)
 RUN_FILES = ("recipe.json", "history.csv", "checkpoint.pt", "metrics.json", "model.safetensors")
@@ -43,6 +48,7 @@ OUTPUT_FILES = frozenset(
             "classification_report.txt",
             "analysis.json",
             "splits.csv",
+            TEST_LOGITS,
         ),
         *(
             "samples.png",
@@ -148,6 +154,21 @@ def recorded(folder: Path) -> dict:
         "data_source": source,
         "weights": facts["run"].get("weights"),
     }
+
+
+def saved_test_logits(folder: Path, images: int, classes: int) -> np.ndarray | None:
+    """The test logits the run saved, if it saved them for `images` test images of `classes`
+    classes (None for a run older than the file, or a test set other than the run's own)."""
+    path = folder / TEST_LOGITS
+    if not path.is_file():
+        return None
+    try:
+        logits = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise OutputError(f"{path}: not the test logits a run saves ({e}); delete it") from e
+    if logits.shape != (images, classes) or not np.isfinite(logits).all():
+        return None
+    return logits
 
 
 def holds_run(folder: Path) -> bool:

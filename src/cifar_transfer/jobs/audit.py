@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from .. import atomic
-from ..analysis.audit import FOLDS, against_people, label_issues, out_of_sample_probabilities
+from ..analysis.audit import (
+    FOLDS,
+    against_people,
+    confirmed,
+    label_issues,
+    out_of_sample_probabilities,
+)
 from ..analysis.calibration import softmax
 from ..analysis.human import load_human
 from ..data.augment import to_nchw
@@ -26,7 +32,7 @@ from ..model.inference import logits_for
 from ..model.network import build_model, for_inference, load_model, pick_device, place
 from ..model.weights import load_pretrained
 from ..reporting import figures, report
-from ..runfolder import recorded
+from ..runfolder import recorded, saved_test_logits
 from ..training.inputs import cache_activations
 
 COLUMNS = ["image", "split", "given", "suggested", "quality"]
@@ -67,30 +73,54 @@ def audit(
     dev = pick_device(device)
     t0 = time.perf_counter()
     pool = _pooled(splits)
-    pretrained = load_pretrained(weights or made.get("weights") or default_weights())
     resolution = resolution or recipe.resolution
-    base = place(
-        build_model(dataclasses.replace(recipe, resolution=resolution), pretrained, model.classes),
-        recipe,
-        dev,
-    )
-    (features,) = cache_activations(base, to_nchw(pool.images, dev), "stem", "head", recipe)
-    probs = out_of_sample_probabilities(
-        features.float().cpu().numpy(), pool.labels, len(model.classes), recipe.seed
-    )
-    test_logits = logits_for(for_inference(model, recipe, dev), splits.test.images, recipe)
+    pretrained = load_pretrained(weights or made.get("weights") or default_weights())
+    probs = _out_of_sample(pool, pretrained, model.classes, recipe, resolution, dev)
+    trained = for_inference(model, recipe, dev)
+    t1 = time.perf_counter()
+    test_logits = saved_test_logits(run_dir, len(splits.test), len(model.classes))
+    if test_logits is None or data != made.get("data"):
+        test_logits = logits_for(trained, splits.test.images, recipe)
     test_probs = softmax(test_logits, model.temperature or 1.0)
+    t2 = time.perf_counter()
     parts = {"train+val": (pool, probs), "test": (splits.test, test_probs)}
     verdicts = {name: label_issues(ds.labels, p) for name, (ds, p) in parts.items()}
+    verdicts["train+val"] = _confirmed_by(trained, pool, verdicts["train+val"], recipe)
     seconds = time.perf_counter() - t0
     rows = _issue_rows(splits, pool, verdicts)
     summary = _summary(rows, verdicts, parts, seconds, resolution)
+    # where the time goes: the features and heads, the test logits (none when the run saved them)
+    summary["seconds_by_part"] = {"train+val": t1 - t0, "test": t2 - t1, "flags": t0 + seconds - t2}
     summary["run"] = {"command": command_line(), "audited": str(run_dir), **environment(dev)}
     if human_labels is not None and splits.test.is_cifar10:
         human = load_human(human_labels, splits.test.labels)
         summary["human"] = against_people(human, splits.test.labels, verdicts["test"]["flagged"])
     _write(out, rows, summary, pool, splits.test, verdicts)
     return summary, out
+
+
+def _out_of_sample(
+    pool: Dataset, pretrained, classes: tuple[str, ...], recipe, resolution: int, dev
+) -> np.ndarray:
+    """The training and validation images' out-of-sample probabilities: K-fold heads on the
+    pretrained base's pooled features at `resolution`."""
+    base = place(
+        build_model(dataclasses.replace(recipe, resolution=resolution), pretrained, classes),
+        recipe,
+        dev,
+    )
+    (features,) = cache_activations(base, to_nchw(pool.images, dev), "stem", "head", recipe)
+    return out_of_sample_probabilities(
+        features.float().cpu().numpy(), pool.labels, len(classes), recipe.seed
+    )
+
+
+def _confirmed_by(trained, pool: Dataset, verdict: dict, recipe) -> dict:
+    """The flags on the training and validation images that the run's own model (`trained`) still
+    disagrees with; it predicts the flagged images only."""
+    asked = np.flatnonzero(verdict["flagged"])
+    predicted = logits_for(trained, pool.images[asked], recipe).argmax(1) if len(asked) else asked
+    return confirmed(verdict, pool.labels, asked, predicted)
 
 
 def _pooled(splits: Splits) -> Dataset:
@@ -145,7 +175,13 @@ def _summary(
         pairs[key] = pairs.get(key, 0) + 1
     return {
         "parts": {
-            name: {"images": len(ds), "flagged": int(verdicts[name]["flagged"].sum())}
+            name: {
+                "images": len(ds),
+                "flagged": int(verdicts[name]["flagged"].sum()),
+                "flagged_out_of_sample": int(
+                    verdicts[name].get("flagged_out_of_sample", verdicts[name]["flagged"]).sum()
+                ),
+            }
             for name, (ds, _) in parts.items()
         },
         "how": {
@@ -154,7 +190,8 @@ def _summary(
             "a head that never saw it)",
             "test": "the shipped model with its temperature (it never trained on the test images)",
             "flagging": "cleanlab.filter.find_label_issues (prune by noise rate), "
-            "ranked by self-confidence",
+            "ranked by self-confidence; a training or validation image stays flagged only if "
+            "the run's own model, trained on its given label, still predicts another class",
         },
         "pairs": dict(sorted(pairs.items(), key=lambda kv: -kv[1])),
         "top": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows[:50]],

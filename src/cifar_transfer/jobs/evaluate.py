@@ -29,7 +29,7 @@ from ..model.inference import logits_for, tta_logits
 from ..model.network import TransferNet, for_inference, load_model, pick_device, place
 from ..recipe import Recipe
 from ..reporting import figures, report
-from ..runfolder import recorded
+from ..runfolder import recorded, saved_test_logits
 
 
 def evaluate(
@@ -267,7 +267,8 @@ def analyze(
     from ..analysis.analyze import analyze as analyse_model
 
     model, recipe = load_model(run_dir / "model.safetensors")
-    data = data if data is not None else recorded(run_dir).get("data")
+    own_data = recorded(run_dir).get("data")
+    data = data if data is not None else own_data
     # the folder read as the model saw it
     recipe = dataclasses.replace(recipe, image_size=model.image_size)
     splits = load_splits(recipe, data, data_dir, download, progress=False).splits
@@ -281,7 +282,9 @@ def analyze(
     # the one the run fitted and ships: measured, never fitted again
     temperature = model.temperature
     model = for_inference(model, recipe, pick_device(device))
-    logits = logits_for(model, splits.test.images, recipe)
+    logits = saved_test_logits(run_dir, len(splits.test), len(model.classes))
+    if logits is None or data != own_data:
+        logits = logits_for(model, splits.test.images, recipe)
     analysis = analyse_model(model, recipe, splits.test, human_labels, logits)
     result = {
         "calibration": calibration(temperature, len(splits.val), logits, splits.test.labels),

@@ -30,7 +30,7 @@ from ..model.network import TransferNet, folded, pick_device, save_model
 from ..model.weights import Pretrained, load_pretrained
 from ..recipe import AUTO, PRESETS, Recipe, preset
 from ..reporting import figures, report
-from ..runfolder import clear_run, run_folder
+from ..runfolder import TEST_LOGITS, clear_run, run_folder
 from ..training.checkpoint import check_same_network, load_checkpoint
 from ..training.distributed import World, device_for, gather, joined
 from ..training.phases import TrainingError
@@ -114,6 +114,7 @@ def run(
         logits, val_logits = _test(inference, recipe, splits, world, progress, timings)
         if not world.main:
             return None
+        atomic.write_with(out / TEST_LOGITS, lambda f: np.save(f, logits))
         metrics = {
             "run": _run_facts(
                 out, recipe, loaded.source, pretrained.source, resume, chosen_by, dev, world

@@ -814,11 +814,12 @@ def audit_markdown(summary: dict, gallery: bool) -> str:
         + ". `label_issues.csv` lists every flagged image, most suspect first; a reviewed copy of "
         "it can be given to `run --exclude` to train without them.",
         table(
-            ["images", "audited", "flagged", "share"],
+            ["images", "audited", "flagged out of sample", "flagged", "share"],
             [
                 [
                     name,
                     f"{p['images']:,}",
+                    f"{p.get('flagged_out_of_sample', p['flagged']):,}",
                     f"{p['flagged']:,}",
                     pct(p["flagged"] / max(p["images"], 1)),
                 ]
@@ -858,5 +859,9 @@ def audit_markdown(summary: dict, gallery: bool) -> str:
             "## The most suspect labels",
             table(["image", "split", "given", "suggested", "quality"], top),
         ]
-    lines.append(f"Audited in {summary['seconds']:.0f} s.")
+    parts = summary.get("seconds_by_part", {})
+    lines.append(
+        f"Audited in {summary['seconds']:.0f} s"
+        + (" (" + ", ".join(f"{k}: {v:.0f} s" for k, v in parts.items()) + ")." if parts else ".")
+    )
     return "\n\n".join(lines)
