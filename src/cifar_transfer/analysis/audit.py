@@ -12,9 +12,9 @@ A linear head on ImageNet features is wrong on about one image in eight, more of
 labels are, and confident learning cannot tell its confident mistakes from label errors. So a flag
 on a training or validation image stands only if the run's own model, which was trained on the
 given label, still predicts another class: a network learns what is consistent across images before
-it memorises single exceptions (Arpit et al., ICML 2017), and the heads' mistakes on clean images
-are labels it did learn. This only ever removes flags; the ranking and the suggested label stay out
-of sample.
+it memorises single exceptions (Arpit et al., ICML 2017), so it learns the correct labels the heads
+get wrong and resists the wrong ones (for a validation image it is a second judge that never saw the
+label). This only ever removes flags; the ranking and the suggested label stay out of sample.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 
 FOLDS = 5
 # The heads' inverse regularisation strength: measured from 0.0005 to 0.5 on 5%-flipped CIFAR-10
-# (docs/audit.md): strong regularisation keeps the heads from fitting the flipped labels
+# (docs/audit.md); 2,048 features from a few thousand images per class call for a strong one
 HEAD_C = 0.002
 
 
