@@ -78,7 +78,12 @@ def rank(
         probs = out_of_sample_probabilities(features.float().numpy(), labels, 10, recipe.seed, c)
         verdict = label_issues(labels, probs)
         ranked = ranking_quality(verdict["quality"], verdict["flagged"], wrong, top=500)
-        ranked.pop("curve")
+        curve = ranked.pop("curve")
+        ranked["curve"] = {  # precision and recall down the ranking, at a few depths
+            top: (round(precision, 3), round(recall, 3))
+            for top, precision, recall in zip(curve["top"], curve["precision"], curve["recall"])
+            if top <= 3000
+        }
         suggested = verdict["suggested"][flipped] == splits.train.labels[flipped]
         found[f"C={c:g}"] = ranked | {
             "heads_accuracy": float((probs.argmax(1) == true).mean()),
