@@ -54,14 +54,17 @@ def test_saved_test_logits_are_read_back_only_for_the_test_set_they_were_saved_f
     from cifar_transfer.atomic import OutputError
     from cifar_transfer.runfolder import TEST_LOGITS, saved_test_logits
 
-    assert saved_test_logits(tmp_path, 4, 3) is None  # a run older than the file
+    assert saved_test_logits(tmp_path, None, 4, 3) is None  # a run older than the file
     logits = np.arange(12, dtype=np.float32).reshape(4, 3)
     np.save(tmp_path / TEST_LOGITS, logits)
-    assert np.array_equal(saved_test_logits(tmp_path, 4, 3), logits)
-    assert saved_test_logits(tmp_path, 5, 3) is None and saved_test_logits(tmp_path, 4, 2) is None
+    assert np.array_equal(saved_test_logits(tmp_path, None, 4, 3), logits)
+    assert (
+        saved_test_logits(tmp_path, None, 5, 3) is None
+        and saved_test_logits(tmp_path, None, 4, 2) is None
+    )
     (tmp_path / TEST_LOGITS).write_bytes(b"not an array")
     with pytest.raises(OutputError, match=r"test_logits.npy: not the test logits a run saves"):
-        saved_test_logits(tmp_path, 4, 3)
+        saved_test_logits(tmp_path, None, 4, 3)
 
 
 @pytest.mark.slow

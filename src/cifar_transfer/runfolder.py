@@ -156,11 +156,14 @@ def recorded(folder: Path) -> dict:
     }
 
 
-def saved_test_logits(folder: Path, images: int, classes: int) -> np.ndarray | None:
+def saved_test_logits(
+    folder: Path, data: str | Path | None, images: int, classes: int
+) -> np.ndarray | None:
     """The test logits the run saved, if it saved them for `images` test images of `classes`
-    classes (None for a run older than the file, or a test set other than the run's own)."""
+    classes read from `data` (None for a run older than the file, or a test set other than the run's
+    own: `data` not the folder its metrics.json names)."""
     path = folder / TEST_LOGITS
-    if not path.is_file():
+    if not path.is_file() or data != recorded(folder).get("data"):
         return None
     try:
         logits = np.load(path, allow_pickle=False)

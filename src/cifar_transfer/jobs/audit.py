@@ -78,19 +78,20 @@ def audit(
     probs = _out_of_sample(pool, pretrained, model.classes, recipe, resolution, dev)
     trained = for_inference(model, recipe, dev)
     t1 = time.perf_counter()
-    test_logits = saved_test_logits(run_dir, len(splits.test), len(model.classes))
-    if test_logits is None or data != made.get("data"):
+    test_logits = saved_test_logits(run_dir, data, len(splits.test), len(model.classes))
+    if test_logits is None:
         test_logits = logits_for(trained, splits.test.images, recipe)
     test_probs = softmax(test_logits, model.temperature or 1.0)
     t2 = time.perf_counter()
     parts = {"train+val": (pool, probs), "test": (splits.test, test_probs)}
     verdicts = {name: label_issues(ds.labels, p) for name, (ds, p) in parts.items()}
     verdicts["train+val"] = _confirmed_by(trained, pool, verdicts["train+val"], recipe)
-    seconds = time.perf_counter() - t0
+    t3 = time.perf_counter()
+    seconds = t3 - t0
     rows = _issue_rows(splits, pool, verdicts)
     summary = _summary(rows, verdicts, parts, seconds, resolution)
     # where the time goes: the features and heads, the test logits (none when the run saved them)
-    summary["seconds_by_part"] = {"train+val": t1 - t0, "test": t2 - t1, "flags": t0 + seconds - t2}
+    summary["seconds_by_part"] = {"train+val": t1 - t0, "test": t2 - t1, "flags": t3 - t2}
     summary["run"] = {"command": command_line(), "audited": str(run_dir), **environment(dev)}
     if human_labels is not None and splits.test.is_cifar10:
         human = load_human(human_labels, splits.test.labels)

@@ -267,8 +267,7 @@ def analyze(
     from ..analysis.analyze import analyze as analyse_model
 
     model, recipe = load_model(run_dir / "model.safetensors")
-    own_data = recorded(run_dir).get("data")
-    data = data if data is not None else own_data
+    data = data if data is not None else recorded(run_dir).get("data")
     # the folder read as the model saw it
     recipe = dataclasses.replace(recipe, image_size=model.image_size)
     splits = load_splits(recipe, data, data_dir, download, progress=False).splits
@@ -282,8 +281,8 @@ def analyze(
     # the one the run fitted and ships: measured, never fitted again
     temperature = model.temperature
     model = for_inference(model, recipe, pick_device(device))
-    logits = saved_test_logits(run_dir, len(splits.test), len(model.classes))
-    if logits is None or data != own_data:
+    logits = saved_test_logits(run_dir, data, len(splits.test), len(model.classes))
+    if logits is None:
         logits = logits_for(model, splits.test.images, recipe)
     analysis = analyse_model(model, recipe, splits.test, human_labels, logits)
     result = {
