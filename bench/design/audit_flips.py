@@ -3,7 +3,7 @@ and 5,000 validation images, seed 0), 5% of the training labels moved to another
 this script knows which).
 
     python bench/design/audit_flips.py [--flip 0.05] [--resolution 128] [--head-c C ...]
-                                       [--folder OUT]
+                                       [--folder OUT] [--flags-csv CSV]
     python bench/design/audit_flips.py --score RUN/audit/label_issues.csv
 
 The first audits the training and validation images as `cifar-transfer audit` ranks them: K-fold
@@ -11,7 +11,9 @@ heads on the pretrained base's features at the run's resolution, cleanlab on the
 probabilities. It prints the share of the flips among the 500 most suspect images, the precision
 and recall of cleanlab's flags before the run's own model confirms them (there is no run here), the
 time it took, and (with --folder) writes the noisy split as PNG files (train/ val/ test/ by class)
-for `run --data OUT --set image_size=32`.
+for `run --data OUT --set image_size=32`. With --flags-csv it writes cleanlab's own flags (before
+any confirmation) as a list for `run --data OUT --exclude CSV`, naming the files --folder writes:
+what excluding by recall rather than precision wins back.
 
 The second scores what `audit` flagged on a run trained on that folder: the precision and recall of
 its label_issues.csv's training rows against the flips, and how many validation images it flagged.
@@ -61,9 +63,9 @@ def noisy_split(fraction: float) -> tuple[Splits, np.ndarray, np.ndarray]:
 
 def rank(
     splits: Splits, given: np.ndarray, flipped: np.ndarray, resolution: int, cs: list[float]
-) -> dict:
+) -> tuple[dict, np.ndarray]:
     """The out-of-sample ranking of the training and validation labels, scored against the flips,
-    for heads of each inverse regularisation strength in `cs`."""
+    for heads of each inverse regularisation strength in `cs`; and the last C's flags."""
     recipe = dataclasses.replace(preset("lean"), resolution=resolution)
     labels = np.concatenate([given, splits.val.labels])
     wrong = np.concatenate([given != splits.train.labels, np.zeros(len(splits.val), bool)])
@@ -90,7 +92,22 @@ def rank(
             "suggested_is_true": float(suggested.mean()),
             "heads_s": round(time.perf_counter() - t0, 1),
         }
-    return found
+    return found, verdict["flagged"]
+
+
+def write_flags(path: Path, folder: Path, splits: Splits, given: np.ndarray, flagged) -> None:
+    """The flagged training and validation images as an `--exclude` list, named as --folder writes
+    them (FOLDER/split/class/NNNNN.png, the training images under their given class)."""
+    labels = {"train": given, "val": splits.val.labels}
+    split_of = ["train"] * len(given) + ["val"] * len(splits.val)
+    index = [*range(len(given)), *range(len(splits.val))]
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["image", "split"])
+        for row in np.flatnonzero(flagged):
+            name, i = split_of[row], index[row]
+            label = splits.train.classes[labels[name][i]]
+            out.writerow([str(folder.resolve() / name / label / f"{i:05d}.png"), name])
 
 
 def score(issues: Path, flipped: np.ndarray) -> dict:
@@ -130,13 +147,20 @@ def main() -> None:
         help=f"the heads' inverse regularisation strengths to compare (default {HEAD_C}: audit's)",
     )
     p.add_argument("--folder", type=Path, help="write the noisy split here as PNG files")
+    p.add_argument(
+        "--flags-csv",
+        type=Path,
+        help="write cleanlab's flags (the last --head-c's): an --exclude list of --folder's files",
+    )
     p.add_argument("--score", type=Path, help="score an audit's label_issues.csv instead")
     a = p.parse_args()
     splits, given, flipped = noisy_split(a.flip)
     if a.score:
         print(json.dumps({"audit": str(a.score), **score(a.score, flipped)}, indent=1))
         return
-    found = rank(splits, given, flipped, a.resolution, a.head_c)
+    if a.flags_csv and not a.folder:
+        p.error("--flags-csv names the files --folder writes: give --folder too")
+    found, flagged = rank(splits, given, flipped, a.resolution, a.head_c)
     print(
         json.dumps(
             {"cpu": cpu_model()["model"], "threads": torch.get_num_threads(), **found}, indent=1
@@ -144,6 +168,8 @@ def main() -> None:
     )
     if a.folder:
         write_splits(a.folder, splits, given)
+    if a.flags_csv:
+        write_flags(a.flags_csv, a.folder, splits, given, flagged)
 
 
 if __name__ == "__main__":
