@@ -145,9 +145,12 @@ def adapted(
 
         return hook
 
+    # the pass maps each batch with the moments seen so far: shuffled (seeded), the first batches
+    # of a folder sorted by class are not mapped with one class's moments
+    shuffled = images[np.random.default_rng(0).permutation(len(images))]
     with _hooks(model, map_to_source):
         predict_logits(
-            model, to_nchw(images, _device(model)), recipe.eval_batch_size, recipe.precision
+            model, to_nchw(shuffled, _device(model)), recipe.eval_batch_size, recipe.precision
         )
     for name, bn in batchnorms(model).items():
         _fold(bn, target[name], source[name])
