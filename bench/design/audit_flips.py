@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cifar_folder import write_splits  # this folder's parity bench: the same file names
+from cifar_folder import image_path, write_splits  # the parity bench's: the same file names
 
 from cifar_transfer.analysis.audit import (
     HEAD_C,
@@ -107,7 +107,7 @@ def write_flags(path: Path, folder: Path, splits: Splits, given: np.ndarray, fla
         for row in np.flatnonzero(flagged):
             name, i = split_of[row], index[row]
             label = splits.train.classes[labels[name][i]]
-            out.writerow([str(folder.resolve() / name / label / f"{i:05d}.png"), name])
+            out.writerow([str(image_path(folder.resolve(), name, label, i)), name])
 
 
 def score(issues: Path, flipped: np.ndarray) -> dict:

@@ -31,6 +31,11 @@ def write_folder(folder: Path, cifar: str | None, preset_name: str, seed: int) -
     write_splits(folder, split(train, test, recipe.train_size, recipe.val_size, seed))
 
 
+def image_path(folder: Path, split_name: str, class_name: str, index: int) -> Path:
+    """Where write_splits puts an image: FOLDER/<split>/<class>/<index in the split>.png."""
+    return folder / split_name / class_name / f"{index:05d}.png"
+
+
 def write_splits(folder: Path, splits, train_labels=None) -> None:
     """One PNG file per image under FOLDER/<split>/<class>/, named by its index in the split;
     `train_labels` files the training images under other classes than their own (audit_flips.py's
@@ -38,9 +43,9 @@ def write_splits(folder: Path, splits, train_labels=None) -> None:
     for name, ds in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
         labels = train_labels if name == "train" and train_labels is not None else ds.labels
         for i, (image, label) in enumerate(zip(ds.images, labels)):
-            out = folder / name / ds.classes[label]
-            out.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(out / f"{i:05d}.png")
+            path = image_path(folder, name, ds.classes[label], i)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(path)
 
 
 def main() -> None:
